@@ -1,0 +1,1 @@
+"""The untrusted host VMM.  It talks to the platform only through the host-port client."""
