@@ -1,0 +1,177 @@
+"""The guest agent: serves requests from the host on the shared channel.
+
+Started by the guest's init as ``python3 -m guest_agent``.  It opens the
+shared channel once and keeps it open (a closed port drops input), sends a
+``ready`` event, then answers one request per line.  A malformed line gets an
+error reply; nothing a host sends stops the agent except ``poweroff``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import platform
+import subprocess
+import sys
+import termios
+import tty
+
+from . import __version__
+from .protocol import MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply
+
+SHARED_PORT = "/dev/ttyS1"
+
+
+def open_port(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    if os.isatty(fd):
+        tty.setraw(fd, termios.TCSANOW)
+        attrs = termios.tcgetattr(fd)
+        attrs[4] = attrs[5] = termios.B115200
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    return fd
+
+
+class LineChannel:
+    """Newline-delimited messages over a file descriptor."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buf = bytearray()
+
+    def send(self, message: dict) -> None:
+        data = encode(message)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def lines(self):
+        """Yield raw lines; an overlong line is yielded as ``None`` once, then skipped."""
+        skipping = False
+        while True:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return
+            self._buf += chunk
+            while True:
+                nl = self._buf.find(b"\n")
+                if nl < 0:
+                    if len(self._buf) > MAX_LINE:
+                        self._buf.clear()
+                        if not skipping:
+                            skipping = True
+                            yield None
+                    break
+                line = bytes(self._buf[:nl]).strip(b"\r")
+                del self._buf[:nl + 1]
+                if skipping:
+                    skipping = False
+                    continue
+                if line:
+                    yield line
+
+
+def _clip(data: bytes, encoding: str) -> tuple[str, bool]:
+    truncated = len(data) > MAX_OUTPUT
+    data = data[:MAX_OUTPUT]
+    if encoding == "base64":
+        return base64.b64encode(data).decode(), truncated
+    return data.decode("utf-8", errors="replace"), truncated
+
+
+class Agent:
+    """Request handlers, keyed by command name (``do_<cmd>``)."""
+
+    def __init__(self, channel: LineChannel):
+        self.channel = channel
+        self.running = True
+
+    def ready_event(self) -> dict:
+        return event("ready", version=__version__, kernel=platform.release(),
+                     python=platform.python_version())
+
+    def do_ping(self, req: dict) -> dict:
+        return {"pong": True}
+
+    def do_exec(self, req: dict) -> dict:
+        argv = req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("exec needs 'argv': a non-empty list of strings")
+        timeout = req.get("timeout", 60)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError("exec 'timeout' must be a positive number of seconds")
+        encoding = req.get("encoding", "text")
+        if encoding not in ("text", "base64"):
+            raise ValueError("exec 'encoding' must be 'text' or 'base64'")
+        stdin = req.get("stdin", "")
+        if not isinstance(stdin, str):
+            raise ValueError("exec 'stdin' must be a string")
+        try:
+            proc = subprocess.run(argv, input=stdin.encode(), capture_output=True,
+                                  timeout=timeout)
+        except FileNotFoundError:
+            return {"rc": 127, "stdout": "", "stderr": f"{argv[0]}: not found",
+                    "timed_out": False, "truncated": False}
+        except subprocess.TimeoutExpired as exc:
+            out, t1 = _clip(exc.stdout or b"", encoding)
+            err, t2 = _clip(exc.stderr or b"", encoding)
+            return {"rc": -9, "stdout": out, "stderr": err, "timed_out": True,
+                    "truncated": t1 or t2}
+        out, t1 = _clip(proc.stdout, encoding)
+        err, t2 = _clip(proc.stderr, encoding)
+        return {"rc": proc.returncode, "stdout": out, "stderr": err, "timed_out": False,
+                "truncated": t1 or t2}
+
+    def do_poweroff(self, req: dict) -> dict:
+        self.running = False
+        return {"poweroff": True}
+
+    def handle(self, line: bytes | None) -> None:
+        if line is None:
+            self.channel.send(error(None, f"line exceeds the {MAX_LINE}-byte limit"))
+            return
+        try:
+            req = decode(line)
+        except ProtocolError as exc:
+            self.channel.send(error(None, f"malformed request: {exc}"))
+            return
+        req_id = req.get("id")
+        cmd = req.get("cmd")
+        handler = getattr(self, f"do_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            self.channel.send(error(req_id, f"unknown command {cmd!r}"))
+            return
+        try:
+            result = handler(req)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            self.channel.send(error(req_id, f"{cmd}: {exc}"))
+            return
+        self.channel.send(reply(req_id, result))
+
+    def serve(self) -> None:
+        self.channel.send(self.ready_event())
+        for line in self.channel.lines():
+            self.handle(line)
+            if not self.running:
+                break
+
+
+def power_off() -> None:
+    """Leave the guest: without ACPI, ``poweroff`` only halts, so reboot (QEMU runs -no-reboot)."""
+    os.sync()
+    try:
+        with open("/proc/sysrq-trigger", "w") as f:
+            f.write("b")
+    except OSError:
+        os.system("reboot -f")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    port = argv[0] if argv else SHARED_PORT
+    agent = Agent(LineChannel(open_port(port)))
+    agent.serve()
+    if not agent.running:
+        power_off()
+    return 0
