@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-MAX_LINE = 4 << 20
+MAX_LINE = 16 << 20  # 2 x MAX_OUTPUT with worst-case JSON escaping fits
 MAX_OUTPUT = 1 << 20  # bytes of stdout/stderr an exec reply carries
 
 
