@@ -9,7 +9,9 @@ error reply; nothing a host sends stops the agent except ``poweroff``.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
+import select
 import platform
 import subprocess
 import sys
@@ -17,9 +19,12 @@ import termios
 import tty
 
 from . import __version__
-from .protocol import MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply
+from .protocol import (MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply,
+                       request)
 
 SHARED_PORT = "/dev/ttyS1"
+GUEST_PORT = "/dev/ttyS2"
+GUEST_PORT_TIMEOUT = 20.0
 
 
 def open_port(path: str) -> int:
@@ -45,6 +50,27 @@ class LineChannel:
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+
+    def receive(self, timeout: float) -> dict:
+        """The next complete message, waiting at most ``timeout`` seconds."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl]).strip(b"\r")
+                del self._buf[:nl + 1]
+                if line:
+                    return decode(line)
+                continue
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                raise TimeoutError("no answer")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise EOFError("port closed")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                self._buf.clear()
+                raise ProtocolError("overlong line")
 
     def lines(self):
         """Yield raw lines; an overlong line is yielded as ``None`` once, then skipped."""
@@ -83,9 +109,47 @@ def _clip(data: bytes, encoding: str) -> tuple[str, bool]:
 class Agent:
     """Request handlers, keyed by command name (``do_<cmd>``)."""
 
-    def __init__(self, channel: LineChannel):
+    def __init__(self, channel: LineChannel, guest_port: LineChannel | None = None):
         self.channel = channel
+        self.guest_port = guest_port
         self.running = True
+        self._port_ids = itertools.count(1)
+
+    def platform_call(self, cmd: str, **args) -> dict:
+        """One request to the platform on the guest port (stands for a processor instruction)."""
+        if self.guest_port is None:
+            raise RuntimeError("this guest has no guest port")
+        req_id = next(self._port_ids)
+        self.guest_port.send(request(req_id, cmd, **args))
+        while True:
+            try:
+                msg = self.guest_port.receive(GUEST_PORT_TIMEOUT)
+            except TimeoutError:
+                raise RuntimeError("no platform answered on the guest port "
+                                   "(is this an unprotected guest?)") from None
+            if msg.get("id") != req_id:
+                continue
+            if not msg.get("ok"):
+                raise RuntimeError(f"platform refused {cmd}: {msg.get('error')}")
+            return msg.get("result", {})
+
+    def do_report(self, req: dict) -> dict:
+        """An attestation report over the caller's 64-byte report_data (hex)."""
+        data = req.get("report_data", "")
+        try:
+            raw = bytes.fromhex(data) if isinstance(data, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 64:
+            raise ValueError("report needs 'report_data': 64 bytes as 128 hex digits")
+        return self.platform_call("report", report_data=raw.hex())
+
+    def do_derive_key(self, req: dict) -> dict:
+        """A sealing key bound to this domain's measurement (hex), from the platform."""
+        label = req.get("label", "")
+        if not isinstance(label, str) or len(label) > 256:
+            raise ValueError("derive_key needs a 'label' string of at most 256 characters")
+        return self.platform_call("derive-key", label=label)
 
     def ready_event(self) -> dict:
         return event("ready", version=__version__, kernel=platform.release(),
@@ -170,7 +234,12 @@ def power_off() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     port = argv[0] if argv else SHARED_PORT
-    agent = Agent(LineChannel(open_port(port)))
+    gport_path = argv[1] if len(argv) > 1 else GUEST_PORT
+    try:
+        gport = LineChannel(open_port(gport_path))
+    except OSError:
+        gport = None
+    agent = Agent(LineChannel(open_port(port)), gport)
     agent.serve()
     if not agent.running:
         power_off()
