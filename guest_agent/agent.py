@@ -113,6 +113,7 @@ class Agent:
         self.channel = channel
         self.guest_port = guest_port
         self.running = True
+        self.receiver = None
         self._port_ids = itertools.count(1)
 
     def platform_call(self, cmd: str, **args) -> dict:
@@ -143,6 +144,36 @@ class Agent:
         if len(raw) != 64:
             raise ValueError("report needs 'report_data': 64 bytes as 128 hex digits")
         return self.platform_call("report", report_data=raw.hex())
+
+    def do_attest(self, req: dict) -> dict:
+        """A report binding the tenant's nonce and a fresh agent key (for secret release)."""
+        from .secrets import SecretReceiver, report_data_for
+
+        nonce = _hex_arg(req, "nonce", 16, 64)
+        self.receiver = SecretReceiver()
+        report_data = report_data_for(nonce, self.receiver.public_key)
+        result = self.platform_call("report", report_data=report_data.hex())
+        return {**result, "public_key": self.receiver.public_key.hex(),
+                "report_data": report_data.hex()}
+
+    def do_put_secret(self, req: dict) -> dict:
+        """Open a secret encrypted to the attested key and store it in a guest file."""
+        from .secrets import write_secret
+
+        if getattr(self, "receiver", None) is None:
+            raise ValueError("put_secret needs a preceding attest")
+        path = req.get("path")
+        if not isinstance(path, str):
+            raise ValueError("put_secret needs a 'path'")
+        eph = _hex_arg(req, "ephemeral_key", 97, 97)
+        nonce = _hex_arg(req, "nonce", 12, 12)
+        ciphertext = base64.b64decode(req.get("ciphertext", ""), validate=True)
+        try:
+            secret = self.receiver.open(eph, nonce, ciphertext, path)
+        except Exception:  # noqa: BLE001 - InvalidTag and bad points alike
+            raise ValueError("secret does not open with the attested key") from None
+        write_secret(path, secret)
+        return {"written": len(secret), "path": path}
 
     def do_derive_key(self, req: dict) -> dict:
         """A sealing key bound to this domain's measurement (hex), from the platform."""
@@ -219,6 +250,17 @@ class Agent:
             self.handle(line)
             if not self.running:
                 break
+
+
+def _hex_arg(req: dict, name: str, min_len: int, max_len: int) -> bytes:
+    value = req.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or not min_len <= len(raw) <= max_len:
+        raise ValueError(f"'{name}' must be {min_len}..{max_len} bytes as hex")
+    return raw
 
 
 def power_off() -> None:

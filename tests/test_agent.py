@@ -99,3 +99,87 @@ def test_client_reports_closed_channel():
     with pytest.raises(GuestError, match="closed"):
         AgentClient(host).wait_ready(timeout=2)
     host.close()
+
+
+@pytest.fixture
+def with_port():
+    """Agent with a guest port answered by the platform's GuestPortServer."""
+    from qemu_kd.guestport import GuestPortServer
+
+    host, guest = socket.socketpair()
+    plat, gport = socket.socketpair()
+    seen = []
+
+    def report(req):
+        seen.append(bytes.fromhex(req["report_data"]))
+        return {"report": "UkVQT1JU"}
+
+    server = GuestPortServer(plat, {"report": report})
+    server.start()
+    agent = Agent(LineChannel(guest.fileno()), LineChannel(gport.fileno()))
+    thread = threading.Thread(target=agent.serve, daemon=True)
+    thread.start()
+    client = AgentClient(host)
+    client.wait_ready(timeout=5)
+    yield client, seen, server
+    host.close()
+    thread.join(timeout=5)
+    server.stop()
+    for s in (guest, gport):
+        s.close()
+
+
+def test_attested_secret_release_round_trip(with_port, tmp_path):
+    from qemu_kd.secret_release import check_binding, encrypt_secret
+
+    client, seen, _ = with_port
+    nonce = os.urandom(32)
+    res = client.call("attest", nonce=nonce.hex())
+    agent_pub = bytes.fromhex(res["public_key"])
+    assert res["report"] == "UkVQT1JU"
+    check_binding(seen[0], nonce, agent_pub)  # the platform saw the binding report_data
+    target = str(tmp_path / "secret.bin")
+    secret = os.urandom(48)
+    args = encrypt_secret(secret, agent_pub, target)
+    assert client.call("put_secret", **args) == {"written": 48, "path": target}
+    with open(target, "rb") as f:
+        assert f.read() == secret
+    assert os.stat(target).st_mode & 0o777 == 0o600
+
+
+def test_secret_for_another_key_or_path_is_refused(with_port, tmp_path):
+    from qemu_kd.secret_release import SecretReleaseError, check_binding, encrypt_secret
+
+    client, seen, _ = with_port
+    nonce = os.urandom(32)
+    res = client.call("attest", nonce=nonce.hex())
+    agent_pub = bytes.fromhex(res["public_key"])
+    with pytest.raises(SecretReleaseError):
+        check_binding(seen[0], os.urandom(32), agent_pub)
+    args = encrypt_secret(b"s3cret", agent_pub, str(tmp_path / "a"))
+    args["path"] = str(tmp_path / "b")  # path is bound as associated data
+    with pytest.raises(GuestError, match="does not open"):
+        client.call("put_secret", **args)
+    args = encrypt_secret(b"s3cret", agent_pub, "/etc/passwd")
+    with pytest.raises(GuestError, match="only be written under"):
+        client.call("put_secret", **args)
+
+
+def test_report_without_platform_times_out_cleanly(pair, monkeypatch):
+    from guest_agent import agent as agent_mod
+
+    client, _, agent = pair
+    client.wait_ready(timeout=5)
+    with pytest.raises(GuestError, match="no guest port"):
+        client.call("report", report_data="00" * 64)
+    with pytest.raises(GuestError, match="64 bytes"):
+        client.call("report", report_data="zz")
+
+
+def test_guest_port_server_survives_garbage(with_port):
+    client, _, server = with_port
+    server.sock.sendall(b"")  # nothing
+    # The agent's own port is well-behaved; poke the server directly with junk.
+    assert server._answer(b"junk")["ok"] is False
+    assert server._answer(b'{"id": 1, "cmd": "nope"}')["error"].startswith("unknown")
+    assert client.call("report", report_data="11" * 64)["report"] == "UkVQT1JU"
