@@ -241,7 +241,7 @@ class Vmcs:
         if abort:
             raise ReservedBitsError("VMCS: VMX-abort indicator is not zero")
         used = bytearray(VMCS_SIZE)
-        used[0:16] = b"\xff" * 16
+        used[0:8] = b"\xff" * 8  # revision id and abort indicator; bytes 8..15 reserved
         values: dict[str, object] = {}
         guest: dict[str, object] = {}
         for f in VMCS_FIELDS:

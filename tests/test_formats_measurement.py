@@ -1,0 +1,173 @@
+import hashlib
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qemu_kd.formats_errors import (
+    FieldValueError, OversizedError, ReservedBitsError, TruncatedError, VersionError,
+)
+from qemu_kd.measurement import (
+    PAGE_INFO_SIZE, POLICY_RECORD, LaunchMeasurement, MeasurementError, PageInfo, PageType,
+    host_verifiable_digest, measure_offline,
+)
+from qemu_kd.policy import Policy
+from qemu_kd.vcpu import VcpuState
+from qemu_kd.vmcs import Vmcs
+
+PAGES = [
+    (0x0, PageType.IMAGE, 7, bytes(range(256)) * 16),
+    (0x1000, PageType.IMAGE, 3, b"\xA5" * 4096),
+    (0x2000, PageType.ZERO, 3, None),
+    (0x100000, PageType.IMAGE, 5, b"qemu-kd".ljust(4096, b"\0")),
+]
+GUEST_STATE = b"synthetic guest state"
+
+# Computed once from the documented chaining rule and pinned: a change here
+# changes every sealed guest's expected measurement.
+GOLDEN_NO_DEBUG = bytes.fromhex(
+    "7d3b5561c8410483958f32fd414eb94bc83599635857f2b6d411f2023f9b53c1"
+    "f6670cc739629d1f4e7241796fed6f26")
+GOLDEN_DEBUG = bytes.fromhex(
+    "9d888c9461dcbc3f2b63305525c169cd7116baeac7b6747e97dfc43ac839c8bd"
+    "673ccd4ea8c448e7a3ee2a513c820e40")
+GOLDEN_NO_PAGES = bytes.fromhex(
+    "4fa9b11e9a94cd3861af64ee61f07b84d585a1caa677d7c552df4b222d6cd2dc"
+    "9825077c06c20b48ac8dc5919ada65b6")
+GOLDEN_VMCS_GUEST_STATE_SHA384 = bytes.fromhex(
+    "3c9e9e6b7b812f1cd45089e195f2dc1016f0ffce9e21a8523ca7828cb06fa9fe"
+    "e1cd711930f8643bcd1f1318bab44bfd")
+
+
+def test_golden_vectors():
+    assert measure_offline(PAGES, GUEST_STATE, Policy.make()) == GOLDEN_NO_DEBUG
+    assert measure_offline(PAGES, GUEST_STATE, Policy.make(debug=True)) == GOLDEN_DEBUG
+    assert measure_offline([], GUEST_STATE, Policy.make()) == GOLDEN_NO_PAGES
+    gs = Vmcs(guest=VcpuState(rip=0x100200, rsi=0x7000, rsp=0x8FF0)).guest_state_bytes()
+    assert hashlib.sha384(gs).digest() == GOLDEN_VMCS_GUEST_STATE_SHA384
+
+
+def _record(prev, contents, record_type, perms, gpa):
+    return struct.pack("<48s48sHBBIQ", prev, contents, 0x70, record_type, perms, 0, gpa)
+
+
+def test_chaining_rule_as_documented():
+    """Recompute the chain by hand from docs/formats.md."""
+    policy = Policy.make()
+    d = hashlib.sha384(_record(bytes(48), policy.pack() + bytes(40), 0x10, 0, 0)).digest()
+    for gpa, page_type, perms, content in PAGES:
+        contents = bytes(48) if content is None else hashlib.sha384(content).digest()
+        d = hashlib.sha384(_record(d, contents, page_type, perms, gpa)).digest()
+    d = hashlib.sha384(_record(d, hashlib.sha384(GUEST_STATE).digest(), 3, 0, 0)).digest()
+    assert d == GOLDEN_NO_DEBUG
+
+
+def test_incremental_equals_offline_and_vmcs_is_chained_last():
+    m = LaunchMeasurement(Policy.make())
+    start = m.digest
+    m.add_vmcs(GUEST_STATE)                 # may come first; still chained last
+    assert m.digest == start
+    for page in PAGES:
+        before = m.digest
+        m.add_page(*page)
+        assert m.digest != before
+    assert m.finalize() == GOLDEN_NO_DEBUG
+    assert m.digest == GOLDEN_NO_DEBUG and m.finalize() == GOLDEN_NO_DEBUG
+
+
+def test_independent_of_host_layout():
+    """The API takes no hpas: two layouts of the same content give one digest."""
+    from qemu_kd.ept import EptMapping, build_ept, walk_ept
+    contents = {gpa: content for gpa, _, _, content in PAGES}
+    perms = {gpa: p for gpa, _, p, _ in PAGES}
+    digests = []
+    for base in (0x40000000, 0x7000000):
+        maps = [EptMapping(gpa, base + 0x5000 * i, perms[gpa]) for i, gpa in enumerate(contents)]
+        eptp, tables = build_ept(maps, [base - 0x1000 * (i + 1) for i in range(8)])
+        walk = walk_ept(eptp, tables.__getitem__)
+        pages = [(m.gpa, PageType.ZERO if contents[m.gpa] is None else PageType.IMAGE, m.perms,
+                  contents[m.gpa]) for m in walk.mappings]
+        digests.append(measure_offline(pages, GUEST_STATE, Policy.make()))
+    assert digests[0] == digests[1] == GOLDEN_NO_DEBUG
+
+
+def test_everything_measured_changes_the_digest():
+    base = measure_offline(PAGES, GUEST_STATE, Policy.make())
+    variants = [
+        [(PAGES[0][0], PAGES[0][1], PAGES[0][2], b"\x01" + PAGES[0][3][1:])] + PAGES[1:],
+        [(PAGES[0][0], PAGES[0][1], 5, PAGES[0][3])] + PAGES[1:],
+        [(0x3000, PageType.ZERO, 3, None) if p[1] == PageType.ZERO else p for p in PAGES],
+        [(0x2000, PageType.IMAGE, 3, bytes(4096)) if p[1] == PageType.ZERO else p for p in PAGES],
+        PAGES[:-1],
+    ]
+    for pages in variants:
+        assert measure_offline(pages, GUEST_STATE, Policy.make()) != base
+    assert measure_offline(PAGES, GUEST_STATE + b"!", Policy.make()) != base
+
+
+def test_protocol_errors():
+    m = LaunchMeasurement(Policy.make())
+    m.add_page(0x2000, PageType.ZERO, 3, None)
+    with pytest.raises(MeasurementError, match="increasing gpa"):
+        m.add_page(0x1000, PageType.IMAGE, 3, bytes(4096))
+    with pytest.raises(MeasurementError, match="increasing gpa"):
+        m.add_page(0x2000, PageType.ZERO, 3, None)
+    with pytest.raises(MeasurementError, match="not measured page by page"):
+        m.add_page(0x3000, PageType.EPT, 3, bytes(4096))
+    with pytest.raises(MeasurementError, match="exactly 4096"):
+        m.add_page(0x3000, PageType.IMAGE, 3, bytes(10))
+    with pytest.raises(MeasurementError, match="without content"):
+        m.add_page(0x3000, PageType.ZERO, 3, bytes(4096))
+    with pytest.raises(MeasurementError, match="page-aligned"):
+        m.add_page(0x3001, PageType.ZERO, 3, None)
+    with pytest.raises(MeasurementError, match="no VMCS"):
+        m.finalize()
+    m.add_vmcs(b"x")
+    with pytest.raises(MeasurementError, match="already measured"):
+        m.add_vmcs(b"y")
+    m.finalize()
+    with pytest.raises(MeasurementError, match="finalized"):
+        m.add_page(0x9000, PageType.ZERO, 3, None)
+
+
+digests = st.binary(min_size=48, max_size=48)
+
+
+@settings(max_examples=50)
+@given(digests, digests, st.integers(min_value=0, max_value=(1 << 64) - 1),
+       st.sampled_from([POLICY_RECORD, 1, 2, 3]), st.integers(min_value=0, max_value=7))
+def test_page_info_round_trip(prev, contents, gpa, record_type, perms):
+    rec = PageInfo(prev, contents, gpa, record_type, perms)
+    packed = rec.pack()
+    assert len(packed) == PAGE_INFO_SIZE
+    assert PageInfo.unpack(packed) == rec
+    assert rec.next_digest() == hashlib.sha384(packed).digest()
+
+
+def test_page_info_negative():
+    good = bytearray(PageInfo(bytes(48), bytes(48), 0x1000, 1, 3).pack())
+    with pytest.raises(TruncatedError):
+        PageInfo.unpack(bytes(good[:-1]))
+    with pytest.raises(OversizedError):
+        PageInfo.unpack(bytes(good) + b"\0")
+    bad = bytearray(good); bad[0x60] = 0x71
+    with pytest.raises(VersionError):
+        PageInfo.unpack(bytes(bad))
+    bad = bytearray(good); bad[0x65] = 1
+    with pytest.raises(ReservedBitsError):
+        PageInfo.unpack(bytes(bad))
+    bad = bytearray(good); bad[0x63] = 0x08
+    with pytest.raises(ReservedBitsError):
+        PageInfo.unpack(bytes(bad))
+    bad = bytearray(good); bad[0x62] = 4          # EPT pages are never measured
+    with pytest.raises(FieldValueError):
+        PageInfo.unpack(bytes(bad))
+
+
+def test_host_verifiable_digest():
+    a = host_verifiable_digest([(0x2000, b"\1" * 4096), (0x1000, b"\2" * 4096)])
+    assert a == host_verifiable_digest([(0x1000, b"\2" * 4096), (0x2000, b"\1" * 4096)])
+    expected = hashlib.sha384(b"KDHASHKD" + struct.pack("<Q", 0x1000) + b"\2" * 4096
+                              + struct.pack("<Q", 0x2000) + b"\1" * 4096).digest()
+    assert a == expected
+    assert a != host_verifiable_digest([(0x3000, b"\1" * 4096), (0x1000, b"\2" * 4096)])
