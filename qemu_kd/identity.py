@@ -137,8 +137,8 @@ def _locked(state_dir: Path) -> Iterator[None]:
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise IdentityError(f"{path} is not a readable private key: {exc}",
+    except (ValueError, TypeError):
+        raise IdentityError(f"{path} is not a readable PEM private key",
                             "move the state directory aside to generate a new identity") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
         raise IdentityError(f"{path} is not a P-384 private key",
@@ -149,8 +149,8 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def _load_cert(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
-    except ValueError as exc:
-        raise IdentityError(f"{path} is not a readable certificate: {exc}",
+    except ValueError:
+        raise IdentityError(f"{path} is not a readable PEM certificate",
                             "move the state directory aside to generate a new identity") from None
 
 
@@ -319,13 +319,13 @@ def _is_emulated(cert: x509.Certificate) -> bool:
 
 def verify_chain(chain_pem: bytes, root_cert: x509.Certificate) -> PlatformCertInfo:
     """Check that the PEM chain (platform certificate first) is issued by ``root_cert``."""
-    try:
-        certs = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
-        raise ChainError(f"the certificate chain is not valid PEM: {exc}",
-                         "pass the chain from platform-info unchanged") from None
-    if not certs:
+    if not bytes(chain_pem).strip():
         raise ChainError("the certificate chain is empty", "pass the chain from platform-info unchanged")
+    try:
+        certs = x509.load_pem_x509_certificates(bytes(chain_pem))
+    except ValueError:
+        raise ChainError("the certificate chain is not a list of PEM certificates",
+                         "pass the chain from platform-info unchanged") from None
     leaf, rest = certs[0], certs[1:]
     root_der = root_cert.public_bytes(serialization.Encoding.DER)
     for extra in rest:

@@ -1,0 +1,102 @@
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from qemu_kd.identity import (
+    EMULATED_OID, KAK_OID, ChainError, IdentityError, PlatformIdentity, RootCA, verify_chain,
+)
+from qemu_kd.keywrap import unwrap_key, wrap_key
+from qemu_kd.policy import Policy
+
+
+def _spki(key):
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_root_load_or_create_is_stable_and_private(tmp_path):
+    state = tmp_path / "state"
+    a = RootCA.load_or_create(state)
+    b = RootCA.load_or_create(state)
+    assert a.certificate_pem == b.certificate_pem
+    assert _spki(a.private_key.public_key()) == _spki(b.private_key.public_key())
+    files = sorted(p.name for p in state.iterdir())
+    assert "root-ca.key" in files and "root-ca.crt" in files
+    for p in state.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_platform_load_or_create_is_stable(tmp_path):
+    root = RootCA.load_or_create(tmp_path)
+    a = PlatformIdentity.load_or_create(tmp_path, root)
+    b = PlatformIdentity.load_or_create(tmp_path, root)
+    assert a.platform_id == b.platform_id and len(a.platform_id) == 16
+    assert a.chain_pem() == b.chain_pem()
+    for p in tmp_path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    # A new root re-issues the certificate but keeps the keys (sealed bundles stay valid).
+    other_root = RootCA.create_throwaway()
+    c = PlatformIdentity.load_or_create(tmp_path, other_root)
+    assert c.platform_id == a.platform_id
+    assert verify_chain(c.chain_pem(), other_root.certificate).platform_id == a.platform_id
+
+
+def test_half_written_state_is_a_clear_error(tmp_path):
+    RootCA.load_or_create(tmp_path)
+    (tmp_path / "root-ca.crt").unlink()
+    with pytest.raises(IdentityError, match="half a root CA"):
+        RootCA.load_or_create(tmp_path)
+    (tmp_path / "root-ca.key").write_bytes(b"garbage")
+    (tmp_path / "root-ca.crt").write_bytes(b"garbage")
+    with pytest.raises(IdentityError, match="not a readable private key"):
+        RootCA.load_or_create(tmp_path)
+
+
+def test_certificates_are_marked_emulated():
+    root = RootCA.create_throwaway()
+    ident = PlatformIdentity.create_throwaway(root)
+    for cert in (root.certificate, ident.certificate):
+        ext = cert.extensions.get_extension_for_oid(EMULATED_OID)
+        assert ext.critical
+        assert "EMULATED" in cert.subject.rfc4514_string()
+    kak_ext = ident.certificate.extensions.get_extension_for_oid(KAK_OID)
+    assert serialization.load_der_public_key(kak_ext.value.value).public_numbers() == \
+        ident.kak_private.public_key().public_numbers()
+
+
+def test_verify_chain_returns_both_keys():
+    root = RootCA.create_throwaway()
+    ident = PlatformIdentity.create_throwaway(root)
+    info = verify_chain(ident.chain_pem(), root.certificate)
+    assert info.emulated
+    assert info.platform_id == ident.platform_id
+    assert _spki(info.attestation_public_key) == _spki(ident.attestation_key.public_key())
+    # The KAK from the certificate is the one the platform unwraps with.
+    w = wrap_key(bytes(64), info.kak_public_key, Policy.make())
+    assert unwrap_key(w, ident.kak_private, Policy.make()) == bytes(64)
+    # The leaf alone (without the root appended) verifies too.
+    leaf_only = ident.certificate.public_bytes(serialization.Encoding.PEM)
+    assert verify_chain(leaf_only, root.certificate).platform_id == ident.platform_id
+
+
+def test_chain_from_another_root_rejected():
+    root, other = RootCA.create_throwaway(), RootCA.create_throwaway()
+    ident = PlatformIdentity.create_throwaway(other)
+    with pytest.raises(ChainError) as err:
+        verify_chain(ident.chain_pem(), root.certificate)
+    assert err.value.exit_code == 4
+    leaf_only = ident.certificate.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(ChainError, match="does not verify"):
+        verify_chain(leaf_only, root.certificate)
+
+
+def test_garbage_chain_rejected():
+    root = RootCA.create_throwaway()
+    with pytest.raises(ChainError):
+        verify_chain(b"not pem", root.certificate)
+    with pytest.raises(ChainError, match="empty"):
+        verify_chain(b"", root.certificate)
