@@ -52,7 +52,7 @@ def test_half_written_state_is_a_clear_error(tmp_path):
         RootCA.load_or_create(tmp_path)
     (tmp_path / "root-ca.key").write_bytes(b"garbage")
     (tmp_path / "root-ca.crt").write_bytes(b"garbage")
-    with pytest.raises(IdentityError, match="not a readable private key"):
+    with pytest.raises(IdentityError, match="not a readable PEM private key"):
         RootCA.load_or_create(tmp_path)
 
 
