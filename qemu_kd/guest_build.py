@@ -40,7 +40,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from . import paths
@@ -319,7 +319,6 @@ class BuildInputs:
     agent_files: dict[str, bytes]
     init_script: str = INIT_SCRIPT
     recipe_version: int = RECIPE_VERSION
-    extra: dict[str, str] = field(default_factory=dict)
 
     def agent_digest(self) -> str:
         digest = hashlib.sha256()
@@ -339,7 +338,6 @@ class BuildInputs:
             "init": hashlib.sha256(self.init_script.encode()).hexdigest(),
             "cmdline": DEFAULT_CMDLINE,
             "etc": ETC_FILES,
-            "extra": self.extra,
         }
         digest.update(json.dumps(record, sort_keys=True).encode())
         return digest.hexdigest()[:24]
@@ -579,8 +577,9 @@ def install_tree(src: Path, staging: Path) -> list[str]:
     """
     installed = []
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames.sort()
         rel_dir = Path(dirpath).relative_to(src)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not is_pruned(usrmerged((rel_dir / d).as_posix())))
         for name in sorted(dirnames + filenames):
             rel = usrmerged((rel_dir / name).as_posix())
             source = Path(dirpath) / name
@@ -604,7 +603,7 @@ def install_tree(src: Path, staging: Path) -> list[str]:
 
 
 def prune_tree(staging: Path) -> None:
-    """Remove pruned paths and the directories left empty."""
+    """Remove pruned paths, and the directories below /usr left empty."""
     for dirpath, dirnames, filenames in os.walk(staging, topdown=False):
         rel_dir = Path(dirpath).relative_to(staging)
         for name in filenames + dirnames:
@@ -615,6 +614,9 @@ def prune_tree(staging: Path) -> None:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+            elif (rel.startswith("usr/") and not path.is_symlink() and path.is_dir()
+                  and not any(path.iterdir())):
+                path.rmdir()
 
 
 def missing_sonames(staging: Path) -> dict[str, list[str]]:
