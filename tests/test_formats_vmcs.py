@@ -179,3 +179,16 @@ def test_any_flipped_byte_is_rejected_or_changes_the_value(offset, xor):
     except (ReservedBitsError, MagicError, VersionError):
         return
     assert v != sample()
+
+
+def test_documented_field_table_matches_the_code():
+    from pathlib import Path
+    doc = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
+    rows = {}
+    for line in doc.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("0x") and cells[1].startswith("0x"):
+            rows[int(cells[1], 16)] = (int(cells[0], 16), cells[3], int(cells[4]), cells[5] == "yes")
+    measured = {f.encoding for f in measured_fields()}
+    assert rows == {f.encoding: (f.offset, f.field_class, f.width, f.encoding in measured)
+                    for f in VMCS_FIELDS}
