@@ -1,10 +1,7 @@
-import os
 import stat
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from qemu_kd.identity import (
     EMULATED_OID, KAK_OID, ChainError, IdentityError, PlatformIdentity, RootCA, verify_chain,
