@@ -47,7 +47,7 @@ from . import paths
 from .errors import GuestImageError
 
 #: Bump whenever the recipe below changes what ends up in the image.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 #: Every file in the initramfs gets this mtime (2023-01-01T00:00:00Z).
 SOURCE_DATE_EPOCH = 1672531200
@@ -225,6 +225,10 @@ def is_pruned(relpath: str) -> bool:
 
 
 # --- data types ----------------------------------------------------------
+
+class PackageDownloadError(GuestImageError):
+    """apt-get could not fetch a package (stale lists, mirror or network)."""
+
 
 @dataclass(frozen=True)
 class PackageRef:
@@ -432,7 +436,12 @@ REQUIRED_TOOLS = {
 }
 
 
-def check_tools(tools: Mapping[str, str] = REQUIRED_TOOLS) -> None:
+def check_tools(tools: Mapping[str, str] | None = None) -> None:
+    """Fail with the packages to install if a tool the build runs is missing."""
+    if tools is None:
+        tools = dict(REQUIRED_TOOLS)
+        if os.geteuid() != 0:
+            tools["unshare"] = "util-linux"  # chroot through a user namespace
     missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing:
         names = ", ".join(t for t in tools if shutil.which(t) is None)
@@ -537,16 +546,20 @@ def download_packages(refs: Iterable[PackageRef], debs_dir: Path,
     if not todo:
         return result
     progress(f"downloading {len(todo)} packages")
-    with tempfile.TemporaryDirectory(prefix="download-", dir=debs_dir) as tmp:
-        os.chmod(tmp, 0o755)
-        argv = ["apt-get", "download", "-q", *(f"{r.name}:{r.architecture}={r.version}" for r in todo)]
-        _run(argv, cwd=Path(tmp), env=_apt_env(), what="apt-get download failed",
-             hint="run apt-get update, and check network access to the Debian mirror")
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=debs_dir) as tmp:
+        argv = ["apt-get", "download", "-q",
+                *(f"{r.name}:{r.architecture}={r.version}" for r in todo)]
+        try:
+            _run(argv, cwd=Path(tmp), env=_apt_env(), what="apt-get download failed",
+                 hint="run apt-get update, and check network access to the Debian mirror")
+        except GuestImageError as exc:
+            raise PackageDownloadError(exc.message, exc.hint) from exc
         for ref in todo:
             found = sorted(Path(tmp).glob(f"{ref.name}_*.deb"))
             if len(found) != 1:
-                raise GuestImageError(f"apt-get download did not produce {ref.name} {ref.version}",
-                                      "run apt-get update")
+                raise PackageDownloadError(
+                    f"apt-get download did not produce {ref.name} {ref.version}",
+                    "run apt-get update")
             os.replace(found[0], result[ref.name])
     return result
 
@@ -935,7 +948,10 @@ def load_cached(entry: Path) -> GuestArtifacts | None:
     manifest_path = entry / "manifest.json"
     if not manifest_path.is_file():
         return None
-    manifest = GuestManifest.unpack(manifest_path.read_bytes())
+    try:
+        manifest = GuestManifest.unpack(manifest_path.read_bytes())
+    except GuestImageError:
+        return None
     arts = _artifacts(entry, manifest)
     for path, digest in ((arts.kernel, manifest.bzimage), (arts.initrd, manifest.initramfs)):
         if not path.is_file() or path.stat().st_size != digest.size:
@@ -948,7 +964,7 @@ def build_guest(inputs: BuildInputs, out_dir: Path, debs_dir: Path,
     """Build the kernel and initramfs from inputs into out_dir (which must be empty)."""
     debs = download_packages([inputs.kernel_package, *inputs.packages], debs_dir, progress)
     kernel, release = extract_kernel(debs[inputs.kernel_package.name], out_dir)
-    with tempfile.TemporaryDirectory(prefix="staging-", dir=out_dir.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir) as tmp:
         staging = Path(tmp) / "root"
         staging.mkdir()
         installed = build_initramfs_tree(staging, debs, ROOT_PACKAGES, inputs.agent_files,
@@ -1082,13 +1098,12 @@ def ensure_guest(force: bool = False, progress: Callable[[str], None] | None = N
             cached = load_cached(entry)
             if cached is not None:
                 return cached
+        _drop_leftovers(base)
         out = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
         try:
             try:
                 manifest = build_guest(inputs, out, base / "debs", report)
-            except GuestImageError as exc:
-                if "apt-get download" not in exc.message:
-                    raise
+            except PackageDownloadError:
                 report("package download failed; updating the package lists")
                 _apt_update()
                 kernel, packages = resolve_cached(base, refresh=True)
@@ -1108,6 +1123,12 @@ def ensure_guest(force: bool = False, progress: Callable[[str], None] | None = N
         _drop_stale_debs(base / "debs", [inputs.kernel_package, *inputs.packages])
         _drop_old_entries(base, entry)
     return _artifacts(entry, manifest)
+
+
+def _drop_leftovers(base: Path) -> None:
+    """Remove what an interrupted build left behind (call with the lock held)."""
+    for leftover in [*base.glob(".build-*"), *base.glob("debs/.download-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _drop_stale_debs(debs_dir: Path, keep: Iterable[PackageRef]) -> None:

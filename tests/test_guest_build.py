@@ -517,6 +517,44 @@ def test_failed_build_leaves_no_entry(tmp_path, offline, monkeypatch):
     assert [p.name for p in (tmp_path / "guest").iterdir() if not p.name.startswith(".")] == []
 
 
+def test_download_failure_updates_lists_and_retries_once(tmp_path, offline, monkeypatch):
+    inputs, builds = offline
+    real_build = gb.build_guest
+    calls = {"build": 0, "update": 0}
+
+    def flaky(*args):
+        calls["build"] += 1
+        if calls["build"] == 1:
+            raise gb.PackageDownloadError("apt-get download failed: 404 Not Found")
+        return real_build(*args)
+
+    monkeypatch.setattr(gb, "build_guest", flaky)
+    monkeypatch.setattr(gb, "_apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
+    messages = []
+    arts = gb.ensure_guest(cache=tmp_path, progress=messages.append)
+    assert calls == {"build": 2, "update": 1}
+    assert any("updating the package lists" in m for m in messages)
+    assert arts.initrd.read_bytes() == b"initrd"
+
+
+def test_interrupted_build_leftovers_are_removed(tmp_path, offline):
+    stale = tmp_path / "guest" / ".build-crashed"
+    (stale / ".staging-x/root").mkdir(parents=True)
+    (tmp_path / "guest/debs/.download-y").mkdir(parents=True)
+    gb.ensure_guest(cache=tmp_path)
+    assert not stale.exists()
+    assert not (tmp_path / "guest/debs/.download-y").exists()
+
+
+def test_unreadable_manifest_is_a_cache_miss(tmp_path, offline):
+    inputs, builds = offline
+    arts = gb.ensure_guest(cache=tmp_path)
+    arts.manifest.write_text("{broken")
+    assert gb.load_cached(arts.manifest.parent) is None
+    gb.ensure_guest(cache=tmp_path)
+    assert len(builds) == 2
+
+
 # --- the real image (slow) ------------------------------------------------
 
 def _qemu_or_skip() -> str:
