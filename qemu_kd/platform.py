@@ -1,0 +1,257 @@
+"""The platform: identity, host-physical memory and key domains behind one lock.
+
+:class:`Platform` stands for the processor and its memory-encryption engine.
+It has one method per host-port command (DESIGN §3); the host-port server
+calls them from several connection threads, so every method takes the
+platform lock.  Nothing a method returns to the host contains plaintext of a
+key domain, a key or guest register values.
+
+KeyID reservation.  The tweak of every encrypted page includes its KeyID, so
+the tenant must know the KeyID before it encrypts.  ``alloc`` therefore
+reserves a KeyID together with the pages (the layout the host hands the
+tenant); ``create_kd`` later programs exactly that KeyID; ``free`` gives back
+a reservation that never became a domain; ``destroy_kd`` ends a domain.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .domain import (
+    DomainNotFoundError, DomainState, DomainStateError, EptVerdict, KeyDomain, KeyIdAllocator, PageBatch,
+)
+from .errors import KdError
+from .mee import KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
+from .physmem import DEFAULT_MEMORY_SIZE, AddressError, PageState, PhysicalMemory
+
+ACCELERATOR_NONE = "none"
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """What platform-info reports."""
+
+    chain_pem: bytes
+    keyid_bits: int
+    free_keyids: list[int]
+    accelerator: str
+    memory_size: int
+    page_size: int
+    integrity_events: int
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """alloc's answer: the reserved KeyID and the hpas the host now holds for it."""
+
+    keyid: int
+    hpas: list[int]
+
+
+class Platform:
+    """The emulated key-domain platform (see module docstring)."""
+
+    def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str = "."):
+        workdir = Path(workdir)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(workdir, 0o700)
+        self.identity = identity
+        self.workdir = workdir
+        self.accelerator = ACCELERATOR_NONE
+        self.lock = threading.RLock()
+        self.memory = PhysicalMemory(memory_size, workdir / "dram")
+        self.keyids = KeyIdAllocator(MAX_KEYID)
+        self.domains: dict[int, KeyDomain] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Destroy every domain (scrubbing its pages) and remove the DRAM file."""
+        with self.lock:
+            if self._closed:
+                return
+            for domain in list(self.domains.values()):
+                if domain.state != DomainState.DESTROYED:
+                    domain.destroy()
+            self.domains.clear()
+            self.memory.close()
+            self._closed = True
+
+    def __enter__(self) -> "Platform":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KdError("the platform is closed")
+
+    def domain(self, keyid: int) -> KeyDomain:
+        """The live key domain with this KeyID (DomainNotFoundError otherwise)."""
+        with self.lock:
+            self._check_open()
+            domain = self.domains.get(keyid) if isinstance(keyid, int) else None
+            if domain is None:
+                if isinstance(keyid, int) and self.keyids.is_reserved(keyid):
+                    raise DomainNotFoundError(f"KeyID {keyid} is reserved but no key domain was created with it",
+                                              "run create-kd with this KeyID first")
+                raise DomainNotFoundError(f"no key domain with KeyID {keyid!r}",
+                                          "see platform-info for the KeyIDs in use")
+            return domain
+
+    # -------------------------------------------------------------- commands
+
+    def platform_info(self) -> PlatformInfo:
+        with self.lock:
+            self._check_open()
+            return PlatformInfo(
+                chain_pem=self.identity.chain_pem(), keyid_bits=KEYID_BITS,
+                free_keyids=self.keyids.free_keyids(), accelerator=self.accelerator,
+                memory_size=self.memory.size, page_size=PAGE_SIZE,
+                integrity_events=self.memory.integrity_events)
+
+    def alloc(self, npages: int | None = None, hpas: Iterable[int] | None = None,
+              keyid: int | None = None) -> Allocation:
+        """Reserve a KeyID (or extend the reservation ``keyid``) and claim pages for it.
+
+        Give either ``npages`` (the platform picks the lowest FREE pages) or
+        ``hpas`` (the host picks).  Claimed pages become HOST(keyid).
+        """
+        with self.lock:
+            self._check_open()
+            if (npages is None) == (hpas is None):
+                raise AddressError("alloc needs exactly one of npages or hpas")
+            if keyid is not None:
+                self._require_extendable(keyid)
+            chosen = self.memory.find_free(npages) if npages is not None else hpas
+            new_keyid = keyid if keyid is not None else self.keyids.reserve()
+            try:
+                claimed = self.memory.claim_for_host(chosen, new_keyid)
+            except BaseException:
+                if keyid is None:
+                    self.keyids.release(new_keyid)
+                raise
+            return Allocation(new_keyid, sorted(claimed.tolist()))
+
+    def _require_extendable(self, keyid: int) -> None:
+        if not isinstance(keyid, int) or not self.keyids.is_reserved(keyid):
+            raise DomainNotFoundError(f"KeyID {keyid!r} is not reserved", "alloc without a KeyID first")
+        domain = self.domains.get(keyid)
+        if domain is not None and domain.state not in (DomainState.CREATED, DomainState.BUILDING):
+            raise DomainStateError(f"key domain {keyid} is {domain.state.value}: alloc can add pages only "
+                                   "while it is CREATED or BUILDING")
+
+    def free(self, keyid: int) -> int:
+        """Give back an unused reservation: scrub and free its pages, release the KeyID."""
+        with self.lock:
+            self._check_open()
+            if not isinstance(keyid, int) or not self.keyids.is_reserved(keyid):
+                raise DomainNotFoundError(f"KeyID {keyid!r} is not reserved")
+            if keyid in self.domains:
+                raise DomainStateError(f"KeyID {keyid} is programmed for a key domain "
+                                       f"({self.domains[keyid].state.value}); free releases only "
+                                       "reservations without one", "use destroy-kd")
+            freed = self.memory.release_keyid(keyid)
+            self.keyids.release(keyid)
+            return freed
+
+    def read_phys(self, dpa: int, length: int) -> bytes:
+        """DRAM through KeyID 0: plaintext of HOST/SHARED pages, ciphertext of PRIVATE ones."""
+        with self.lock:
+            self._check_open()
+            self._sync_shadows()
+            return self.memory.host_read(dpa, length)
+
+    def write_phys(self, dpa: int, data: bytes) -> None:
+        with self.lock:
+            self._check_open()
+            self.memory.host_write(dpa, data)
+
+    def read_phys_pages(self, dpas: Sequence[int] | np.ndarray) -> bytes:
+        """Whole pages at KeyID-0 addresses, concatenated in the order given."""
+        with self.lock:
+            self._check_open()
+            self._sync_shadows()
+            return self.memory.host_read_pages(dpas)
+
+    def write_phys_pages(self, dpas: Sequence[int] | np.ndarray, data: bytes) -> None:
+        with self.lock:
+            self._check_open()
+            self.memory.host_write_pages(dpas, data)
+
+    def _sync_shadows(self) -> None:
+        """Bring the encrypted shadow of running domains up to date before a host read."""
+        for domain in self.domains.values():
+            if domain.shadow_sync is not None and domain.state in (DomainState.LAUNCHED, DomainState.EXITED):
+                domain.shadow_sync()
+
+    def create_kd(self, keyid: int, wrapped_key, policy, host_data: bytes = b"") -> KeyDomain:
+        """create-kd: unwrap the key with the platform's KAK and program the reserved ``keyid``."""
+        with self.lock:
+            self._check_open()
+            if not isinstance(keyid, int) or not 1 <= keyid <= MAX_KEYID:
+                raise AddressError(f"KeyID {keyid!r} is not a key-domain KeyID (1..{MAX_KEYID})")
+            if not self.keyids.is_reserved(keyid):
+                raise DomainNotFoundError(f"KeyID {keyid} is not reserved",
+                                          "alloc pages first: alloc reserves the KeyID the tenant seals for")
+            if keyid in self.domains:
+                raise DomainStateError(f"KeyID {keyid} is already programmed "
+                                       f"(key domain {keyid} is {self.domains[keyid].state.value})",
+                                       "destroy it with destroy-kd first")
+            domain = KeyDomain.create(keyid, wrapped_key, policy, host_data, self.identity.kak_private,
+                                      self.memory)
+            self.domains[keyid] = domain
+            return domain
+
+    def add_pages(self, keyid: int, entries: PageBatch | Iterable[Sequence]) -> None:
+        """add-pages: entries are (hpa, gpa, type, perms[, host_verifiable]) or a PageBatch."""
+        with self.lock:
+            batch = entries if isinstance(entries, PageBatch) else PageBatch.from_entries(entries)
+            self.domain(keyid).add_pages(batch)
+
+    def add_zero_pages(self, keyid: int, entries: PageBatch | Iterable[Sequence]) -> None:
+        """add-zero-pages: entries are (hpa, gpa, perms) or a PageBatch of ZERO pages."""
+        with self.lock:
+            batch = entries if isinstance(entries, PageBatch) else PageBatch.zero_pages(entries)
+            self.domain(keyid).add_zero_pages(batch)
+
+    def hash_kd(self, keyid: int, hpas: Iterable[int] | None = None) -> bytes:
+        with self.lock:
+            return self.domain(keyid).hash_kd(hpas)
+
+    def vmread(self, keyid: int, encoding: int) -> int:
+        with self.lock:
+            return self.domain(keyid).vmread(encoding)
+
+    def verify_ept(self, keyid: int, host_allocation: Iterable[int]) -> EptVerdict:
+        with self.lock:
+            return self.domain(keyid).verify_ept(host_allocation)
+
+    def destroy_kd(self, keyid: int) -> int:
+        """destroy-kd: scrub and free the domain's pages, forget its key, free the KeyID."""
+        with self.lock:
+            domain = self.domain(keyid)
+            if domain.on_destroy is not None:
+                domain.on_destroy()
+            freed = domain.destroy()
+            del self.domains[keyid]
+            self.keyids.release(keyid)
+            return freed
+
+    # ------------------------------------------------------------ inspection
+
+    def page_state(self, hpa: int) -> PageState:
+        with self.lock:
+            return self.memory.owner(hpa).state
+
+    @staticmethod
+    def data_physical_address(keyid: int, hpa: int) -> int:
+        return keyid << KEYID_SHIFT | hpa
