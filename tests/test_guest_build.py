@@ -420,6 +420,31 @@ def test_resolved_versions_round_trip():
     assert gb.ResolvedVersions.unpack(memo.pack()) == memo
 
 
+def test_resolve_cached_memoizes_and_updates_lists_once(tmp_path, monkeypatch):
+    answer = (gb.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
+              [gb.PackageRef("libc6", "2.36-9")])
+    calls = {"resolve": 0, "update": 0}
+
+    def resolve():
+        calls["resolve"] += 1
+        if calls["resolve"] == 1:
+            raise GuestImageError("apt knows no candidate for libc6", "run apt-get update")
+        return answer
+
+    monkeypatch.setattr(gb, "resolve_inputs", resolve)
+    monkeypatch.setattr(gb, "_apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
+    monkeypatch.setattr(gb, "apt_state_fingerprint", lambda: "state-1")
+    assert gb.resolve_cached(tmp_path) == answer
+    assert calls == {"resolve": 2, "update": 1}
+    assert gb.resolve_cached(tmp_path) == answer  # memo hit: apt is not asked
+    assert calls["resolve"] == 2
+    monkeypatch.setattr(gb, "apt_state_fingerprint", lambda: "state-2")
+    gb.resolve_cached(tmp_path)  # apt's lists changed: ask again
+    assert calls["resolve"] == 3
+    gb.resolve_cached(tmp_path, refresh=True)
+    assert calls["resolve"] == 4
+
+
 def test_missing_tool_names_package_to_install():
     with pytest.raises(GuestImageError) as info:
         gb.check_tools({"sh": "dash", "qemu-kd-no-such-tool": "no-such-package"})
