@@ -19,7 +19,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .run import RunOptions, format_run, parse_size, run_plain
 
     opts = RunOptions(cmd=args.cmd, mem_size=parse_size(args.mem), accel=args.accel,
-                      ready_timeout=args.timeout, progress=not args.quiet)
+                      ready_timeout=args.timeout, progress=not args.quiet,
+                      kernel=args.kernel, initrd=args.initrd)
     if not args.plain:
         from .errors import ConfigError
         raise ConfigError("the protected flow is not available in this build",
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accelerator (auto probes KVM and falls back to TCG)")
     run.add_argument("--timeout", type=float, default=120.0,
                      help="seconds to wait for the guest agent (default 120)")
+    run.add_argument("--kernel", help="a bzImage to boot instead of the default guest's")
+    run.add_argument("--initrd", help="the initramfs to go with --kernel")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=_cmd_run)

@@ -68,11 +68,11 @@ class Console:
         return "\n".join(lines[1:]).strip()
 
     def close(self) -> None:
+        self.sock.detach()  # pexpect owns the descriptor from here on
         try:
             self.child.close()
         except OSError:
             pass
-        self.sock.close()
 
     def __enter__(self) -> "Console":
         return self

@@ -22,12 +22,6 @@ from .errors import GuestError, KdError
 from .machine import MachineSpec, QemuMachine
 from .vcpu import VcpuState
 
-# Kernel options every guest gets.  tsc_early_khz is added at launch (without
-# firmware the TSC is otherwise marked unstable); reboot=t makes sysrq-b leave
-# QEMU (-no-reboot) promptly.
-BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t quiet loglevel=4"
-
-
 def host_tsc_khz() -> int | None:
     """The host's TSC frequency in kHz (TCG guests see the host TSC)."""
     try:
@@ -41,13 +35,13 @@ def host_tsc_khz() -> int | None:
 
 
 def full_cmdline(extra: str = "") -> str:
-    parts = [BASE_CMDLINE]
-    khz = host_tsc_khz()
-    if khz:
-        parts.append(f"tsc_early_khz={khz}")
-    if extra:
-        parts.append(extra)
-    return " ".join(parts)
+    """The default guest command line plus ``tsc_early_khz`` for this host.
+
+    Without firmware the guest cannot calibrate its TSC and would mark it unstable.
+    """
+    from .guest_build import kernel_cmdline
+
+    return kernel_cmdline(host_tsc_khz(), extra.split())
 
 
 @dataclass

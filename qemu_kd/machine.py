@@ -92,7 +92,7 @@ class MachineSpec:
     accel: str = "tcg"
     name: str = "guest"
     machine: str = "pc"
-    qemu: str = QEMU_BINARY
+    qemu: str = field(default_factory=lambda: os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))
     extra_args: list[str] = field(default_factory=list)
 
 

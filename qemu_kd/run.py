@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .accel import choose_accel
-from .errors import ConfigError
+from .errors import ConfigError, GuestImageError
 from .launch import PhaseTimer, boot_plain, full_cmdline
 from .machine import MachineSpec
 
@@ -42,20 +43,45 @@ class RunOptions:
     ready_timeout: float = 120.0
     cmd_timeout: float = 60.0
     progress: bool = True
+    kernel: str | None = None
+    initrd: str | None = None
+
+
+def read_guest_file(path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise GuestImageError(f"{what} {path} does not exist",
+                              "pass an existing file, or omit it to use the default guest") from None
+    except OSError as exc:
+        raise GuestImageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def guest_inputs(opts: "RunOptions", show) -> tuple[bytes, bytes, Path, str | None]:
+    """Kernel and initrd bytes: the user's, or the default guest's (built if needed)."""
+    if opts.kernel or opts.initrd:
+        if not (opts.kernel and opts.initrd):
+            raise ConfigError("--kernel and --initrd go together",
+                              "pass both, or neither for the default guest")
+        return (read_guest_file(opts.kernel, "kernel"), read_guest_file(opts.initrd, "initrd"),
+                Path(opts.kernel), None)
+    from .guest_build import ensure_guest
+
+    art = ensure_guest(progress=show)
+    return (read_guest_file(art.kernel, "kernel"), read_guest_file(art.initrd, "initrd"),
+            art.kernel, art.kernel_release)
 
 
 def run_plain(opts: RunOptions) -> dict:
     """Boot the default guest without protection and run ``opts.cmd`` through the agent."""
-    from .guest_build import ensure_guest
-
     show = progress_printer(opts.progress)
-    artifacts = ensure_guest(progress=show)
-    accel = choose_accel(opts.accel, artifacts.kernel)
+    kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
+    accel = choose_accel(opts.accel, kernel_path)
     show(f"accelerator: {accel.name} ({accel.reason})")
     timer = PhaseTimer(progress=show)
     spec = MachineSpec(mem_size=opts.mem_size, accel=accel.name, name="plain")
-    guest = boot_plain(artifacts.kernel.read_bytes(), artifacts.initrd.read_bytes(),
-                       full_cmdline(), spec, timer, ready_timeout=opts.ready_timeout)
+    guest = boot_plain(kernel, initrd, full_cmdline(), spec, timer,
+                       ready_timeout=opts.ready_timeout)
     try:
         ready = guest.agent.ready
         with timer.phase("command"):
