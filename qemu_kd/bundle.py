@@ -51,6 +51,7 @@ HPA_LIMIT = 1 << 40
 NO_GPA = (1 << 64) - 1
 FLAG_HOST_VERIFIABLE = 1 << 0
 CHECKSUM_SIZE = 48
+MAX_KEYID = 63
 
 _HEADER = struct.Struct("<8sHHIQQ32s")
 _PAGE_HEAD = struct.Struct("<QQBBB5s")
@@ -160,6 +161,10 @@ class ZeroPageRecord:
         return record
 
 
+def _is_keyid(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_KEYID
+
+
 _HEX_FIELDS = {"platform_id": 16, "host_data": 32, "measurement": 48,
                "host_verifiable_digest": 48, "ept_mapping_digest": 48}
 
@@ -173,6 +178,7 @@ class BundleManifest:
     measurement: bytes
     host_data: bytes
     memory_size: int
+    keyid: int
     host_verifiable_digest: bytes
     ept_mapping_digest: bytes
     info: dict[str, str] = field(default_factory=dict)
@@ -182,12 +188,14 @@ class BundleManifest:
             require_bytes(f"manifest {name}", getattr(self, name), size)
         if not isinstance(self.memory_size, int) or self.memory_size <= 0 or self.memory_size % PAGE_SIZE:
             raise FieldValueError(f"manifest memory_size {self.memory_size!r} is not a positive page multiple")
+        if not _is_keyid(self.keyid):
+            raise FieldValueError(f"manifest keyid {self.keyid!r} is not a key-domain KeyID (1..{MAX_KEYID})")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.info.items()):
             raise FieldValueError("manifest info must map strings to strings")
         doc = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
             "policy": self.policy.pack().hex(), "debug": self.policy.debug,
-            "memory_size": self.memory_size, "info": dict(self.info),
+            "memory_size": self.memory_size, "keyid": self.keyid, "info": dict(self.info),
             **{name: getattr(self, name).hex() for name in _HEX_FIELDS},
         }
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
@@ -203,7 +211,7 @@ class BundleManifest:
         if doc.get("version") != MANIFEST_VERSION:
             raise VersionError(f"bundle manifest version {doc.get('version')!r} is not supported "
                                f"(expected {MANIFEST_VERSION})")
-        expected = {"format", "version", "policy", "debug", "memory_size", "info", *_HEX_FIELDS}
+        expected = {"format", "version", "policy", "debug", "memory_size", "keyid", "info", *_HEX_FIELDS}
         if set(doc) != expected:
             extra, missing = sorted(set(doc) - expected), sorted(expected - set(doc))
             raise ManifestError(f"bundle manifest keys differ from version {MANIFEST_VERSION}: "
@@ -225,10 +233,13 @@ class BundleManifest:
         size = doc["memory_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % PAGE_SIZE:
             raise ManifestError(f"bundle manifest memory_size {size!r} is not a positive page multiple")
+        if not _is_keyid(doc["keyid"]):
+            raise ManifestError(f"bundle manifest keyid {doc['keyid']!r} is not a key-domain KeyID "
+                                f"(1..{MAX_KEYID})")
         info = doc["info"]
         if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
             raise ManifestError("bundle manifest info must map strings to strings")
-        return cls(policy=policy, memory_size=size, info=info, **values)
+        return cls(policy=policy, memory_size=size, keyid=doc["keyid"], info=info, **values)
 
 
 @dataclass

@@ -26,6 +26,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from .errors import KdError
 from .formats_errors import FieldValueError, ReservedBitsError, require_length
 
@@ -213,6 +215,21 @@ def _check_mapping(m: EptMapping) -> None:
         raise EptError(f"{m}: write without read is an EPT misconfiguration")
 
 
+def _u64(values, what: str) -> np.ndarray:
+    """A 1-D uint64 array of non-negative integers (EptError otherwise)."""
+    if isinstance(values, np.ndarray):
+        if values.size and values.dtype.kind not in "iu":
+            raise EptError(f"{what} values must be integers")
+        if values.dtype.kind == "i" and values.size and (values < 0).any():
+            raise EptError(f"{what} values must not be negative")
+        return values.astype(np.uint64, copy=False).reshape(-1)
+    items = list(values)
+    for v in items:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 or int(v) >> 64:
+            raise EptError(f"{what} {v!r} is not an unsigned 64-bit integer")
+    return np.array(items, dtype=np.uint64)
+
+
 def build_ept(mappings: Iterable[EptMapping], table_hpas: Sequence[int]) -> tuple[int, dict[int, bytes]]:
     """Build 4-level EPT pages mapping every gpa to its hpa with 4 KiB leaves.
 
@@ -222,49 +239,91 @@ def build_ept(mappings: Iterable[EptMapping], table_hpas: Sequence[int]) -> tupl
     WB; non-leaf entries grant RWX.  Returns ``(eptp, {table_hpa: page})``.
     """
     ordered = sorted(mappings, key=lambda m: m.gpa)
-    seen_gpas: set[int] = set()
     for m in ordered:
         _check_mapping(m)
-        if m.gpa in seen_gpas:
-            raise EptError(f"gpa 0x{m.gpa:x} is mapped twice", "give each gpa exactly one hpa")
-        seen_gpas.add(m.gpa)
-    needed = ept_table_pages_needed(seen_gpas)
+    return build_ept_arrays([m.gpa for m in ordered], [m.hpa for m in ordered],
+                            [m.perms for m in ordered], table_hpas)
+
+
+def build_ept_arrays(gpas, hpas, perms, table_hpas: Sequence[int]) -> tuple[int, dict[int, bytes]]:
+    """:func:`build_ept` for parallel arrays of gpas, hpas and perms (any order).
+
+    The same checks and the same output as :func:`build_ept`, vectorised, so a
+    256 MiB guest (65 536 mappings) takes milliseconds rather than a second.
+    """
+    gpa_arr, hpa_arr = _u64(gpas, "gpa"), _u64(hpas, "hpa")
+    perm_arr = _u64(perms, "perms")
+    if not gpa_arr.size == hpa_arr.size == perm_arr.size:
+        raise EptError("gpa, hpa and perms lists have different lengths")
+    order = np.argsort(gpa_arr, kind="stable")
+    gpa_arr, hpa_arr, perm_arr = gpa_arr[order], hpa_arr[order], perm_arr[order]
+
+    def first_bad(mask: np.ndarray) -> EptMapping:
+        i = int(np.argmax(mask))
+        return EptMapping(int(gpa_arr[i]), int(hpa_arr[i]), int(perm_arr[i]))
+
+    page = np.uint64(PAGE_SIZE - 1)
+    bad = ((gpa_arr & page) != 0) | (gpa_arr >= np.uint64(GPA_LIMIT))
+    if bad.any():
+        raise EptError(f"gpa 0x{first_bad(bad).gpa:x} is not a page-aligned 48-bit guest-physical address")
+    bad = ((hpa_arr & page) != 0) | (hpa_arr >= np.uint64(HPA_LIMIT))
+    if bad.any():
+        raise EptError(f"hpa 0x{first_bad(bad).hpa:x} is not a page-aligned host-physical address below 1 TiB")
+    bad = (perm_arr == 0) | (perm_arr > np.uint64(EPT_PERMS))
+    if bad.any():
+        raise EptError(f"{first_bad(bad)}: permissions must be a non-empty combination of "
+                       "EPT_READ/WRITE/EXEC")
+    bad = ((perm_arr & np.uint64(EPT_WRITE)) != 0) & ((perm_arr & np.uint64(EPT_READ)) == 0)
+    if bad.any():
+        raise EptError(f"{first_bad(bad)}: write without read is an EPT misconfiguration")
+    dup = np.flatnonzero(gpa_arr[1:] == gpa_arr[:-1])
+    if dup.size:
+        raise EptError(f"gpa 0x{int(gpa_arr[dup[0]]):x} is mapped twice", "give each gpa exactly one hpa")
+
+    pt_prefix = gpa_arr >> np.uint64(21)
+    needed = 1 + sum(int(np.unique(gpa_arr >> np.uint64(shift)).size) for shift in (39, 30, 21))
     if len(table_hpas) < needed:
         raise EptError(f"the EPT needs {needed} table pages but only {len(table_hpas)} hpas were given",
                        "allocate more pages for the EPT (see ept_table_pages_needed)")
-    used = list(table_hpas[:needed])
+    used = [int(h) for h in table_hpas[:needed]]
     for hpa in used:
         if hpa < 0 or hpa % PAGE_SIZE or hpa >= HPA_LIMIT:
             raise EptError(f"EPT table hpa 0x{hpa:x} is not a page-aligned host-physical address")
     if len(set(used)) != len(used):
         raise EptError("the same hpa is given twice for EPT table pages")
-    leaf_hpas = {m.hpa for m in ordered}
-    clash = sorted(leaf_hpas & set(used))
-    if clash:
-        raise EptError(f"hpa 0x{clash[0]:x} is both an EPT table page and mapped into the guest")
+    clash = np.isin(hpa_arr, np.array(used, dtype=np.uint64))
+    if clash.any():
+        raise EptError(f"hpa 0x{int(np.min(hpa_arr[clash])):x} is both an EPT table page and mapped "
+                       "into the guest")
 
     free = iter(used)
     pml4_hpa = next(free)
-    tables: dict[int, bytearray] = {pml4_hpa: bytearray(PAGE_SIZE)}
+    tables: dict[int, np.ndarray] = {pml4_hpa: np.zeros(ENTRIES_PER_TABLE, dtype=np.uint64)}
     children: dict[tuple[int, int], int] = {}  # (level of the child table, gpa prefix) -> hpa
 
     def child(parent_hpa: int, level: int, gpa: int) -> int:
         key = (level - 1, gpa >> (12 + 9 * (level - 1)))
         if key not in children:
             hpa = next(free)
-            tables[hpa] = bytearray(PAGE_SIZE)
+            tables[hpa] = np.zeros(ENTRIES_PER_TABLE, dtype=np.uint64)
             children[key] = hpa
             index = (gpa >> (12 + 9 * (level - 1))) & 511
-            struct.pack_into("<Q", tables[parent_hpa], 8 * index, EptEntry(hpa, EPT_PERMS).raw())
+            tables[parent_hpa][index] = EptEntry(hpa, EPT_PERMS).raw()
         return children[key]
 
-    for m in ordered:
+    leaves = hpa_arr | perm_arr | np.uint64(MEMTYPE_WB << EPT_MEMTYPE_SHIFT)
+    slots = ((gpa_arr >> np.uint64(12)) & np.uint64(511)).astype(np.intp)
+    # Mappings are sorted by gpa, so each page table's leaves are one contiguous run.
+    starts = np.flatnonzero(np.concatenate(([True], pt_prefix[1:] != pt_prefix[:-1]))) if gpa_arr.size \
+        else np.zeros(0, dtype=np.intp)
+    ends = np.append(starts[1:], gpa_arr.size)
+    for s, e in zip(starts.tolist(), ends.tolist()):
         table = pml4_hpa
+        gpa = int(gpa_arr[s])
         for level in (4, 3, 2):
-            table = child(table, level, m.gpa)
-        leaf = EptEntry(m.hpa, m.perms, MEMTYPE_WB)
-        struct.pack_into("<Q", tables[table], 8 * ((m.gpa >> 12) & 511), leaf.raw())
-    return Eptp(pml4_hpa).raw(), {hpa: bytes(page) for hpa, page in tables.items()}
+            table = child(table, level, gpa)
+        tables[table][slots[s:e]] = leaves[s:e]
+    return Eptp(pml4_hpa).raw(), {hpa: page.astype("<u8").tobytes() for hpa, page in tables.items()}
 
 
 @dataclass
@@ -339,3 +398,13 @@ def mapping_digest(mappings: Iterable[EptMapping]) -> bytes:
     for m in sorted(mappings, key=lambda m: (m.gpa, m.hpa, m.perms)):
         h.update(struct.pack("<QQQ", m.gpa, m.hpa, m.perms))
     return h.digest()
+
+
+def mapping_digest_arrays(gpas, hpas, perms) -> bytes:
+    """:func:`mapping_digest` of parallel arrays (the same bytes, vectorised)."""
+    gpa_arr, hpa_arr, perm_arr = _u64(gpas, "gpa"), _u64(hpas, "hpa"), _u64(perms, "perms")
+    if not gpa_arr.size == hpa_arr.size == perm_arr.size:
+        raise EptError("gpa, hpa and perms lists have different lengths")
+    order = np.lexsort((perm_arr, hpa_arr, gpa_arr))
+    records = np.stack([gpa_arr[order], hpa_arr[order], perm_arr[order]], axis=1).astype("<u8")
+    return hashlib.sha384(b"KDEPTMAP" + records.tobytes()).digest()

@@ -37,6 +37,7 @@ PAGE_INFO_SIZE = 0x70
 POLICY_RECORD = 0x10  # record type of the initial policy record (not a page type)
 ZERO_MARKER = bytes(DIGEST_SIZE)
 _PAGE_INFO = struct.Struct("<48s48sHBBIQ")
+_sha384 = hashlib.sha384
 
 
 class PageType(IntEnum):
@@ -115,8 +116,9 @@ class LaunchMeasurement:
         return self._final if self._final is not None else self._digest
 
     def _extend(self, contents: bytes, gpa: int, record_type: int, perms: int) -> None:
-        record = PageInfo(self._digest, contents, gpa, record_type, perms)
-        self._digest = record.next_digest()
+        # Same bytes as PageInfo(...).pack(); the callers have checked every field.
+        self._digest = _sha384(_PAGE_INFO.pack(self._digest, contents, PAGE_INFO_SIZE,
+                                               int(record_type), perms, 0, gpa)).digest()
 
     def _check_open(self) -> None:
         if self._final is not None:

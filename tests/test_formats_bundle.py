@@ -22,7 +22,7 @@ KAK = ec.generate_private_key(ec.SECP384R1())
 
 def manifest(**changes):
     values = dict(platform_id=bytes(range(16)), policy=Policy.make(), measurement=b"\x11" * 48,
-                  host_data=b"\x22" * 32, memory_size=64 << 20, host_verifiable_digest=b"\x33" * 48,
+                  host_data=b"\x22" * 32, memory_size=64 << 20, keyid=5, host_verifiable_digest=b"\x33" * 48,
                   ept_mapping_digest=b"\x44" * 48, info={"cmdline": "console=ttyS0"})
     values.update(changes)
     return BundleManifest(**values)
@@ -169,5 +169,11 @@ def test_manifest_checks():
         unpack({**good, "debug": True})
     with pytest.raises(ReservedBitsError):
         unpack({**good, "policy": "0100000002000000"})
+    for bad_keyid in (0, 64, True, "5", None):
+        with pytest.raises(ManifestError, match="keyid"):
+            unpack({**good, "keyid": bad_keyid})
+    assert unpack(good).keyid == 5
+    with pytest.raises(FieldValueError, match="keyid"):
+        manifest(keyid=0).pack()
     with pytest.raises(ManifestError):
         BundleManifest.unpack(b"\xff\xfe")

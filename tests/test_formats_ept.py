@@ -193,3 +193,22 @@ def test_entry_and_eptp_negative():
     with pytest.raises(ReservedBitsError):
         Eptp.unpack(struct.pack("<Q", 0x5000 | 6 | 1 << 3))
     assert EptEntry(0x5000, RW, 6, ignore_pat=True).raw() & EPT_IGNORE_PAT
+
+
+def test_array_builder_and_digest_match_the_mapping_versions():
+    import numpy as np
+    from qemu_kd.ept import build_ept_arrays, mapping_digest_arrays
+    maps = boundary_mappings()
+    hpas = table_hpas(ept_table_pages_needed(m.gpa for m in maps))
+    shuffled = list(reversed(maps))
+    by_arrays = build_ept_arrays(np.array([m.gpa for m in shuffled], dtype=np.uint64),
+                                 [m.hpa for m in shuffled], [m.perms for m in shuffled], hpas)
+    assert by_arrays == build_ept(maps, hpas)
+    assert mapping_digest_arrays([m.gpa for m in shuffled], [m.hpa for m in shuffled],
+                                 [m.perms for m in shuffled]) == mapping_digest(maps)
+    with pytest.raises(EptError, match="write without read"):
+        build_ept_arrays([0], [0x9000], [EPT_WRITE], table_hpas(4))
+    with pytest.raises(EptError, match="mapped twice"):
+        build_ept_arrays([0, 0], [0x9000, 0xA000], [RW, RW], table_hpas(4))
+    with pytest.raises(EptError, match="different lengths"):
+        build_ept_arrays([0, 0x1000], [0x9000], [RW], table_hpas(4))
