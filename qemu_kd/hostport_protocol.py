@@ -436,7 +436,7 @@ def unpack_page_entries(data: bytes | bytearray | memoryview) -> np.ndarray:
         raise HostPortBadRequestError(
             f"page-entry payload of {len(data)} bytes is not a multiple of {PAGE_ENTRY_SIZE}")
     arr = np.frombuffer(bytes(data), dtype=PAGE_ENTRY_DTYPE)
-    if arr.size and ((arr["reserved"] != 0).any() or (arr["flags"] & ~FLAG_HOST_VERIFIABLE).any()):
+    if arr.size and ((arr["reserved"] != 0).any() or (arr["flags"] & np.uint16(0xFFFF ^ FLAG_HOST_VERIFIABLE)).any()):
         raise HostPortBadRequestError("page entry has reserved bits set")
     return arr
 
