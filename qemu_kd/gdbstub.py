@@ -144,10 +144,21 @@ class RspClient:
             return unescape(body)
 
     def request(self, payload: bytes) -> bytes:
+        """Send one packet and return its reply.
+
+        QEMU sends an unsolicited stop reply (``T02thread:..;``) when the VM is
+        paused through QMP; for anything but stop-related requests such
+        packets are not the answer and are skipped.
+        """
         if self._sock is None:
             raise RspError("gdbstub client is not connected")
         self._sock.sendall(frame(payload))
-        return self._read_packet()
+        expects_stop_reply = payload[:1] in (b"?", b"c", b"s", b"v")
+        while True:
+            reply = self._read_packet()
+            if not expects_stop_reply and reply[:1] in (b"T", b"S") and reply[1:3].isalnum():
+                continue
+            return reply
 
     # -- commands -----------------------------------------------------------------
     def target_xml(self) -> bytes:
