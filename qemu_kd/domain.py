@@ -539,17 +539,24 @@ class KeyDomain:
         pages = self.pages()
         guest = np.isin(pages.types, [int(t) for t in GUEST_TYPES])
         p_hpas, p_gpas, p_perms = pages.hpas[guest], pages.gpas[guest], pages.perms[guest]
-        mapped_at = dict(zip(hpas.tolist(), range(n)))
-        for h, g, p in zip(p_hpas.tolist(), p_gpas.tolist(), p_perms.tolist()):
-            i = mapped_at.get(h)
-            if i is None:
-                out.add("unmapped", f"page hpa 0x{h:x} was added for gpa 0x{g:x} but the EPT does not map it")
-            elif int(gpas[i]) != g:
-                out.add("gpa-mismatch", f"page hpa 0x{h:x} was added for gpa 0x{g:x} but the EPT maps it "
-                                        f"at gpa 0x{int(gpas[i]):x}")
-            elif int(perms[i]) != p:
-                out.add("perms-mismatch", f"gpa 0x{g:x} (hpa 0x{h:x}) was added with perms {p} but the EPT "
-                                          f"grants {int(perms[i])}")
+        if n:
+            at = np.minimum(np.searchsorted(sorted_hpas, p_hpas), n - 1)
+            mapped = sorted_hpas[at] == p_hpas
+            where = order[at]
+        else:
+            mapped = np.zeros(p_hpas.size, dtype=bool)
+            where = np.zeros(p_hpas.size, dtype=np.int64)
+        wrong_gpa = mapped & (gpas[where] != p_gpas) if n else mapped
+        wrong_perms = mapped & ~wrong_gpa & (perms[where] != p_perms) if n else mapped
+        for j in np.flatnonzero(~mapped).tolist():
+            out.add("unmapped", f"page hpa 0x{int(p_hpas[j]):x} was added for gpa 0x{int(p_gpas[j]):x} "
+                                "but the EPT does not map it")
+        for j in np.flatnonzero(wrong_gpa).tolist():
+            out.add("gpa-mismatch", f"page hpa 0x{int(p_hpas[j]):x} was added for gpa 0x{int(p_gpas[j]):x} "
+                                    f"but the EPT maps it at gpa 0x{int(gpas[where[j]]):x}")
+        for j in np.flatnonzero(wrong_perms).tolist():
+            out.add("perms-mismatch", f"gpa 0x{int(p_gpas[j]):x} (hpa 0x{int(p_hpas[j]):x}) was added with "
+                                      f"perms {int(p_perms[j])} but the EPT grants {int(perms[where[j]])}")
         return out.finish()
 
     # ---------------------------------------------------------------- launch

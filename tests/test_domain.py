@@ -440,6 +440,28 @@ def test_verify_ept_reports_a_page_the_host_left_out(platform, identity):
     assert any(r.startswith("unallocated:") for r in verdict.reasons)
 
 
+def test_verify_ept_checks_pages_are_mapped_as_measured(platform, identity):
+    alloc = platform.alloc(npages=guest_page_count())
+    guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public)
+    entries = guest.page_entries()
+    image = [i for i, e in enumerate(entries) if e[2] == PageType.IMAGE]
+    a, b, c = image
+    # The host lies about where two pages go and about the perms of a third.
+    entries[a], entries[b] = (entries[a][0], entries[b][1], *entries[a][2:]), \
+        (entries[b][0], entries[a][1], *entries[b][2:])
+    entries[c] = (*entries[c][:3], EPT_READ, False)
+    hpas, data = guest.loaded_pages()
+    platform.write_phys_pages(hpas, data)
+    platform.create_kd(guest.keyid, guest.wrapped, guest.policy.pack(), guest.host_data)
+    platform.add_pages(guest.keyid, entries)
+    platform.add_zero_pages(guest.keyid, guest.zero_entries()[:-1])     # one zero page never added
+    verdict = platform.verify_ept(guest.keyid, alloc.hpas)
+    checks = sorted({r.split(":")[0] for r in verdict.reasons})
+    assert checks == ["gpa-mismatch", "perms-mismatch", "unassigned"], verdict.reasons
+    assert (f"gpa-mismatch: page hpa 0x{entries[a][0]:x} was added for gpa 0x{entries[a][1]:x} but the EPT "
+            f"maps it at gpa 0x{entries[b][1]:x}") in verdict.reasons
+
+
 def test_verify_failure_keeps_building_and_success_locks_host_writes(platform, identity):
     alloc = platform.alloc(npages=guest_page_count())
     guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public)
