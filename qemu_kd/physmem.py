@@ -273,6 +273,19 @@ class PhysicalMemory:
             mask &= self._type == page_type
         return np.flatnonzero(mask).astype(np.uint64) * np.uint64(PAGE_SIZE)
 
+    def private_keyids(self, dpa: int | None = None, length: int = 0,
+                       dpas: HpaList | None = None) -> set[int]:
+        """KeyIDs owning PRIVATE pages in a byte range or a page list (empty if the input is invalid)."""
+        try:
+            if dpas is not None:
+                idx = self._host_page_dpas(dpas)
+            else:
+                idx = self._range_pages(self._host_dpa(dpa, "address"), length)
+        except PhysicalMemoryError:
+            return set()
+        private = self._state[idx] == PageState.PRIVATE
+        return set(np.unique(self._keyid[idx][private]).tolist())
+
     def count_free(self) -> int:
         return int(np.count_nonzero(self._state == PageState.FREE))
 

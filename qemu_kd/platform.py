@@ -15,7 +15,8 @@ a reservation that never became a domain; ``destroy_kd`` ends a domain.
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .domain import (
 )
 from .errors import KdError
 from .mee import KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
+from .paths import runtime_dir
 from .physmem import DEFAULT_MEMORY_SIZE, AddressError, PageState, PhysicalMemory
 
 ACCELERATOR_NONE = "none"
@@ -57,10 +59,14 @@ class Allocation:
 class Platform:
     """The emulated key-domain platform (see module docstring)."""
 
-    def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str = "."):
+    def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str | None = None):
+        """``workdir``: a private directory for the DRAM file (created 0700 if missing);
+        by default a fresh one under the runtime directory, removed on close."""
+        self._own_workdir = workdir is None
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="platform-", dir=runtime_dir()))
         workdir = Path(workdir)
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(workdir, 0o700)
         self.identity = identity
         self.workdir = workdir
         self.accelerator = ACCELERATOR_NONE
@@ -82,6 +88,8 @@ class Platform:
                     domain.destroy()
             self.domains.clear()
             self.memory.close()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
             self._closed = True
 
     def __enter__(self) -> "Platform":
@@ -167,7 +175,7 @@ class Platform:
         """DRAM through KeyID 0: plaintext of HOST/SHARED pages, ciphertext of PRIVATE ones."""
         with self.lock:
             self._check_open()
-            self._sync_shadows()
+            self._sync_shadows(self.memory.private_keyids(dpa, length))
             return self.memory.host_read(dpa, length)
 
     def write_phys(self, dpa: int, data: bytes) -> None:
@@ -179,7 +187,7 @@ class Platform:
         """Whole pages at KeyID-0 addresses, concatenated in the order given."""
         with self.lock:
             self._check_open()
-            self._sync_shadows()
+            self._sync_shadows(self.memory.private_keyids(dpas=dpas))
             return self.memory.host_read_pages(dpas)
 
     def write_phys_pages(self, dpas: Sequence[int] | np.ndarray, data: bytes) -> None:
@@ -187,10 +195,12 @@ class Platform:
             self._check_open()
             self.memory.host_write_pages(dpas, data)
 
-    def _sync_shadows(self) -> None:
-        """Bring the encrypted shadow of running domains up to date before a host read."""
-        for domain in self.domains.values():
-            if domain.shadow_sync is not None and domain.state in (DomainState.LAUNCHED, DomainState.EXITED):
+    def _sync_shadows(self, keyids: set[int]) -> None:
+        """Bring the encrypted shadow of the running domains a host read touches up to date."""
+        for keyid in sorted(keyids):
+            domain = self.domains.get(keyid)
+            if domain is not None and domain.shadow_sync is not None \
+                    and domain.state in (DomainState.LAUNCHED, DomainState.EXITED):
                 domain.shadow_sync()
 
     def create_kd(self, keyid: int, wrapped_key, policy, host_data: bytes = b"") -> KeyDomain:

@@ -492,6 +492,33 @@ def test_write_after_launch_is_an_ownership_error_and_integrity_event(built):
     assert platform.read_phys(hpa, PAGE) == guest.ciphertext[hpa]     # reads still give ciphertext
 
 
+def test_host_reads_sync_the_shadow_of_running_domains_they_touch(built):
+    platform, guest, alloc = built
+    spare = platform.alloc(npages=1)
+    assert platform.verify_ept(guest.keyid, alloc.hpas).ok
+    domain = platform.domain(guest.keyid)
+    synced = []
+    domain.shadow_sync = lambda: synced.append(domain.keyid)
+    platform.read_phys(guest.hpa_of[0x1000], 16)
+    assert synced == []                              # not running yet: DRAM is current
+    domain.mark_launched()
+    platform.read_phys(spare.hpas[0], PAGE)
+    platform.read_phys_pages(spare.hpas)
+    assert synced == []                              # reads that touch no page of the domain
+    platform.read_phys(guest.hpa_of[0x1000] - 8, 16)
+    platform.read_phys_pages([spare.hpas[0], guest.vmcs_hpa])
+    assert synced == [guest.keyid, guest.keyid]
+
+
+def test_platform_without_workdir_uses_a_private_runtime_directory(identity, tmp_path, monkeypatch):
+    monkeypatch.setenv("QEMU_KD_RUNTIME", str(tmp_path / "run"))
+    p = Platform(identity, MEMORY)
+    assert p.workdir.parent == tmp_path / "run" and (p.workdir / "dram").exists()
+    assert oct(p.workdir.stat().st_mode & 0o777) == oct(0o700)
+    p.close()
+    assert not p.workdir.exists()
+
+
 def test_invalid_transitions_name_current_and_attempted_state(built, identity):
     platform, guest, alloc = built
     domain = platform.domain(guest.keyid)
