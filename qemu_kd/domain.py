@@ -383,7 +383,8 @@ class KeyDomain:
         if hpas is None:
             chosen = allowed
         else:
-            chosen = np.sort(self._memory.page_indices(list(hpas)).astype(np.uint64) * np.uint64(PAGE_SIZE))
+            hpas = hpas if isinstance(hpas, np.ndarray) else list(hpas)
+            chosen = np.sort(self._memory.page_indices(hpas).astype(np.uint64) * np.uint64(PAGE_SIZE))
             secret = ~np.isin(chosen, allowed)
             if secret.any():
                 hpa = int(chosen[np.argmax(secret)])
@@ -440,8 +441,9 @@ class KeyDomain:
             raise DomainStateError(f"key domain {self.keyid} is {self.state.value} without a VMCS page: "
                                    "verify-ept needs the VMCS and the EPT pages",
                                    "add them with add-pages first")
-        allocation = np.unique(self._memory.page_indices(list(host_allocation), what="allocated hpa",
-                                                         unique=False))
+        if not isinstance(host_allocation, np.ndarray):
+            host_allocation = list(host_allocation)
+        allocation = np.unique(self._memory.page_indices(host_allocation, what="allocated hpa", unique=False))
         eptp = self.read_vmcs().ept_pointer
         walk, stray_tables = self._walk(eptp)
         reasons = self._check_walk(walk, stray_tables, allocation)
