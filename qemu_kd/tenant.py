@@ -1,0 +1,333 @@
+"""The tenant: measure, seal and check attestation reports for a Linux guest.
+
+The tenant trusts only the emulated manufacturer's root certificate.  It
+
+1. computes the expected launch measurement offline from (kernel, initrd,
+   cmdline, memory size, policy) -- :func:`measure`;
+2. seals the guest for the layout a host allocated -- :func:`seal`: it checks
+   the platform's certificate chain, picks a fresh 64-byte key, builds the
+   boot image, the VMCS and the EPT for the layout's hpas, encrypts every page
+   for its data physical address (``keyid << 40 | hpa``), wraps the key for
+   the platform's key-agreement key and writes a :class:`~qemu_kd.bundle.Bundle`;
+   the key stays in a :class:`TenantSecret` that never leaves the tenant;
+3. checks a report the guest obtained -- :func:`check_report`.
+
+Every gpa in [0, memory_size) is a guest page with permissions RWX: IMAGE if
+the boot layout puts data there, ZERO otherwise.  Zero pages travel as
+(hpa, gpa, perms) records; the platform fills them itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography import x509
+
+from .attestation import (
+    AttestationError, AttestationReport, validate_report, verify_report,
+)
+from .bootlayout import build_boot_layout
+from .bundle import Bundle, BundleManifest, PageRecord, ZeroPageRecord
+from .ept import EPT_PERMS, build_ept_arrays, mapping_digest_arrays
+from .errors import KdError
+from .formats_errors import FormatError
+from .identity import PlatformCertInfo, verify_chain
+from .keywrap import DOMAIN_KEY_SIZE, wrap_key
+from .layout import HostLayout, LayoutError, LayoutPlan, plan
+from .measurement import PAGE_SIZE, LaunchMeasurement, PageType, host_verifiable_digest
+from .mee import MemoryEncryptionEngine, data_physical_address
+from .policy import Policy
+from .vcpu import VcpuState
+from .vmcs import Vmcs
+
+GUEST_PERMS = EPT_PERMS
+SECRET_FORMAT = "qemu-kd tenant secret"
+SECRET_VERSION = 1
+# Pages encrypted per MEE call (bounds the temporary buffers to 32 MiB).
+ENCRYPT_BATCH = 8192
+
+
+class SealError(KdError):
+    """The guest cannot be sealed for this layout."""
+
+
+class TenantSecretError(FormatError):
+    """The tenant secret file is missing or malformed."""
+
+
+class ReportFormatError(AttestationError):
+    """The report is not a well-formed qemu-kd report, so nothing in it can be trusted."""
+
+    exit_code = 3
+
+
+def _read_input(what: str, value: bytes | bytearray | str | os.PathLike) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise SealError(f"cannot read the {what} {value}: {exc.strerror}",
+                        f"pass the path of the guest {what}") from None
+
+
+# ------------------------------------------------------------ guest image
+
+def guest_pages(kernel: bytes, initrd: bytes, cmdline: str,
+                memory_size: int) -> tuple[dict[int, bytes], VcpuState]:
+    """The guest's IMAGE pages (gpa -> 4096 bytes) and the vCPU state it starts from.
+
+    Every other page in [0, memory_size) is a ZERO page.
+    """
+    layout = build_boot_layout(_read_input("kernel", kernel), _read_input("initrd", initrd),
+                               cmdline, memory_size)
+    return layout.pages(), layout.vcpu
+
+
+def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_area_hpa: int = 0) -> Vmcs:
+    """The VMCS the tenant seals: boot vCPU, host-forced exits allowed, no register exposed."""
+    return Vmcs(guest=vcpu, ept_pointer=ept_pointer, save_area_hpa=save_area_hpa,
+                exposed_register_mask=0, host_forced_exit=True, policy=policy)
+
+
+def _measure_pages(image: dict[int, bytes], memory_size: int, guest_state: bytes, policy: Policy) -> bytes:
+    """The launch digest: IMAGE pages with content, ZERO pages without, in gpa order."""
+    m = LaunchMeasurement(policy)
+    image_type, zero_type = PageType.IMAGE, PageType.ZERO
+    add = m.add_page
+    for gpa in range(0, memory_size, PAGE_SIZE):
+        content = image.get(gpa)
+        if content is None:
+            add(gpa, zero_type, GUEST_PERMS, None)
+        else:
+            add(gpa, image_type, GUEST_PERMS, content)
+    m.add_vmcs(guest_state)
+    return m.finalize()
+
+
+def _check_image_fits(image: dict[int, bytes], memory_size: int) -> None:
+    outside = [gpa for gpa in image if gpa >= memory_size]
+    if outside:
+        raise SealError(f"the boot image reaches gpa 0x{max(outside):x}, beyond {memory_size} bytes of RAM",
+                        "give the guest more memory")
+
+
+def measure(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy) -> bytes:
+    """The expected 48-byte launch measurement (no platform, layout or key involved)."""
+    image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
+    _check_image_fits(image, memory_size)
+    return _measure_pages(image, memory_size, tenant_vmcs(vcpu, policy).guest_state_bytes(), policy)
+
+
+# ---------------------------------------------------------- tenant secret
+
+@dataclass(frozen=True)
+class TenantSecret:
+    """What the tenant keeps after sealing (JSON, mode 0600): the key and what to expect."""
+
+    key: bytes = field(repr=False)
+    measurement: bytes
+    policy: Policy
+    keyid: int
+    platform_id: bytes
+    host_data: bytes = bytes(32)
+    platform_emulated: bool = True
+
+    def pack(self) -> bytes:
+        if len(self.key) != DOMAIN_KEY_SIZE:
+            raise TenantSecretError(f"tenant secret key must be {DOMAIN_KEY_SIZE} bytes")
+        doc = {
+            "format": SECRET_FORMAT, "version": SECRET_VERSION,
+            "key": self.key.hex(), "measurement": self.measurement.hex(),
+            "policy": self.policy.pack().hex(), "keyid": self.keyid,
+            "platform_id": self.platform_id.hex(), "host_data": self.host_data.hex(),
+            "platform_emulated": self.platform_emulated,
+        }
+        return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "TenantSecret":
+        try:
+            doc = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TenantSecretError(f"tenant secret is not UTF-8 JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != SECRET_FORMAT or doc.get("version") != SECRET_VERSION:
+            raise TenantSecretError(f"this is not a version-{SECRET_VERSION} qemu-kd tenant secret",
+                                    "pass the secret file written by qemu-kd tenant seal")
+        expected = {"format", "version", "key", "measurement", "policy", "keyid", "platform_id",
+                    "host_data", "platform_emulated"}
+        if set(doc) != expected:
+            raise TenantSecretError(f"tenant secret keys differ: unknown {sorted(set(doc) - expected)}, "
+                                    f"missing {sorted(expected - set(doc))}")
+        sizes = {"key": DOMAIN_KEY_SIZE, "measurement": 48, "policy": 8, "platform_id": 16, "host_data": 32}
+        values: dict[str, bytes] = {}
+        for name, size in sizes.items():
+            try:
+                values[name] = bytes.fromhex(doc[name]) if isinstance(doc[name], str) else b""
+            except ValueError:
+                values[name] = b""
+            if len(values[name]) != size:
+                raise TenantSecretError(f"tenant secret {name} must be {size} bytes as hex")
+        keyid, emulated = doc["keyid"], doc["platform_emulated"]
+        if not isinstance(keyid, int) or isinstance(keyid, bool) or not 1 <= keyid <= 63:
+            raise TenantSecretError(f"tenant secret keyid {keyid!r} is not 1..63")
+        if not isinstance(emulated, bool):
+            raise TenantSecretError("tenant secret platform_emulated must be true or false")
+        return cls(key=values["key"], measurement=values["measurement"],
+                   policy=Policy.unpack(values["policy"]), keyid=keyid,
+                   platform_id=values["platform_id"], host_data=values["host_data"],
+                   platform_emulated=emulated)
+
+    def write(self, path: Path | str) -> None:
+        """Write atomically, readable only by the owner (0600)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.pack())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def read(cls, path: Path | str) -> "TenantSecret":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise TenantSecretError(f"cannot read the tenant secret {path}: {exc.strerror}",
+                                    "pass the secret file written by qemu-kd tenant seal") from None
+        try:
+            return cls.unpack(data)
+        except FormatError as exc:
+            raise type(exc)(f"{path}: {exc.message}", exc.hint) from None
+
+
+# ------------------------------------------------------------------ seal
+
+@dataclass
+class _EncryptedPages:
+    hpas: np.ndarray        # uint64
+    ciphertext: np.ndarray  # uint8, shape (n, 4096)
+
+
+def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: list[int], plaintext: bytes) -> _EncryptedPages:
+    """Encrypt concatenated plaintext pages for their data physical addresses, in batches."""
+    hpa_arr = np.array(hpas, dtype=np.uint64)
+    out = np.empty((len(hpas), PAGE_SIZE), dtype=np.uint8)
+    view = memoryview(plaintext)
+    for start in range(0, len(hpas), ENCRYPT_BATCH):
+        end = min(start + ENCRYPT_BATCH, len(hpas))
+        dpas = [data_physical_address(keyid, int(h)) for h in hpa_arr[start:end]]
+        cipher = mee.encrypt_pages(view[start * PAGE_SIZE:end * PAGE_SIZE], dpas)
+        out[start:end] = np.frombuffer(cipher, dtype=np.uint8).reshape(end - start, PAGE_SIZE)
+    return _EncryptedPages(hpa_arr, out)
+
+
+def _load_root(root_cert: x509.Certificate | bytes) -> x509.Certificate:
+    if isinstance(root_cert, x509.Certificate):
+        return root_cert
+    try:
+        return x509.load_pem_x509_certificate(bytes(root_cert))
+    except ValueError:
+        raise SealError("the root certificate is not a PEM X.509 certificate",
+                        "pass the emulated manufacturer's root-ca.crt") from None
+
+
+def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
+         layout: HostLayout, root_cert: x509.Certificate | bytes) -> tuple[Bundle, TenantSecret]:
+    """Seal the guest for ``layout`` on the platform certified by ``root_cert``.
+
+    Raises ChainError if the layout's chain does not lead to ``root_cert``,
+    LayoutError/LayoutSizeError if the layout does not fit the guest.
+    """
+    info: PlatformCertInfo = verify_chain(layout.platform_chain_pem, _load_root(root_cert))
+    if layout.memory_size != memory_size:
+        raise SealError(f"the layout is for a {layout.memory_size}-byte guest, but the guest to seal has "
+                        f"{memory_size} bytes", "seal with the memory size the host allocated for")
+    where: LayoutPlan = plan(layout)
+    kernel, initrd = _read_input("kernel", kernel), _read_input("initrd", initrd)
+    image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
+    _check_image_fits(image, memory_size)
+    keyid = layout.keyid
+
+    n_guest = memory_size // PAGE_SIZE
+    gpas = np.arange(n_guest, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+    guest_hpas = np.array(where.guest, dtype=np.uint64)
+    perms = np.full(n_guest, GUEST_PERMS, dtype=np.uint64)
+    eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, where.ept)
+    vmcs = tenant_vmcs(vcpu, policy, ept_pointer=eptp, save_area_hpa=where.save)
+    vmcs_page = vmcs.pack()
+
+    measurement = _measure_pages(image, memory_size, vmcs.guest_state_bytes(), policy)
+    verifiable = [(where.vmcs, vmcs_page), *tables.items()]
+    hv_digest = host_verifiable_digest(verifiable)
+    ept_digest = mapping_digest_arrays(gpas, guest_hpas, perms)
+
+    key = os.urandom(DOMAIN_KEY_SIZE)
+    image_gpas = sorted(image)
+    image_hpas = [where.guest[gpa // PAGE_SIZE] for gpa in image_gpas]
+    control_hpas = [where.vmcs, where.save, *tables]
+    control_plain = vmcs_page + bytes(PAGE_SIZE) + b"".join(tables.values())
+    with MemoryEncryptionEngine(key) as mee:
+        control = _encrypt(mee, keyid, control_hpas, control_plain)
+        encrypted = _encrypt(mee, keyid, image_hpas, b"".join(image[g] for g in image_gpas))
+
+    records = [PageRecord(where.vmcs, None, PageType.VMCS, 0, control.ciphertext[0].tobytes(), True),
+               PageRecord(where.save, None, PageType.SAVE, 0, control.ciphertext[1].tobytes(), False)]
+    records += [PageRecord(hpa, None, PageType.EPT, 0, control.ciphertext[2 + i].tobytes(), True)
+                for i, hpa in enumerate(control_hpas[2:])]
+    records += [PageRecord(hpa, gpa, PageType.IMAGE, GUEST_PERMS, encrypted.ciphertext[i].tobytes())
+                for i, (gpa, hpa) in enumerate(zip(image_gpas, image_hpas))]
+    zero = [ZeroPageRecord(where.guest[i], i * PAGE_SIZE, GUEST_PERMS)
+            for i in range(n_guest) if i * PAGE_SIZE not in image]
+
+    manifest = BundleManifest(
+        platform_id=info.platform_id, policy=policy, measurement=measurement, host_data=layout.host_data,
+        memory_size=memory_size, keyid=keyid, host_verifiable_digest=hv_digest,
+        ept_mapping_digest=ept_digest,
+        info={"kernel_sha256": hashlib.sha256(kernel).hexdigest(),
+              "initrd_sha256": hashlib.sha256(initrd).hexdigest(),
+              "cmdline": cmdline,
+              "platform": "EMULATED" if info.emulated else "hardware"})
+    bundle = Bundle(manifest, wrap_key(key, info.kak_public_key, policy, layout.host_data), records, zero)
+    secret = TenantSecret(key=key, measurement=measurement, policy=policy, keyid=keyid,
+                          platform_id=info.platform_id, host_data=layout.host_data,
+                          platform_emulated=info.emulated)
+    return bundle, secret
+
+
+# ---------------------------------------------------------- verification
+
+def check_report(report_bytes: bytes, root_cert: x509.Certificate | bytes, chain_pem: bytes, *,
+                 measurement: bytes, policy: Policy, report_data: bytes, host_data: bytes | None = None,
+                 allow_emulated: bool) -> AttestationReport:
+    """Verify a report (chain, signature, EMULATED) and validate it against expectations.
+
+    Each failure raises the attestation error class with its own exit code:
+    signature 3 (also a malformed report), chain 4, measurement 5, policy 6,
+    report_data 7, host_data 8, emulated platform not allowed 9.
+    """
+    root = root_cert if isinstance(root_cert, x509.Certificate) else _load_root(root_cert)
+    try:
+        report = verify_report(bytes(report_bytes), chain_pem, root, allow_emulated)
+    except FormatError as exc:
+        raise ReportFormatError(f"the report is not a valid qemu-kd attestation report: {exc.message}",
+                                "pass the report exactly as the guest obtained it") from None
+    validate_report(report, measurement=measurement, policy=policy, report_data=report_data,
+                    host_data=host_data)
+    return report
+
+
+__all__ = [
+    "guest_pages", "tenant_vmcs", "measure", "seal", "check_report", "TenantSecret",
+    "SealError", "TenantSecretError", "ReportFormatError", "HostLayout", "LayoutError",
+]
