@@ -23,7 +23,7 @@ from qemu_kd.bundle import Bundle
 from qemu_kd.ept import EPT_PERMS, mapping_digest, walk_ept
 from qemu_kd.identity import ChainError, PlatformIdentity, RootCA
 from qemu_kd.keywrap import unwrap_key
-from qemu_kd.layout import HostLayout, LayoutError, LayoutSizeError, expected_eptp, pages_needed, plan
+from qemu_kd.layout import HostLayout, LayoutSizeError, expected_eptp, pages_needed, plan
 from qemu_kd.measurement import PageType, host_verifiable_digest, measure_offline
 from qemu_kd.mee import MemoryEncryptionEngine
 from qemu_kd.policy import Policy
@@ -219,7 +219,8 @@ def test_check_report(identity, root, sealed):
     expect = dict(measurement=secret.measurement, policy=secret.policy, report_data=REPORT_DATA,
                   host_data=secret.host_data)
     chain = identity.chain_pem()
-    report = tenant.check_report(report_for(identity, secret), root.certificate, chain,
+    good = report_for(identity, secret)
+    report = tenant.check_report(good, root.certificate, chain,
                                  allow_emulated=True, **expect)
     assert report.measurement == secret.measurement and report.emulated
     cases = [
@@ -229,6 +230,7 @@ def test_check_report(identity, root, sealed):
         (ReportDataMismatch, report_for(identity, secret, report_data=b"other"), {}),
         (HostDataMismatch, report_for(identity, secret, host_data=b"other"), {}),
         (tenant.ReportFormatError, report_for(identity, secret)[:-1], {}),
+        (SignatureError, good[:0x60] + bytes(48) + good[0x90:], {}),   # measurement rewritten
     ]
     for error, raw, extra in cases:
         with pytest.raises(error):
