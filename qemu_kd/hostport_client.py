@@ -150,15 +150,11 @@ class HostPortClient:
 
     def read_phys(self, dpa: int, length: int) -> bytes:
         """DRAM bytes through KeyID 0 (ciphertext for private pages)."""
-        out = bytearray()
-        offset = 0
-        while offset < length or (length == 0 and offset == 0):
-            step = min(self.max_data, length - offset)
-            out += self._call("read-phys", {"dpa": dpa + offset, "length": step})[1]
-            offset += step
-            if length == 0:
-                break
-        return bytes(out)
+        if length <= self.max_data:
+            return self._call("read-phys", {"dpa": dpa, "length": length})[1]
+        return b"".join(self._call("read-phys", {"dpa": dpa + offset,
+                                                 "length": min(self.max_data, length - offset)})[1]
+                        for offset in range(0, length, self.max_data))
 
     def write_phys(self, dpa: int, data: bytes) -> None:
         view = memoryview(data).cast("B")
