@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from .accel import choose_accel
 from .errors import ConfigError, GuestImageError
 from .launch import PhaseTimer, boot_plain, full_cmdline
 from .machine import MachineSpec
+from .paths import runtime_dir, state_dir
 
 MiB = 1 << 20
 BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
@@ -103,6 +105,134 @@ def run_plain(opts: RunOptions) -> dict:
     }
 
 
+PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
+
+
+def platform_state_dir() -> Path:
+    """Where the platform daemon keeps the emulated root CA and its identity."""
+    return state_dir() / "platform"
+
+
+@dataclass
+class ProtectedOptions(RunOptions):
+    debug: bool = False
+    keep: bool = False
+
+
+def run_protected(opts: ProtectedOptions) -> dict:
+    """The whole flow: platform, host VMM, layout, seal, load, verify, launch, attest, run."""
+    import base64
+    import os
+    import tempfile
+
+    from host_vmm.process import HostVmmProcess
+
+    from .layout import HostLayout
+    from .platformd import start_platform_process
+    from .policy import Policy
+    from .secret_release import check_binding
+    from .tenant import check_report, measure, seal
+
+    show = progress_printer(opts.progress)
+    kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
+    accel = choose_accel(opts.accel, kernel_path)
+    show(f"accelerator: {accel.name} ({accel.reason})")
+    timer = PhaseTimer(progress=show)
+    cmdline = full_cmdline()
+    policy = Policy.make(debug=opts.debug)
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=runtime_dir()))
+    pstate = platform_state_dir()
+    platform = host = None
+    keep = False
+    try:
+        with timer.phase("platform start"):
+            platform, psock = start_platform_process(
+                workdir / "platform.sock", pstate, accel=accel.name,
+                memory_size=opts.mem_size + (64 << 20))
+            host = HostVmmProcess(str(psock), str(workdir / "host-vmm.sock"))
+        with timer.phase("layout"):
+            layout = HostLayout.unpack(host.call("allocate", memory_size=opts.mem_size)["layout"].encode())
+        with timer.phase("seal"):
+            root_pem = (pstate / "root-ca.crt").read_bytes()
+            bundle, secret = seal(kernel, initrd, cmdline, opts.mem_size, policy, layout, root_pem)
+            bundle_path = workdir / "guest.kd"
+            bundle.write(bundle_path)
+        expected = measure(kernel, initrd, cmdline, opts.mem_size, policy)
+        with timer.phase("load"):
+            host.call("load", bundle=str(bundle_path))
+        with timer.phase("verify"):
+            checks = host.call("verify")["checks"]
+        launched = host.call("launch", ready_timeout=opts.ready_timeout)
+        with timer.phase("attest"):
+            nonce = os.urandom(32)
+            att = host.agent("attest", nonce=nonce.hex())
+            report_bytes = base64.b64decode(att["report"])
+            report = check_report(report_bytes, root_pem, layout.platform_chain_pem,
+                                  measurement=expected, policy=policy,
+                                  report_data=bytes.fromhex(att["report_data"]),
+                                  host_data=layout.host_data, allow_emulated=True)
+            check_binding(report.report_data, nonce, bytes.fromhex(att["public_key"]))
+        with timer.phase("command"):
+            result = host.agent("exec", wait=opts.cmd_timeout + 10,
+                                argv=["/bin/sh", "-c", opts.cmd], timeout=opts.cmd_timeout)
+        status = host.call("status")
+        for name, secs in launched.get("timings", {}).items():
+            timer.phases[name] = secs
+        out = {
+            "mode": "protected",
+            "accel": accel.name,
+            "accel_reason": accel.reason,
+            "kernel_release": launched["ready"].get("kernel"),
+            "agent_version": launched["ready"].get("version"),
+            "keyid": layout.keyid,
+            "measurement": report.measurement.hex(),
+            "expected_measurement": expected.hex(),
+            "policy": {"debug": policy.debug, "hex": policy.pack().hex()},
+            "attestation": {"verified": True, "emulated": report.emulated,
+                            "policy": report.policy.pack().hex(),
+                            "report_data": report.report_data.hex(),
+                            "report_id": report.report_id.hex()},
+            "host_verification": {c["name"]: {"ok": c["ok"], "detail": c["detail"]}
+                                  for c in launched["checks"]},
+            "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
+                     "stdout": result["stdout"], "stderr": result["stderr"]},
+            "console_log": launched["endpoints"].get("console_log"),
+            "endpoints": launched["endpoints"],
+            "integrity_events": status.get("integrity_events", 0),
+        }
+        if opts.keep:
+            keep = True
+            out["kept"] = {"platform_pid": platform.pid, "host_vmm_pid": host.proc.pid,
+                           "platform_socket": str(psock), "workdir": str(workdir)}
+        else:
+            with timer.phase("shutdown"):
+                host.call("destroy")
+        del checks
+    finally:
+        if not keep:
+            if host is not None:
+                host.stop()
+            if platform is not None:
+                stop_platform_process(platform)
+            shutil.rmtree(workdir, ignore_errors=True)
+    out["timings"] = {k: round(v, 4) for k, v in timer.phases.items()}
+    out["boot_to_ready_s"] = round(sum(timer.phases.get(p, 0.0) for p in PROTECTED_BOOT_PHASES), 4)
+    return out
+
+
+def stop_platform_process(proc, timeout: float = 20.0) -> None:
+    import signal as _signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(_signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def format_table(rows: list[tuple[str, str]], headers: tuple[str, str]) -> str:
     width = max(len(headers[0]), *(len(r[0]) for r in rows))
     vwidth = max(len(headers[1]), *(len(r[1]) for r in rows))
@@ -116,9 +246,20 @@ def format_run(result: dict) -> str:
     rows.append(("boot to agent ready", f"{result['boot_to_ready_s']:.3f} s"))
     out = [f"mode: {result['mode']}   accelerator: {result['accel']}   "
            f"guest kernel: {result['kernel_release']}", "",
-           format_table(rows, ("phase", "time")), "",
-           f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
-           result["exec"]["stdout"].rstrip()]
+           format_table(rows, ("phase", "time")), ""]
+    if result["mode"] == "protected":
+        att = result["attestation"]
+        out += [f"KeyID:                {result['keyid']}",
+                f"policy:               {'DEBUG' if result['policy']['debug'] else 'no debug'}",
+                f"measurement:          {result['measurement']}",
+                f"expected (offline):   {result['expected_measurement']}",
+                f"attestation:          {'verified' if att['verified'] else 'NOT verified'}"
+                f"{' (EMULATED platform)' if att['emulated'] else ''}", "",
+                format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"][:60])
+                              for name, c in result["host_verification"].items()],
+                             ("host check", "result")), ""]
+    out += [f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
+            result["exec"]["stdout"].rstrip()]
     if result["exec"]["stderr"].strip():
         out.append(result["exec"]["stderr"].rstrip())
     out.append(f"console log: {result['console_log']}")

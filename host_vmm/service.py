@@ -1,0 +1,142 @@
+"""The host VMM as its own process, driven over a Unix socket.
+
+``python -m host_vmm --platform PLATFORM_SOCKET --api API_SOCKET`` connects to
+the platform's host port and serves newline-delimited JSON requests (the same
+framing as the guest agent's protocol) from one caller at a time:
+
+==========  ===========================================  =========================
+command     arguments                                    result
+==========  ===========================================  =========================
+allocate    memory_size, host_data (hex, optional)       layout (JSON text)
+load        bundle (path of the bundle file)             {}
+verify      —                                            checks: [{name, ok, detail}]
+launch      ready_timeout                                endpoints, checks, ready
+agent       cmd, args (object), wait                     the guest agent's result
+status      —                                            domain status from the platform
+destroy     —                                            {}
+==========  ===========================================  =========================
+
+It prints ``ready`` on stdout once it serves.  Errors come back as error
+replies carrying the one-line message; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from guest_agent.protocol import ProtocolError, decode, encode, error, reply
+from qemu_kd.bundle import Bundle
+from qemu_kd.errors import KdError
+
+from .vmm import HostVmm
+
+
+class HostVmmService:
+    def __init__(self, vmm: HostVmm):
+        self.vmm = vmm
+        self.done = False
+
+    def do_allocate(self, req: dict) -> dict:
+        host_data = bytes.fromhex(req.get("host_data", "00" * 32))
+        layout = self.vmm.allocate(int(req["memory_size"]), host_data)
+        return {"layout": layout.pack().decode(), "keyid": layout.keyid}
+
+    def do_load(self, req: dict) -> dict:
+        self.vmm.load(Bundle.read(req["bundle"]))
+        return {}
+
+    def do_verify(self, req: dict) -> dict:
+        return {"checks": [c.as_dict() for c in self.vmm.verify()]}
+
+    def do_launch(self, req: dict) -> dict:
+        endpoints = self.vmm.launch(float(req.get("ready_timeout", 120)))
+        return {"endpoints": endpoints, "checks": [c.as_dict() for c in self.vmm.checks],
+                "ready": self.vmm.agent.ready, "timings": self.vmm.timings}
+
+    def do_agent(self, req: dict) -> dict:
+        if self.vmm.agent is None:
+            raise KdError("the domain is not running", "launch it first")
+        args = req.get("args") or {}
+        return self.vmm.agent.call(str(req["cmd"]), wait=float(req.get("wait", 60)), **args)
+
+    def do_status(self, req: dict) -> dict:
+        return self.vmm.client.domain_status(self.vmm.keyid)
+
+    def do_destroy(self, req: dict) -> dict:
+        self.vmm.destroy()
+        self.done = True
+        return {}
+
+    def answer(self, line: bytes) -> dict:
+        try:
+            req = decode(line)
+        except ProtocolError as exc:
+            return error(None, f"malformed request: {exc}")
+        rid, cmd = req.get("id"), req.get("cmd")
+        handler = getattr(self, f"do_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            return error(rid, f"unknown host VMM command {cmd!r}")
+        try:
+            return reply(rid, handler(req))
+        except KdError as exc:
+            return error(rid, str(exc))
+        except (KeyError, ValueError, TypeError) as exc:
+            return error(rid, f"bad {cmd} request: {exc}")
+
+    def serve(self, listener: socket.socket) -> None:
+        while not self.done:
+            conn, _ = listener.accept()
+            with conn:
+                buf = bytearray()
+                while not self.done:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    while (nl := buf.find(b"\n")) >= 0:
+                        line = bytes(buf[:nl])
+                        del buf[:nl + 1]
+                        if line.strip():
+                            conn.sendall(encode(self.answer(line)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m host_vmm",
+                                 description="the untrusted host VMM as a process")
+    ap.add_argument("--platform", required=True, help="the platform's host-port socket")
+    ap.add_argument("--api", required=True, help="Unix socket to serve requests on")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    vmm = None
+    try:
+        vmm = HostVmm(args.platform)
+        listener.bind(args.api)
+        os.chmod(args.api, 0o600)
+        listener.listen(1)
+        print("ready", flush=True)
+        HostVmmService(vmm).serve(listener)
+    except KdError as exc:
+        print(f"host-vmm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"host-vmm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        try:
+            os.unlink(args.api)
+        except OSError:
+            pass
+        if vmm is not None and vmm.layout is not None:
+            try:
+                vmm.destroy()
+            except KdError:
+                pass
+    return 0

@@ -1,0 +1,218 @@
+"""The untrusted host VMM: allocate, load, verify, launch, relay, destroy.
+
+It holds no key and no decryption code.  It speaks to the platform only
+through :class:`qemu_kd.hostport_client.HostPortClient`; the other modules it
+uses are public wire formats (layout, bundle) and the shared-channel client.
+It can *verify* what the tenant sealed (hash-kd of the control pages, vmread
+of control fields, verify-ept against its own allocation, the platform's
+launch measurement against the bundle's) and refuses to launch on any
+mismatch, but it can never *read* the guest.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from qemu_kd.agent_client import AgentClient
+from qemu_kd.bundle import Bundle
+from qemu_kd.errors import KdError
+from qemu_kd.hostport_client import HostPortClient, HostPortError
+from qemu_kd.layout import HostLayout, expected_eptp, pages_needed
+
+# Intel VMCS encodings of the control fields the host checks.
+VMCS_EPT_POINTER = 0x201A
+VMCS_HOST_FORCED_EXIT = 0x4200
+
+
+class HostVerificationError(KdError):
+    """The host VMM refused to launch: a check of the sealed domain failed."""
+
+    exit_code = 3
+
+
+class BundleLayoutError(KdError):
+    """The bundle was sealed for another layout than the one this host allocated."""
+
+    exit_code = 3
+
+
+@dataclass
+class Check:
+    """One pre-launch verification result."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class HostVmm:
+    """One host VMM driving one key domain on a platform."""
+
+    def __init__(self, platform_socket: str, timeout: float = 120.0):
+        self.client = HostPortClient(platform_socket, timeout=timeout)
+        self.layout: HostLayout | None = None
+        self.bundle: Bundle | None = None
+        self.endpoints: dict | None = None
+        self.agent: AgentClient | None = None
+        self.launched = False
+        self.destroyed = False
+        self.checks: list[Check] = []
+        self.timings: dict[str, float] = {}
+
+    @property
+    def keyid(self) -> int:
+        if self.layout is None:
+            raise KdError("no layout yet: allocate one first")
+        return self.layout.keyid
+
+    # -- layout ---------------------------------------------------------------------
+    def allocate(self, memory_size: int, host_data: bytes = bytes(32)) -> HostLayout:
+        """Reserve a KeyID and the pages a guest of ``memory_size`` needs."""
+        info = self.client.platform_info()
+        alloc = self.client.alloc(npages=pages_needed(memory_size))
+        self.layout = HostLayout(keyid=alloc.keyid, memory_size=memory_size, hpas=list(alloc.hpas),
+                                 host_data=bytes(host_data), platform_chain_pem=info.chain_pem)
+        return self.layout
+
+    # -- load -----------------------------------------------------------------------
+    def check_bundle_layout(self, bundle: Bundle) -> None:
+        layout = self.layout
+        m = bundle.manifest
+        if m.keyid != layout.keyid:
+            raise BundleLayoutError(
+                f"bundle was sealed for KeyID {m.keyid}, this host reserved KeyID {layout.keyid}",
+                "seal the guest again for this host's layout")
+        if m.memory_size != layout.memory_size:
+            raise BundleLayoutError(
+                f"bundle is for {m.memory_size >> 20} MiB of guest memory, the layout for "
+                f"{layout.memory_size >> 20} MiB", "seal the guest again for this host's layout")
+        if m.host_data != layout.host_data:
+            raise BundleLayoutError("bundle carries other host_data than this host's layout",
+                                    "seal the guest again for this host's layout")
+        mine = set(layout.hpas)
+        stray = [r.hpa for r in bundle.pages if r.hpa not in mine]
+        stray += [z.hpa for z in bundle.zero_pages if z.hpa not in mine]
+        if stray:
+            raise BundleLayoutError(
+                f"bundle places {len(stray)} page(s) outside this host's allocation "
+                f"(first at hpa {stray[0]:#x})", "seal the guest again for this host's layout")
+
+    def load(self, bundle: Bundle) -> None:
+        """Write the ciphertext through KeyID 0, create the domain, add its pages."""
+        self.check_bundle_layout(bundle)
+        self.bundle = bundle
+        hpas = [r.hpa for r in bundle.pages]
+        self.client.write_phys_pages(hpas, b"".join(r.ciphertext for r in bundle.pages))
+        self.client.create_kd(self.keyid, bundle.wrapped_key, bundle.manifest.policy,
+                              self.layout.host_data)
+        self.client.add_pages(self.keyid, [(r.hpa, r.gpa, int(r.page_type), r.perms,
+                                            r.host_verifiable) for r in bundle.pages])
+        self.client.add_zero_pages(self.keyid, [(z.hpa, z.gpa, z.perms)
+                                                for z in bundle.zero_pages])
+
+    # -- verify ---------------------------------------------------------------------
+    def verify(self) -> list[Check]:
+        """Every pre-launch check; nothing is launched here."""
+        m = self.bundle.manifest
+        keyid = self.keyid
+        checks: list[Check] = []
+
+        def attempt(name: str, fn) -> None:
+            try:
+                ok, detail = fn()
+            except HostPortError as exc:
+                ok, detail = False, str(exc)
+            checks.append(Check(name, ok, detail))
+
+        def hash_kd():
+            digest = self.client.hash_kd(keyid)
+            same = digest == m.host_verifiable_digest
+            return same, ("control pages match the bundle" if same else
+                          "hash of VMCS/EPT pages differs from the bundle's host-verifiable digest")
+
+        def forced_exit():
+            value = self.client.vmread(keyid, VMCS_HOST_FORCED_EXIT)
+            return bool(value), ("host-forced exits allowed" if value else
+                                 "VMCS forbids host-forced exits; this host requires them")
+
+        def eptp():
+            value = self.client.vmread(keyid, VMCS_EPT_POINTER)
+            want = expected_eptp(self.layout)
+            return value == want, (f"EPT pointer {value:#x}" if value == want else
+                                   f"EPT pointer {value:#x} is not the allocated PML4 {want:#x}")
+
+        def ept():
+            verdict = self.client.verify_ept(keyid, self.layout.hpas)
+            if not verdict.ok:
+                return False, "; ".join(verdict.reasons)
+            same = verdict.mapping_digest == m.ept_mapping_digest
+            return same, (f"{verdict.mapped_pages} pages mapped, no alias or foreign page" if same
+                          else "EPT mapping digest differs from the bundle's")
+
+        def measurement():
+            value = self.client.measure_kd(keyid)
+            same = value == m.measurement
+            return same, (value.hex() if same else
+                          f"platform measured {value.hex()[:16]}…, bundle expects "
+                          f"{m.measurement.hex()[:16]}…")
+
+        attempt("hash-kd", hash_kd)
+        attempt("host-forced-exit", forced_exit)
+        attempt("ept-pointer", eptp)
+        attempt("verify-ept", ept)
+        if all(c.ok for c in checks):
+            attempt("measurement", measurement)
+        return checks
+
+    # -- launch ---------------------------------------------------------------------
+    def launch(self, ready_timeout: float = 120.0, diagnose=None) -> dict:
+        """Launch (checks must have passed), attach the shared channel, run, wait for the agent."""
+        checks = self.verify()
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise HostVerificationError(
+                "refusing to launch: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
+                "the bundle, the layout or the platform's pages do not match")
+        t0 = time.perf_counter()
+        self.endpoints = self.client.launch(self.keyid)
+        self.launched = True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.endpoints["shared"])
+        self.agent = AgentClient(sock, diagnose=diagnose)
+        t1 = time.perf_counter()
+        self.client.run(self.keyid)
+        self.agent.wait_ready(ready_timeout)
+        self.timings = {"launch": t1 - t0, "kernel to agent ready": time.perf_counter() - t1}
+        self.checks = checks
+        return self.endpoints
+
+    # -- teardown -------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Power the guest off if it runs, then destroy the domain (or free the reservation)."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        if self.agent is not None:
+            try:
+                self.agent.poweroff(timeout=5)
+            except KdError:
+                pass
+            try:
+                self.agent.sock.close()
+            except OSError:
+                pass
+            self.agent = None
+        if self.layout is not None:
+            try:
+                self.client.destroy_kd(self.keyid)
+            except HostPortError:
+                try:
+                    self.client.free(self.keyid)
+                except HostPortError:
+                    pass
+        self.client.close()
