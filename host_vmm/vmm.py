@@ -14,9 +14,11 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from qemu_kd.agent_client import AgentClient
 from qemu_kd.bundle import Bundle
+from qemu_kd.console import log_tail
 from qemu_kd.errors import KdError
 from qemu_kd.hostport_client import HostPortClient, HostPortError
 from qemu_kd.layout import HostLayout, expected_eptp, pages_needed
@@ -183,7 +185,9 @@ class HostVmm:
         self.launched = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.endpoints["shared"])
-        self.agent = AgentClient(sock, diagnose=diagnose)
+        log = self.endpoints.get("console_log")
+        self.agent = AgentClient(sock, diagnose=diagnose or (
+            lambda: "last console lines:\n" + log_tail(Path(log), 8) if log else ""))
         t1 = time.perf_counter()
         self.client.run(self.keyid)
         self.agent.wait_ready(ready_timeout)

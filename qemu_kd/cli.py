@@ -16,21 +16,56 @@ from .errors import KdError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunOptions, format_run, parse_size, run_plain
+    from .errors import ConfigError
+    from .run import ProtectedOptions, format_run, parse_size, run_plain, run_protected
 
-    opts = RunOptions(cmd=args.cmd, mem_size=parse_size(args.mem), accel=args.accel,
-                      ready_timeout=args.timeout, progress=not args.quiet,
-                      kernel=args.kernel, initrd=args.initrd)
-    if not args.plain:
-        from .errors import ConfigError
-        raise ConfigError("the protected flow is not available in this build",
-                          "use qemu-kd run --plain")
-    result = run_plain(opts)
+    opts = ProtectedOptions(cmd=args.cmd, mem_size=parse_size(args.mem), accel=args.accel,
+                            ready_timeout=args.timeout, progress=not args.quiet,
+                            kernel=args.kernel, initrd=args.initrd, debug=args.debug,
+                            keep=args.keep)
+    if args.plain:
+        if args.debug or args.keep:
+            raise ConfigError("--debug and --keep apply to protected domains",
+                              "drop --plain, or drop --debug/--keep")
+        result = run_plain(opts)
+    else:
+        result = run_protected(opts)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_run(result))
+        if result.get("kept"):
+            kept = result["kept"]
+            print(f"domain kept running: KeyID {result['keyid']}, platform socket "
+                  f"{kept['platform_socket']}")
+            print(f"console: socat -,raw,echo=0 UNIX-CONNECT:{result['endpoints']['console']}")
+            print(f"stop it: kill {kept['host_vmm_pid']} {kept['platform_pid']}")
     return 0 if result["exec"]["rc"] == 0 else 1
+
+
+def _cmd_platform_serve(args: argparse.Namespace) -> int:
+    from .platformd import main as platformd_main
+
+    return platformd_main(args.platformd_args)
+
+
+def _cmd_host_serve(args: argparse.Namespace) -> int:
+    from host_vmm.service import main as host_main
+
+    return host_main(["--platform", args.platform, "--api", args.api])
+
+
+def _cmd_host_layout(args: argparse.Namespace) -> int:
+    from host_vmm.vmm import HostVmm
+
+    from .run import parse_size
+
+    vmm = HostVmm(args.platform)
+    layout = vmm.allocate(parse_size(args.mem))
+    layout.write(args.out)
+    print(f"KeyID {layout.keyid} reserved with {len(layout.hpas)} pages; layout written to {args.out}")
+    vmm.client.close()
+    return 0
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
@@ -60,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot the default guest, run a command in it, shut down")
     run.add_argument("--plain", action="store_true",
                      help="boot without key-domain protection (for comparison)")
+    run.add_argument("--debug", action="store_true",
+                     help="seal with the DEBUG policy (host may read guest memory, audited)")
+    run.add_argument("--keep", action="store_true",
+                     help="leave the domain running and print how to reach it")
     run.add_argument("--cmd", default="uname -a", help="shell command to run in the guest")
     run.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
     run.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
@@ -79,6 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     build.set_defaults(func=_cmd_guest_build)
+
+    from .tenant_cli import add_tenant_parser
+
+    add_tenant_parser(sub)
+
+    host = sub.add_parser("host", help="the untrusted host VMM")
+    hsub = host.add_subparsers(dest="host_command", metavar="ACTION")
+    hsub.required = True
+    serve = hsub.add_parser("serve", help="run the host VMM process (API on a Unix socket)")
+    serve.add_argument("--platform", required=True, help="the platform's host-port socket")
+    serve.add_argument("--api", required=True, help="socket to serve the VMM API on")
+    serve.set_defaults(func=_cmd_host_serve)
+    lay = hsub.add_parser("layout", help="reserve a KeyID and pages; write the layout for the tenant")
+    lay.add_argument("--platform", required=True, help="the platform's host-port socket")
+    lay.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    lay.add_argument("--out", required=True, help="layout file to write")
+    lay.set_defaults(func=_cmd_host_layout)
+
+    plat = sub.add_parser("platform", help="the emulated platform (processor and MEE)")
+    psub = plat.add_subparsers(dest="platform_command", metavar="ACTION")
+    psub.required = True
+    pserve = psub.add_parser("serve", help="run the platform daemon (see --help of it)",
+                             add_help=False)
+    pserve.add_argument("platformd_args", nargs=argparse.REMAINDER)
+    pserve.set_defaults(func=_cmd_platform_serve)
     return parser
 
 
