@@ -152,6 +152,32 @@ class LaunchMeasurement:
         self._extend(contents, gpa, page_type, perms)
         self._last_gpa = gpa
 
+    def add_zero_pages(self, gpas: Iterable[int], perms: int) -> None:
+        """Extend with ZERO pages at ``gpas`` (strictly increasing), all with ``perms``.
+
+        The same records as calling :meth:`add_page` for each page, with the
+        checks done once: a 256 MiB guest has 65 536 pages, mostly zero.
+        """
+        self._check_open()
+        gpas = list(gpas)
+        if not gpas:
+            return
+        if not 0 < perms <= 7:
+            raise MeasurementError(f"zero pages: perms {perms!r} must be a non-empty R/W/X set")
+        previous = self._last_gpa
+        for gpa in gpas:
+            if not isinstance(gpa, int) or gpa < 0 or gpa % PAGE_SIZE or gpa >> 64:
+                raise MeasurementError(f"gpa {gpa!r} is not a page-aligned guest-physical address")
+            if previous is not None and gpa <= previous:
+                raise MeasurementError(f"page gpa 0x{gpa:x} added after gpa 0x{previous:x}",
+                                       "add image and zero pages in strictly increasing gpa order")
+            previous = gpa
+        digest, pack, zero_type = self._digest, _PAGE_INFO.pack, int(PageType.ZERO)
+        for gpa in gpas:
+            digest = _sha384(pack(digest, ZERO_MARKER, PAGE_INFO_SIZE, zero_type, perms, 0, gpa)).digest()
+        self._digest = digest
+        self._last_gpa = previous
+
     def add_vmcs(self, vmcs_guest_state: bytes) -> None:
         """Record the VMCS measured state; its record is chained last, at finalize."""
         self._check_open()

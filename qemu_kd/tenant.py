@@ -48,8 +48,6 @@ from .vmcs import Vmcs
 GUEST_PERMS = EPT_PERMS
 SECRET_FORMAT = "qemu-kd tenant secret"
 SECRET_VERSION = 1
-# Pages encrypted per MEE call (bounds the temporary buffers to 32 MiB).
-ENCRYPT_BATCH = 8192
 
 
 class SealError(KdError):
@@ -98,14 +96,12 @@ def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_a
 def _measure_pages(image: dict[int, bytes], memory_size: int, guest_state: bytes, policy: Policy) -> bytes:
     """The launch digest: IMAGE pages with content, ZERO pages without, in gpa order."""
     m = LaunchMeasurement(policy)
-    image_type, zero_type = PageType.IMAGE, PageType.ZERO
-    add = m.add_page
-    for gpa in range(0, memory_size, PAGE_SIZE):
-        content = image.get(gpa)
-        if content is None:
-            add(gpa, zero_type, GUEST_PERMS, None)
-        else:
-            add(gpa, image_type, GUEST_PERMS, content)
+    cursor = 0
+    for gpa in sorted(image):
+        m.add_zero_pages(range(cursor, gpa, PAGE_SIZE), GUEST_PERMS)
+        m.add_page(gpa, PageType.IMAGE, GUEST_PERMS, image[gpa])
+        cursor = gpa + PAGE_SIZE
+    m.add_zero_pages(range(cursor, memory_size, PAGE_SIZE), GUEST_PERMS)
     m.add_vmcs(guest_state)
     return m.finalize()
 
@@ -220,15 +216,11 @@ class _EncryptedPages:
 
 
 def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: list[int], plaintext: bytes) -> _EncryptedPages:
-    """Encrypt concatenated plaintext pages for their data physical addresses, in batches."""
+    """Encrypt concatenated plaintext pages for their data physical addresses."""
     hpa_arr = np.array(hpas, dtype=np.uint64)
     out = np.empty((len(hpas), PAGE_SIZE), dtype=np.uint8)
-    view = memoryview(plaintext)
-    for start in range(0, len(hpas), ENCRYPT_BATCH):
-        end = min(start + ENCRYPT_BATCH, len(hpas))
-        dpas = [data_physical_address(keyid, int(h)) for h in hpa_arr[start:end]]
-        cipher = mee.encrypt_pages(view[start * PAGE_SIZE:end * PAGE_SIZE], dpas)
-        out[start:end] = np.frombuffer(cipher, dtype=np.uint8).reshape(end - start, PAGE_SIZE)
+    dpas = np.array([data_physical_address(keyid, hpa) for hpa in hpas], dtype=np.uint64)
+    mee.encrypt_into(out, plaintext, dpas)
     return _EncryptedPages(hpa_arr, out)
 
 
@@ -277,7 +269,7 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
     image_hpas = [where.guest[gpa // PAGE_SIZE] for gpa in image_gpas]
     control_hpas = [where.vmcs, where.save, *tables]
     control_plain = vmcs_page + bytes(PAGE_SIZE) + b"".join(tables.values())
-    with MemoryEncryptionEngine(key) as mee:
+    with MemoryEncryptionEngine(key, mask_cache_bytes=0) as mee:   # one pass: no mask cache
         control = _encrypt(mee, keyid, control_hpas, control_plain)
         encrypted = _encrypt(mee, keyid, image_hpas, b"".join(image[g] for g in image_gpas))
 

@@ -171,3 +171,26 @@ def test_host_verifiable_digest():
                               + struct.pack("<Q", 0x2000) + b"\1" * 4096).digest()
     assert a == expected
     assert a != host_verifiable_digest([(0x3000, b"\1" * 4096), (0x1000, b"\2" * 4096)])
+
+
+def test_add_zero_pages_equals_page_by_page():
+    one, bulk = LaunchMeasurement(Policy.make()), LaunchMeasurement(Policy.make())
+    gpas = [0x0, 0x1000, 0x5000, 0x200000]
+    for gpa in gpas:
+        one.add_page(gpa, PageType.ZERO, 3, None)
+    bulk.add_zero_pages(gpas[:2], 3)
+    bulk.add_zero_pages([], 3)
+    bulk.add_zero_pages(gpas[2:], 3)
+    assert bulk.digest == one.digest
+    one.add_page(0x201000, PageType.IMAGE, 7, b"\x01" * 4096)
+    bulk.add_page(0x201000, PageType.IMAGE, 7, b"\x01" * 4096)
+    assert bulk.digest == one.digest
+    with pytest.raises(MeasurementError, match="strictly increasing"):
+        bulk.add_zero_pages([0x300000, 0x300000], 3)
+    with pytest.raises(MeasurementError, match="strictly increasing"):
+        bulk.add_zero_pages([0x1000], 3)
+    with pytest.raises(MeasurementError, match="page-aligned"):
+        bulk.add_zero_pages([0x300001], 3)
+    with pytest.raises(MeasurementError, match="perms"):
+        bulk.add_zero_pages([0x300000], 0)
+    assert bulk.digest == one.digest                      # failed calls change nothing
