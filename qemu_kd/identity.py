@@ -331,10 +331,10 @@ def verify_chain(chain_pem: bytes, root_cert: x509.Certificate) -> PlatformCertI
     for extra in rest:
         if extra.public_bytes(serialization.Encoding.DER) != root_der:
             raise ChainError("the certificate chain comes from another root CA",
-                             "the report was made on a platform this root did not certify")
+                             "pass the root CA that certified this platform, or take the chain from its platform-info")
     if leaf.issuer != root_cert.subject:
         raise ChainError("the platform certificate was not issued by the trusted root CA",
-                         "the report was made on a platform this root did not certify")
+                         "pass the root CA that certified this platform, or take the chain from its platform-info")
     try:
         root_key = root_cert.public_key()
         if not isinstance(root_key, ec.EllipticCurvePublicKey):

@@ -147,12 +147,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_seal(args: argparse.Namespace) -> int:
+    from .identity import verify_chain
     from .layout import HostLayout
     from .tenant import seal
 
     memory_size = _memory_size(args.mem)
     layout = _parsed(HostLayout.unpack, args.layout, "host layout")
     root = _load_root(args.root)
+    verify_chain(layout.platform_chain_pem, root)    # fail before building or reading the guest
     kernel, initrd, cmdline = _guest_inputs(args)
     policy = _policy_from_debug(args)
     bundle, secret = seal(kernel, initrd, cmdline, memory_size, policy, layout, root)

@@ -346,6 +346,10 @@ def test_cli_seal_errors_are_one_line(capsys, files):
     assert code == 1 and "layout.json: host layout is not UTF-8 JSON" in err and len(err.splitlines()) == 1
     code, _, err = run_cli(capsys, *base, "--layout", files["layout.json"].with_name("nope.json"))
     assert code == 2 and "nope.json does not exist" in err and "Traceback" not in err
+    foreign = PlatformIdentity.create_throwaway(RootCA.create_throwaway())
+    HostLayout(9, MEM, host_layout(foreign).hpas, b"", foreign.chain_pem()).write(files["layout.json"])
+    code, _, err = run_cli(capsys, *base, "--layout", files["layout.json"])
+    assert code == 4 and "another root CA" in err and len(err.splitlines()) == 1
     assert not files["bundle.kd"].exists() and not files["secret.json"].exists()
 
 
