@@ -53,6 +53,7 @@ PLATFORM_CERT_FILE = "platform.crt"
 
 ROOT_VALIDITY = datetime.timedelta(days=365 * 30)
 PLATFORM_VALIDITY = datetime.timedelta(days=365 * 20)
+_CHAIN_HINT = "pass the root CA that certified this platform, or take the chain from its platform-info"
 
 
 class IdentityError(KdError):
@@ -331,10 +332,10 @@ def verify_chain(chain_pem: bytes, root_cert: x509.Certificate) -> PlatformCertI
     for extra in rest:
         if extra.public_bytes(serialization.Encoding.DER) != root_der:
             raise ChainError("the certificate chain comes from another root CA",
-                             "pass the root CA that certified this platform, or take the chain from its platform-info")
+                             _CHAIN_HINT)
     if leaf.issuer != root_cert.subject:
         raise ChainError("the platform certificate was not issued by the trusted root CA",
-                         "pass the root CA that certified this platform, or take the chain from its platform-info")
+                         _CHAIN_HINT)
     try:
         root_key = root_cert.public_key()
         if not isinstance(root_key, ec.EllipticCurvePublicKey):
