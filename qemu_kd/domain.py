@@ -599,6 +599,18 @@ class KeyDomain:
         self.measurement = measurement
         return measurement.digest
 
+    def launch_measurement(self) -> bytes:
+        """measure-kd: the launch digest, computed once the domain is VERIFIED (pages are locked then)."""
+        if self.measurement is not None and self.state in (DomainState.VERIFIED, DomainState.LAUNCHED,
+                                                           DomainState.EXITED):
+            return self.measurement.digest
+        self._require("measure-kd", [DomainState.VERIFIED])
+        return self.finalize_measurement()
+
+    def require_state(self, command: str, allowed: Iterable[DomainState]) -> None:
+        """DomainStateError unless the domain is in one of ``allowed``."""
+        self._require(command, allowed)
+
     def mark_launched(self) -> None:
         """VERIFIED -> LAUNCHED (or EXITED -> LAUNCHED on resume); host writes stay locked."""
         if self.state == DomainState.VERIFIED and not (self.verdict and self.verdict.ok):

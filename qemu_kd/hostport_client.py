@@ -22,7 +22,7 @@ from .errors import KdError  # noqa: F401 - re-exported base class for callers
 from .hostport_protocol import (
     ERROR_CLASSES, MAX_DATA, PAGE_ENTRY_SIZE, PAGE_SIZE, SUPPORTED_VERSIONS, Allocation, EptVerdict,
     HostPortAddressError, HostPortBadRequestError, HostPortConnectionError, HostPortError,
-    HostPortInternalError, HostPortKeyIdExhaustedError, HostPortNotFoundError, HostPortOwnershipError,
+    HostPortInternalError, HostPortKeyIdExhaustedError, HostPortLaunchError, HostPortNotFoundError, HostPortOwnershipError,
     HostPortProtocolError, HostPortRefusedError, HostPortStateError, HostPortUnknownCommandError,
     HostPortUnwrapError, HostPortVerifyError, PageEntry, PlatformInfo, Reply, Request, pack_page_entries,
     pack_u64_array, pack_zero_entries, read_frame, unpack_u64_array,
@@ -30,7 +30,7 @@ from .hostport_protocol import (
 
 __all__ = [
     "HostPortClient", "HostPortError", "HostPortAddressError", "HostPortBadRequestError",
-    "HostPortConnectionError", "HostPortInternalError", "HostPortKeyIdExhaustedError",
+    "HostPortConnectionError", "HostPortInternalError", "HostPortKeyIdExhaustedError", "HostPortLaunchError",
     "HostPortNotFoundError", "HostPortOwnershipError", "HostPortProtocolError", "HostPortRefusedError",
     "HostPortStateError", "HostPortUnknownCommandError", "HostPortUnwrapError", "HostPortVerifyError",
     "ERROR_CLASSES", "Allocation", "EptVerdict", "PageEntry", "PlatformInfo",
@@ -215,6 +215,29 @@ class HostPortClient:
 
     def verify_ept(self, keyid: int, host_allocation: Iterable[int]) -> EptVerdict:
         return EptVerdict.unpack(self._call("verify-ept", {"keyid": keyid}, pack_u64_array(host_allocation))[0])
+
+    def measure_kd(self, keyid: int) -> bytes:
+        """The launch measurement (48 bytes) of a verified domain, to compare with the bundle's."""
+        return bytes.fromhex(self._call("measure-kd", {"keyid": keyid})[0]["measurement"])
+
+    def launch(self, keyid: int) -> dict[str, str]:
+        """Launch a verified domain (vCPU left paused); returns its host-visible endpoints."""
+        endpoints = self._call("launch", {"keyid": keyid})[0]["endpoints"]
+        if not isinstance(endpoints, dict):
+            raise HostPortProtocolError("launch result has no endpoints object")
+        return {str(k): str(v) for k, v in endpoints.items()}
+
+    def run(self, keyid: int) -> None:
+        """Let a launched domain's vCPU run."""
+        self._call("run", {"keyid": keyid})
+
+    def exit(self, keyid: int) -> None:
+        """Force an exit: the platform seals the vCPU registers into the protected save area."""
+        self._call("exit", {"keyid": keyid})
+
+    def resume(self, keyid: int) -> None:
+        """Resume an exited domain from its save area."""
+        self._call("resume", {"keyid": keyid})
 
     def destroy_kd(self, keyid: int) -> int:
         return int(self._call("destroy-kd", {"keyid": keyid})[0]["freed_pages"])

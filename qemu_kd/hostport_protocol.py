@@ -41,7 +41,7 @@ _U32 = struct.Struct(">I")
 COMMANDS = (
     "hello", "platform-info", "alloc", "free", "read-phys", "write-phys", "read-phys-pages",
     "write-phys-pages", "create-kd", "add-pages", "add-zero-pages", "hash-kd", "vmread",
-    "verify-ept", "destroy-kd",
+    "verify-ept", "measure-kd", "launch", "run", "exit", "resume", "destroy-kd",
 )
 
 # ----------------------------------------------------------------------------- errors
@@ -103,6 +103,11 @@ class HostPortRefusedError(HostPortError):
     code = "refused"
 
 
+class HostPortLaunchError(HostPortError):
+    """VM entry refused (failed VM-entry checks) or the guest could not be started."""
+    code = "launch-failed"
+
+
 class HostPortProtocolError(HostPortError):
     """Malformed frame, oversized frame, missing hello, version mismatch."""
     code = "protocol"
@@ -127,7 +132,7 @@ ERROR_CLASSES: dict[str, type[HostPortError]] = {
     cls.code: cls for cls in (
         HostPortOwnershipError, HostPortAddressError, HostPortStateError, HostPortNotFoundError,
         HostPortBadRequestError, HostPortKeyIdExhaustedError, HostPortUnwrapError, HostPortVerifyError,
-        HostPortRefusedError, HostPortProtocolError, HostPortUnknownCommandError, HostPortInternalError,
+        HostPortRefusedError, HostPortLaunchError, HostPortProtocolError, HostPortUnknownCommandError, HostPortInternalError,
         HostPortConnectionError,
     )
 }

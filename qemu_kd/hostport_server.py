@@ -37,9 +37,10 @@ from .hostport_protocol import (
     unpack_u64_array, write_frame,
 )
 from .keywrap import KeyUnwrapError
+from .kd_runtime import LaunchError, SaveAreaError
 from .measurement import MeasurementError
 from .physmem import AddressError, OwnershipError
-from .platform import Platform
+from .platform import HostExitRefused, Platform
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ def error_code(exc: BaseException) -> str:
         (HostPortError, None),
         (KeyIdExhaustedError, "keyid-exhausted"),
         (DomainNotFoundError, "not-found"),
+        ((GuestStateFieldError, SecretPageError, HostExitRefused), "refused"),
         (DomainStateError, "state"),
-        ((GuestStateFieldError, SecretPageError), "refused"),
         (KeyUnwrapError, "unwrap-failed"),
-        ((DomainVerifyError, MeasurementError), "verify-failed"),
+        ((DomainVerifyError, MeasurementError, SaveAreaError), "verify-failed"),
+        (LaunchError, "launch-failed"),
         (OwnershipError, "ownership"),
         (AddressError, "address"),
         (UnknownFieldError, "not-found"),
@@ -110,6 +112,11 @@ class HostPortServer:
             "hash-kd": self._hash_kd,
             "vmread": self._vmread,
             "verify-ept": self._verify_ept,
+            "measure-kd": self._measure_kd,
+            "launch": self._launch,
+            "run": self._keyid_command(platform.run),
+            "exit": self._keyid_command(platform.exit),
+            "resume": self._keyid_command(platform.resume),
             "destroy-kd": self._destroy_kd,
         }
         self.frames_refused = 0
@@ -381,6 +388,22 @@ class HostPortServer:
         allocation = unpack_u64_array(payload, "host allocation")
         v = self.platform.verify_ept(keyid, allocation)
         return EptVerdict(v.ok, v.reasons, v.mapping_digest, v.mapped_pages, v.table_pages).pack(), b""
+
+    def _measure_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return {"measurement": self.platform.measure_kd(keyid).hex()}, b""
+
+    def _launch(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return {"endpoints": self.platform.launch(keyid)}, b""
+
+    @staticmethod
+    def _keyid_command(method: Callable[[int], None]) -> Handler:
+        def handler(args: dict, payload: memoryview) -> tuple[dict, bytes]:
+            keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+            method(keyid)
+            return {"keyid": keyid}, b""
+        return handler
 
     def _destroy_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         return {"freed_pages": self.platform.destroy_kd(arg_int(args, "keyid", minimum=1, maximum=255))}, b""

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,6 +33,21 @@ from .paths import runtime_dir
 from .physmem import DEFAULT_MEMORY_SIZE, AddressError, PageState, PhysicalMemory
 
 ACCELERATOR_NONE = "none"
+DEFAULT_QEMU_ACCEL = "tcg"
+# Endpoints of a running domain the host may have: console and shared channel are
+# host-visible by design.  QEMU's own QMP and gdb sockets are never handed out
+# (they would reveal guest memory and registers); the host gets filtered proxies.
+HOST_ENDPOINTS = ("shared", "console", "console_log")
+
+
+def _default_runtime(domain: KeyDomain, identity, accel: str, name: str):
+    from .kd_runtime import DomainRuntime
+
+    return DomainRuntime(domain, identity, accel=accel, name=name)
+
+
+class HostExitRefused(DomainStateError):
+    """exit of a domain whose VMCS does not allow host-forced exits."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +74,16 @@ class Allocation:
 class Platform:
     """The emulated key-domain platform (see module docstring)."""
 
-    def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str | None = None):
+    def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str | None = None,
+                 *, qemu_accel: str = DEFAULT_QEMU_ACCEL,
+                 runtime_factory: Callable[..., object] | None = None):
         """``workdir``: a private directory for the DRAM file (created 0700 if missing);
-        by default a fresh one under the runtime directory, removed on close."""
+        by default a fresh one under the runtime directory, removed on close.
+
+        ``qemu_accel`` is the accelerator launched domains run with (the caller
+        probes it); ``runtime_factory(domain, identity, accel, name)`` makes the
+        object that runs a launched domain (default: ``kd_runtime.DomainRuntime``).
+        """
         self._own_workdir = workdir is None
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="platform-", dir=runtime_dir()))
@@ -74,6 +96,9 @@ class Platform:
         self.memory = PhysicalMemory(memory_size, workdir / "dram")
         self.keyids = KeyIdAllocator(MAX_KEYID)
         self.domains: dict[int, KeyDomain] = {}
+        self.runtimes: dict[int, object] = {}
+        self.qemu_accel = qemu_accel
+        self._runtime_factory = runtime_factory or _default_runtime
         self._closed = False
 
     # ------------------------------------------------------------- lifecycle
@@ -83,10 +108,8 @@ class Platform:
         with self.lock:
             if self._closed:
                 return
-            for domain in list(self.domains.values()):
-                if domain.state != DomainState.DESTROYED:
-                    domain.destroy()
-            self.domains.clear()
+            for keyid in list(self.domains):
+                self.destroy_kd(keyid)
             self.memory.close()
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
@@ -246,15 +269,74 @@ class Platform:
             return self.domain(keyid).verify_ept(host_allocation)
 
     def destroy_kd(self, keyid: int) -> int:
-        """destroy-kd: scrub and free the domain's pages, forget its key, free the KeyID."""
+        """destroy-kd: stop the guest, scrub and free the domain's pages, forget its key, free the KeyID."""
         with self.lock:
             domain = self.domain(keyid)
-            if domain.on_destroy is not None:
-                domain.on_destroy()
-            freed = domain.destroy()
-            del self.domains[keyid]
-            self.keyids.release(keyid)
+            try:
+                if domain.on_destroy is not None:
+                    domain.on_destroy()
+            finally:
+                self.runtimes.pop(keyid, None)
+                freed = domain.destroy()
+                del self.domains[keyid]
+                self.keyids.release(keyid)
+                if not self.runtimes:
+                    self.accelerator = ACCELERATOR_NONE
             return freed
+
+    # --------------------------------------------------------- running guests
+
+    def measure_kd(self, keyid: int) -> bytes:
+        """measure-kd: the launch measurement of a VERIFIED (or launched) domain."""
+        with self.lock:
+            return self.domain(keyid).launch_measurement()
+
+    def launch(self, keyid: int) -> dict[str, str]:
+        """launch: measure, start QEMU, decrypt into guest RAM, load the vCPU (left paused).
+
+        Returns the host-visible endpoints (shared channel, console).
+        """
+        with self.lock:
+            domain = self.domain(keyid)
+            domain.require_state("launch", [DomainState.VERIFIED])
+            domain.launch_measurement()
+            runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, f"kd{keyid}")
+            endpoints = runtime.launch()
+            self.runtimes[keyid] = runtime
+            domain.mark_launched()
+            self.accelerator = self.qemu_accel
+            return {name: str(getattr(endpoints, name)) for name in HOST_ENDPOINTS}
+
+    def _runtime(self, keyid: int, command: str, allowed: Sequence[DomainState]):
+        domain = self.domain(keyid)
+        domain.require_state(command, allowed)
+        runtime = self.runtimes.get(keyid)
+        if runtime is None:
+            raise DomainStateError(f"key domain {keyid} has no running guest", "launch it first")
+        return domain, runtime
+
+    def run(self, keyid: int) -> None:
+        """run: let a launched domain's vCPU execute (first entry after launch)."""
+        with self.lock:
+            _, runtime = self._runtime(keyid, "run", [DomainState.LAUNCHED])
+            runtime.run()
+
+    def exit(self, keyid: int) -> None:
+        """exit: stop the vCPU, seal its registers into the protected save area, scrub them in QEMU."""
+        with self.lock:
+            domain, runtime = self._runtime(keyid, "exit", [DomainState.LAUNCHED])
+            if not domain.read_vmcs().host_forced_exit:
+                raise HostExitRefused(f"key domain {keyid}: its VMCS forbids host-forced exits",
+                                      "the tenant sealed it without the host-forced-exit control")
+            runtime.exit()
+            domain.mark_exited()
+
+    def resume(self, keyid: int) -> None:
+        """resume: restore the vCPU from the save area after checking its integrity, and run."""
+        with self.lock:
+            domain, runtime = self._runtime(keyid, "resume", [DomainState.EXITED])
+            runtime.resume()
+            domain.mark_launched()
 
     # ------------------------------------------------------------ inspection
 

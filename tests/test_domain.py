@@ -91,7 +91,7 @@ class TenantGuest:
 
 
 def seal_guest(keyid, hpas, kak_public, *, n_image=3, n_zero=2, debug=False, host_data=b"hd",
-               canary=b"", gpr_canary=0, extra_mappings=(), tamper=None, rng_seed=1):
+               canary=b"", gpr_canary=0, extra_mappings=(), tamper=None, rng_seed=1, host_forced_exit=True):
     """Build and encrypt a guest for the host's layout (hpas from alloc, ascending).
 
     Layout: hpas[0] VMCS, hpas[1] SAVE, then EPT tables, then data pages.
@@ -120,7 +120,8 @@ def seal_guest(keyid, hpas, kak_public, *, n_image=3, n_zero=2, debug=False, hos
             page[100:100 + len(canary)] = canary
         image[g] = bytes(page)
     vcpu = VcpuState(rip=0x1200, rsp=0x3000, rbx=gpr_canary, cr3=0x2000)
-    vmcs = Vmcs(guest=vcpu, ept_pointer=eptp, save_area_hpa=save_hpa, policy=policy)
+    vmcs = Vmcs(guest=vcpu, ept_pointer=eptp, save_area_hpa=save_hpa, policy=policy,
+                host_forced_exit=host_forced_exit)
     key = os.urandom(64)
     guest = TenantGuest(keyid, key, policy, host_data, vmcs, vmcs_hpa, save_hpa, table_hpas, mappings,
                         image, gpas[n_image:], hpa_of, {gpas[0]})

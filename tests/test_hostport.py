@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,13 +25,14 @@ from qemu_kd.hostport_client import (
     HostPortBadRequestError, HostPortClient, HostPortConnectionError, HostPortError, HostPortNotFoundError,
     HostPortOwnershipError, HostPortProtocolError, HostPortRefusedError, HostPortStateError,
     HostPortKeyIdExhaustedError, HostPortUnknownCommandError, HostPortUnwrapError, HostPortAddressError,
-    PageEntry,
+    HostPortLaunchError, HostPortVerifyError, PageEntry,
 )
 from qemu_kd.hostport_protocol import (
     MAX_FRAME, PAGE_ENTRY_SIZE, Frame, Reply, Request, pack_page_entries, unpack_page_entries,
 )
 from qemu_kd.hostport_server import HostPortServer
 from qemu_kd.identity import PlatformIdentity, RootCA
+from qemu_kd.kd_runtime import LaunchError, SaveAreaError
 from qemu_kd.measurement import PageType
 from qemu_kd.platform import Platform
 from qemu_kd.policy import Policy
@@ -288,6 +290,116 @@ def test_page_entry_wire_format():
     with pytest.raises(HostPortBadRequestError, match="reserved"):
         unpack_page_entries(packed[:-1] + b"\x01")
     assert unpack_page_entries(pack_page_entries([(1 << 12, 0, 1, 1)]))["hpa"][0] == 0x1000
+
+
+# ------------------------------------------------- launch (runtime faked)
+
+
+class FakeRuntime:
+    """Stands in for kd_runtime.DomainRuntime: records what the platform asks of it."""
+
+    made = []
+    fail_next_launch = fail_next_resume = False
+
+    def __init__(self, domain, identity, accel, name):
+        self.domain, self.accel, self.name = domain, accel, name
+        self.calls = []
+        FakeRuntime.made.append(self)
+
+    def launch(self):
+        self.calls.append("launch")
+        if FakeRuntime.fail_next_launch:
+            FakeRuntime.fail_next_launch = False
+            raise LaunchError("VM entry refused for key domain: guest RIP is outside guest memory")
+        self.domain.on_destroy = self.stop
+        return SimpleNamespace(shared="/r/shared.sock", console="/r/console.sock", console_log="/r/console.log",
+                               qmp="/r/qemu-qmp.sock", gdb="/r/qemu-gdb.sock")
+
+    def run(self):
+        self.calls.append("run")
+
+    def exit(self):
+        self.calls.append("exit")
+
+    def resume(self):
+        self.calls.append("resume")
+        if FakeRuntime.fail_next_resume:
+            FakeRuntime.fail_next_resume = False
+            raise SaveAreaError("protected save area does not verify (tampered)")
+
+    def stop(self):
+        self.calls.append("stop")
+
+
+@pytest.fixture
+def launchable(identity, tmp_path):
+    FakeRuntime.made = []
+    FakeRuntime.fail_next_launch = FakeRuntime.fail_next_resume = False
+    platform = Platform(identity, MEMORY, tmp_path / "platform", qemu_accel="tcg", runtime_factory=FakeRuntime)
+    with tempfile.TemporaryDirectory(prefix="kd-") as sockdir:
+        path = Path(sockdir) / "host.sock"
+        server = HostPortServer(platform, path).start()
+        try:
+            with HostPortClient(path, timeout=10) as c:
+                yield platform, c
+        finally:
+            server.close()
+            platform.close()
+
+
+def test_measure_launch_run_exit_resume_destroy(launchable, identity):
+    platform, client = launchable
+    alloc = client.alloc(npages=guest_page_count())
+    guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public)
+    host_loads(client, guest)
+    k = guest.keyid
+    with pytest.raises(HostPortStateError, match="BUILDING: measure-kd is allowed only in VERIFIED"):
+        client.measure_kd(k)
+    with pytest.raises(HostPortStateError, match="BUILDING: launch"):
+        client.launch(k)
+    assert client.verify_ept(k, alloc.hpas).ok
+    assert client.measure_kd(k) == guest.expected_measurement()
+
+    FakeRuntime.fail_next_launch = True
+    with pytest.raises(HostPortLaunchError, match="VM entry refused"):
+        client.launch(k)
+    assert platform.domain(k).state.value == "VERIFIED" and client.platform_info().accelerator == "none"
+
+    endpoints = client.launch(k)
+    assert endpoints == {"shared": "/r/shared.sock", "console": "/r/console.sock", "console_log": "/r/console.log"}
+    runtime = FakeRuntime.made[-1]
+    assert (runtime.accel, runtime.name) == ("tcg", f"kd{k}")
+    assert client.platform_info().accelerator == "tcg"
+    assert client.measure_kd(k) == guest.expected_measurement()      # fixed once launched
+    client.run(k)
+    with pytest.raises(HostPortStateError, match="LAUNCHED: resume"):
+        client.resume(k)
+    client.exit(k)
+    assert platform.domain(k).state.value == "EXITED"
+    with pytest.raises(HostPortStateError, match="EXITED: run"):
+        client.run(k)
+    FakeRuntime.fail_next_resume = True
+    with pytest.raises(HostPortVerifyError, match="save area"):
+        client.resume(k)
+    assert platform.domain(k).state.value == "EXITED"
+    client.resume(k)
+    assert platform.domain(k).state.value == "LAUNCHED"
+    assert runtime.calls == ["launch", "run", "exit", "resume", "resume"]
+    client.destroy_kd(k)
+    assert runtime.calls[-1] == "stop"
+    assert client.platform_info().accelerator == "none"
+
+
+def test_exit_refused_when_the_vmcs_forbids_host_forced_exits(launchable, identity):
+    platform, client = launchable
+    alloc = client.alloc(npages=guest_page_count())
+    guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public, host_forced_exit=False)
+    host_loads(client, guest)
+    assert client.verify_ept(guest.keyid, alloc.hpas).ok
+    client.launch(guest.keyid)
+    with pytest.raises(HostPortRefusedError, match="forbids host-forced exits"):
+        client.exit(guest.keyid)
+    assert FakeRuntime.made[-1].calls == ["launch"]
 
 
 # ----------------------------------------------------------- robustness
