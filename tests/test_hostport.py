@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -277,6 +278,32 @@ def test_large_transfers_are_split(client):
     assert client.read_phys(alloc.hpas[0], 10 * PAGE)[9 * PAGE:] == data[:PAGE]
     client.write_phys(alloc.hpas[0] + 5, data[:7 * PAGE])
     assert client.read_phys(alloc.hpas[0] + 5, 7 * PAGE) == data[:7 * PAGE]
+
+
+def test_concurrent_connections_each_see_their_own_pages(served):
+    _, path, _ = served
+    errors = []
+
+    def worker(seed):
+        try:
+            with HostPortClient(path, timeout=10) as c:
+                alloc = c.alloc(npages=4)
+                data = random.Random(seed).randbytes(4 * PAGE)
+                for _ in range(5):
+                    c.write_phys_pages(alloc.hpas, data)
+                    assert c.read_phys_pages(alloc.hpas) == data
+                assert c.free(alloc.keyid) == 4
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with HostPortClient(path) as c:
+        assert c.platform_info().free_keyids == list(range(1, 64))
 
 
 def test_page_entry_wire_format():
