@@ -286,9 +286,10 @@ class KeyDomain:
         self._memory.write_pages(hpas, self.mee.encrypt_pages(plaintext, self._dpas(hpas)))
 
     def _fill_encrypted_zeros(self, hpas: np.ndarray) -> None:
+        zeros = bytes(min(hpas.size, BATCH_PAGES) * PAGE_SIZE)
         for start in range(0, hpas.size, BATCH_PAGES):
             chunk = hpas[start:start + BATCH_PAGES]
-            self.encrypt_into_dram(chunk, bytes(chunk.size * PAGE_SIZE))
+            self.encrypt_into_dram(chunk, zeros[:chunk.size * PAGE_SIZE])
 
     # -------------------------------------------------------------- add pages
 
@@ -332,7 +333,9 @@ class KeyDomain:
         everything = np.ones(len(batch), dtype=bool)
         self._check_guest_pages(batch, everything)
         self._memory.assign_private(batch.hpas, self.keyid, PageType.ZERO)
-        self._fill_encrypted_zeros(batch.hpas)
+        # DRAM gets the encrypted zeros on first access (physmem.defer_fill): a 256 MiB
+        # guest's zero pages cost no encryption unless someone looks at them.
+        self._memory.defer_fill(batch.hpas, self.keyid, self._fill_encrypted_zeros)
         self._record(batch, everything)
         self._transition(DomainState.BUILDING, "add-zero-pages")
 

@@ -407,26 +407,38 @@ class PageEntry:
                    int(arr["perms"][0]), bool(arr["flags"][0] & FLAG_HOST_VERIFIABLE))
 
 
-def pack_page_entries(entries: Iterable[PageEntry | tuple]) -> bytes:
-    """Pack PageEntry objects or (hpa, gpa, type, perms[, verifiable]) tuples."""
-    rows = []
+def pack_page_entries(entries: Iterable[PageEntry | tuple] | np.ndarray) -> bytes:
+    """Pack PageEntry objects, (hpa, gpa, type, perms[, verifiable]) tuples, or a
+    structured array of PAGE_ENTRY_DTYPE (the fast path for large guests)."""
+    if isinstance(entries, np.ndarray):
+        if entries.dtype != PAGE_ENTRY_DTYPE:
+            raise HostPortBadRequestError("page-entry array must have dtype PAGE_ENTRY_DTYPE")
+        return entries.tobytes()
+    hpas, gpas, types, perms, flags = [], [], [], [], []
     for e in entries:
         if isinstance(e, PageEntry):
-            rows.append((e.hpa, e.gpa, int(e.page_type), e.perms, e.host_verifiable))
+            row = (e.hpa, e.gpa, e.page_type, e.perms, e.host_verifiable)
         else:
-            t = tuple(e)
-            if len(t) not in (4, 5):
-                raise HostPortBadRequestError(f"page entry {t!r} is not (hpa, gpa, type, perms[, verifiable])")
-            rows.append((t[0], t[1], int(t[2]), t[3], bool(t[4]) if len(t) == 5 else False))
-    arr = np.zeros(len(rows), dtype=PAGE_ENTRY_DTYPE)
-    for i, (hpa, gpa, ptype, perms, verifiable) in enumerate(rows):
-        for name, value, bits in (("hpa", hpa, 64), ("type", ptype, 8), ("perms", perms, 8)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >> bits:
-                raise HostPortBadRequestError(f"page entry {name} {value!r} does not fit in {bits} bits")
-        if gpa is not None and (not isinstance(gpa, int) or gpa < 0 or gpa >> 64):
-            raise HostPortBadRequestError(f"page entry gpa {gpa!r} is not an unsigned 64-bit integer")
-        arr[i] = (hpa, NO_GPA if gpa is None else gpa, ptype, perms,
-                  FLAG_HOST_VERIFIABLE if verifiable else 0, 0)
+            row = tuple(e)
+            if len(row) == 4:
+                row += (False,)
+            elif len(row) != 5:
+                raise HostPortBadRequestError(f"page entry {row!r} is not (hpa, gpa, type, perms[, verifiable])")
+        hpas.append(row[0])
+        gpas.append(NO_GPA if row[1] is None else row[1])
+        types.append(row[2])
+        perms.append(row[3])
+        flags.append(FLAG_HOST_VERIFIABLE if row[4] else 0)
+    arr = np.zeros(len(hpas), dtype=PAGE_ENTRY_DTYPE)
+    for name, values in (("hpa", hpas), ("gpa", gpas), ("type", types), ("perms", perms), ("flags", flags)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            bad = next(v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
+            raise HostPortBadRequestError(f"page entry {name} {bad!r} is not an integer")
+        try:
+            arr[name] = np.array(values, dtype=arr.dtype[name].newbyteorder("="))
+        except OverflowError:
+            bits = arr.dtype[name].itemsize * 8
+            raise HostPortBadRequestError(f"a page entry {name} does not fit in {bits} unsigned bits") from None
     return arr.tobytes()
 
 

@@ -36,7 +36,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -153,6 +153,9 @@ class PhysicalMemory:
         self._type = np.zeros(self.npages, dtype=np.uint8)
         # PRIVATE pages the host wrote after they were assigned.
         self._host_written = np.zeros(self.npages, dtype=bool)
+        # Pages whose content is produced on first access (see defer_fill).
+        self._pending_fill = np.zeros(self.npages, dtype=bool)
+        self._fillers: dict[int, Callable[[np.ndarray], None]] = {}
         self._write_locked = np.zeros(MAX_KEYID + 1, dtype=bool)
         self._integrity_events = 0
         self._integrity_log: collections.deque[IntegrityEvent] = collections.deque(
@@ -346,6 +349,7 @@ class PhysicalMemory:
         self._keyid[idx] = keyid
         self._type[idx] = page_types
         self._host_written[idx] = False
+        self._pending_fill[idx] = False
 
     def release_keyid(self, keyid: int) -> int:
         """Scrub and free every page owned by ``keyid``; returns how many."""
@@ -354,7 +358,41 @@ class PhysicalMemory:
         self._scrub(idx)
         self._set(idx, PageState.FREE, 0, 0)
         self._write_locked[keyid] = False
+        self._fillers.pop(keyid, None)
         return int(idx.size)
+
+    def defer_fill(self, hpas: HpaList, keyid: int, filler: Callable[[np.ndarray], None]) -> None:
+        """Produce the content of ``keyid``'s pages at ``hpas`` lazily.
+
+        ``filler(hpas)`` must store the pages' content with :meth:`write_pages`;
+        it runs just before anything reads or partly writes one of them (host
+        access, :meth:`read_pages`).  Until then DRAM holds nothing for them, so
+        adding many zero pages costs no encryption up front, yet nobody can
+        observe the difference.  Used for ZERO pages, whose ciphertext is the
+        domain's encryption of zeros at each page's address.
+        """
+        _check_keyid(keyid)
+        idx = self.page_indices(hpas)
+        if idx.size and ((self._state[idx] != PageState.PRIVATE) | (self._keyid[idx] != keyid)).any():
+            raise OwnershipError(f"deferred pages must be PRIVATE pages of key domain {keyid}")
+        self._fillers[keyid] = filler
+        self._pending_fill[idx] = True
+
+    def pending_fill_count(self) -> int:
+        return int(np.count_nonzero(self._pending_fill))
+
+    def _materialize(self, idx: np.ndarray) -> None:
+        """Run the fillers of pending pages among ``idx``."""
+        if not idx.size:
+            return
+        pending = idx[self._pending_fill[idx]]
+        if not pending.size:
+            return
+        pending = np.unique(pending)
+        for keyid in np.unique(self._keyid[pending]).tolist():
+            mine = pending[self._keyid[pending] == keyid]
+            self._fillers[keyid](mine.astype(np.uint64) * np.uint64(PAGE_SIZE))
+            self._pending_fill[mine] = False
 
     def _scrub(self, idx: np.ndarray) -> None:
         """Zero pages in DRAM, giving the space back to the file system where possible."""
@@ -390,6 +428,7 @@ class PhysicalMemory:
         """Copy of the DRAM content of whole pages, shape (n, 4096) (platform only)."""
         self._check_open()
         idx = self.page_indices(hpas, unique=False)
+        self._materialize(idx)
         return self._pages[idx]
 
     def write_pages(self, hpas: HpaList, data: bytes | bytearray | memoryview | np.ndarray) -> None:
@@ -397,6 +436,7 @@ class PhysicalMemory:
         self._check_open()
         idx = self.page_indices(hpas)
         self._pages[idx] = _as_pages(data, idx.size)
+        self._pending_fill[idx] = False
 
     # ------------------------------------------------------------- host access
 
@@ -404,7 +444,7 @@ class PhysicalMemory:
         """Bytes of DRAM at a KeyID-0 data physical address: ciphertext for PRIVATE pages."""
         self._check_open()
         start = self._host_dpa(dpa, "read address")
-        self._range_pages(start, length)
+        self._materialize(self._range_pages(start, length))
         return self._mm[start:start + length]
 
     def host_write(self, dpa: int, data: bytes | bytearray | memoryview) -> None:
@@ -414,6 +454,7 @@ class PhysicalMemory:
         view = memoryview(data).cast("B")
         idx = self._range_pages(start, len(view))
         self._check_host_writable(idx, start)
+        self._materialize(idx)
         self._mm[start:start + len(view)] = view
         self._note_host_written(idx)
 
@@ -421,6 +462,7 @@ class PhysicalMemory:
         """Whole pages at KeyID-0 data physical addresses, concatenated."""
         self._check_open()
         idx = self._host_page_dpas(dpas)
+        self._materialize(idx)
         return self._pages[idx].tobytes()
 
     def host_write_pages(self, dpas: HpaList, data: bytes | bytearray | memoryview) -> None:
@@ -430,6 +472,7 @@ class PhysicalMemory:
         pages = _as_pages(data, idx.size)
         self._check_host_writable(idx, None)
         self._pages[idx] = pages
+        self._pending_fill[idx] = False       # whole pages replaced: nothing left to fill
         self._note_host_written(idx)
 
     def _check_host_writable(self, idx: np.ndarray, start: int | None) -> None:

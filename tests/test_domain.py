@@ -243,6 +243,7 @@ def test_add_pages_assigns_private_pages_and_fills_zero_pages(built):
     platform, guest, _ = built
     domain = platform.domain(guest.keyid)
     assert domain.state == DomainState.BUILDING
+    assert platform.memory.pending_fill_count() == len(guest.zero_gpas)   # encrypted on first access
     for g in guest.image:
         assert platform.memory.owner(guest.hpa_of[g]).page_type == PageType.IMAGE
     assert platform.memory.owner(guest.vmcs_hpa).page_type == PageType.VMCS

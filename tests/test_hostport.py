@@ -317,6 +317,11 @@ def test_page_entry_wire_format():
     with pytest.raises(HostPortBadRequestError, match="reserved"):
         unpack_page_entries(packed[:-1] + b"\x01")
     assert unpack_page_entries(pack_page_entries([(1 << 12, 0, 1, 1)]))["hpa"][0] == 0x1000
+    array = unpack_page_entries(entry.pack() + image.pack())
+    assert pack_page_entries(array) == entry.pack() + image.pack()      # structured-array fast path
+    for bad in ([(-1, 0, 1, 1)], [(0, 0, 256, 1)], [(0, 0, 1, 1.5)], [(0, 0, 1)]):
+        with pytest.raises(HostPortBadRequestError):
+            pack_page_entries(bad)
 
 
 # ------------------------------------------------- launch (runtime faked)

@@ -188,3 +188,37 @@ def test_closed_memory_refuses_access(tmp_path):
     m.close()
     with pytest.raises(PhysicalMemoryError, match="closed"):
         m.host_read(0, 1)
+
+
+def test_deferred_fill_runs_before_anything_observes_the_pages(mem):
+    calls = []
+
+    def filler(hpas):
+        calls.append(hpas.tolist())
+        mem.write_pages(hpas, b"\x5a" * (PAGE * hpas.size))
+
+    hpas = [0x1000, 0x2000, 0x3000, 0x4000]
+    mem.claim_for_host(hpas, 2)
+    mem.assign_private(hpas, 2, PageType.ZERO)
+    mem.defer_fill(hpas, 2, filler)
+    assert mem.pending_fill_count() == 4 and calls == []
+    assert mem.host_read(0x2000 + 5, 2) == b"\x5a\x5a"
+    assert calls == [[0x2000]]
+    mem.host_write_pages([0x3000], bytes(PAGE))                # whole page replaced: nothing to fill
+    mem.host_write(0x4000 + 10, b"ab")                         # partial write: fill the rest first
+    assert mem.host_read(0x4000 + 8, 6) == b"\x5a\x5aab\x5a\x5a"
+    assert mem.read_pages([0x1000, 0x3000]).tobytes() == b"\x5a" * PAGE + bytes(PAGE)
+    assert calls == [[0x2000], [0x4000], [0x1000]]
+    assert mem.pending_fill_count() == 0
+    mem.claim_for_host([0x9000], 3)
+    with pytest.raises(OwnershipError, match="PRIVATE pages of key domain 2"):
+        mem.defer_fill([0x9000], 2, filler)
+
+
+def test_release_drops_pending_fills(mem):
+    mem.claim_for_host([0x1000], 4)
+    mem.assign_private([0x1000], 4, PageType.ZERO)
+    mem.defer_fill([0x1000], 4, lambda hpas: pytest.fail("filled a released page"))
+    mem.release_keyid(4)
+    assert mem.pending_fill_count() == 0
+    assert mem.host_read(0x1000, 8) == bytes(8)
