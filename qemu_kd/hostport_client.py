@@ -18,11 +18,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import KdError  # noqa: F401 - re-exported base class for callers
 from .hostport_protocol import (
     ERROR_CLASSES, MAX_DATA, PAGE_ENTRY_SIZE, PAGE_SIZE, SUPPORTED_VERSIONS, Allocation, EptVerdict,
     HostPortAddressError, HostPortBadRequestError, HostPortConnectionError, HostPortError,
-    HostPortInternalError, HostPortKeyIdExhaustedError, HostPortLaunchError, HostPortNotFoundError, HostPortOwnershipError,
+    HostPortInternalError, HostPortKeyIdExhaustedError, HostPortLaunchError, HostPortNotFoundError,
+    HostPortOwnershipError,
     HostPortProtocolError, HostPortRefusedError, HostPortStateError, HostPortUnknownCommandError,
     HostPortUnwrapError, HostPortVerifyError, PageEntry, PlatformInfo, Reply, Request, pack_page_entries,
     pack_u64_array, pack_zero_entries, read_frame, unpack_u64_array,

@@ -132,7 +132,8 @@ ERROR_CLASSES: dict[str, type[HostPortError]] = {
     cls.code: cls for cls in (
         HostPortOwnershipError, HostPortAddressError, HostPortStateError, HostPortNotFoundError,
         HostPortBadRequestError, HostPortKeyIdExhaustedError, HostPortUnwrapError, HostPortVerifyError,
-        HostPortRefusedError, HostPortLaunchError, HostPortProtocolError, HostPortUnknownCommandError, HostPortInternalError,
+        HostPortRefusedError, HostPortLaunchError, HostPortProtocolError, HostPortUnknownCommandError,
+        HostPortInternalError,
         HostPortConnectionError,
     )
 }
@@ -453,7 +454,8 @@ def unpack_page_entries(data: bytes | bytearray | memoryview) -> np.ndarray:
         raise HostPortBadRequestError(
             f"page-entry payload of {len(data)} bytes is not a multiple of {PAGE_ENTRY_SIZE}")
     arr = np.frombuffer(bytes(data), dtype=PAGE_ENTRY_DTYPE)
-    if arr.size and ((arr["reserved"] != 0).any() or (arr["flags"] & np.uint16(0xFFFF ^ FLAG_HOST_VERIFIABLE)).any()):
+    undefined_flags = np.uint16(0xFFFF ^ FLAG_HOST_VERIFIABLE)
+    if arr.size and ((arr["reserved"] != 0).any() or (arr["flags"] & undefined_flags).any()):
         raise HostPortBadRequestError("page entry has reserved bits set")
     return arr
 

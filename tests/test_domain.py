@@ -18,7 +18,9 @@ from qemu_kd.domain import (
     DomainNotFoundError, DomainState, DomainStateError, DomainVerifyError, GuestStateFieldError,
     KeyIdExhaustedError, PageRequestError, SecretPageError,
 )
-from qemu_kd.ept import EPT_EXEC, EPT_READ, EPT_WRITE, EptMapping, build_ept, ept_table_pages_needed, mapping_digest
+from qemu_kd.ept import (
+    EPT_EXEC, EPT_READ, EPT_WRITE, EptMapping, build_ept, ept_table_pages_needed, mapping_digest,
+)
 from qemu_kd.formats_errors import UnknownFieldError
 from qemu_kd.identity import PlatformIdentity, RootCA
 from qemu_kd.keywrap import KeyUnwrapError, wrap_key

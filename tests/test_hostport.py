@@ -198,13 +198,14 @@ BAD_LAYOUTS = {
 def test_verify_ept_reasons_through_the_socket(client, identity, reason):
     other = client.alloc(npages=1)
     alloc = client.alloc(npages=guest_page_count(extra_gpas=[0x100000]))
-    extras, tamper = [], None
+    def set_reserved_bit(tables):
+        pt = tables[max(tables)]
+        struct.pack_into("<Q", pt, 16, struct.unpack_from("<Q", pt, 16)[0] | 1 << 60)
+
     if reason == "reserved-bits":
-        def tamper(tables):
-            pt = tables[max(tables)]
-            struct.pack_into("<Q", pt, 16, struct.unpack_from("<Q", pt, 16)[0] | 1 << 60)
+        extras, tamper = [], set_reserved_bit
     else:
-        extras = BAD_LAYOUTS[reason](alloc, other)
+        extras, tamper = BAD_LAYOUTS[reason](alloc, other), None
     guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public, extra_mappings=extras, tamper=tamper)
     host_loads(client, guest)
     verdict = client.verify_ept(guest.keyid, alloc.hpas)
