@@ -85,7 +85,7 @@ def data_physical_address(keyid: int, hpa: int) -> int:
             f"host-physical address {_hex(hpa)} is out of range",
             f"host-physical addresses are integers below 2**{KEYID_SHIFT}",
         )
-    return keyid << KEYID_SHIFT | hpa
+    return int(keyid) << KEYID_SHIFT | int(hpa)
 
 
 def _is_int(value: Any) -> bool:

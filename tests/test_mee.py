@@ -1,0 +1,320 @@
+"""The memory-encryption engine: AES-256-XTS per 4 KiB page, tweak = data physical address."""
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import cryptography_vectors
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings, strategies as st
+
+from qemu_kd.errors import KdError
+from qemu_kd.mee import (
+    CHUNK_PAGES, HPA_MASK, KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE, MeeError,
+    MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units, data_physical_address,
+)
+
+KEY = bytes(range(64))
+OTHER_KEY = bytes(range(1, 65))
+NIST_FILE = (Path(cryptography_vectors.__file__).parent
+             / "ciphers" / "AES" / "XTS" / "tweak-128hexstr" / "XTSGenAES256.rsp")
+
+
+def reference(key, data, dpas, encrypt=True):
+    """One `cryptography` XTS cipher per page: the definition the engine must match."""
+    out = []
+    for i, dpa in enumerate(dpas):
+        cipher = Cipher(algorithms.AES(key), modes.XTS(int(dpa).to_bytes(16, "little")))
+        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+        out.append(ctx.update(bytes(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])) + ctx.finalize())
+    return b"".join(out)
+
+
+def pages_at(keyid, first_hpa, count):
+    return [data_physical_address(keyid, first_hpa + i * PAGE_SIZE) for i in range(count)]
+
+
+# --- constants and addresses
+
+
+def test_address_constants():
+    assert (PAGE_SIZE, KEYID_SHIFT, KEYID_BITS, MAX_KEYID) == (4096, 40, 6, 63)
+    assert HPA_MASK == (1 << 40) - 1
+
+
+def test_data_physical_address_layout():
+    assert data_physical_address(0, 0x1234000) == 0x1234000
+    assert data_physical_address(1, 0) == 1 << 40
+    assert data_physical_address(63, HPA_MASK) == (1 << 46) - 1
+    assert data_physical_address(np.int64(5), np.uint64(4096)) == 5 << 40 | 4096
+
+
+@pytest.mark.parametrize("keyid, hpa", [(64, 0), (-1, 0), (0, 1 << 40), (0, -4096),
+                                        (True, 0), (0, 1.5), ("1", 0)])
+def test_data_physical_address_rejects(keyid, hpa):
+    with pytest.raises(MeeError) as info:
+        data_physical_address(keyid, hpa)
+    assert "out of range" in str(info.value)
+    assert isinstance(info.value, KdError)
+
+
+# --- published vectors
+
+
+def nist_vectors():
+    text = NIST_FILE.read_text()
+    vectors = []
+    for section, body in re.findall(r"\[(ENCRYPT|DECRYPT)\](.*?)(?=\[|\Z)", text, re.S):
+        for block in body.split("COUNT = ")[1:]:
+            fields = dict(re.findall(r"(\w+) = ([0-9a-fA-F]+)", block))
+            bits = int(fields["DataUnitLen"])
+            key = bytes.fromhex(fields["Key"])
+            if bits % 128 or len(key) != 64:
+                continue
+            vectors.append((section, key, bytes.fromhex(fields["i"]), bytes.fromhex(fields["PT"]),
+                            bytes.fromhex(fields["CT"]), bits // 8))
+    return vectors
+
+
+def test_nist_xts_aes_256_vectors_both_directions():
+    checked = 0
+    for section, key, tweak, plain, cipher, unit in nist_vectors():
+        assert _xts_data_units(key, plain, [tweak], unit, encrypt=True) == cipher, (section, checked)
+        assert _xts_data_units(key, cipher, [tweak], unit, encrypt=False) == plain, (section, checked)
+        checked += 1
+    assert checked >= 500  # 600 vectors of 256 and 384 bits in the file
+
+
+def test_units_batched_match_single_units():
+    # Several units in one call go through one bulk cipher call with delta masks.
+    tweaks = [os.urandom(16) for _ in range(7)]
+    data = os.urandom(7 * 48)
+    together = _xts_data_units(KEY, data, tweaks, 48, encrypt=True)
+    one_by_one = b"".join(_xts_data_units(KEY, data[i * 48:(i + 1) * 48], [t], 48, encrypt=True)
+                          for i, t in enumerate(tweaks))
+    assert together == one_by_one
+    assert together != _xts_data_units(KEY, data, tweaks[::-1], 48, encrypt=True)
+
+
+def test_gf_multiplication_by_x_powers():
+    one = 1
+    assert _gf_mul_xpow(one, 127) == 1 << 127
+    assert _gf_mul_xpow(one, 128) == 0x87
+    assert _gf_mul_xpow(1 << 127, 1) == 0x87
+    value = 0x0123456789ABCDEF_FEDCBA9876543210
+    step_by_step = value
+    for _ in range(300):
+        step_by_step = _gf_mul_xpow(step_by_step, 1)
+    assert _gf_mul_xpow(value, 300) == step_by_step
+
+
+# --- pages against the per-page reference
+
+
+@pytest.mark.parametrize("cache", [0, 64 << 20])
+@pytest.mark.parametrize("count", [1, 3, CHUNK_PAGES - 1, CHUNK_PAGES, CHUNK_PAGES + 1, 3 * CHUNK_PAGES + 5])
+def test_random_pages_match_reference(cache, count):
+    rng = np.random.default_rng(count)
+    dpas = [data_physical_address(int(rng.integers(0, 64)), int(rng.integers(0, 1 << 28)) * PAGE_SIZE)
+            for _ in range(count)]
+    plain = rng.bytes(count * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=cache) as engine:
+        for _ in range(2):  # cold, then with whatever the cache kept
+            assert engine.encrypt_pages(plain, dpas) == expected
+            assert engine.decrypt_pages(expected, dpas) == plain
+
+
+def test_decrypt_matches_reference_decryption():
+    rng = np.random.default_rng(7)
+    dpas = pages_at(9, 0x40000000, 5)
+    blob = rng.bytes(5 * PAGE_SIZE)
+    with MemoryEncryptionEngine(KEY) as engine:
+        assert engine.decrypt_pages(blob, dpas) == reference(KEY, blob, dpas, encrypt=False)
+
+
+def test_cached_runs_in_every_position():
+    # Consecutive, shifted, reversed, scattered and repeated requests over a cached range.
+    rng = np.random.default_rng(3)
+    dpas = pages_at(2, 0x100000, 200)
+    plain = rng.bytes(200 * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    page = lambda blob, i: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+    with MemoryEncryptionEngine(KEY) as engine:
+        assert engine.encrypt_pages(plain, dpas) == expected
+        assert engine.cached_pages == 200
+        for order in (list(range(10, 150)), list(range(199, -1, -1)), list(rng.permutation(200)),
+                      [5] * 9 + list(range(60, 140)) + [5, 7, 11], list(range(37, 41))):
+            subset = b"".join(page(plain, i) for i in order)
+            sub_dpas = [dpas[i] for i in order]
+            assert engine.encrypt_pages(subset, sub_dpas) == b"".join(page(expected, i) for i in order)
+            assert engine.decrypt_pages(b"".join(page(expected, i) for i in order), sub_dpas) == subset
+
+
+def test_small_cache_evicts_and_stays_correct():
+    rng = np.random.default_rng(11)
+    dpas = pages_at(4, 0, 3 * CHUNK_PAGES)
+    plain = rng.bytes(len(dpas) * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=CHUNK_PAGES * PAGE_SIZE) as engine:
+        assert engine.mask_cache_capacity_pages == CHUNK_PAGES
+        for _ in range(3):
+            assert engine.encrypt_pages(plain, dpas) == expected
+            assert engine.cached_pages <= CHUNK_PAGES
+        for i in range(0, len(dpas), 17):  # single pages, cached or not
+            one = plain[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            assert engine.encrypt_pages(one, [dpas[i]]) == expected[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        assert engine.memory_bytes() < 2 * CHUNK_PAGES * PAGE_SIZE + (8 << 20)
+
+
+def test_cache_size_zero_holds_no_masks():
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=0) as engine:
+        engine.encrypt_pages(bytes(4 * PAGE_SIZE), pages_at(1, 0, 4))
+        assert engine.cached_pages == 0
+        assert engine.mask_cache_capacity_pages == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, MAX_KEYID), st.integers(0, 300)), min_size=1, max_size=90),
+       st.sampled_from([0, 96 * PAGE_SIZE]))
+def test_property_round_trip_matches_reference(pages, cache):
+    dpas = [data_physical_address(keyid, frame * PAGE_SIZE) for keyid, frame in pages]
+    plain = os.urandom(len(dpas) * PAGE_SIZE)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=cache) as engine:
+        sealed = engine.encrypt_pages(plain, dpas)
+        assert sealed == reference(KEY, plain, dpas)
+        assert engine.decrypt_pages(sealed, dpas) == plain
+
+
+def test_into_buffers_in_place_and_mmap():
+    rng = np.random.default_rng(5)
+    count = CHUNK_PAGES + 9
+    dpas = np.array(pages_at(7, 0x2000000, count), dtype=np.uint64)
+    plain = rng.bytes(count * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas.tolist())
+    with MemoryEncryptionEngine(KEY) as engine:
+        with mmap.mmap(-1, count * PAGE_SIZE) as ram:
+            engine.encrypt_into(memoryview(ram), plain, dpas)
+            assert ram[:] == expected
+            engine.decrypt_into(ram, ram, dpas)  # in place
+            assert ram[:] == plain
+        buf = bytearray(plain)
+        engine.encrypt_into(buf, buf, dpas)
+        assert bytes(buf) == expected
+        words = np.frombuffer(expected, dtype=np.uint64).copy()  # any bytes-like input
+        assert engine.decrypt_pages(words, dpas) == plain
+
+
+def test_empty_request():
+    with MemoryEncryptionEngine(KEY) as engine:
+        assert engine.encrypt_pages(b"", []) == b""
+        engine.decrypt_into(bytearray(), b"", np.zeros(0, dtype=np.uint64))
+
+
+# --- separation: address and key
+
+
+def test_ciphertext_is_bound_to_address_and_key():
+    plain = os.urandom(2 * PAGE_SIZE)
+    dpa = data_physical_address(3, 0x7000000)
+    with MemoryEncryptionEngine(KEY) as engine, MemoryEncryptionEngine(OTHER_KEY) as other:
+        sealed = engine.encrypt_pages(plain, [dpa, dpa + PAGE_SIZE])
+        assert sealed[:PAGE_SIZE] != plain[:PAGE_SIZE]
+        assert engine.decrypt_pages(sealed, [dpa, dpa + PAGE_SIZE]) == plain
+        # moved to the next frame, swapped pages, another KeyID, another key
+        assert engine.decrypt_pages(sealed[:PAGE_SIZE], [dpa + PAGE_SIZE]) != plain[:PAGE_SIZE]
+        assert engine.decrypt_pages(sealed, [dpa + PAGE_SIZE, dpa])[:PAGE_SIZE] != plain[:PAGE_SIZE]
+        assert engine.decrypt_pages(sealed[:PAGE_SIZE], [data_physical_address(4, 0x7000000)]) \
+            != plain[:PAGE_SIZE]
+        assert other.decrypt_pages(sealed, [dpa, dpa + PAGE_SIZE]) != plain
+        # the same plaintext at two addresses gives unrelated ciphertext
+        twice = engine.encrypt_pages(plain[:PAGE_SIZE] * 2, [dpa, dpa + PAGE_SIZE])
+        assert twice[:PAGE_SIZE] != twice[PAGE_SIZE:]
+
+
+# --- errors
+
+
+@pytest.mark.parametrize("key, words", [
+    (bytes(32), "32 bytes, not 64"),
+    (bytes(65), "65 bytes, not 64"),
+    (bytes(64), "halves"),
+    (b"\x01" * 32 + b"\x01" * 32, "halves"),
+    ("0" * 64, "bytes-like"),
+])
+def test_bad_keys(key, words):
+    with pytest.raises(MeeError) as info:
+        MemoryEncryptionEngine(key)
+    assert words in str(info.value)
+
+
+def test_bad_cache_size():
+    with pytest.raises(MeeError, match="mask cache size"):
+        MemoryEncryptionEngine(KEY, mask_cache_bytes=-1)
+
+
+@pytest.mark.parametrize("data, dpas, words", [
+    (bytes(100), [0], "not a whole number"),
+    (bytes(PAGE_SIZE), [0, PAGE_SIZE], "holds 1 pages but 2 addresses"),
+    (bytes(2 * PAGE_SIZE), [0], "holds 2 pages but 1 addresses"),
+    (bytes(PAGE_SIZE), [1 << 46], "out of range"),
+    (bytes(PAGE_SIZE), [64 << 40], "out of range"),
+    (bytes(PAGE_SIZE), [-PAGE_SIZE], "out of range"),
+    (bytes(PAGE_SIZE), [1 << 70], "out of range"),
+    (bytes(PAGE_SIZE), [0x1234], "not page-aligned"),
+    (bytes(PAGE_SIZE), [1.5], "integers"),
+    (bytes(PAGE_SIZE), ["0"], "integers"),
+    (bytes(PAGE_SIZE), [[0]], "flat sequence"),
+    (bytes(PAGE_SIZE), np.array([64 << 40], dtype=np.uint64), "out of range"),
+    ("text", [0], "bytes-like"),
+])
+def test_bad_requests(data, dpas, words):
+    with MemoryEncryptionEngine(KEY) as engine:
+        with pytest.raises(MeeError) as info:
+            engine.encrypt_pages(data, dpas)
+        assert words in str(info.value)
+
+
+def test_bad_output_buffers():
+    data = bytes(2 * PAGE_SIZE)
+    dpas = pages_at(1, 0, 2)
+    with MemoryEncryptionEngine(KEY) as engine:
+        with pytest.raises(MeeError, match="must be 8192"):
+            engine.encrypt_into(bytearray(PAGE_SIZE), data, dpas)
+        with pytest.raises(MeeError, match="read-only"):
+            engine.encrypt_into(bytes(2 * PAGE_SIZE), data, dpas)
+        shared = bytearray(3 * PAGE_SIZE)
+        with pytest.raises(MeeError, match="partly overlaps"):
+            engine.encrypt_into(memoryview(shared)[PAGE_SIZE:], memoryview(shared)[:2 * PAGE_SIZE], dpas)
+        strided = memoryview(bytearray(4 * PAGE_SIZE))[::2]
+        with pytest.raises(MeeError, match="contiguous"):
+            engine.encrypt_into(strided, data, dpas)
+
+
+def test_close_forgets_everything():
+    engine = MemoryEncryptionEngine(KEY)
+    engine.encrypt_pages(bytes(PAGE_SIZE), [0])
+    assert engine.cached_pages == 1
+    engine.close()
+    assert engine.cached_pages == 0
+    with pytest.raises(MeeError, match="closed"):
+        engine.encrypt_pages(bytes(PAGE_SIZE), [0])
+    engine.close()  # idempotent
+    with MemoryEncryptionEngine(KEY) as scoped:
+        scoped.decrypt_pages(bytes(PAGE_SIZE), [0])
+    with pytest.raises(MeeError, match="closed"):
+        scoped.decrypt_pages(bytes(PAGE_SIZE), [0])
+
+
+@pytest.mark.parametrize("unit, tweaks, data, words", [
+    (40, [bytes(16)], bytes(40), "multiple of 16"),
+    (32, [bytes(16)], bytes(48), "do not make"),
+    (32, [bytes(15)], bytes(32), "16 bytes"),
+])
+def test_units_reject_bad_input(unit, tweaks, data, words):
+    with pytest.raises(MeeError) as info:
+        _xts_data_units(KEY, data, tweaks, unit, encrypt=True)
+    assert words in str(info.value)
