@@ -58,6 +58,8 @@ DEFAULT_MASK_CACHE_BYTES = 64 << 20
 CHUNK_PAGES = 64
 # Shorter runs of consecutive cache slots are gathered instead of fed directly.
 _MIN_DIRECT_RUN = 4
+# Pages whose masks are computed together (more amortises numpy's per-call cost).
+_BATCH_PAGES = 4 * CHUNK_PAGES
 
 _U64 = np.uint64
 _MASK128 = (1 << 128) - 1
@@ -137,46 +139,58 @@ def _mul_x64_planes(src_lo, src_hi, dst_lo, dst_hi, tmp) -> None:
 
 
 class _MaskGenerator:
-    """Computes XTS masks ``T_u * x**j`` (j < blocks) for up to ``units`` data units.
+    """Computes XTS masks ``S_u * x**j`` (j < blocks) for up to ``units`` data units.
 
-    Works in block-major uint64 planes so each step is one contiguous numpy
-    operation over all units, then writes them interleaved (lo, hi) in data
-    order.  Owns its scratch planes, so one instance serves many calls.
+    First the start of every 64-block group, ``S_u * x**(64*g)``, then the
+    blocks of all groups of all units together by doubling: rows ``L..2L-1``
+    are rows ``0..L-1`` times ``x**L``.  Every step is one contiguous numpy
+    operation over block-major uint64 planes; the last step writes the masks
+    interleaved (lo, hi) in data order.  Owns its scratch planes.
     """
 
     def __init__(self, blocks: int, units: int):
         self.blocks = blocks
         self.units = units
-        self._lo = np.empty((blocks, units), _U64)
-        self._hi = np.empty((blocks, units), _U64)
-        rows = min(blocks, 64)
-        self._tmp_a = np.empty((rows, units), _U64)
-        self._tmp_b = np.empty((rows, units), _U64)
+        self.rows = min(blocks, 64)
+        self.groups = -(-blocks // 64)
+        columns = units * self.groups
+        self._lo = np.empty((self.rows, columns), _U64)
+        self._hi = np.empty((self.rows, columns), _U64)
+        half = max(1, self.rows // 2)
+        self._tmp_a = np.empty((half, columns), _U64)
+        self._tmp_b = np.empty((half, columns), _U64)
+        self._tmp_c = np.empty(units, _U64)
+        ragged = blocks > 64 and blocks % 64
+        self._ragged = np.empty((units, self.groups * 128), _U64) if ragged else None
 
     def scratch(self) -> tuple[np.ndarray, ...]:
-        return self._lo, self._hi, self._tmp_a, self._tmp_b
+        arrays = (self._lo, self._hi, self._tmp_a, self._tmp_b, self._tmp_c, self._ragged)
+        return tuple(a for a in arrays if a is not None)
 
     def generate(self, start_lo, start_hi, out) -> None:
-        """Fill ``out`` (n x 2*blocks uint64, rows in data order) from starting masks."""
+        """Fill ``out`` (n x 2*blocks uint64, one unit per row) from the starting masks."""
         n = len(start_lo)
-        b = self.blocks
-        lo, hi = self._lo[:, :n], self._hi[:, :n]
-        ta, tb = self._tmp_a[:, :n], self._tmp_b[:, :n]
-        lo[0] = start_lo
-        hi[0] = start_hi
+        rows, groups = self.rows, self.groups
+        columns = n * groups
+        lo, hi = self._lo[:, :columns], self._hi[:, :columns]
+        group_lo, group_hi = lo[0].reshape(n, groups), hi[0].reshape(n, groups)
+        group_lo[:, 0] = start_lo
+        group_hi[:, 0] = start_hi
+        for g in range(1, groups):
+            _mul_x64_planes(group_lo[:, g - 1], group_hi[:, g - 1], group_lo[:, g], group_hi[:, g],
+                            self._tmp_c[:n])
         span = 1
-        while span < min(b, 64):
-            count = min(span, b - span)
-            _mul_xpow_planes(lo[:count], hi[:count], lo[span:span + count],
-                             hi[span:span + count], span, ta[:count], tb[:count])
+        while span < rows:
+            count = min(span, rows - span)
+            _mul_xpow_planes(lo[:count], hi[:count], lo[span:span + count], hi[span:span + count],
+                             span, self._tmp_a[:count, :columns], self._tmp_b[:count, :columns])
             span *= 2
-        for base in range(64, b, 64):
-            count = min(64, b - base)
-            _mul_x64_planes(lo[base - 64:base - 64 + count], hi[base - 64:base - 64 + count],
-                            lo[base:base + count], hi[base:base + count], ta[:count])
-        words = out.reshape(n, b, 2)
-        np.copyto(words[:, :, 0], lo.T)
-        np.copyto(words[:, :, 1], hi.T)
+        target = out if self._ragged is None else self._ragged[:n]
+        words = target.reshape(n, groups, rows, 2)
+        np.copyto(words[..., 0], lo.reshape(rows, n, groups).transpose(1, 2, 0))
+        np.copyto(words[..., 1], hi.reshape(rows, n, groups).transpose(1, 2, 0))
+        if self._ragged is not None:
+            out[...] = target[:, :2 * self.blocks]
 
 
 def _words_of(start_values: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -435,11 +449,13 @@ class MemoryEncryptionEngine:
         self._lock = threading.Lock()
         self._core: _XtsCore | None = _XtsCore(key, BLOCKS_PER_PAGE)
         self._cache = _MaskCache(capacity)
-        self._generator = _MaskGenerator(BLOCKS_PER_PAGE, CHUNK_PAGES)
+        self._generator = _MaskGenerator(BLOCKS_PER_PAGE, _BATCH_PAGES)
+        self._reference_lo, self._reference_hi = _words_of(self._core.reference_starts(CHUNK_PAGES))
         self._reference = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
-        self._generator.generate(*_words_of(self._core.reference_starts(CHUNK_PAGES)), self._reference)
+        self._generator.generate(self._reference_lo, self._reference_hi, self._reference)
+        self._positions = np.arange(_BATCH_PAGES) % CHUNK_PAGES
         self._delta = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
-        self._fresh = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
+        self._fresh = np.empty((_BATCH_PAGES, WORDS_PER_PAGE), _U64)
         self._xbuf = np.empty(CHUNK_PAGES * WORDS_PER_PAGE + 2, _U64)
 
     # --- public API
@@ -493,7 +509,8 @@ class MemoryEncryptionEngine:
         return self._cache.touched * PAGE_SIZE + self._cache.index_bytes() + scratch
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
-        return (self._reference, self._delta, self._fresh, self._xbuf, *self._generator.scratch())
+        return (self._reference, self._reference_lo, self._reference_hi, self._delta, self._fresh,
+                self._xbuf, *self._generator.scratch())
 
     # --- the work
 
@@ -526,19 +543,32 @@ class MemoryEncryptionEngine:
             src_pages = src.view(_U64).reshape(pages, WORDS_PER_PAGE)
             dst_pages = dst.view(_U64).reshape(pages, WORDS_PER_PAGE)
             dpa_list = addresses.tolist()
-            cached = self._cache.capacity > 0
+            cache = self._cache
+            cached = cache.capacity > 0
             # Only the last ``capacity`` pages of a request could stay cached.
-            remember_from = pages - self._cache.capacity
+            remember_from = pages - cache.capacity
             first = 0
             while first < pages:
-                if cached:
-                    done = self._run_direct(src_pages, dst_pages, addresses, dpa_list, first, encrypt)
-                    if done:
-                        first += done
-                        continue
-                last = min(first + CHUNK_PAGES, pages)
-                self._run_chunk(src_pages[first:last], dst_pages[first:last], addresses[first:last],
-                                dpa_list[first:last], encrypt, remember=cached and last > remember_from)
+                if not cached:
+                    last = min(first + _BATCH_PAGES, pages)
+                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, first, last, encrypt,
+                                    remember=False)
+                    first = last
+                    continue
+                done = self._run_direct(src_pages, dst_pages, addresses, dpa_list, first, encrypt)
+                if done:
+                    first += done
+                    continue
+                last, limit = first, min(first + _BATCH_PAGES, pages)
+                while last < limit and dpa_list[last] not in cache.slot_of:
+                    last += 1
+                if last - first >= CHUNK_PAGES or last == pages:
+                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, first, last, encrypt,
+                                    remember=last > remember_from)
+                else:
+                    last = min(first + CHUNK_PAGES, pages)
+                    self._run_chunk(src_pages[first:last], dst_pages[first:last], addresses[first:last],
+                                    dpa_list[first:last], encrypt, remember=last > remember_from)
                 first = last
 
     def _run_direct(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int,
@@ -560,6 +590,27 @@ class MemoryEncryptionEngine:
                    cache.store[slot:slot + count], self._xbuf)
         return count
 
+    def _run_fresh(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int, last: int,
+                   encrypt: bool, remember: bool) -> None:
+        """Pages ``first..last-1``, none of them cached (at most a batch): compute their
+        masks together, straight into fresh cache slots when they are remembered."""
+        count = last - first
+        dpas = dpa_list[first:last]
+        cache = self._cache
+        fresh = self._fresh[:count]
+        self._deltas_into(addresses[first:last], self._positions[:count], fresh)
+        core = self._core
+        context = core.bulk(encrypt, 0)
+        for start in range(0, count, CHUNK_PAGES):
+            end = min(start + CHUNK_PAGES, count)
+            core.apply(context, src[first + start:first + end], dst[first + start:first + end],
+                       fresh[start:end], self._xbuf)
+        if remember and count <= cache.capacity and len(set(dpas)) == count:
+            slots = cache.allocate(dpas, align=CHUNK_PAGES)
+            # allocate() hands out consecutive slots starting at a chunk boundary here,
+            # so each slot's reference position is the position the masks were made for.
+            cache.store[slots[0]:slots[0] + count] = fresh
+
     def _run_chunk(self, src, dst, addresses: np.ndarray, dpa_list: list[int], encrypt: bool,
                    remember: bool) -> None:
         """Up to one chunk of pages, some not cached: compute what is missing, then
@@ -570,17 +621,14 @@ class MemoryEncryptionEngine:
         lookup = cache.slot_of.get
         slots = [lookup(d, -1) for d in dpa_list] if cache.capacity else [-1] * n
         missing = [i for i, slot in enumerate(slots) if slot < 0]
-        if len(missing) == n:
-            self._masks_into(addresses, delta)
-            np.bitwise_xor(delta, reference[:n], out=delta)
-        else:
-            hits = np.array([i for i, slot in enumerate(slots) if slot >= 0], dtype=np.int64)
+        hits = np.array([i for i, slot in enumerate(slots) if slot >= 0], dtype=np.int64)
+        if hits.size:
             hit_slots = np.array([slots[i] for i in hits.tolist()], dtype=np.int64)
             delta[hits] = (cache.store[hit_slots] ^ reference[hit_slots % CHUNK_PAGES]) ^ reference[hits]
-            if missing:
-                fresh = self._fresh[:len(missing)]
-                self._masks_into(addresses[missing], fresh)
-                delta[missing] = fresh ^ reference[missing]
+        if missing:
+            fresh = self._fresh[:len(missing)]
+            self._deltas_into(addresses[missing], np.array(missing, dtype=np.int64), fresh)
+            delta[missing] = fresh
         self._core.apply(self._core.bulk(encrypt, 0), src, dst, delta, self._xbuf)
         if missing and remember:
             self._remember(dpa_list, missing, delta)
@@ -599,9 +647,14 @@ class MemoryEncryptionEngine:
         slot_array = np.array(slots, dtype=np.int64)
         cache.store[slot_array] = delta[rows] ^ reference[rows] ^ reference[slot_array % CHUNK_PAGES]
 
-    def _masks_into(self, addresses: np.ndarray, out: np.ndarray) -> None:
-        """Fresh masks for up to one chunk of pages, written to ``out`` in order."""
+    def _deltas_into(self, addresses: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        """Delta masks of pages at the given reference-stream positions, into ``out``.
+
+        Multiplying by ``x**j`` is linear, so ``T*x**j ^ R_p*x**j`` is generated
+        directly from the starting value ``T ^ R_p``.
+        """
         tweaks = np.zeros((len(addresses), 2), _U64)
         tweaks[:, 0] = addresses
         starts = self._core.start_masks(tweaks.view(np.uint8))
-        self._generator.generate(starts[:, 0].copy(), starts[:, 1].copy(), out)
+        self._generator.generate(starts[:, 0] ^ self._reference_lo[positions],
+                                 starts[:, 1] ^ self._reference_hi[positions], out)
