@@ -60,6 +60,8 @@ CHUNK_PAGES = 64
 _MIN_DIRECT_RUN = 4
 # Pages whose masks are computed together (more amortises numpy's per-call cost).
 _BATCH_PAGES = 4 * CHUNK_PAGES
+# Requests with at most this many pages to compute afresh use one cipher per page.
+_SMALL_REQUEST_PAGES = 12
 
 _U64 = np.uint64
 _MASK128 = (1 << 128) - 1
@@ -211,6 +213,7 @@ class _XtsCore:
 
     def __init__(self, key: bytes, unit_blocks: int):
         self._key = key
+        self._aes = algorithms.AES(key)
         self.unit_blocks = unit_blocks
         tweak_key = algorithms.AES(key[32:])
         self._tweak_cipher = Cipher(tweak_key, modes.ECB()).encryptor()
@@ -247,6 +250,10 @@ class _XtsCore:
             self._bulk[(encrypt, offset)] = context
         return context
 
+    def page_cipher(self, tweak: int) -> Cipher:
+        """A plain XTS cipher for one unit (for requests too small to vectorise)."""
+        return Cipher(self._aes, modes.XTS(tweak.to_bytes(16, "little")))
+
     @staticmethod
     def apply(context, src, dst, delta, xbuf) -> None:
         """Run ``n`` units (rows of ``src``, (n, words) uint64) through ``context``.
@@ -263,6 +270,7 @@ class _XtsCore:
 
     def close(self) -> None:
         self._key = b""
+        self._aes = None
         self._tweak_cipher = self._tweak_decipher = None
         self._bulk.clear()
 
@@ -543,60 +551,74 @@ class MemoryEncryptionEngine:
             src_pages = src.view(_U64).reshape(pages, WORDS_PER_PAGE)
             dst_pages = dst.view(_U64).reshape(pages, WORDS_PER_PAGE)
             dpa_list = addresses.tolist()
-            cache = self._cache
-            cached = cache.capacity > 0
+            loose = self._run_cached_runs(src_pages, dst_pages, addresses, dpa_list, encrypt)
+            if sum(last - first for first, last in loose) <= _SMALL_REQUEST_PAGES:
+                for first, last in loose:
+                    self._run_one_by_one(src_pages, dst_pages, dpa_list, first, last, encrypt)
+                return
             # Only the last ``capacity`` pages of a request could stay cached.
-            remember_from = pages - cache.capacity
-            first = 0
-            while first < pages:
-                if not cached:
-                    last = min(first + _BATCH_PAGES, pages)
-                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, first, last, encrypt,
-                                    remember=False)
-                    first = last
-                    continue
-                done = self._run_direct(src_pages, dst_pages, addresses, dpa_list, first, encrypt)
-                if done:
-                    first += done
-                    continue
-                last, limit = first, min(first + _BATCH_PAGES, pages)
-                while last < limit and dpa_list[last] not in cache.slot_of:
-                    last += 1
-                if last - first >= CHUNK_PAGES or last == pages:
-                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, first, last, encrypt,
-                                    remember=last > remember_from)
-                else:
-                    last = min(first + CHUNK_PAGES, pages)
-                    self._run_chunk(src_pages[first:last], dst_pages[first:last], addresses[first:last],
-                                    dpa_list[first:last], encrypt, remember=last > remember_from)
-                first = last
+            remember_from = pages - self._cache.capacity
+            for first, last in loose:
+                for start in range(first, last, _BATCH_PAGES):
+                    end = min(start + _BATCH_PAGES, last)
+                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, start, end, encrypt,
+                                    remember=self._cache.capacity > 0 and end > remember_from)
 
-    def _run_direct(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int,
-                    encrypt: bool) -> int:
-        """If page ``first`` starts a run of pages cached in consecutive slots, run it
-        straight from the store (up to the next chunk boundary in slot space)."""
+    def _run_cached_runs(self, src, dst, addresses: np.ndarray, dpa_list: list[int],
+                         encrypt: bool) -> list[tuple[int, int]]:
+        """Run every stretch of pages cached in consecutive slots straight from the
+        store; return the other pages as ``(first, last)`` ranges."""
+        pages = len(dpa_list)
         cache = self._cache
-        slot = cache.slot_of.get(dpa_list[first])
-        if slot is None:
-            return 0
-        limit = min(CHUNK_PAGES - slot % CHUNK_PAGES, len(dpa_list) - first, cache.capacity - slot)
-        same = cache.dpa_in_slot[slot:slot + limit] == addresses[first:first + limit]
-        count = limit if same.all() else int(np.argmin(same))
-        if count < _MIN_DIRECT_RUN:
-            return 0
-        last = first + count
+        if not cache.capacity:
+            return [(0, pages)]
+        lookup = cache.slot_of.get
+        slots = [lookup(d, -1) for d in dpa_list]
+        hits = [i for i, slot in enumerate(slots) if slot >= 0]
+        loose: list[tuple[int, int]] = []
+
+        def add_loose(first: int, last: int) -> None:
+            if loose and loose[-1][1] == first:
+                first = loose.pop()[0]
+            loose.append((first, last))
+
+        position = 0
         core = self._core
-        core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src[first:last], dst[first:last],
-                   cache.store[slot:slot + count], self._xbuf)
-        return count
+        for index in hits:
+            if index < position:
+                continue
+            if index > position:
+                add_loose(position, index)
+            slot = slots[index]
+            # A run stays in consecutive slots and ends at a chunk boundary of the slots.
+            limit = min(CHUNK_PAGES - slot % CHUNK_PAGES, pages - index, cache.capacity - slot)
+            same = cache.dpa_in_slot[slot:slot + limit] == addresses[index:index + limit]
+            count = limit if same.all() else int(np.argmin(same))
+            end = index + count
+            if count >= _MIN_DIRECT_RUN:
+                core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src[index:end], dst[index:end],
+                           cache.store[slot:slot + count], self._xbuf)
+            else:
+                add_loose(index, end)
+            position = end
+        if position < pages:
+            add_loose(position, pages)
+        return loose
+
+    def _run_one_by_one(self, src, dst, dpa_list: list[int], first: int, last: int,
+                        encrypt: bool) -> None:
+        """A handful of pages: one XTS cipher each costs less than the vectorised set-up."""
+        raw_src, raw_dst = src.view(np.uint8), dst.view(np.uint8)
+        for index in range(first, last):
+            cipher = self._core.page_cipher(dpa_list[index])
+            context = cipher.encryptor() if encrypt else cipher.decryptor()
+            raw_dst[index] = np.frombuffer(context.update(raw_src[index]), dtype=np.uint8)
 
     def _run_fresh(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int, last: int,
                    encrypt: bool, remember: bool) -> None:
-        """Pages ``first..last-1``, none of them cached (at most a batch): compute their
-        masks together, straight into fresh cache slots when they are remembered."""
+        """Pages ``first..last-1`` (at most a batch) with masks computed afresh; the
+        ones not cached yet are remembered if ``remember``."""
         count = last - first
-        dpas = dpa_list[first:last]
-        cache = self._cache
         fresh = self._fresh[:count]
         self._deltas_into(addresses[first:last], self._positions[:count], fresh)
         core = self._core
@@ -605,47 +627,32 @@ class MemoryEncryptionEngine:
             end = min(start + CHUNK_PAGES, count)
             core.apply(context, src[first + start:first + end], dst[first + start:first + end],
                        fresh[start:end], self._xbuf)
-        if remember and count <= cache.capacity and len(set(dpas)) == count:
-            slots = cache.allocate(dpas, align=CHUNK_PAGES)
-            # allocate() hands out consecutive slots starting at a chunk boundary here,
-            # so each slot's reference position is the position the masks were made for.
-            cache.store[slots[0]:slots[0] + count] = fresh
+        if remember:
+            self._remember(dpa_list[first:last], fresh)
 
-    def _run_chunk(self, src, dst, addresses: np.ndarray, dpa_list: list[int], encrypt: bool,
-                   remember: bool) -> None:
-        """Up to one chunk of pages, some not cached: compute what is missing, then
-        remember it."""
-        cache, reference = self._cache, self._reference
-        n = len(dpa_list)
-        delta = self._delta[:n]
-        lookup = cache.slot_of.get
-        slots = [lookup(d, -1) for d in dpa_list] if cache.capacity else [-1] * n
-        missing = [i for i, slot in enumerate(slots) if slot < 0]
-        hits = np.array([i for i, slot in enumerate(slots) if slot >= 0], dtype=np.int64)
-        if hits.size:
-            hit_slots = np.array([slots[i] for i in hits.tolist()], dtype=np.int64)
-            delta[hits] = (cache.store[hit_slots] ^ reference[hit_slots % CHUNK_PAGES]) ^ reference[hits]
-        if missing:
-            fresh = self._fresh[:len(missing)]
-            self._deltas_into(addresses[missing], np.array(missing, dtype=np.int64), fresh)
-            delta[missing] = fresh
-        self._core.apply(self._core.bulk(encrypt, 0), src, dst, delta, self._xbuf)
-        if missing and remember:
-            self._remember(dpa_list, missing, delta)
-
-    def _remember(self, dpa_list: list[int], missing: list[int], delta: np.ndarray) -> None:
-        """Store the masks of newly seen pages (``delta`` rows are at positions 0..n-1)."""
-        cache, reference = self._cache, self._reference
-        first_seen = list({dpa_list[i]: i for i in reversed(missing)}.values())[::-1]
-        dpas = [dpa_list[i] for i in first_seen]
-        full_chunk = len(dpas) == CHUNK_PAGES
-        slots = cache.allocate(dpas, align=CHUNK_PAGES if full_chunk else 1)
-        if full_chunk and slots[0] % CHUNK_PAGES == 0 and first_seen == list(range(CHUNK_PAGES)):
-            cache.store[slots[0]:slots[0] + CHUNK_PAGES] = delta
+    def _remember(self, dpas: list[int], fresh: np.ndarray) -> None:
+        """Cache the masks of the pages in ``dpas`` that are not cached yet; row i of
+        ``fresh`` was made for reference position ``i % CHUNK_PAGES``."""
+        cache = self._cache
+        rows = {}
+        for row, dpa in enumerate(dpas):
+            if dpa not in cache.slot_of and dpa not in rows:
+                rows[dpa] = row
+        if not rows:
             return
-        rows = np.array(first_seen, dtype=np.int64)
+        if len(rows) > cache.capacity:  # keep the newest that fit
+            rows = dict(list(rows.items())[-cache.capacity:])
+        everything = len(rows) == len(dpas)
+        slots = cache.allocate(list(rows), align=CHUNK_PAGES if everything else 1)
+        if everything and slots[0] % CHUNK_PAGES == 0:
+            # Consecutive slots from a chunk boundary: positions match, store as they are.
+            cache.store[slots[0]:slots[0] + len(slots)] = fresh
+            return
+        row_array = np.array(list(rows.values()), dtype=np.int64)
         slot_array = np.array(slots, dtype=np.int64)
-        cache.store[slot_array] = delta[rows] ^ reference[rows] ^ reference[slot_array % CHUNK_PAGES]
+        reference = self._reference
+        cache.store[slot_array] = (fresh[row_array] ^ reference[row_array % CHUNK_PAGES]
+                                   ^ reference[slot_array % CHUNK_PAGES])
 
     def _deltas_into(self, addresses: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
         """Delta masks of pages at the given reference-stream positions, into ``out``.

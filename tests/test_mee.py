@@ -154,20 +154,69 @@ def test_cached_runs_in_every_position():
             assert engine.decrypt_pages(b"".join(page(expected, i) for i in order), sub_dpas) == subset
 
 
+def test_partly_cached_requests_fill_the_cache():
+    rng = np.random.default_rng(13)
+    dpas = pages_at(6, 0x300000, 160)
+    plain = rng.bytes(160 * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    page = lambda blob, i: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+    with MemoryEncryptionEngine(KEY) as engine:
+        evens = list(range(0, 160, 2))
+        engine.encrypt_pages(b"".join(page(plain, i) for i in evens), [dpas[i] for i in evens])
+        assert engine.cached_pages == 80
+        # cached pages interleaved with new ones, some twice
+        order = list(range(160)) + [3, 3, 4]
+        blob = b"".join(page(plain, i) for i in order)
+        assert engine.encrypt_pages(blob, [dpas[i] for i in order]) == \
+            b"".join(page(expected, i) for i in order)
+        assert engine.cached_pages == 160
+        assert engine.decrypt_pages(expected, dpas) == plain
+
+
+def test_small_requests_use_the_same_cipher():
+    # A few pages skip the vectorised set-up; the result is the same XTS.
+    dpas = pages_at(8, 0x5000, 3)
+    plain = os.urandom(3 * PAGE_SIZE)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=0) as engine:
+        small = engine.encrypt_pages(plain, dpas)
+        large = engine.encrypt_pages(plain * 10, dpas * 10)
+    assert small == reference(KEY, plain, dpas)
+    assert large == small * 10
+
+
 def test_small_cache_evicts_and_stays_correct():
     rng = np.random.default_rng(11)
     dpas = pages_at(4, 0, 3 * CHUNK_PAGES)
     plain = rng.bytes(len(dpas) * PAGE_SIZE)
     expected = reference(KEY, plain, dpas)
+    part = lambda blob, k: blob[k * CHUNK_PAGES * PAGE_SIZE:(k + 1) * CHUNK_PAGES * PAGE_SIZE]
     with MemoryEncryptionEngine(KEY, mask_cache_bytes=CHUNK_PAGES * PAGE_SIZE) as engine:
         assert engine.mask_cache_capacity_pages == CHUNK_PAGES
         for _ in range(3):
             assert engine.encrypt_pages(plain, dpas) == expected
-            assert engine.cached_pages <= CHUNK_PAGES
+            assert engine.cached_pages == CHUNK_PAGES  # the newest pages that fit
+        for k in (0, 1, 0, 2, 2):  # each chunk evicts the previous one
+            chunk_dpas = dpas[k * CHUNK_PAGES:(k + 1) * CHUNK_PAGES]
+            assert engine.encrypt_pages(part(plain, k), chunk_dpas) == part(expected, k)
+            assert engine.decrypt_pages(part(expected, k), chunk_dpas) == part(plain, k)
+            assert engine.cached_pages == CHUNK_PAGES
         for i in range(0, len(dpas), 17):  # single pages, cached or not
             one = plain[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             assert engine.encrypt_pages(one, [dpas[i]]) == expected[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
         assert engine.memory_bytes() < 2 * CHUNK_PAGES * PAGE_SIZE + (8 << 20)
+
+
+def test_cache_wraps_around():
+    rng = np.random.default_rng(17)
+    capacity = CHUNK_PAGES + CHUNK_PAGES // 2
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=capacity * PAGE_SIZE) as engine:
+        for k in range(4):
+            dpas = pages_at(k + 1, 0, CHUNK_PAGES)
+            plain = rng.bytes(CHUNK_PAGES * PAGE_SIZE)
+            expected = reference(KEY, plain, dpas)
+            for _ in range(2):  # the second round comes from the cache
+                assert engine.encrypt_pages(plain, dpas) == expected
+            assert engine.cached_pages <= capacity
 
 
 def test_cache_size_zero_holds_no_masks():
@@ -206,6 +255,27 @@ def test_into_buffers_in_place_and_mmap():
         assert bytes(buf) == expected
         words = np.frombuffer(expected, dtype=np.uint64).copy()  # any bytes-like input
         assert engine.decrypt_pages(words, dpas) == plain
+
+
+def test_address_sequences_of_any_integer_kind():
+    dpas = pages_at(2, 0x9000, 20)
+    plain = os.urandom(20 * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    with MemoryEncryptionEngine(KEY) as engine:
+        for form in (dpas, tuple(dpas), np.array(dpas, dtype=object), np.array(dpas, dtype=np.int64),
+                     np.array(dpas, dtype=np.uint64), [np.uint64(d) for d in dpas]):
+            assert engine.encrypt_pages(plain, form) == expected
+
+
+def test_units_of_any_length():
+    for blocks in (1, 5, 64, 80, 200):
+        tweaks = [os.urandom(16) for _ in range(3)]
+        data = os.urandom(3 * 16 * blocks)
+        expected = b"".join(
+            Cipher(algorithms.AES(KEY), modes.XTS(t)).encryptor().update(data[i * 16 * blocks:(i + 1) * 16 * blocks])
+            for i, t in enumerate(tweaks))
+        assert _xts_data_units(KEY, data, tweaks, 16 * blocks, encrypt=True) == expected
+    assert _xts_data_units(KEY, b"", [], 32, encrypt=True) == b""
 
 
 def test_empty_request():
@@ -268,6 +338,8 @@ def test_bad_cache_size():
     (bytes(PAGE_SIZE), [1.5], "integers"),
     (bytes(PAGE_SIZE), ["0"], "integers"),
     (bytes(PAGE_SIZE), [[0]], "flat sequence"),
+    (bytes(2 * PAGE_SIZE), [[0], 0], "sequence of integers"),
+    (bytes(2 * PAGE_SIZE), [1 << 70, "0"], "integers"),
     (bytes(PAGE_SIZE), np.array([64 << 40], dtype=np.uint64), "out of range"),
     ("text", [0], "bytes-like"),
 ])
@@ -296,8 +368,8 @@ def test_bad_output_buffers():
 
 def test_close_forgets_everything():
     engine = MemoryEncryptionEngine(KEY)
-    engine.encrypt_pages(bytes(PAGE_SIZE), [0])
-    assert engine.cached_pages == 1
+    engine.encrypt_pages(bytes(CHUNK_PAGES * PAGE_SIZE), pages_at(1, 0, CHUNK_PAGES))
+    assert engine.cached_pages == CHUNK_PAGES
     engine.close()
     assert engine.cached_pages == 0
     with pytest.raises(MeeError, match="closed"):
