@@ -137,6 +137,9 @@ class QemuMachine:
             "-smp", "1",
             "-chardev", f"socket,id=qmp0,path={self.socket_path('qmp')},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
+            # A second monitor for the host-facing QMP proxy (QMP serves one client per socket).
+            "-chardev", f"socket,id=qmp1,path={self.socket_path('qmp-host')},server=on,wait=off",
+            "-mon", "chardev=qmp1,mode=control",
             "-chardev", f"socket,id=gdb0,path={self.socket_path('gdb')},server=on,wait=off",
             "-gdb", "chardev:gdb0",
         ]
@@ -184,7 +187,7 @@ class QemuMachine:
             raise
 
     def _wait_for_sockets(self, deadline: float) -> None:
-        needed = [self.socket_path(n) for n in ("qmp", "gdb", *SERIALS)]
+        needed = [self.socket_path(n) for n in ("qmp", "qmp-host", "gdb", *SERIALS)]
         while not all(os.path.exists(p) for p in needed):
             self.check_alive("while starting")
             if time.monotonic() > deadline:
