@@ -255,18 +255,29 @@ class _XtsCore:
         return Cipher(self._aes, modes.XTS(tweak.to_bytes(16, "little")))
 
     @staticmethod
-    def apply(context, src, dst, delta, xbuf) -> None:
-        """Run ``n`` units (rows of ``src``, (n, words) uint64) through ``context``.
+    def apply(context, src, dst, first: int, last: int, delta, xbuf) -> None:
+        """Run units ``first..last-1`` of ``src`` into ``dst`` ((units, words) uint64
+        arrays, ``dst`` may be ``src``) through ``context``; ``delta`` holds their
+        delta masks.
 
-        ``delta`` holds each unit's delta mask; ``xbuf`` is scratch of at least
-        n rows plus 16 bytes.  ``dst`` may be ``src``.
+        The first XOR writes straight into ``dst``, so the chunk's memory traffic
+        happens in one pass; the cipher and the second XOR then work on it while it
+        is still in the CPU cache.  The cipher call needs 15 spare bytes after its
+        output, which the next unit provides; the last chunk goes through ``xbuf``.
         """
         n, words = delta.shape
+        if last < len(dst):
+            out = dst[first:last]
+            np.bitwise_xor(src[first:last], delta, out=out)
+            raw = dst[first:last + 1].view(np.uint8).reshape(-1)
+            context.update_into(raw[:n * words * 8], raw)
+            np.bitwise_xor(out, delta, out=out)
+            return
         x = xbuf[:n * words].reshape(n, words)
-        np.bitwise_xor(src, delta, out=x)
+        np.bitwise_xor(src[first:last], delta, out=x)
         raw = xbuf.view(np.uint8)
         context.update_into(raw[:n * words * 8], raw)
-        np.bitwise_xor(x, delta, out=dst)
+        np.bitwise_xor(x, delta, out=dst[first:last])
 
     def close(self) -> None:
         self._key = b""
@@ -312,7 +323,7 @@ def _xts_data_units(key: bytes, data: bytes, tweaks: Sequence[bytes], unit_size:
             d = delta[:part.stop - first]
             generator.generate(starts[part, 0].copy(), starts[part, 1].copy(), d)
             np.bitwise_xor(d, reference[:len(d)], out=d)
-            core.apply(context, src[part], dst[part], d, xbuf)
+            core.apply(context, src, dst, part.start, part.stop, d, xbuf)
         return dst.tobytes()
     finally:
         core.close()
@@ -596,7 +607,7 @@ class MemoryEncryptionEngine:
             count = limit if same.all() else int(np.argmin(same))
             end = index + count
             if count >= _MIN_DIRECT_RUN:
-                core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src[index:end], dst[index:end],
+                core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src, dst, index, end,
                            cache.store[slot:slot + count], self._xbuf)
             else:
                 add_loose(index, end)
@@ -625,8 +636,7 @@ class MemoryEncryptionEngine:
         context = core.bulk(encrypt, 0)
         for start in range(0, count, CHUNK_PAGES):
             end = min(start + CHUNK_PAGES, count)
-            core.apply(context, src[first + start:first + end], dst[first + start:first + end],
-                       fresh[start:end], self._xbuf)
+            core.apply(context, src, dst, first + start, first + end, fresh[start:end], self._xbuf)
         if remember:
             self._remember(dpa_list[first:last], fresh)
 
