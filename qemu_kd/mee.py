@@ -11,22 +11,25 @@ The engine is vectorised; it never builds a cipher object per page:
 
 * The tweaks of all pages of a request are encrypted with the tweak key K2 in
   one AES-ECB call, giving each page's starting mask ``T = AES_K2(dpa)``.
-* The masks of block ``j`` of every page, ``T * x**j`` in GF(2**128), come from
-  numpy over all pages at once: uint64 (lo, hi) planes, filled by doubling
-  (blocks ``L..2L-1`` are blocks ``0..L-1`` times ``x**L``), then by steps of
-  ``x**64``.
-* The bulk cipher is one AES-XTS call per chunk over the whole chunk as a
-  single data unit, under a fixed *reference* tweak (zero).  That call applies
-  the reference masks ``R_j = AES_K2(0) * x**j`` around AES with the data key
-  K1.  XORing each page with ``D = mask ^ R`` before and after the call turns
-  it into exact per-page XTS.  (One XTS call runs about twice as fast as
-  AES-ECB on CPUs with vector AES, and ECB would need the same two XORs.)
+* The bulk cipher is one AES-XTS call per chunk of pages, the whole chunk as
+  a single data unit under a fixed *reference* tweak (zero).  That call applies
+  the reference masks ``R_i = AES_K2(0) * x**i`` around AES with the data key
+  K1.  XORing each page with its delta mask ``D = mask ^ R`` before and after
+  the call turns it into exact per-page XTS.  (One XTS call runs about twice
+  as fast as AES-ECB on CPUs with vector AES, and ECB would need the same two
+  XORs.)
+* The delta masks of block ``j`` of every page, ``(T ^ R_p) * x**j`` in
+  GF(2**128) (multiplying by ``x**j`` is linear), come from numpy over all
+  pages at once: uint64 (lo, hi) planes, the start of each 64-block group by
+  steps of ``x**64``, then doubling (blocks ``L..2L-1`` are blocks ``0..L-1``
+  times ``x**L``).
 
-Masks are position independent, so the engine keeps a bounded cache of them,
-keyed by data physical address: 4096 bytes of masks per cached page, that is
-1 GiB (plus about 2 % for the index) per GiB of guest memory, never more than
-``mask_cache_bytes`` per engine (64 MiB by default; 0 disables the cache).
-When the cache is full the oldest entries are replaced first.
+The engine keeps a bounded cache of delta masks, keyed by data physical
+address: 4096 bytes per cached page, that is 1 GiB (plus well under 1 % for
+the index) per GiB of guest memory, never more than ``mask_cache_bytes`` per
+engine (64 MiB by default; 0 disables the cache).  When the cache is full the
+oldest entries are replaced first.  Requests with only a few pages to compute
+use one XTS cipher per page, which is cheaper than the vectorised set-up.
 
 See docs/mee.md for the layout and the measured throughput.
 """
@@ -56,7 +59,7 @@ BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK_SIZE
 WORDS_PER_PAGE = PAGE_SIZE // 8
 DEFAULT_MASK_CACHE_BYTES = 64 << 20
 CHUNK_PAGES = 64
-# Shorter runs of consecutive cache slots are gathered instead of fed directly.
+# Shorter runs of consecutive cache slots are recomputed with the uncached pages.
 _MIN_DIRECT_RUN = 4
 # Pages whose masks are computed together (more amortises numpy's per-call cost).
 _BATCH_PAGES = 4 * CHUNK_PAGES
@@ -407,7 +410,11 @@ class _MaskCache:
 
     def __init__(self, capacity_pages: int):
         self.capacity = capacity_pages
-        self.store = np.empty((capacity_pages, WORDS_PER_PAGE), _U64) if capacity_pages else None
+        try:
+            self.store = np.empty((capacity_pages, WORDS_PER_PAGE), _U64) if capacity_pages else None
+        except MemoryError:
+            raise MeeError(f"cannot reserve {capacity_pages * PAGE_SIZE >> 20} MiB for the mask cache",
+                           "pass a smaller mask_cache_bytes") from None
         self.slot_of: dict[int, int] = {}
         # The address each slot holds (_EMPTY_SLOT if none): a run of cached
         # pages is recognised with one vector compare.
@@ -473,7 +480,6 @@ class MemoryEncryptionEngine:
         self._reference = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
         self._generator.generate(self._reference_lo, self._reference_hi, self._reference)
         self._positions = np.arange(_BATCH_PAGES) % CHUNK_PAGES
-        self._delta = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
         self._fresh = np.empty((_BATCH_PAGES, WORDS_PER_PAGE), _U64)
         self._xbuf = np.empty(CHUNK_PAGES * WORDS_PER_PAGE + 2, _U64)
 
@@ -528,8 +534,8 @@ class MemoryEncryptionEngine:
         return self._cache.touched * PAGE_SIZE + self._cache.index_bytes() + scratch
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
-        return (self._reference, self._reference_lo, self._reference_hi, self._delta, self._fresh,
-                self._xbuf, *self._generator.scratch())
+        return (self._reference, self._reference_lo, self._reference_hi, self._fresh, self._xbuf,
+                *self._generator.scratch())
 
     # --- the work
 
