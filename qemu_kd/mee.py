@@ -590,8 +590,6 @@ class MemoryEncryptionEngine:
         if not cache.capacity:
             return [(0, pages)]
         lookup = cache.slot_of.get
-        slots = [lookup(d, -1) for d in dpa_list]
-        hits = [i for i, slot in enumerate(slots) if slot >= 0]
         loose: list[tuple[int, int]] = []
 
         def add_loose(first: int, last: int) -> None:
@@ -599,14 +597,14 @@ class MemoryEncryptionEngine:
                 first = loose.pop()[0]
             loose.append((first, last))
 
-        position = 0
         core = self._core
-        for index in hits:
-            if index < position:
+        index = 0
+        while index < pages:
+            slot = lookup(dpa_list[index])
+            if slot is None:
+                add_loose(index, index + 1)
+                index += 1
                 continue
-            if index > position:
-                add_loose(position, index)
-            slot = slots[index]
             # A run stays in consecutive slots and ends at a chunk boundary of the slots.
             limit = min(CHUNK_PAGES - slot % CHUNK_PAGES, pages - index, cache.capacity - slot)
             same = cache.dpa_in_slot[slot:slot + limit] == addresses[index:index + limit]
@@ -617,9 +615,7 @@ class MemoryEncryptionEngine:
                            cache.store[slot:slot + count], self._xbuf)
             else:
                 add_loose(index, end)
-            position = end
-        if position < pages:
-            add_loose(position, pages)
+            index = end
         return loose
 
     def _run_one_by_one(self, src, dst, dpa_list: list[int], first: int, last: int,
