@@ -25,8 +25,8 @@ The engine is vectorised; it never builds a cipher object per page:
   times ``x**L``).
 
 The engine keeps a bounded cache of delta masks, keyed by data physical
-address: 4096 bytes per cached page, that is 1 GiB (plus well under 1 % for
-the index) per GiB of guest memory, never more than ``mask_cache_bytes`` per
+address: 4096 bytes per cached page, that is 1 GiB (plus about 3 % for the
+index) per GiB of guest memory, never more than ``mask_cache_bytes`` per
 engine (64 MiB by default; 0 disables the cache).  When the cache is full the
 oldest entries are replaced first.  Requests with only a few pages to compute
 use one XTS cipher per page, which is cheaper than the vectorised set-up.
@@ -440,8 +440,9 @@ class _MaskCache:
         return slots
 
     def index_bytes(self) -> int:
-        """Approximate memory of the address -> slot index."""
-        return sys.getsizeof(self.slot_of) + 32 * len(self.slot_of) + self.dpa_in_slot.nbytes
+        """Approximate memory of the address -> slot index (the dict, its int
+        keys and values, the slot array)."""
+        return sys.getsizeof(self.slot_of) + 64 * len(self.slot_of) + self.dpa_in_slot.nbytes
 
     def clear(self) -> None:
         if self.store is not None:
