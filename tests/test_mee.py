@@ -115,7 +115,8 @@ def test_gf_multiplication_by_x_powers():
 
 
 @pytest.mark.parametrize("cache", [0, 64 << 20])
-@pytest.mark.parametrize("count", [1, 3, CHUNK_PAGES - 1, CHUNK_PAGES, CHUNK_PAGES + 1, 3 * CHUNK_PAGES + 5])
+@pytest.mark.parametrize("count", [1, 3, 13, CHUNK_PAGES - 1, CHUNK_PAGES, CHUNK_PAGES + 1, 3 * CHUNK_PAGES + 5,
+                                   4 * CHUNK_PAGES + 7])
 def test_random_pages_match_reference(cache, count):
     rng = np.random.default_rng(count)
     dpas = [data_physical_address(int(rng.integers(0, 64)), int(rng.integers(0, 1 << 28)) * PAGE_SIZE)
