@@ -41,6 +41,7 @@ from typing import Callable
 from .audit import AuditLog
 from .errors import KdError
 from .gdbstub import RspClient, RspError, checksum, frame, unescape
+from .qmp_proxy import claim_socket_path
 
 PACKET_SIZE = 0x1000         # advertised to gdb; QEMU's own limit
 MAX_PACKET = 4 * PACKET_SIZE  # largest client packet accepted (escaped bytes)
@@ -574,12 +575,7 @@ class GdbProxy:
 
     def start(self) -> None:
         """Listen on ``listen_path``; sessions are served in background threads."""
-        from .qmp_proxy import QmpProxyError, _remove_stale_socket
-
-        try:
-            _remove_stale_socket(self.listen_path)
-        except QmpProxyError as exc:
-            raise GdbProxyError(exc.message, exc.hint) from None
+        claim_socket_path(self.listen_path)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server.bind(self.listen_path)

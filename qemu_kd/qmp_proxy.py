@@ -38,6 +38,8 @@ MAX_MESSAGE = 1 << 20          # bytes in one client message
 MAX_NESTING = 256              # JSON nesting depth in one client message
 UPSTREAM_LIMIT = 64 << 20      # one reply line from QEMU (query-qmp-schema is ~0.5 MiB)
 MAX_CLIENT_BACKLOG = 8 << 20   # unsent bytes to a client before it is dropped
+DISCARD_LIMIT = 16 << 20       # input still read from a client being closed after an error
+DISCARD_WAIT = 2.0             # seconds to wait for more of that input
 
 ALWAYS_ALLOWED = frozenset({
     "query-status", "query-version", "query-name", "query-commands", "query-cpus-fast",
@@ -402,7 +404,9 @@ class QmpProxy:
         self._upstream: _Upstream | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> None:
+    connect_timeout = 10.0
+
+    def start(self, timeout: float = 30.0) -> None:
         """Connect to QEMU and start listening; returns once clients can connect."""
         if self._thread is not None:
             raise QmpProxyError(f"the QMP proxy of key domain {self.domain} is already running")
@@ -451,13 +455,18 @@ class QmpProxy:
         server = None
         try:
             try:
-                await self._upstream.connect()
+                await asyncio.wait_for(self._upstream.connect(), self.connect_timeout)
+            except asyncio.TimeoutError:
+                raise QmpProxyError(
+                    f"QEMU's monitor {self.upstream_path} did not greet the QMP proxy of key "
+                    f"domain {self.domain}", "a QMP socket serves one client at a time; is "
+                    "another client connected to it?") from None
             except (OSError, ValueError) as exc:
                 raise QmpProxyError(
                     f"cannot connect the QMP proxy of key domain {self.domain} to QEMU's "
                     f"monitor {self.upstream_path}: {exc}", "check that the domain is running") \
                     from None
-            _remove_stale_socket(self.listen_path)
+            claim_socket_path(self.listen_path)
             try:
                 server = await asyncio.start_unix_server(self._serve, self.listen_path,
                                                          limit=MAX_MESSAGE)
@@ -511,6 +520,7 @@ class QmpProxy:
                     if isinstance(item, InputError):
                         client.send(error_reply(item.desc))
                         if item.fatal:
+                            await self._hang_up(reader, writer)
                             return
                         continue
                     reply = await self._handle(client, item)
@@ -520,10 +530,29 @@ class QmpProxy:
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass   # the client went away; nothing to clean up in QEMU
+        except asyncio.CancelledError:
+            pass   # the proxy is closing
         finally:
             self._clients.discard(client)
             self._tasks.discard(task)
             writer.close()
+
+    @staticmethod
+    async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Close a client after a fatal error so that it still reads the error: half-close,
+        then discard what it is still sending (bounded), so the close is not a reset."""
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        discarded = 0
+        while discarded < DISCARD_LIMIT:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), DISCARD_WAIT)
+            except asyncio.TimeoutError:
+                break
+            if not data:
+                break
+            discarded += len(data)
 
     async def _handle(self, client: _Client, msg) -> dict:
         """The reply to one parsed message (QEMU's dispatcher checks, then the policy)."""
@@ -594,14 +623,19 @@ class QmpProxy:
         return {"return": {}}
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left at ``path`` by an earlier run (never any other file)."""
+class ListenPathError(KdError):
+    """A proxy cannot listen on the path it was given."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for a listening socket: remove a dead socket left by an earlier
+    run, refuse a live one or any other file."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise QmpProxyError(f"{path} exists and is not a socket", "choose another listen path")
+        raise ListenPathError(f"{path} exists and is not a socket", "choose another listen path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -610,5 +644,5 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise QmpProxyError(f"another process is already listening on {path}",
-                        "close the other proxy first")
+    raise ListenPathError(f"another process is already listening on {path}",
+                          "close the other proxy first")
