@@ -554,6 +554,8 @@ class GdbProxy:
     through the gdbstub.
     """
 
+    handover_wait = RELEASE_TIMEOUT + 1.0   # a new client waits this long for the last session
+
     def __init__(self, listen_path: str, rsp: RspClient, *, debug: bool, domain: str,
                  audit: AuditLog, on_stop: Callable[[], object] | None = None,
                  on_cont: Callable[[], object] | None = None, rsp_lock=None):
@@ -631,18 +633,19 @@ class GdbProxy:
             except OSError:
                 continue
             conn.settimeout(SEND_TIMEOUT)
-            if self._session_lock.acquire(blocking=False):
-                target = self._serve
-            else:
-                target = self._turn_away
-            worker = threading.Thread(target=target, args=(conn,), daemon=True,
+            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                       name=f"gdb-session-{self.domain}")
             self._workers.add(worker)
             worker.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        # A session whose client just left may still be cleaning up: wait for it a little.
+        if not self._session_lock.acquire(timeout=self.handover_wait):
+            self._turn_away(conn)
+            return
         try:
-            _Session(self, _ClientChannel(conn, self._wake_r)).run()
+            if not self._closed:
+                _Session(self, _ClientChannel(conn, self._wake_r)).run()
         finally:
             conn.close()
             self._session_lock.release()
