@@ -36,6 +36,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Callable
 
 from .audit import AuditLog
@@ -283,6 +284,15 @@ class _Upstream:
         end = buf.find(b"#", start)
         return end >= 0 and len(buf) >= end + 3
 
+    def wait_stop_reply(self, timeout: float) -> bytes | None:
+        """The next stop reply, or None if none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.stop_reply_ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._sock()], [], [], remaining)[0]:
+                return None
+        return self.read_stop_reply()
+
     def read_stop_reply(self) -> bytes:
         """The next stop reply (skipping anything else); blocks up to the client timeout."""
         while True:
@@ -523,11 +533,11 @@ class _Session:
         try:
             with self.up.lock:
                 if self.running:
+                    # Stopped already (a stop reply is waiting) or running: a stopped
+                    # gdbstub ignores the interrupt byte, a running one stops and replies.
                     self.up.interrupt()
-                    sock = self.up._sock()
-                    if not select.select([sock], [], [], RELEASE_TIMEOUT)[0]:
-                        return
-                    self.up.read_stop_reply()
+                    if self.up.wait_stop_reply(RELEASE_TIMEOUT) is None:
+                        return   # QEMU does not answer; leave it to the platform
                     self.running = False
                 for key in sorted(self.breakpoints):
                     self.up.request(b"z" + key)

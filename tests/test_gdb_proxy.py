@@ -352,6 +352,39 @@ def test_debug_client_vanishing_mid_continue_leaves_guest_running(guest, proxy_f
     assert c.ask(b"D") == b"OK"
     c.close()
     assert guest.agent.ping()                     # breakpoint gone, vCPU resumed
+    # the same, but the client leaves while stopped at the breakpoint
+    c = Rsp(proxy.listen_path)
+    assert c.ask(f"Z0,{schedule_addr:x},1".encode()) == b"OK"
+    assert c.ask(b"c").startswith(b"T05")
+    c.close()
+    assert guest.agent.ping()
+    assert guest.machine.qmp.cmd("query-status")["status"] == "running"
+
+
+@pytest.mark.qemu
+def test_debug_session_pauses_and_resumes_through_the_callbacks(guest, tmp_path):
+    calls = []
+    m = guest.machine
+    proxy = GdbProxy(str(tmp_path / "cb.sock"), m.rsp, debug=True, domain="kd3",
+                     audit=AuditLog(tmp_path / "a.log"),
+                     on_stop=lambda: (calls.append("stop"), m.pause()),
+                     on_cont=lambda: (calls.append("cont"), m.resume()))
+    proxy.start()
+    try:
+        c = Rsp(proxy.listen_path)
+        assert c.ask(b"?").startswith(b"T05")
+        assert calls == ["stop"]
+        assert m.qmp.cmd("query-status")["status"] == "paused"
+        assert c.ask(b"D") == b"OK"
+        c.close()
+        c = Rsp(proxy.listen_path)            # served after the first session's cleanup
+        assert c.ask(b"D") == b"OK"           # attach and detach again
+        assert calls[:3] == ["stop", "cont", "stop"]
+        c.close()
+    finally:
+        proxy.close()
+    assert calls == ["stop", "cont", "stop", "cont"]
+    assert m.qmp.cmd("query-status")["status"] == "running"
     assert guest.agent.ping()
 
 
