@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Callable
 
-from .audit import AuditLog
+from .audit import AuditError, AuditLog
 from .errors import KdError
 from .gdbstub import RspClient, RspError, checksum, frame, unescape
 from .qmp_proxy import claim_socket_path
@@ -53,6 +53,8 @@ TARGET_XML = (b'<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd">'
               b"<target><architecture>i386:x86-64</architecture></target>")
 # rax..r15 unavailable, rip 0 (see the module docstring).
 NO_DEBUG_REGISTERS = b"x" * (16 * 16) + b"0" * 16
+# Other packets that read guest memory (refused without DEBUG).
+READS = (b"qCRC", b"qSearch")
 # Packets about features this stub does not have (tracepoints, symbol lookup,
 # relocation): answered "unsupported" without asking QEMU, in both modes.
 LOCAL_EMPTY = frozenset({b"vMustReplyEmpty", b"qTStatus", b"qTfV", b"qTsV", b"qTfP", b"qTsP",
@@ -320,9 +322,14 @@ class _Session:
     def refusal_text(self) -> str:
         return f"key domain {self.proxy.domain} was not sealed with the DEBUG policy"
 
-    def audit(self, packet: bytes, allowed: bool) -> None:
-        self.proxy.audit.record(domain=self.proxy.domain, endpoint="gdb",
-                                action=summarize(packet), allowed=allowed, debug=self.debug)
+    def audit(self, packet: bytes, allowed: bool) -> bool:
+        """Log the request; False if the log cannot be written (then nothing is relayed)."""
+        try:
+            self.proxy.audit.record(domain=self.proxy.domain, endpoint="gdb",
+                                    action=summarize(packet), allowed=allowed, debug=self.debug)
+        except AuditError:
+            return False
+        return True
 
     def run(self) -> None:
         try:
@@ -396,7 +403,7 @@ class _Session:
             self.audit(packet, False)
             chan.send(b"O" + (f"refused: {self.refusal_text()}\n").encode().hex().encode())
             chan.send(b"E01")
-        elif (kind and kind in b"GPmMXZz") or is_step(packet) or packet.startswith((b"qCRC", b"qSearch")):
+        elif (kind and kind in b"GPmMXZz") or is_step(packet) or packet.startswith(READS):
             self.audit(packet, False)
             chan.send(b"E01")
         else:
@@ -454,8 +461,9 @@ class _Session:
     def relay(self, packet: bytes) -> None:
         chan = self.chan
         harmless = packet.startswith(b"qXfer:features:read:")
-        if not harmless:
-            self.audit(packet, True)
+        if not harmless and not self.audit(packet, True):
+            chan.send(b"E01")    # fail closed: nothing unaudited reaches the guest
+            return
         if is_continue(packet) or is_step(packet):
             self.resume_and_wait(packet)
             return

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .audit import AuditLog
+from .audit import AuditError, AuditLog
 from .errors import KdError
 
 MAX_MESSAGE = 1 << 20          # bytes in one client message
@@ -594,9 +594,12 @@ class QmpProxy:
                                "CommandNotFound")
         verdict = self.policy.judge(command, arguments)
         if verdict.audited:
-            self.audit.record(domain=self.domain, endpoint="qmp",
-                              action=summarize(command, arguments), allowed=verdict.allowed,
-                              debug=self.debug)
+            try:
+                self.audit.record(domain=self.domain, endpoint="qmp",
+                                  action=summarize(command, arguments), allowed=verdict.allowed,
+                                  debug=self.debug)
+            except AuditError as exc:   # fail closed: nothing unaudited gets through
+                return error_reply(f"'{command[:80]}' is refused: {exc.message}")
         if not verdict.allowed:
             return error_reply(verdict.reason)
         if command == "stop" and self.on_stop is not None:

@@ -189,7 +189,8 @@ def test_close_ends_the_session_and_removes_the_socket(tmp_path):
     assert not (tmp_path / "g.sock").exists()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300))
 def test_random_bytes_never_break_the_proxy(nodebug, junk):
     c = Rsp(nodebug.listen_path)
@@ -391,7 +392,8 @@ def test_debug_session_pauses_and_resumes_through_the_callbacks(guest, tmp_path)
 @pytest.mark.qemu
 def test_debug_proxy_survives_fuzzed_rsp(guest, proxy_for):
     proxy = proxy_for(True)
-    inputs = [b"$qC#00", b"\x00\x01garbage\xff", b"$m1000,4", b"$" + b"m" * (MAX_PACKET + 5) + b"#00",
+    inputs = [b"$qC#00", b"\x00\x01garbage\xff", b"$m1000,4",
+              b"$" + b"m" * (MAX_PACKET + 5) + b"#00",
               b"$g#6" + b"$$$###", b"+-+-" * 100, b"}" * 1000]
     for blob in inputs:
         c = Rsp(proxy.listen_path)
@@ -402,4 +404,20 @@ def test_debug_proxy_survives_fuzzed_rsp(guest, proxy_for):
     assert len(reply) > 16 * 16 and all(ch in b"0123456789abcdefx" for ch in reply)
     assert c.ask(b"D") == b"OK"
     c.close()
+    assert guest.agent.ping()
+
+
+@pytest.mark.qemu
+def test_debug_requests_fail_closed_without_an_audit_log(guest, tmp_path):
+    proxy = GdbProxy(str(tmp_path / "g.sock"), guest.machine.rsp, debug=True, domain="kd3",
+                     audit=AuditLog(tmp_path / "missing-dir" / "audit.log"))
+    proxy.start()
+    try:
+        c = Rsp(proxy.listen_path)
+        assert c.ask(b"g") == b"E01" and c.ask(b"m1000,4") == b"E01"
+        assert c.ask(b"qC") == b"QC01"
+        assert c.ask(b"D") == b"OK"
+        c.close()
+    finally:
+        proxy.close()
     assert guest.agent.ping()

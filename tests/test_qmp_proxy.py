@@ -278,9 +278,11 @@ def test_memory_and_monitor_commands_refused_without_debug(proxies):
     assert reply["error"]["desc"] == f"'pmemsave' is refused: {POLICY_TEXT}"
     reply = mon.cmd_raw("human-monitor-command", {"command-line": "xp /4x 0x1000"})
     assert POLICY_TEXT in reply["error"]["desc"] and "xp /4x 0x1000" in reply["error"]["desc"]
-    for cmd in ("memsave", "dump-guest-memory", "query-memory-devices", "migrate", "x-does-not-exist"):
+    for cmd in ("memsave", "dump-guest-memory", "query-memory-devices", "migrate",
+                "x-does-not-exist"):
         assert POLICY_TEXT in mon.cmd_raw(cmd)["error"]["desc"]
-    assert ret(mon, "human-monitor-command", {"command-line": "info status"}).startswith("VM status")
+    hmp = ret(mon, "human-monitor-command", {"command-line": "info status"})
+    assert hmp.startswith("VM status")
     mon.close()
     assert not (proxies.tmp / "leak.bin").exists()
     new = proxies.audit.records()[before:]
@@ -488,18 +490,43 @@ def test_fuzzed_input_leaves_proxy_and_guest_working(proxies):
     assert proxies.guest.agent.ping()
 
 
-def test_proxy_survives_qemu_going_away(tmp_path):
-    """When QEMU quits, clients get a clear error; the proxy itself keeps serving."""
+def bare_qemu(tmp_path):
+    """A CPU-less QEMU with one QMP monitor: enough for the proxy's own behaviour."""
     qmp = tmp_path / "qmp.sock"
     proc = subprocess.Popen(["qemu-system-x86_64", "-S", "-nodefaults", "-display", "none",
                              "-machine", "none", "-chardev",
                              f"socket,id=m,path={qmp},server=on,wait=off",
                              "-mon", "chardev=m,mode=control"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not qmp.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, qmp
+
+
+@pytest.mark.qemu
+def test_debug_commands_fail_closed_when_the_audit_log_cannot_be_written(tmp_path):
+    proc, qmp = bare_qemu(tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not qmp.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        proxy = QmpProxy(str(tmp_path / "p.sock"), str(qmp), debug=True, domain="kd3",
+                         audit=AuditLog(tmp_path / "missing-dir" / "audit.log"))
+        proxy.start()
+        mon = connect(proxy.listen_path)
+        reply = mon.cmd_raw("human-monitor-command", {"command-line": "info status"})
+        assert "is refused: cannot write the audit log" in reply["error"]["desc"]
+        assert ret(mon, "query-status")["status"] == "prelaunch"     # not audited: passes
+        mon.close()
+        proxy.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.qemu
+def test_proxy_survives_qemu_going_away(tmp_path):
+    """When QEMU quits, clients get a clear error; the proxy itself keeps serving."""
+    proc, qmp = bare_qemu(tmp_path)
+    try:
         proxy = QmpProxy(str(tmp_path / "p.sock"), str(qmp), debug=False, domain="kd3",
                          audit=AuditLog(tmp_path / "a.log"))
         proxy.start()
