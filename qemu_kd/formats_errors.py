@@ -8,6 +8,9 @@ common length checks with uniform messages.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .errors import KdError
 
 
@@ -83,3 +86,18 @@ def require_bytes(what: str, value: bytes, size: int) -> None:
     if not isinstance(value, (bytes, bytearray)) or len(value) != size:
         got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
         raise FieldValueError(f"{what} must be {size} bytes, got {got}")
+
+
+def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -300,10 +300,7 @@ class HostPortServer:
                 "preferred_version": PROTOCOL_VERSION}
 
     def _platform_info(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
-        info = self.platform.platform_info()
-        wire = PlatformInfo(info.chain_pem, info.keyid_bits, info.free_keyids, info.accelerator,
-                            info.memory_size, info.page_size, info.integrity_events)
-        return wire.pack(), b""
+        return self.platform.platform_info().pack(), b""
 
     def _alloc(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         keyid = arg_int(args, "keyid", minimum=1, maximum=255) if args.get("keyid") is not None else None

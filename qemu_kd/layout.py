@@ -24,12 +24,11 @@ modules: no keys, no memory-encryption engine, no platform code.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ept import HPA_LIMIT, PAGE_SIZE, Eptp, ept_table_pages_needed
-from .formats_errors import FormatError, MagicError, VersionError
+from .formats_errors import FormatError, MagicError, VersionError, write_file_atomic
 
 LAYOUT_FORMAT = "qemu-kd host layout"
 LAYOUT_VERSION = 1
@@ -190,14 +189,7 @@ class HostLayout:
 
     def write(self, path: Path | str) -> None:
         """Write atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(self.pack())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, self.pack())
 
     @classmethod
     def read(cls, path: Path | str) -> "HostLayout":

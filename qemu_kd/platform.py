@@ -28,6 +28,7 @@ from .domain import (
     DomainNotFoundError, DomainState, DomainStateError, EptVerdict, KeyDomain, KeyIdAllocator, PageBatch,
 )
 from .errors import KdError
+from .hostport_protocol import PlatformInfo
 from .mee import KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
 from .paths import runtime_dir
 from .physmem import DEFAULT_MEMORY_SIZE, AddressError, PageState, PhysicalMemory
@@ -48,19 +49,6 @@ def _default_runtime(domain: KeyDomain, identity, accel: str, name: str):
 
 class HostExitRefused(DomainStateError):
     """exit of a domain whose VMCS does not allow host-forced exits."""
-
-
-@dataclass(frozen=True)
-class PlatformInfo:
-    """What platform-info reports."""
-
-    chain_pem: bytes
-    keyid_bits: int
-    free_keyids: list[int]
-    accelerator: str
-    memory_size: int
-    page_size: int
-    integrity_events: int
 
 
 @dataclass(frozen=True)

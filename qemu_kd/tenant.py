@@ -35,7 +35,7 @@ from .bootlayout import build_boot_layout
 from .bundle import Bundle, BundleManifest, PageRecord, ZeroPageRecord
 from .ept import EPT_PERMS, build_ept_arrays, mapping_digest_arrays
 from .errors import KdError
-from .formats_errors import FormatError
+from .formats_errors import FormatError, write_file_atomic
 from .identity import PlatformCertInfo, verify_chain
 from .keywrap import DOMAIN_KEY_SIZE, wrap_key
 from .layout import HostLayout, LayoutError, LayoutPlan, plan
@@ -181,17 +181,7 @@ class TenantSecret:
 
     def write(self, path: Path | str) -> None:
         """Write atomically, readable only by the owner (0600)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.pack())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, self.pack(), 0o600)
 
     @classmethod
     def read(cls, path: Path | str) -> "TenantSecret":
