@@ -50,7 +50,9 @@ class HostVmmProcess:
         text = (self.proc.stderr.read() or "").strip().splitlines()
         return text[-1] if text else ""
 
-    def call(self, cmd: str, timeout: float = 300.0, **args) -> dict:
+    def call(self, command: str, /, timeout: float = 300.0, **args) -> dict:
+        """One request to the host VMM; its result, or HostVmmError with its message."""
+        cmd = command
         rid = next(self._ids)
         self.sock.sendall(encode(request(rid, cmd, **args)))
         deadline = time.monotonic() + timeout
@@ -79,7 +81,7 @@ class HostVmmProcess:
 
     def agent(self, cmd: str, wait: float = 60.0, **args) -> dict:
         """Relay one request to the guest agent through the host VMM."""
-        return self.call("agent", timeout=wait + 30, cmd=cmd, args=args, wait=wait)
+        return self.call("agent", timeout=wait + 30, agent_cmd=cmd, args=args, wait=wait)
 
     def stop(self, timeout: float = 20.0) -> None:
         sock = getattr(self, "sock", None)

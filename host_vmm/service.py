@@ -11,8 +11,9 @@ allocate    memory_size, host_data (hex, optional)       layout (JSON text)
 load        bundle (path of the bundle file)             {}
 verify      —                                            checks: [{name, ok, detail}]
 launch      ready_timeout                                endpoints, checks, ready
-agent       cmd, args (object), wait                     the guest agent's result
+agent       agent_cmd, args, wait                        the guest agent's result
 status      —                                            domain status from the platform
+detach      —                                            {} (domain left running; service ends)
 destroy     —                                            {}
 ==========  ===========================================  =========================
 
@@ -61,10 +62,16 @@ class HostVmmService:
         if self.vmm.agent is None:
             raise KdError("the domain is not running", "launch it first")
         args = req.get("args") or {}
-        return self.vmm.agent.call(str(req["cmd"]), wait=float(req.get("wait", 60)), **args)
+        return self.vmm.agent.call(str(req["agent_cmd"]), wait=float(req.get("wait", 60)), **args)
 
     def do_status(self, req: dict) -> dict:
         return self.vmm.client.domain_status(self.vmm.keyid)
+
+    def do_detach(self, req: dict) -> dict:
+        """Let go of the domain and leave it running on the platform; the service then ends."""
+        self.vmm.detach()
+        self.done = True
+        return {}
 
     def do_destroy(self, req: dict) -> dict:
         self.vmm.destroy()
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(args.api)
         except OSError:
             pass
-        if vmm is not None and vmm.layout is not None:
+        if vmm is not None and vmm.layout is not None and not vmm.detached:
             try:
                 vmm.destroy()
             except KdError:

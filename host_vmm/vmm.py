@@ -63,6 +63,7 @@ class HostVmm:
         self.agent: AgentClient | None = None
         self.launched = False
         self.destroyed = False
+        self.detached = False
         self.checks: list[Check] = []
         self.timings: dict[str, float] = {}
 
@@ -196,6 +197,17 @@ class HostVmm:
         return self.endpoints
 
     # -- teardown -------------------------------------------------------------------
+    def detach(self) -> None:
+        """Let go of a running domain without stopping it (close the shared channel and the port)."""
+        if self.agent is not None:
+            try:
+                self.agent.sock.close()
+            except OSError:
+                pass
+            self.agent = None
+        self.detached = True
+        self.client.close()
+
     def destroy(self) -> None:
         """Power the guest off if it runs, then destroy the domain (or free the reservation)."""
         if self.destroyed:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import KdError
 
-ENDPOINTS = ("qmp", "gdb")
+ENDPOINTS = ("qmp", "gdb", "hostport")
 MAX_ACTION = 200
 
 

@@ -241,3 +241,18 @@ class HostPortClient:
 
     def destroy_kd(self, keyid: int) -> int:
         return int(self._call("destroy-kd", {"keyid": keyid})[0]["freed_pages"])
+
+    def domain_status(self, keyid: int) -> dict:
+        """State, policy, measurement and host endpoints of one domain (no guest data)."""
+        return self._call("domain-status", {"keyid": keyid})[0]
+
+    def list_domains(self) -> list[dict]:
+        """domain_status of every key domain on the platform."""
+        domains = self._call("list-domains")[0].get("domains")
+        if not isinstance(domains, list):
+            raise HostPortProtocolError("list-domains result has no domains list")
+        return domains
+
+    def debug_read(self, keyid: int, gpa: int, length: int) -> bytes:
+        """Plaintext guest memory: refused unless the domain's measured policy has DEBUG (audited)."""
+        return self._call("debug-read", {"keyid": keyid, "gpa": gpa, "length": length})[1]

@@ -42,6 +42,7 @@ COMMANDS = (
     "hello", "platform-info", "alloc", "free", "read-phys", "write-phys", "read-phys-pages",
     "write-phys-pages", "create-kd", "add-pages", "add-zero-pages", "hash-kd", "vmread",
     "verify-ept", "measure-kd", "launch", "run", "exit", "resume", "destroy-kd",
+    "domain-status", "list-domains", "debug-read",
 )
 
 # ----------------------------------------------------------------------------- errors

@@ -40,7 +40,7 @@ from .keywrap import KeyUnwrapError
 from .kd_runtime import LaunchError, SaveAreaError
 from .measurement import MeasurementError
 from .physmem import AddressError, OwnershipError
-from .platform import HostExitRefused, Platform
+from .platform import MAX_DEBUG_READ, HostExitRefused, Platform
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ class HostPortServer:
             "exit": self._keyid_command(platform.exit),
             "resume": self._keyid_command(platform.resume),
             "destroy-kd": self._destroy_kd,
+            "domain-status": self._domain_status,
+            "list-domains": self._list_domains,
+            "debug-read": self._debug_read,
         }
         self.frames_refused = 0
 
@@ -404,6 +407,19 @@ class HostPortServer:
 
     def _destroy_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         return {"freed_pages": self.platform.destroy_kd(arg_int(args, "keyid", minimum=1, maximum=255))}, b""
+
+
+    def _domain_status(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return self.platform.domain_status(arg_int(args, "keyid", minimum=1, maximum=255)), b""
+
+    def _list_domains(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return {"domains": self.platform.list_domains()}, b""
+
+    def _debug_read(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        gpa = arg_int(args, "gpa")
+        length = arg_int(args, "length", maximum=min(MAX_DATA, MAX_DEBUG_READ))
+        return {"length": length}, self.platform.debug_read(keyid, gpa, length)
 
 
 def serve(platform: Platform, socket_path: Path | str) -> HostPortServer:

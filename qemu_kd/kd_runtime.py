@@ -30,12 +30,14 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .attestation import sign_report
+from .audit import AuditLog
 from .errors import KdError
 from .guestport import GuestPortServer
 from .machine import MachineSpec, QemuMachine
@@ -59,13 +61,19 @@ class SaveAreaError(KdError):
 
 @dataclass
 class Endpoints:
-    """Host-visible endpoints of a running domain (by design: console and shared channel)."""
+    """Host-visible endpoints of a running domain.
+
+    Console and shared channel are host-visible by design; ``qmp`` and ``gdb``
+    are the filtering proxies (never QEMU's own sockets), ``audit_log`` is where
+    they record what they let through or refused.
+    """
 
     shared: str
     console: str
     console_log: str
     qmp: str
     gdb: str
+    audit_log: str
 
 
 def vm_entry_checks(vmcs, domain_policy, mem_size: int) -> list[str]:
@@ -106,6 +114,11 @@ class DomainRuntime:
         self._snapshot: np.ndarray | None = None
         self._save_mac_key = os.urandom(48)
         self._save_hpa: int | None = None
+        # Held by anyone who talks to QEMU's gdbstub: this runtime and the gdb proxy.
+        self.rsp_lock = threading.RLock()
+        self.qmp_proxy = None
+        self.gdb_proxy = None
+        self.audit: AuditLog | None = None
 
     # -- launch ---------------------------------------------------------------------
     def _mapping(self, vmcs) -> tuple[np.ndarray, np.ndarray]:
@@ -160,11 +173,59 @@ class DomainRuntime:
         self.domain.on_destroy = self.stop
         return self.endpoints()
 
+    def start_proxies(self, audit_path: Path, on_stop=None, on_cont=None) -> None:
+        """Start the host-facing QMP and gdb proxies (DESIGN §7) under the domain's policy.
+
+        ``on_stop``/``on_cont`` carry QMP ``stop``/``cont`` through the platform's
+        exit and resume.  gdb under DEBUG pauses through the gdbstub itself, so the
+        debugger sees the registers (exit would scrub them).
+        """
+        from .gdb_proxy import GdbProxy
+        from .qmp_proxy import QmpProxy
+
+        m = self._require_machine()
+        debug = self.domain.policy.debug
+        self.audit = AuditLog(audit_path)
+        try:
+            self.qmp_proxy = QmpProxy(m.socket_path("kd-qmp"), m.socket_path("qmp-host"), debug=debug,
+                                      domain=self.name, audit=self.audit, on_stop=on_stop,
+                                      on_cont=on_cont)
+            self.qmp_proxy.start()
+            self.gdb_proxy = GdbProxy(m.socket_path("kd-gdb"), m.rsp, debug=debug, domain=self.name,
+                                      audit=self.audit, rsp_lock=self.rsp_lock)
+            self.gdb_proxy.start()
+        except BaseException:
+            self._stop_proxies()
+            raise
+
+    def _stop_proxies(self) -> None:
+        for attr in ("gdb_proxy", "qmp_proxy"):
+            proxy = getattr(self, attr)
+            if proxy is not None:
+                setattr(self, attr, None)
+                try:
+                    proxy.close()
+                except Exception:  # noqa: BLE001 - teardown goes on regardless
+                    pass
+
     def endpoints(self) -> Endpoints:
         m = self.machine
         return Endpoints(shared=m.socket_path("shared"), console=m.socket_path("console"),
-                         console_log=str(m.console_log), qmp=m.socket_path("qmp"),
-                         gdb=m.socket_path("gdb"))
+                         console_log=str(m.console_log), qmp=m.socket_path("kd-qmp"),
+                         gdb=m.socket_path("kd-gdb"),
+                         audit_log=str(self.audit.path) if self.audit else "")
+
+    def debug_read(self, gpa: int, length: int) -> bytes:
+        """Plaintext guest memory at ``gpa`` (the caller has checked the DEBUG policy)."""
+        m = self._require_machine()
+        if gpa < 0 or length < 0 or gpa + length > self.mem_size:
+            raise LaunchError(f"debug read of {length} bytes at gpa {gpa:#x} is outside the "
+                              f"domain's {self.mem_size >> 20} MiB of guest memory")
+        return bytes(m.map_ram()[gpa:gpa + length])
+
+    @property
+    def running(self) -> bool:
+        return self.machine is not None and self.machine.running
 
     def run(self) -> None:
         """Let the vCPU run (first entry, or after resume)."""
@@ -215,15 +276,17 @@ class DomainRuntime:
         if self.exited:
             return
         m.pause()
-        regs = m.rsp.save_vcpu()
+        with self.rsp_lock:
+            regs = m.rsp.save_vcpu()
         body = SAVE_MAGIC + struct.pack("<HH", SAVE_VERSION, len(SAVE_REGS)) + b"".join(
             struct.pack("<Q", getattr(regs, name)) for name in SAVE_REGS)
         mac = hmac.new(self._save_mac_key, body, hashlib.sha384).digest()
         page = (body + mac).ljust(PAGE, b"\0")
         self.domain.encrypt_into_dram(np.array([self._save_hpa], dtype=np.uint64), page)
-        for name in SAVE_REGS:
-            if name not in ("rflags",):
-                m.rsp.write_register(*_reg(name), 0)
+        with self.rsp_lock:
+            for name in SAVE_REGS:
+                if name not in ("rflags",):
+                    m.rsp.write_register(*_reg(name), 0)
         self.sync_shadow()
         self.exited = True
 
@@ -242,8 +305,9 @@ class DomainRuntime:
             raise SaveAreaError(f"protected save area of key domain {self.domain.keyid} does not "
                                 "verify (tampered)", "destroy the domain")
         values = struct.unpack_from(f"<{n}Q", body, 8)
-        for name, value in zip(SAVE_REGS, values):
-            m.rsp.write_register(*_reg(name), value)
+        with self.rsp_lock:
+            for name, value in zip(SAVE_REGS, values):
+                m.rsp.write_register(*_reg(name), value)
         self.exited = False
         m.resume()
 
@@ -256,6 +320,7 @@ class DomainRuntime:
 
     def stop(self) -> None:
         """Stop QEMU, scrub the platform's plaintext copy and remove every file."""
+        self._stop_proxies()
         if self.guest_port is not None:
             self.guest_port.stop()
             self.guest_port = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 
 from .domain import (
     DomainNotFoundError, DomainState, DomainStateError, EptVerdict, KeyDomain, KeyIdAllocator, PageBatch,
+    SecretPageError,
 )
 from .errors import KdError
 from .hostport_protocol import PlatformInfo
@@ -38,7 +40,9 @@ DEFAULT_QEMU_ACCEL = "tcg"
 # Endpoints of a running domain the host may have: console and shared channel are
 # host-visible by design.  QEMU's own QMP and gdb sockets are never handed out
 # (they would reveal guest memory and registers); the host gets filtered proxies.
-HOST_ENDPOINTS = ("shared", "console", "console_log")
+HOST_ENDPOINTS = ("shared", "console", "console_log", "qmp", "gdb", "audit_log")
+# Largest debug-read in one request.
+MAX_DEBUG_READ = 1 << 20
 
 
 def _default_runtime(domain: KeyDomain, identity, accel: str, name: str):
@@ -49,6 +53,10 @@ def _default_runtime(domain: KeyDomain, identity, accel: str, name: str):
 
 class HostExitRefused(DomainStateError):
     """exit of a domain whose VMCS does not allow host-forced exits."""
+
+
+class DebugRefused(SecretPageError):
+    """debug-read of a domain whose measured policy does not have DEBUG."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class Platform:
         self.runtimes: dict[int, object] = {}
         self.qemu_accel = qemu_accel
         self._runtime_factory = runtime_factory or _default_runtime
+        # QEMU processes are started from this one long-lived thread: QEMU dies with the
+        # thread that forked it (PR_SET_PDEATHSIG), and connection threads come and go.
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-launcher")
         self._closed = False
 
     # ------------------------------------------------------------- lifecycle
@@ -98,6 +109,7 @@ class Platform:
                 return
             for keyid in list(self.domains):
                 self.destroy_kd(keyid)
+            self._launcher.shutdown(wait=True)
             self.memory.close()
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
@@ -289,11 +301,24 @@ class Platform:
             domain.require_state("launch", [DomainState.VERIFIED])
             domain.launch_measurement()
             runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, f"kd{keyid}")
-            endpoints = runtime.launch()
+            self._launcher.submit(runtime.launch).result()
+            try:
+                start_proxies = getattr(runtime, "start_proxies", None)
+                if start_proxies is not None:
+                    start_proxies(self.workdir / f"audit-kd{keyid}.log",
+                                  on_stop=lambda: self.exit(keyid), on_cont=lambda: self.resume(keyid))
+            except BaseException:
+                runtime.stop()
+                raise
             self.runtimes[keyid] = runtime
             domain.mark_launched()
             self.accelerator = self.qemu_accel
-            return {name: str(getattr(endpoints, name)) for name in HOST_ENDPOINTS}
+            return self._host_endpoints(runtime)
+
+    @staticmethod
+    def _host_endpoints(runtime) -> dict[str, str]:
+        endpoints = runtime.endpoints()
+        return {name: str(getattr(endpoints, name, "")) for name in HOST_ENDPOINTS}
 
     def _runtime(self, keyid: int, command: str, allowed: Sequence[DomainState]):
         domain = self.domain(keyid)
@@ -325,6 +350,54 @@ class Platform:
             domain, runtime = self._runtime(keyid, "resume", [DomainState.EXITED])
             runtime.resume()
             domain.mark_launched()
+
+    def debug_read(self, keyid: int, gpa: int, length: int) -> bytes:
+        """debug-read: plaintext guest memory, only for a domain whose measured policy has DEBUG.
+
+        Every attempt, allowed or refused, goes to the domain's audit log.
+        """
+        with self.lock:
+            domain, runtime = self._runtime(keyid, "debug-read",
+                                            [DomainState.LAUNCHED, DomainState.EXITED])
+            if not isinstance(length, int) or not 0 <= length <= MAX_DEBUG_READ:
+                raise AddressError(f"debug-read length must be 0..{MAX_DEBUG_READ} bytes")
+            allowed = domain.policy.debug
+            audit = getattr(runtime, "audit", None)
+            if audit is not None:
+                audit.record(domain=f"kd{keyid}", endpoint="hostport",
+                             action=f"debug-read gpa {gpa:#x} length {length}", allowed=allowed,
+                             debug=allowed)
+            if not allowed:
+                raise DebugRefused(f"debug-read refused: key domain {keyid}'s measured policy "
+                                   "does not allow DEBUG",
+                                   "the tenant must seal the guest with --debug")
+            return runtime.debug_read(gpa, length)
+
+    def domain_status(self, keyid: int) -> dict:
+        """domain-status: what the host may know of one domain (no guest data)."""
+        with self.lock:
+            domain = self.domain(keyid)
+            runtime = self.runtimes.get(keyid)
+            running = bool(getattr(runtime, "running", runtime is not None))
+            measurement = getattr(domain, "measurement", None)
+            return {
+                "keyid": keyid,
+                "name": f"kd{keyid}",
+                "state": domain.state.value,
+                "running": running,
+                "policy": {"debug": domain.policy.debug, "hex": domain.policy.pack().hex()},
+                "measurement": measurement.digest.hex() if measurement is not None else None,
+                "host_data": domain.host_data.hex(),
+                "pages_synced": int(getattr(runtime, "pages_synced", 0)),
+                "integrity_events": self.memory.integrity_events,
+                "endpoints": self._host_endpoints(runtime) if runtime is not None and running else {},
+            }
+
+    def list_domains(self) -> list[dict]:
+        """list-domains: the status of every key domain, by KeyID."""
+        with self.lock:
+            self._check_open()
+            return [self.domain_status(keyid) for keyid in sorted(self.domains)]
 
     # ------------------------------------------------------------ inspection
 

@@ -12,7 +12,7 @@ from .accel import choose_accel
 from .errors import ConfigError, GuestImageError
 from .launch import PhaseTimer, boot_plain, full_cmdline
 from .machine import MachineSpec
-from .paths import runtime_dir, state_dir
+from .paths import runtime_dir
 
 MiB = 1 << 20
 BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
@@ -108,11 +108,6 @@ def run_plain(opts: RunOptions) -> dict:
 PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
 
 
-def platform_state_dir() -> Path:
-    """Where the platform daemon keeps the emulated root CA and its identity."""
-    return state_dir() / "platform"
-
-
 @dataclass
 class ProtectedOptions(RunOptions):
     debug: bool = False
@@ -128,7 +123,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
     from host_vmm.process import HostVmmProcess
 
     from .layout import HostLayout
-    from .platformd import start_platform_process
+    from .platformd import platform_state_dir, start_platform_process, stop_platform_process
     from .policy import Policy
     from .secret_release import check_binding
     from .tenant import check_report, measure, seal
@@ -148,7 +143,8 @@ def run_protected(opts: ProtectedOptions) -> dict:
         with timer.phase("platform start"):
             platform, psock = start_platform_process(
                 workdir / "platform.sock", pstate, accel=accel.name,
-                memory_size=opts.mem_size + (64 << 20))
+                memory_size=opts.mem_size + (64 << 20), exit_when_idle=opts.keep, detach=opts.keep,
+                remove_dir=workdir if opts.keep else None)
             host = HostVmmProcess(str(psock), str(workdir / "host-vmm.sock"))
         with timer.phase("layout"):
             layout = HostLayout.unpack(host.call("allocate", memory_size=opts.mem_size)["layout"].encode())
@@ -162,6 +158,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
             host.call("load", bundle=str(bundle_path))
         with timer.phase("verify"):
             checks = host.call("verify")["checks"]
+        show("launch and boot to agent ready")
         launched = host.call("launch", ready_timeout=opts.ready_timeout)
         with timer.phase("attest"):
             nonce = os.urandom(32)
@@ -201,17 +198,20 @@ def run_protected(opts: ProtectedOptions) -> dict:
             "integrity_events": status.get("integrity_events", 0),
         }
         if opts.keep:
+            # The host VMM lets go of the domain (its shared channel included); the detached
+            # platform daemon keeps it running until `qemu-kd destroy`.
+            host.call("detach")
             keep = True
-            out["kept"] = {"platform_pid": platform.pid, "host_vmm_pid": host.proc.pid,
-                           "platform_socket": str(psock), "workdir": str(workdir)}
+            out["kept"] = {"platform_pid": platform.pid, "platform_socket": str(psock),
+                           "name": f"kd{layout.keyid}"}
         else:
             with timer.phase("shutdown"):
                 host.call("destroy")
         del checks
     finally:
+        if host is not None:
+            host.stop()
         if not keep:
-            if host is not None:
-                host.stop()
             if platform is not None:
                 stop_platform_process(platform)
             shutil.rmtree(workdir, ignore_errors=True)
@@ -220,24 +220,11 @@ def run_protected(opts: ProtectedOptions) -> dict:
     return out
 
 
-def stop_platform_process(proc, timeout: float = 20.0) -> None:
-    import signal as _signal
-    import subprocess
-
-    if proc.poll() is None:
-        proc.send_signal(_signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def format_table(rows: list[tuple[str, str]], headers: tuple[str, str]) -> str:
+def format_table(rows: list[tuple[str, str]], headers: tuple[str, str], align: str = ">") -> str:
     width = max(len(headers[0]), *(len(r[0]) for r in rows))
     vwidth = max(len(headers[1]), *(len(r[1]) for r in rows))
-    lines = [f"{headers[0]:<{width}}  {headers[1]:>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
-    lines += [f"{a:<{width}}  {b:>{vwidth}}" for a, b in rows]
+    lines = [f"{headers[0]:<{width}}  {headers[1]:{align}{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
+    lines += [f"{a:<{width}}  {b:{align}{vwidth}}" for a, b in rows]
     return "\n".join(lines)
 
 
@@ -257,7 +244,7 @@ def format_run(result: dict) -> str:
                 f"{' (EMULATED platform)' if att['emulated'] else ''}", "",
                 format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"][:60])
                               for name, c in result["host_verification"].items()],
-                             ("host check", "result")), ""]
+                             ("host check", "result"), align="<"), ""]
     out += [f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
             result["exec"]["stdout"].rstrip()]
     if result["exec"]["stderr"].strip():

@@ -345,8 +345,12 @@ class FakeRuntime:
             FakeRuntime.fail_next_launch = False
             raise LaunchError("VM entry refused for key domain: guest RIP is outside guest memory")
         self.domain.on_destroy = self.stop
+        return self.endpoints()
+
+    def endpoints(self):
         return SimpleNamespace(shared="/r/shared.sock", console="/r/console.sock", console_log="/r/console.log",
-                               qmp="/r/qemu-qmp.sock", gdb="/r/qemu-gdb.sock")
+                               qmp="/r/kd-qmp.sock", gdb="/r/kd-gdb.sock", audit_log="/r/audit.log",
+                               raw_qmp="/r/qemu-qmp.sock")
 
     def run(self):
         self.calls.append("run")
@@ -399,7 +403,15 @@ def test_measure_launch_run_exit_resume_destroy(launchable, identity):
     assert platform.domain(k).state.value == "VERIFIED" and client.platform_info().accelerator == "none"
 
     endpoints = client.launch(k)
-    assert endpoints == {"shared": "/r/shared.sock", "console": "/r/console.sock", "console_log": "/r/console.log"}
+    # The filtering proxies are handed out, never QEMU's own sockets.
+    assert endpoints == {"shared": "/r/shared.sock", "console": "/r/console.sock", "console_log": "/r/console.log",
+                         "qmp": "/r/kd-qmp.sock", "gdb": "/r/kd-gdb.sock", "audit_log": "/r/audit.log"}
+    status = client.domain_status(k)
+    assert (status["state"], status["running"], status["endpoints"]) == ("LAUNCHED", True, endpoints)
+    assert status["measurement"] == guest.expected_measurement().hex()
+    assert [d["keyid"] for d in client.list_domains()] == [k]
+    with pytest.raises(HostPortRefusedError, match="does not allow DEBUG"):
+        client.debug_read(k, 0x100000, 64)
     runtime = FakeRuntime.made[-1]
     assert (runtime.accel, runtime.name) == ("tcg", f"kd{k}")
     assert client.platform_info().accelerator == "tcg"
