@@ -1,0 +1,148 @@
+"""Test helper: a real protected domain (platform daemon process + host VMM + default guest).
+
+Everything the host VMM receives is recorded: every host-port reply byte and
+every byte from the shared channel, so leak tests can scan them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from host_vmm.vmm import HostVmm
+from qemu_kd.launch import full_cmdline
+from qemu_kd.platformd import start_platform_process, stop_platform_process
+from qemu_kd.policy import Policy
+from qemu_kd.secret_release import check_binding, encrypt_secret
+from qemu_kd.tenant import check_report, seal
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+class RecordingSocket:
+    """A socket that keeps a copy of every byte it receives."""
+
+    def __init__(self, sock: socket.socket, sink: list):
+        self._sock = sock
+        self._sink = sink
+
+    def recv(self, n, *flags):
+        data = self._sock.recv(n, *flags)
+        self._sink.append(bytes(data))
+        return data
+
+    def recv_into(self, buf, n=0, *flags):
+        k = self._sock.recv_into(buf, n, *flags)
+        self._sink.append(bytes(memoryview(buf)[:k]))
+        return k
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@dataclass
+class ProtectedDomain:
+    vmm: HostVmm
+    platform_socket: Path
+    platform_proc: object
+    root_pem: bytes
+    policy: Policy
+    expected: bytes
+    received: list = field(default_factory=list)
+
+    @property
+    def keyid(self) -> int:
+        return self.vmm.keyid
+
+    @property
+    def endpoints(self) -> dict:
+        return self.vmm.endpoints
+
+    def agent(self, cmd: str, wait: float = 60.0, **args) -> dict:
+        return self.vmm.agent.call(cmd, wait=wait, **args)
+
+    def attest(self) -> tuple[object, bytes]:
+        """Attest with a fresh nonce; the verified report and the agent's public key."""
+        nonce = os.urandom(32)
+        att = self.agent("attest", nonce=nonce.hex())
+        layout = self.vmm.layout
+        report = check_report(base64.b64decode(att["report"]), self.root_pem, layout.platform_chain_pem,
+                              measurement=self.expected, policy=self.policy,
+                              report_data=bytes.fromhex(att["report_data"]),
+                              host_data=layout.host_data, allow_emulated=True)
+        public = bytes.fromhex(att["public_key"])
+        check_binding(report.report_data, nonce, public)
+        return report, public
+
+    def plant_secret(self, secret: bytes, path: str = "/run/secrets/canary") -> None:
+        """Release ``secret`` to the attested agent; it lands in a guest tmpfs file.
+
+        Only ciphertext crosses the shared channel.
+        """
+        _report, public = self.attest()
+        result = self.agent("put_secret", **encrypt_secret(secret, public, path))
+        assert result["written"] == len(secret)
+
+    def host_memory_view(self) -> bytes:
+        """Every page of the domain's layout, read through the host port (KeyID 0)."""
+        return self.vmm.client.read_phys_pages(self.vmm.layout.hpas)
+
+    def debug_memory(self) -> bytes:
+        """All guest memory through debug-read (refused without DEBUG)."""
+        size = self.vmm.layout.memory_size
+        return b"".join(self.vmm.client.debug_read(self.keyid, gpa, MiB) for gpa in range(0, size, MiB))
+
+
+def canary_forms(canary: bytes) -> dict[str, bytes]:
+    """The canary as raw bytes, hex (both cases) and base64 at each of the three alignments."""
+    forms = {"raw": canary, "hex": canary.hex().encode(), "HEX": canary.hex().upper().encode()}
+    for pad in range(3):
+        encoded = base64.b64encode(b"\0" * pad + canary)
+        # Drop characters that mix in the padding or whatever follows the canary.
+        start = (0, 2, 3)[pad]
+        forms[f"base64+{pad}"] = encoded[start:len(encoded) - 4]
+    return forms
+
+
+def count_hits(haystacks, canary: bytes) -> dict[str, int]:
+    """How often each form of the canary occurs across ``haystacks``."""
+    forms = canary_forms(canary)
+    hits = {name: 0 for name in forms}
+    for data in haystacks:
+        for name, form in forms.items():
+            hits[name] += data.count(form)
+    return {name: n for name, n in hits.items() if n}
+
+
+@contextmanager
+def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int = 256 * MiB,
+                     ready_timeout: float = 120.0):
+    """Platform daemon, host VMM, seal, load, verify, launch; torn down on exit."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pstate = workdir / "pstate"
+    proc, psock = start_platform_process(workdir / "p.sock", pstate, accel="tcg",
+                                         memory_size=mem_size + 64 * MiB)
+    received: list = []
+    vmm = None
+    try:
+        vmm = HostVmm(str(psock))
+        vmm.client._sock = RecordingSocket(vmm.client._sock, received)
+        layout = vmm.allocate(mem_size)
+        policy = Policy.make(debug=debug)
+        root_pem = (pstate / "root-ca.crt").read_bytes()
+        bundle, _secret = seal(guest.kernel.read_bytes(), guest.initrd.read_bytes(), full_cmdline(),
+                               mem_size, policy, layout, root_pem)
+        vmm.load(bundle)
+        vmm.launch(ready_timeout)
+        vmm.agent.sock = RecordingSocket(vmm.agent.sock, received)
+        yield ProtectedDomain(vmm, psock, proc, root_pem, policy, bundle.manifest.measurement, received)
+    finally:
+        if vmm is not None:
+            vmm.destroy()
+        stop_platform_process(proc)
