@@ -25,20 +25,25 @@ PAGE = 4096
 
 
 class RecordingSocket:
-    """A socket that keeps a copy of every byte it receives."""
+    """A socket that keeps a copy of every byte it receives, as one stream.
+
+    The copy is a single bytearray appended to ``sink``, so a canary split across
+    two reads is still found.
+    """
 
     def __init__(self, sock: socket.socket, sink: list):
         self._sock = sock
-        self._sink = sink
+        self._stream = bytearray()
+        sink.append(self._stream)
 
     def recv(self, n, *flags):
         data = self._sock.recv(n, *flags)
-        self._sink.append(bytes(data))
+        self._stream += data
         return data
 
     def recv_into(self, buf, n=0, *flags):
         k = self._sock.recv_into(buf, n, *flags)
-        self._sink.append(bytes(memoryview(buf)[:k]))
+        self._stream += memoryview(buf)[:k]
         return k
 
     def __getattr__(self, name):
@@ -53,7 +58,7 @@ class ProtectedDomain:
     root_pem: bytes
     policy: Policy
     expected: bytes
-    received: list = field(default_factory=list)
+    received: list = field(default_factory=list)    # one bytearray per recorded stream
 
     @property
     def keyid(self) -> int:
