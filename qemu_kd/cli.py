@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tenant_parser(sub)
 
+    from .domains_cli import add_domain_parsers
+
+    add_domain_parsers(sub)
+
     host = sub.add_parser("host", help="the untrusted host VMM")
     hsub = host.add_subparsers(dest="host_command", metavar="ACTION")
     hsub.required = True
