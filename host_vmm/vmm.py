@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qemu_kd.agent_client import AgentClient
 from qemu_kd.bundle import Bundle
-from qemu_kd.console import log_tail
+from qemu_kd.console import console_summary
 from qemu_kd.errors import KdError
 from qemu_kd.hostport_client import HostPortClient, HostPortError
 from qemu_kd.layout import HostLayout, expected_eptp, pages_needed
@@ -188,7 +188,7 @@ class HostVmm:
         sock.connect(self.endpoints["shared"])
         log = self.endpoints.get("console_log")
         self.agent = AgentClient(sock, diagnose=diagnose or (
-            lambda: "last console lines:\n" + log_tail(Path(log), 8) if log else ""))
+            lambda: console_summary(Path(log)) if log else ""))
         t1 = time.perf_counter()
         self.client.run(self.keyid)
         self.agent.wait_ready(ready_timeout)

@@ -56,6 +56,8 @@ class AgentClient:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
                 continue
+            except ConnectionError:
+                chunk = b""
             except OSError as exc:
                 raise self._fail(f"shared channel failed while waiting for {what}: {exc}") from None
             if not chunk:

@@ -28,6 +28,17 @@ def log_tail(path: Path | None, lines: int = 15) -> str:
     return "\n".join(line.rstrip("\r") for line in text.splitlines()[-lines:])
 
 
+def console_summary(path: Path | None, lines: int = 3) -> str:
+    """One line for an error message: the last non-empty console lines and where the log is."""
+    import re
+
+    tail = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).strip() for line in log_tail(path, 40).splitlines()]
+    tail = [line for line in tail if line][-lines:]
+    if not tail:
+        return ""
+    return f"last console lines: {' | '.join(tail)} (full log: {path})"
+
+
 class Console:
     """pexpect on the console socket; ``expect``/``sendline`` as usual."""
 

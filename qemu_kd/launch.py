@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from .agent_client import AgentClient
 from .bootlayout import build_boot_layout
-from .console import log_tail
+from .console import console_summary
 from .errors import GuestError, KdError
 from .machine import MachineSpec, QemuMachine
 from .vcpu import VcpuState
@@ -78,9 +78,9 @@ class RunningGuest:
             tail = self.machine.stderr_tail(2)
             if tail:
                 parts.append(f"QEMU said: {tail}")
-        console = log_tail(self.machine.console_log, 8)
+        console = console_summary(self.machine.console_log)
         if console:
-            parts.append("last console lines:\n" + console)
+            parts.append(console)
         return "; ".join(parts)
 
     def start_paused(self) -> None:

@@ -117,3 +117,36 @@ def test_debug_policy_lets_the_host_find_the_canary(guest_artifacts, tmp_path, c
         assert count_hits([plain], canary).get("raw", 0) >= 1
         records = AuditLog(dom.endpoints["audit_log"]).records()
         assert records and all(r.endpoint == "hostport" and r.allowed and r.policy == "debug" for r in records)
+
+
+def qemu_children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [k for k in kids if "qemu-system" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_qemu_that_dies_gives_clear_errors_and_leaves_nothing(guest_artifacts, tmp_path):
+    import signal
+
+    from qemu_kd.errors import GuestError
+    from qemu_kd.hostport_client import HostPortLaunchError
+
+    before = shm_leftovers()
+    with protected_domain(tmp_path / "dies", guest_artifacts) as dom:
+        (qemu,) = qemu_children(dom.platform_proc.pid)
+        os.kill(qemu, signal.SIGKILL)
+        with pytest.raises(GuestError, match="shared channel closed|did not answer"):
+            dom.vmm.agent.ping(timeout=10)
+        status = dom.vmm.client.domain_status(dom.keyid)
+        assert status["running"] is False and status["endpoints"] == {}
+        with pytest.raises(HostPortLaunchError, match="is not running.*destroy the domain"):
+            dom.vmm.client.exit(dom.keyid)
+        # Host reads still work (the shadow stays as it was) and the domain can be destroyed.
+        assert len(dom.vmm.client.read_phys_pages(dom.vmm.layout.hpas[:4])) == 4 * 4096
+        assert dom.vmm.client.destroy_kd(dom.keyid) > 0
+        dom.vmm.layout = None   # already destroyed
+    assert shm_leftovers() <= before
