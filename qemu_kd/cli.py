@@ -36,10 +36,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_run(result))
         if result.get("kept"):
             kept = result["kept"]
-            print(f"domain kept running: KeyID {result['keyid']}, platform socket "
-                  f"{kept['platform_socket']}")
-            print(f"console: socat -,raw,echo=0 UNIX-CONNECT:{result['endpoints']['console']}")
-            print(f"stop it: kill {kept['host_vmm_pid']} {kept['platform_pid']}")
+            name = kept["name"]
+            print(f"\ndomain {name} kept running (KeyID {result['keyid']}, platform pid "
+                  f"{kept['platform_pid']}, host port {kept['platform_socket']})")
+            print(f"  console:  qemu-kd console {name}")
+            print(f"  QMP:      qemu-kd qmp-shell {name}   ({result['endpoints']['qmp']})")
+            print(f"  gdb:      qemu-kd gdb {name}         ({result['endpoints']['gdb']})")
+            print(f"  end it:   qemu-kd destroy {name}")
     return 0 if result["exec"]["rc"] == 0 else 1
 
 
