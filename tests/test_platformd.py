@@ -1,0 +1,80 @@
+"""The platform daemon as a process: ready line, registry, one platform per socket, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from qemu_kd.errors import ConfigError
+from qemu_kd.hostport_client import HostPortClient
+from qemu_kd.identity import verify_chain
+from qemu_kd.platformd import registry_dir, running_platforms, start_platform_process, stop_platform_process
+
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch):
+    path = tmp_path / "rt"
+    monkeypatch.setenv("QEMU_KD_RUNTIME", str(path))
+    return path
+
+
+def test_daemon_serves_registers_and_cleans_up(runtime, tmp_path):
+    from cryptography import x509
+
+    pstate = tmp_path / "pstate"
+    proc, sock = start_platform_process(tmp_path / "p.sock", pstate, accel="tcg", memory_size=64 << 20)
+    try:
+        assert sock == tmp_path / "p.sock" and oct(sock.stat().st_mode & 0o777) == "0o600"
+        (entry,) = running_platforms()
+        assert entry["pid"] == proc.pid and entry["socket"] == str(sock) and entry["accel"] == "tcg"
+        with HostPortClient(sock) as client:
+            info = client.platform_info()
+            assert info.memory_size == 64 << 20 and info.accelerator == "none"
+            assert client.list_domains() == []
+        # The root CA was created in the state directory and anchors the platform's chain.
+        root = x509.load_pem_x509_certificate((pstate / "root-ca.crt").read_bytes())
+        assert verify_chain(info.chain_pem, root)
+        # A second platform on the same socket is a clear error, not a takeover.
+        with pytest.raises(ConfigError, match="another platform is already serving"):
+            start_platform_process(sock, pstate, accel="tcg", memory_size=64 << 20,
+                                   log_path=tmp_path / "second.log")
+        assert proc.poll() is None
+    finally:
+        stop_platform_process(proc)
+    assert proc.returncode == 0
+    assert not sock.exists() and running_platforms() == []
+    assert not any(registry_dir().iterdir())
+    # Restarting keeps the same root CA (generated once per installation).
+    proc2, _ = start_platform_process(tmp_path / "p.sock", pstate, accel="tcg", memory_size=64 << 20)
+    try:
+        with HostPortClient(tmp_path / "p.sock") as client:
+            assert verify_chain(client.platform_info().chain_pem, root)
+    finally:
+        stop_platform_process(proc2)
+
+
+def test_stale_registry_entries_are_ignored(runtime):
+    (registry_dir() / "999999.json").write_text(json.dumps({"pid": 999999, "socket": "/nonexistent"}))
+    (registry_dir() / "bad.json").write_text("{")
+    assert running_platforms() == []
+    assert not any(registry_dir().iterdir())
+
+
+def test_bad_arguments_are_one_line_errors(runtime, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "qemu_kd.platformd", "--socket", str(tmp_path / "s.sock"),
+                          "--state", str(tmp_path / "st"), "--memory", "lots", "--accel", "tcg"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "cannot read memory size" in run.stderr
+
+
+def test_sigint_stops_the_daemon_cleanly(runtime, tmp_path):
+    proc, sock = start_platform_process(tmp_path / "p.sock", tmp_path / "pstate", accel="tcg",
+                                        memory_size=64 << 20)
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=20) == 0 and not sock.exists()
