@@ -309,6 +309,7 @@ class Gdb:
                                  time_to_check_for_additional_output_sec=0.05)
         self.records: list = []
         self.unread: list = []
+        self.token = 0
         self.mi("-gdb-set mi-async on")
 
     def _take(self, records) -> None:
@@ -316,13 +317,16 @@ class Gdb:
         self.unread += records
 
     def mi(self, command: str, timeout: float = 30.0) -> dict:
-        """Run one MI command; its result record."""
-        self._take(self.ctl.write(command, timeout_sec=timeout, raise_error_on_timeout=False))
+        """Run one MI command; its result record (matched by token, late records skipped)."""
+        self.token += 1
+        token = self.token
+        self._take(self.ctl.write(f"{token}{command}", timeout_sec=timeout,
+                                  raise_error_on_timeout=False))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for i, rec in enumerate(self.unread):
-                if rec["type"] == "result":
-                    del self.unread[:i + 1]
+                if rec["type"] == "result" and rec.get("token") == token:
+                    del self.unread[i]
                     return rec
             self._take(self.ctl.get_gdb_response(timeout_sec=0.5, raise_error_on_timeout=False))
         raise AssertionError(f"gdb did not answer {command!r}")
@@ -360,6 +364,13 @@ def domain_state(dom) -> str:
         return client.domain_status(dom.keyid)["state"]
 
 
+def ok(mon: QEMUMonitorProtocol, command: str, args: dict | None = None):
+    """The return value of a command that must succeed."""
+    reply = mon.cmd_raw(command, args)
+    assert "return" in reply, reply
+    return reply["return"]
+
+
 def qmp_status(path: str) -> str:
     mon = QEMUMonitorProtocol(path)
     mon.connect()
@@ -394,7 +405,7 @@ class TestWithoutDebug:
             reply = mon.cmd_raw("human-monitor-command", {"command-line": "xp /8xg 0x100000"})
             assert reply["error"]["class"] == "GenericError"
             assert reply["error"]["desc"] == f"human-monitor-command 'xp /8xg 0x100000' is refused: {who}"
-            version = mon.cmd("human-monitor-command", {"command-line": "info version"})
+            version = ok(mon, "human-monitor-command", {"command-line": "info version"})
             assert isinstance(version, str) and version.strip()
         finally:
             mon.close()
@@ -502,7 +513,7 @@ class TestWithoutDebug:
         nodebug.host_memory_view()                         # every page, recorded with the rest
         logs = [Path(nodebug.endpoints[k]) for k in ("console_log", "audit_log")]
         haystacks = [*sink, *nodebug.received, *(p.read_bytes() for p in logs if p.exists())]
-        assert sum(map(len, sink)) > 10_000 and len(nodebug.received) > 0
+        assert sum(map(len, sink)) > 4000 and sum(map(len, nodebug.received)) > 256 << 20
         assert count_hits(haystacks, canary) == {}
 
     def test_fuzzed_qmp_and_rsp_break_nothing(self, nodebug):
@@ -629,15 +640,13 @@ class TestWithDebug:
         mon.connect()
         try:
             dump = tmp_path / "page.bin"
-            assert mon.cmd("pmemsave", {"val": gpa, "size": len(canary),
-                                        "filename": str(dump)}) == {}
+            assert ok(mon, "pmemsave", {"val": gpa, "size": len(canary), "filename": str(dump)}) == {}
             assert dump.read_bytes() == canary
-            text = mon.cmd("human-monitor-command",
-                           {"command-line": f"xp /{len(canary)}xb {gpa:#x}"})
+            text = ok(mon, "human-monitor-command", {"command-line": f"xp /{len(canary)}xb {gpa:#x}"})
             shown = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})\b", text))
             assert shown == canary
             assert count_hits([dump.read_bytes(), shown], canary)
-            info = mon.cmd("human-monitor-command", {"command-line": "info registers"})
+            info = ok(mon, "human-monitor-command", {"command-line": "info registers"})
             assert "RIP=" in info
             assert mon.cmd("query-status")["status"] == "running"
         finally:
