@@ -228,6 +228,7 @@ class KeyDomain:
         self.state = DomainState.CREATED
         self.verdict: EptVerdict | None = None
         self.measurement: LaunchMeasurement | None = None
+        self._mapping: tuple[np.ndarray, np.ndarray] | None = None
         self._mee: MemoryEncryptionEngine | None = MemoryEncryptionEngine(bytes(key))
         self._memory = memory
         self._pages = _PageTable()
@@ -453,10 +454,31 @@ class KeyDomain:
         verdict = EptVerdict(ok=not reasons, reasons=reasons, mapping_digest=mapping_digest(walk.mappings),
                              mapped_pages=len(walk.mappings), table_pages=len(walk.table_hpas))
         self.verdict = verdict
+        if verdict.ok:
+            self._mapping = self._mapping_arrays(walk)
         if verdict.ok and self.state == DomainState.BUILDING:
             self._transition(DomainState.VERIFIED, "verify-ept")
             self._memory.set_write_locked(self.keyid, True)
         return verdict
+
+    @staticmethod
+    def _mapping_arrays(walk: EptWalk) -> tuple[np.ndarray, np.ndarray]:
+        n = len(walk.mappings)
+        gpas = np.fromiter((m.gpa for m in walk.mappings), dtype=np.uint64, count=n)
+        hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=n)
+        return gpas, hpas
+
+    def guest_mapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gpas, hpas) of every 4 KiB page the EPT maps, as verified by verify-ept.
+
+        The pages are write-locked once verified, so the walk verify-ept did is
+        reused; before that the EPT is walked now.
+        """
+        if self._mapping is not None and self.state in (DomainState.VERIFIED, DomainState.LAUNCHED,
+                                                        DomainState.EXITED):
+            return self._mapping
+        walk, _stray = self._walk(self.read_vmcs().ept_pointer)
+        return self._mapping_arrays(walk)
 
     def _walk(self, eptp: int) -> tuple[EptWalk, list[int]]:
         ept_hpas = self._memory.pages_owned_by(self.keyid, PageState.PRIVATE, PageType.EPT)

@@ -121,16 +121,10 @@ class DomainRuntime:
         self.audit: AuditLog | None = None
 
     # -- launch ---------------------------------------------------------------------
-    def _mapping(self, vmcs) -> tuple[np.ndarray, np.ndarray]:
-        walk, _stray = self.domain._walk(vmcs.ept_pointer)
-        gpas = np.fromiter((m.gpa for m in walk.mappings), dtype=np.uint64, count=len(walk.mappings))
-        hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=len(walk.mappings))
-        return gpas, hpas
-
     def launch(self) -> Endpoints:
         """VM-entry checks, start QEMU, decrypt the image, load the vCPU; leaves it paused."""
         vmcs = self.domain.read_vmcs()
-        gpas, hpas = self._mapping(vmcs)
+        gpas, hpas = self.domain.guest_mapping()
         if not gpas.size:
             raise LaunchError(f"key domain {self.domain.keyid} maps no guest memory")
         top = int(gpas.max()) + PAGE
@@ -153,14 +147,17 @@ class DomainRuntime:
         try:
             self.machine.start()
             ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE)
+            # The RAM file starts as zeros, so the snapshot does too (np.zeros maps
+            # zero pages lazily); only the image pages are written into both.
+            self._snapshot = np.zeros_like(ram)
             step = 4096
             for start in range(0, img_hpas.size, step):
                 chunk = img_hpas[start:start + step]
-                plain = np.frombuffer(self.domain.decrypt_pages(chunk), dtype=np.uint8)
+                plain = np.frombuffer(self.domain.decrypt_pages(chunk), dtype=np.uint8).reshape(-1, PAGE)
                 idx = np.fromiter((hpa_to_gpa[int(h)] // PAGE for h in chunk), dtype=np.int64,
                                   count=chunk.size)
-                ram[idx] = plain.reshape(-1, PAGE)
-            self._snapshot = ram.copy()
+                ram[idx] = plain
+                self._snapshot[idx] = plain
             self.machine.rsp.load_vcpu(vmcs.guest)
             port = self.machine.connect_serial("guestport")
             self.guest_port = GuestPortServer(port, {"report": self._report,

@@ -28,7 +28,13 @@ QEMU_KD = [sys.executable, "-m", "qemu_kd.cli"]
 
 
 def shm_leftovers() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("qemu-kd-*")} if Path("/dev/shm").is_dir() else set()
+    """Guest-RAM directories whose owner has exited (live ones belong to running machines)."""
+    left = set()
+    for path in Path("/dev/shm").glob("qemu-kd-*"):
+        owner = path.name.split("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            left.add(path.name)
+    return left
 
 
 def test_run_json_end_to_end(guest_artifacts, tmp_path):
@@ -141,6 +147,11 @@ def test_qemu_that_dies_gives_clear_errors_and_leaves_nothing(guest_artifacts, t
         os.kill(qemu, signal.SIGKILL)
         with pytest.raises(GuestError, match="shared channel closed|did not answer"):
             dom.vmm.agent.ping(timeout=10)
+        import time
+
+        deadline = time.monotonic() + 10      # the socket closes a moment before the process is gone
+        while dom.vmm.client.domain_status(dom.keyid)["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         status = dom.vmm.client.domain_status(dom.keyid)
         assert status["running"] is False and status["endpoints"] == {}
         with pytest.raises(HostPortLaunchError, match="is not running.*destroy the domain"):
