@@ -614,7 +614,7 @@ class TestWithDebug:
             regs = gdb.mi("-data-list-register-values x 0 7 16")["payload"]["register-values"]
             values = {int(r["number"]): int(r["value"], 16) for r in regs}
             assert values[16] == addr                      # rip
-            assert values[7] >> 47 == 0x1ffff              # rsp: a kernel stack
+            assert values[7] >> 56 == 0xff                 # rsp: a kernel stack (upper half)
             mem = gdb.mi(f"-data-read-memory-bytes {addr:#x} 32")["payload"]["memory"]
             code = bytes.fromhex(mem[0]["contents"])
             assert len(code) == 32 and code != bytes(32)
