@@ -44,7 +44,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +65,7 @@ def sweep_stale_dirs() -> list[Path]:
             parts = entry.name.split("-")
             if len(parts) < 4 or not parts[2].isdigit():
                 continue
-            if not _pid_alive(int(parts[2])):
+            if not pid_alive(int(parts[2])):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     return removed

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, KdError
+from .machine import pid_alive
 from .paths import runtime_dir, state_dir
 
 READY_PREFIX = "ready "
@@ -54,16 +55,6 @@ def registry_dir() -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_platforms() -> list[dict]:
     """Registry entries of live platform daemons (stale entries are removed)."""
     found = []
@@ -75,7 +66,7 @@ def running_platforms() -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError):
             entry.unlink(missing_ok=True)
             continue
-        if not _pid_alive(pid) or not os.path.exists(socket_path):
+        if not pid_alive(pid) or not os.path.exists(socket_path):
             entry.unlink(missing_ok=True)
             continue
         found.append(info)
