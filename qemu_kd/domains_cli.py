@@ -373,9 +373,10 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         sock.close()
-    if interactive or why == "console closed":
-        print(f"\n{'detached from' if why != 'console closed' else 'the domain closed'} the "
-              f"console of {dom.name}", file=sys.stderr)
+    if why == "console closed":
+        print(f"\nthe console of {dom.name} closed (has the domain stopped?)", file=sys.stderr)
+    elif interactive:
+        print(f"\ndetached from the console of {dom.name}", file=sys.stderr)
     return 0
 
 
