@@ -263,8 +263,8 @@ def _cmd_qmp_shell(args: argparse.Namespace) -> int:
 def gdb_argv(path: str, gdb: str = "gdb", extra: list[str] | None = None) -> list[str]:
     found = shutil.which(gdb)
     if found is None:
-        raise ConfigError(f"{gdb} is not installed (or not on PATH)",
-                          "install gdb (Debian: apt-get install gdb) or pass --gdb PATH")
+        raise ConfigError(f"{gdb} is not installed or not on PATH",
+                          "on Debian: apt-get install gdb; or pass --gdb PATH")
     return [found, "-q", "-ex", "set architecture i386:x86-64", "-ex", f"target remote {path}",
             *(extra or [])]
 
@@ -331,7 +331,11 @@ def relay_console(sock: socket.socket, stdin_fd: int, stdout_fd: int, *, interac
 def _cmd_console(args: argparse.Namespace) -> int:
     dom = resolve(args.domain)
     path = require_endpoint(dom, "console")
-    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    try:
+        stdin_fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):   # started with stdin closed
+        stdin_fd = os.open(os.devnull, os.O_RDONLY)
+    stdout_fd = sys.stdout.fileno()
     if args.log:
         log = dom.endpoints.get("console_log")
         try:
