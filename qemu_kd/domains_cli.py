@@ -140,7 +140,8 @@ def survey(platforms: list[dict] | None = None) -> Survey:
         except OSError as exc:
             unreachable.append((info, str(exc.strerror or exc)))
             continue
-        domains += [DomainRef(info, status) for status in listed if isinstance(status, dict)]
+        domains += [DomainRef(info, status) for status in listed
+                    if isinstance(status, dict) and isinstance(status.get("keyid"), int)]
     domains.sort(key=lambda d: (d.keyid, d.platform_pid))
     return Survey(domains, unreachable)
 

@@ -790,6 +790,8 @@ def test_run_keep_then_ls_qmp_shell_gdb_console_destroy(guest_artifacts):
         assert not list(Path("/dev/shm").glob(f"qemu-kd-{pid}-*"))
         assert not list(Path(runtime).glob(f"qemu-kd-{pid}-*"))
         assert not list(Path(runtime, "platforms").glob("*.json"))
+        # The run's work directory, the platform's DRAM directory, the machine's sockets: all gone.
+        assert sorted(p.name for p in Path(runtime).iterdir()) == ["platforms"]
         ls = cli("ls")
         assert ls.returncode == 0 and ls.stdout == b"no running domains\n"
         assert cli("destroy", name).returncode == 1
