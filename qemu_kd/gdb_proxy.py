@@ -42,7 +42,7 @@ from typing import Callable
 from .audit import AuditError, AuditLog
 from .errors import KdError
 from .gdbstub import RspClient, RspError, checksum, frame, unescape
-from .qmp_proxy import claim_socket_path
+from .qmp_proxy import HMP_CONT, HMP_NEVER, HMP_STOP, claim_socket_path, hmp_command
 
 PACKET_SIZE = 0x1000         # advertised to gdb; QEMU's own limit
 MAX_PACKET = 4 * PACKET_SIZE  # largest client packet accepted (escaped bytes)
@@ -88,6 +88,22 @@ def summarize(packet: bytes) -> str:
     if kind in (b"m", b"p", b"Z", b"z"):
         return f"{kind.decode()} {packet[1:].decode(errors='replace')}"
     return packet[:60].decode(errors="replace")
+
+
+def monitor_refusal(packet: bytes, domain: str) -> str | None:
+    """Why gdb's ``monitor`` command in a qRcmd packet is refused even with DEBUG, or None.
+
+    Run control belongs to gdb itself and to QMP stop/cont (the platform's exit and
+    resume); commands that change the machine are refused as on the QMP endpoint.
+    """
+    try:
+        word = hmp_command(bytes.fromhex(packet[6:].decode()).decode(errors="replace"))
+    except ValueError:
+        return "the monitor command is not hex-encoded"
+    if word in HMP_NEVER or word in HMP_STOP or word in HMP_CONT:
+        return (f"monitor '{word[:40]}' is not available through the gdb endpoint of key domain "
+                f"{domain}; use gdb's own commands or QMP stop/cont")
+    return None
 
 
 def is_output(reply: bytes) -> bool:
@@ -461,6 +477,16 @@ class _Session:
     def relay(self, packet: bytes) -> None:
         chan = self.chan
         harmless = packet.startswith(b"qXfer:features:read:")
+        reason = None
+        if is_continue(packet) or is_step(packet):
+            reason = self.proxy.may_run() if self.proxy.may_run is not None else None
+        elif packet.startswith(b"qRcmd,"):
+            reason = monitor_refusal(packet, self.proxy.domain)
+        if reason:
+            self.audit(packet, False)
+            chan.send(b"O" + f"refused: {reason}\n".encode().hex().encode())
+            chan.send(b"E01")
+            return
         if not harmless and not self.audit(packet, True):
             chan.send(b"E01")    # fail closed: nothing unaudited reaches the guest
             return
@@ -576,7 +602,8 @@ class GdbProxy:
 
     def __init__(self, listen_path: str, rsp: RspClient, *, debug: bool, domain: str,
                  audit: AuditLog, on_stop: Callable[[], object] | None = None,
-                 on_cont: Callable[[], object] | None = None, rsp_lock=None):
+                 on_cont: Callable[[], object] | None = None, rsp_lock=None,
+                 may_run: Callable[[], str | None] | None = None):
         self.listen_path = str(listen_path)
         self.rsp = rsp
         self.debug = debug
@@ -584,6 +611,8 @@ class GdbProxy:
         self.audit = audit
         self.on_stop = on_stop
         self.on_cont = on_cont
+        # Returns why the vCPU must not run now (e.g. the domain is exited), or None.
+        self.may_run = may_run
         self.rsp_lock = rsp_lock if rsp_lock is not None else threading.RLock()
         self._server: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()

@@ -189,11 +189,17 @@ class DomainRuntime:
                                       on_cont=on_cont)
             self.qmp_proxy.start()
             self.gdb_proxy = GdbProxy(m.socket_path("kd-gdb"), m.rsp, debug=debug, domain=self.name,
-                                      audit=self.audit, rsp_lock=self.rsp_lock)
+                                      audit=self.audit, rsp_lock=self.rsp_lock, may_run=self._may_run)
             self.gdb_proxy.start()
         except BaseException:
             self._stop_proxies()
             raise
+
+    def _may_run(self) -> str | None:
+        if self.exited:
+            return (f"key domain {self.domain.keyid} is exited (its registers are sealed in the "
+                    "save area); resume it with QMP cont first")
+        return None
 
     def _stop_proxies(self) -> None:
         for attr in ("gdb_proxy", "qmp_proxy"):

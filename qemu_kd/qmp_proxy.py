@@ -50,7 +50,24 @@ DEBUG_ALLOWED_PREFIXES = ("query-", "x-query-")
 # Human-monitor commands that reveal nothing about the guest (compared after
 # collapsing whitespace).
 HARMLESS_HMP = frozenset({"info status", "info version", "info name", "info kvm", "info uuid"})
+# Human-monitor commands refused even with DEBUG: they change the machine rather than
+# inspect it, or bypass the platform (run control goes through exit/resume instead).
+HMP_NEVER = frozenset({
+    "system_reset", "quit", "q", "gdbserver", "migrate", "migrate_set_parameter",
+    "migrate_set_capability", "savevm", "loadvm", "delvm", "device_add", "device_del",
+    "object_add", "object_del", "chardev-add", "chardev-change", "chardev-remove", "netdev_add",
+    "netdev_del", "drive_add", "drive_del", "change", "eject", "set_link", "singlestep",
+    "one-insn-per-tb", "cpu", "nmi", "sendkey", "mouse_move", "mouse_button",
+})
+HMP_STOP = frozenset({"stop"})
+HMP_CONT = frozenset({"cont", "c"})
 CPU_FIELDS = frozenset({"cpu-index", "qom-path", "thread-id", "target", "props"})
+
+
+def hmp_command(line: str) -> str:
+    """The command word of a human-monitor command line."""
+    words = line.split()
+    return words[0] if words else ""
 # Events a host sees without DEBUG, with the data members it may see.
 HARMLESS_EVENTS = {
     "STOP": (), "RESUME": (), "RESET": ("guest", "reason"), "SHUTDOWN": ("guest", "reason"),
@@ -228,6 +245,11 @@ class QmpPolicy:
                 return Verdict(True, False)
             shown = f"human-monitor-command '{line[:60]}'" if isinstance(line, str) else None
             return Verdict(False, True, self.refusal(command, shown))
+        if command == "human-monitor-command" and self.debug:
+            line = arguments.get("command-line")
+            if isinstance(line, str) and hmp_command(line) in HMP_NEVER:
+                return Verdict(False, True, self.refusal(command, f"human-monitor-command "
+                                                                  f"'{hmp_command(line)[:40]}'"))
         if self.debug and self.debug_only(command):
             return Verdict(True, True)
         return Verdict(False, True, self.refusal(command))
@@ -602,10 +624,16 @@ class QmpProxy:
                 return error_reply(f"'{command[:80]}' is refused: {exc.message}")
         if not verdict.allowed:
             return error_reply(verdict.reason)
-        if command == "stop" and self.on_stop is not None:
-            return await self._callback(self.on_stop, "stop")
-        if command == "cont" and self.on_cont is not None:
-            return await self._callback(self.on_cont, "cont")
+        run_control = command
+        if command == "human-monitor-command":
+            word = hmp_command(str(arguments.get("command-line", "")))
+            run_control = "stop" if word in HMP_STOP else "cont" if word in HMP_CONT else command
+        if run_control == "stop" and self.on_stop is not None:
+            reply = await self._callback(self.on_stop, "stop")
+            return {"return": ""} if "return" in reply and command != "stop" else reply
+        if run_control == "cont" and self.on_cont is not None:
+            reply = await self._callback(self.on_cont, "cont")
+            return {"return": ""} if "return" in reply and command != "cont" else reply
         reply = await self._upstream.execute(command, arguments)
         if "return" in reply:
             return {"return": self.policy.filter_result(command, reply["return"])}
