@@ -9,19 +9,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_state(tmp_path_factory):
-    """Keep test state (logs, probe cache, throwaway CA) out of the user's state dir.
+    """Keep test state (logs, probe cache, throwaway CA) and runtime files (sockets, the
+    platform registry) out of the user's directories.
 
     The guest-image cache stays shared: building it is expensive and it is
     keyed by its inputs.
     """
+    import shutil
+    import tempfile
+
     state = tmp_path_factory.mktemp("state")
-    old = os.environ.get("QEMU_KD_STATE")
+    # Sockets need short paths (108 bytes), so the runtime directory is a short one in /tmp.
+    runtime = tempfile.mkdtemp(prefix="qemu-kd-test-")
+    saved = {name: os.environ.get(name) for name in ("QEMU_KD_STATE", "QEMU_KD_RUNTIME")}
     os.environ["QEMU_KD_STATE"] = str(state)
+    os.environ["QEMU_KD_RUNTIME"] = runtime
     yield state
-    if old is None:
-        os.environ.pop("QEMU_KD_STATE", None)
-    else:
-        os.environ["QEMU_KD_STATE"] = old
+    shutil.rmtree(runtime, ignore_errors=True)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

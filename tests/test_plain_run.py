@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from leftovers import orphaned_machine_dirs
 
 from qemu_kd.console import Console
 from qemu_kd.launch import PhaseTimer, boot_plain, full_cmdline
@@ -25,12 +26,7 @@ def qemu_kd(*args, timeout=300, env=None):
 
 
 def leftovers() -> list[str]:
-    """Machine directories left by other processes (this one runs the shared guest)."""
-    from qemu_kd.paths import runtime_dir
-
-    mine = f"qemu-kd-{os.getpid()}-"
-    return [p.name for root in (Path("/dev/shm"), runtime_dir())
-            for p in root.glob("qemu-kd-*") if not p.name.startswith(mine)]
+    return orphaned_machine_dirs()
 
 
 def our_qemus() -> list[str]:

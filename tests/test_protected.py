@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from leftovers import orphaned_machine_dirs
 from protected import count_hits, protected_domain
 from qemu_kd.audit import AuditLog
 from qemu_kd.hostport_client import HostPortRefusedError
@@ -28,13 +29,7 @@ QEMU_KD = [sys.executable, "-m", "qemu_kd.cli"]
 
 
 def shm_leftovers() -> set[str]:
-    """Guest-RAM directories whose owner has exited (live ones belong to running machines)."""
-    left = set()
-    for path in Path("/dev/shm").glob("qemu-kd-*"):
-        owner = path.name.split("-")[2]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            left.add(path.name)
-    return left
+    return set(orphaned_machine_dirs())
 
 
 def test_run_json_end_to_end(guest_artifacts, tmp_path):
