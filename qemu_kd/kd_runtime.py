@@ -149,7 +149,7 @@ class DomainRuntime:
             ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE)
             # The RAM file starts as zeros, so the snapshot does too (np.zeros maps
             # zero pages lazily); only the image pages are written into both.
-            self._snapshot = np.zeros_like(ram)
+            self._snapshot = np.zeros(ram.shape, dtype=ram.dtype)   # zero pages mapped lazily
             step = 4096
             for start in range(0, img_hpas.size, step):
                 chunk = img_hpas[start:start + step]
