@@ -190,7 +190,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
                             "report_data": report.report_data.hex(),
                             "report_id": report.report_id.hex()},
             "host_verification": {c["name"]: {"ok": c["ok"], "detail": c["detail"]}
-                                  for c in launched["checks"]},
+                                  for c in checks},
             "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
                      "stdout": result["stdout"], "stderr": result["stderr"]},
             "console_log": launched["endpoints"].get("console_log"),
@@ -207,7 +207,6 @@ def run_protected(opts: ProtectedOptions) -> dict:
         else:
             with timer.phase("shutdown"):
                 host.call("destroy")
-        del checks
     finally:
         if host is not None:
             host.stop()

@@ -186,42 +186,44 @@ def test_tool_command_lines(tmp_path, monkeypatch, capsys):
         real_exec([str(tmp_path / "missing-tool")])
 
 
-def test_console_relay_without_a_terminal():
+@pytest.fixture
+def relay_ends():
+    """A console socket pair and stdin/stdout pipes; whatever a test leaves open is closed."""
     ours, theirs = socket.socketpair()
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    try:
-        os.write(in_w, b"uname\n")
-        os.close(in_w)
-        theirs.sendall(b"login banner\n")
-        start = time.monotonic()
-        assert relay_console(ours, in_r, out_w, interactive=False, linger=0.3) == "stdin closed"
-        assert 0.25 < time.monotonic() - start < 5
-        assert theirs.recv(100) == b"uname\n"
-        assert os.read(out_r, 100) == b"login banner\n"
-        theirs.close()
-        assert relay_console(ours, in_r, out_w, interactive=False, linger=float("inf")) \
-            == "console closed"
-    finally:
-        for fd in (in_r, out_r, out_w):
+    fds = {"in_r": in_r, "in_w": in_w, "out_r": out_r, "out_w": out_w}
+    yield ours, theirs, fds
+    for fd in fds.values():
+        try:
             os.close(fd)
-        ours.close()
+        except OSError:
+            pass
+    ours.close()
+    theirs.close()
 
 
-def test_console_relay_escape_detaches():
-    ours, theirs = socket.socketpair()
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        os.write(in_w, b"ls\x1dnot sent")
-        assert relay_console(ours, in_r, out_w, interactive=True) == "escape"
-        theirs.setblocking(False)
-        assert theirs.recv(100) == b"ls"
-    finally:
-        for fd in (in_r, in_w, out_r, out_w):
-            os.close(fd)
-        ours.close()
-        theirs.close()
+def test_console_relay_without_a_terminal(relay_ends):
+    ours, theirs, fds = relay_ends
+    os.write(fds["in_w"], b"uname\n")
+    os.close(fds["in_w"])
+    theirs.sendall(b"login banner\n")
+    start = time.monotonic()
+    assert relay_console(ours, fds["in_r"], fds["out_w"], interactive=False, linger=0.3) == "stdin closed"
+    assert 0.25 < time.monotonic() - start < 5
+    assert theirs.recv(100) == b"uname\n"
+    assert os.read(fds["out_r"], 100) == b"login banner\n"
+    theirs.close()
+    assert relay_console(ours, fds["in_r"], fds["out_w"], interactive=False, linger=float("inf")) \
+        == "console closed"
+
+
+def test_console_relay_escape_detaches(relay_ends):
+    ours, theirs, fds = relay_ends
+    os.write(fds["in_w"], b"ls\x1dnot sent")
+    assert relay_console(ours, fds["in_r"], fds["out_w"], interactive=True) == "escape"
+    theirs.setblocking(False)
+    assert theirs.recv(100) == b"ls"
 
 
 # -- clients used against real domains ---------------------------------------------------------
