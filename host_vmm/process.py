@@ -11,7 +11,7 @@ import sys
 import time
 
 from guest_agent.protocol import decode, encode, request
-from qemu_kd.errors import KdError
+from qemu_kd.common.errors import KdError
 
 
 class HostVmmError(KdError):

@@ -30,8 +30,8 @@ import socket
 import sys
 
 from guest_agent.protocol import ProtocolError, decode, encode, error, reply
-from qemu_kd.bundle import Bundle
-from qemu_kd.errors import KdError
+from qemu_kd.formats.bundle import Bundle
+from qemu_kd.common.errors import KdError
 
 from .vmm import HostVmm
 

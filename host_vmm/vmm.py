@@ -1,7 +1,7 @@
 """The untrusted host VMM: allocate, load, verify, launch, relay, destroy.
 
 It holds no key and no decryption code.  It speaks to the platform only
-through :class:`qemu_kd.hostport_client.HostPortClient`; the other modules it
+through :class:`qemu_kd.hostport.client.HostPortClient`; the other modules it
 uses are public wire formats (layout, bundle) and the shared-channel client.
 It can *verify* what the tenant sealed (hash-kd of the control pages, vmread
 of control fields, verify-ept against its own allocation, the platform's
@@ -16,12 +16,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qemu_kd.agent_client import AgentClient
-from qemu_kd.bundle import Bundle
-from qemu_kd.console import console_summary
-from qemu_kd.errors import KdError
-from qemu_kd.hostport_client import HostPortClient, HostPortError
-from qemu_kd.layout import HostLayout, expected_eptp, pages_needed
+from qemu_kd.channel.agent_client import AgentClient
+from qemu_kd.formats.bundle import Bundle
+from qemu_kd.channel.console import console_summary
+from qemu_kd.common.errors import KdError
+from qemu_kd.hostport.client import HostPortClient
+from qemu_kd.hostport.protocol import HostPortError
+from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
 
 # Intel VMCS encodings of the control fields the host checks.
 VMCS_EPT_POINTER = 0x201A

@@ -36,6 +36,6 @@ def _isolated_state(tmp_path_factory):
 @pytest.fixture(scope="session")
 def guest_artifacts():
     """The default guest kernel and image (built once, then cached)."""
-    from qemu_kd.guest_build import ensure_guest
+    from qemu_kd.guest.cache import ensure_guest
 
     return ensure_guest()

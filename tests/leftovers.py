@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qemu_kd.machine import pid_alive
-from qemu_kd.paths import runtime_dir
+from qemu_kd.common.process import pid_alive
+from qemu_kd.common.paths import runtime_dir
 
 
 def orphaned_machine_dirs() -> list[str]:

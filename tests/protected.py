@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from host_vmm.vmm import HostVmm
-from qemu_kd.launch import full_cmdline
-from qemu_kd.platformd import start_platform_process, stop_platform_process
-from qemu_kd.policy import Policy
-from qemu_kd.secret_release import check_binding, encrypt_secret
-from qemu_kd.tenant import check_report, seal
+from qemu_kd.qemu.launch import full_cmdline
+from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
+from qemu_kd.formats.policy import Policy
+from qemu_kd.tenant.secret_release import check_binding, encrypt_secret
+from qemu_kd.tenant.verify import check_report
+from qemu_kd.tenant.seal import seal
 
 MiB = 1 << 20
 PAGE = 4096

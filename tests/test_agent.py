@@ -12,8 +12,8 @@ import pytest
 
 from guest_agent import protocol
 from guest_agent.agent import Agent, LineChannel
-from qemu_kd.agent_client import AgentClient
-from qemu_kd.errors import GuestError
+from qemu_kd.channel.agent_client import AgentClient
+from qemu_kd.common.errors import GuestError
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_client_reports_closed_channel():
 @pytest.fixture
 def with_port():
     """Agent with a guest port answered by the platform's GuestPortServer."""
-    from qemu_kd.guestport import GuestPortServer
+    from qemu_kd.platform.guestport import GuestPortServer
 
     host, guest = socket.socketpair()
     plat, gport = socket.socketpair()
@@ -130,7 +130,7 @@ def with_port():
 
 
 def test_attested_secret_release_round_trip(with_port, tmp_path):
-    from qemu_kd.secret_release import check_binding, encrypt_secret
+    from qemu_kd.tenant.secret_release import check_binding, encrypt_secret
 
     client, seen, _ = with_port
     nonce = os.urandom(32)
@@ -148,7 +148,7 @@ def test_attested_secret_release_round_trip(with_port, tmp_path):
 
 
 def test_secret_for_another_key_or_path_is_refused(with_port, tmp_path):
-    from qemu_kd.secret_release import SecretReleaseError, check_binding, encrypt_secret
+    from qemu_kd.tenant.secret_release import SecretReleaseError, check_binding, encrypt_secret
 
     client, seen, _ = with_port
     nonce = os.urandom(32)
@@ -166,7 +166,6 @@ def test_secret_for_another_key_or_path_is_refused(with_port, tmp_path):
 
 
 def test_report_without_platform_times_out_cleanly(pair, monkeypatch):
-    from guest_agent import agent as agent_mod
 
     client, _, agent = pair
     client.wait_ready(timeout=5)

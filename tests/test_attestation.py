@@ -4,16 +4,31 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.attestation import (
-    EMULATED_MARKER, REPORT_SIZE, SIGNED_SIZE, AttestationReport, ChainError, EmulatedPlatformError,
-    HostDataMismatch, MeasurementMismatch, PolicyMismatch, ReportDataMismatch, SignatureError,
-    sign_report, validate_report, verify_report,
+from qemu_kd.formats.report import (
+    EMULATED_MARKER,
+    REPORT_SIZE,
+    SIGNED_SIZE,
+    AttestationReport,
+    EmulatedPlatformError,
+    HostDataMismatch,
+    MeasurementMismatch,
+    PolicyMismatch,
+    ReportDataMismatch,
+    SignatureError,
 )
-from qemu_kd.formats_errors import (
-    FieldValueError, MagicError, OversizedError, ReservedBitsError, TruncatedError, VersionError,
+from qemu_kd.formats.certs import ChainError
+from qemu_kd.platform.attestation import sign_report
+from qemu_kd.tenant.verify import validate_report, verify_report
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    MagicError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
 )
-from qemu_kd.identity import PlatformIdentity, RootCA
-from qemu_kd.policy import Policy
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.formats.policy import Policy
 
 ROOT = RootCA.create_throwaway()
 IDENT = PlatformIdentity.create_throwaway(ROOT)
@@ -104,7 +119,7 @@ def test_validate_mismatches(kwargs, error, code):
 
 
 def test_exit_codes_are_distinct():
-    from qemu_kd.errors import ConfigError
+    from qemu_kd.common.errors import ConfigError
     classes = [ConfigError, SignatureError, ChainError, MeasurementMismatch, PolicyMismatch,
                ReportDataMismatch, HostDataMismatch, EmulatedPlatformError]
     assert [c.exit_code for c in classes] == [2, 3, 4, 5, 6, 7, 8, 9]

@@ -2,9 +2,9 @@ import struct
 
 import pytest
 
-from qemu_kd import bootlayout as bl
-from qemu_kd.errors import GuestImageError
-from qemu_kd.vcpu import GDB_REGS, LOAD_ORDER
+from qemu_kd.formats import bootlayout as bl
+from qemu_kd.common.errors import GuestImageError
+from qemu_kd.formats.vcpu import GDB_REGS, LOAD_ORDER
 
 from synthetic import fake_bzimage
 

@@ -32,18 +32,25 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from protected import count_hits, protected_domain
-from qemu_kd import domains_cli
-from qemu_kd.audit import AuditLog
-from qemu_kd.cli import main as cli_main
-from qemu_kd.domains_cli import (
-    DomainLookupError, DomainRef, Survey, format_domains, parse_domain_name, relay_console, resolve,
+from qemu_kd.cli import domains as domains_cli
+from qemu_kd.platform.endpoints.audit import AuditLog
+from qemu_kd.cli.main import main as cli_main
+from qemu_kd.cli.domains import (
+    DomainLookupError,
+    DomainRef,
+    Survey,
+    format_domains,
+    parse_domain_name,
+    relay_console,
+    resolve,
 )
-from qemu_kd.errors import ConfigError
-from qemu_kd.gdbstub import checksum, frame
-from qemu_kd.hostport_client import HostPortClient
-from qemu_kd.qmp_proxy import ALWAYS_ALLOWED, HARMLESS_HMP, MAX_MESSAGE
+from qemu_kd.common.errors import ConfigError
+from qemu_kd.qemu.gdbstub import checksum, frame
+from qemu_kd.hostport.client import HostPortClient
+from qemu_kd.platform.endpoints.qmp_proxy import ALWAYS_ALLOWED, MAX_MESSAGE
+from qemu_kd.platform.endpoints.allowlists import HARMLESS_HMP
 
-QEMU_KD = [sys.executable, "-m", "qemu_kd.cli"]
+QEMU_KD = [sys.executable, "-m", "qemu_kd.cli.main"]
 NOT_DEBUG = "was not sealed with the DEBUG policy"
 # Ends a domain (or asks the guest to): kept out of the sweep over the allow-list.
 ENDS_THE_DOMAIN = {"quit", "system_powerdown"}

@@ -14,23 +14,35 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from qemu_kd.domain import (
-    DomainNotFoundError, DomainState, DomainStateError, DomainVerifyError, GuestStateFieldError,
-    KeyIdExhaustedError, PageRequestError, SecretPageError,
+from qemu_kd.platform.domain import (
+    DomainNotFoundError,
+    DomainState,
+    DomainStateError,
+    DomainVerifyError,
+    GuestStateFieldError,
+    KeyIdExhaustedError,
+    PageRequestError,
+    SecretPageError,
 )
-from qemu_kd.ept import (
-    EPT_EXEC, EPT_READ, EPT_WRITE, EptMapping, build_ept, ept_table_pages_needed, mapping_digest,
+from qemu_kd.formats.ept import (
+    EPT_EXEC,
+    EPT_READ,
+    EPT_WRITE,
+    EptMapping,
+    build_ept,
+    ept_table_pages_needed,
+    mapping_digest,
 )
-from qemu_kd.formats_errors import UnknownFieldError
-from qemu_kd.identity import PlatformIdentity, RootCA
-from qemu_kd.keywrap import KeyUnwrapError, wrap_key
-from qemu_kd.measurement import PageType, host_verifiable_digest, measure_offline
-from qemu_kd.mee import MemoryEncryptionEngine
-from qemu_kd.physmem import OwnershipError, PageState
-from qemu_kd.platform import Platform
-from qemu_kd.policy import Policy
-from qemu_kd.vcpu import VcpuState
-from qemu_kd.vmcs import Vmcs
+from qemu_kd.formats.errors import UnknownFieldError
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.formats.keywrap import KeyUnwrapError, wrap_key
+from qemu_kd.formats.measurement import PageType, host_verifiable_digest, measure_offline
+from qemu_kd.crypto.mee import MemoryEncryptionEngine
+from qemu_kd.platform.physmem import OwnershipError, PageState
+from qemu_kd.platform.hardware import Platform
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vcpu import VcpuState
+from qemu_kd.formats.vmcs import Vmcs
 
 PAGE = 4096
 RWX = EPT_READ | EPT_WRITE | EPT_EXEC

@@ -6,16 +6,27 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.bundle import (
-    BUNDLE_MAGIC, Bundle, BundleManifest, ManifestError, PageRecord, ZeroPageRecord,
+from qemu_kd.formats.bundle import (
+    BUNDLE_MAGIC,
+    Bundle,
+    BundleManifest,
+    ManifestError,
+    PageRecord,
+    ZeroPageRecord,
 )
-from qemu_kd.formats_errors import (
-    CorruptError, FieldValueError, FormatError, MagicError, OversizedError, ReservedBitsError,
-    TruncatedError, VersionError,
+from qemu_kd.formats.errors import (
+    CorruptError,
+    FieldValueError,
+    FormatError,
+    MagicError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
 )
-from qemu_kd.keywrap import wrap_key
-from qemu_kd.measurement import PageType
-from qemu_kd.policy import Policy
+from qemu_kd.formats.keywrap import wrap_key
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.formats.policy import Policy
 
 KAK = ec.generate_private_key(ec.SECP384R1())
 

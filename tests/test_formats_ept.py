@@ -3,13 +3,22 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.ept import (
-    EPT_EXEC, EPT_IGNORE_PAT, EPT_LARGE, EPT_READ, EPT_WRITE, EptEntry, EptError, EptMapping, Eptp,
-    build_ept, ept_table_pages_needed, mapping_digest, walk_ept,
+from qemu_kd.formats.ept import (
+    EPT_EXEC,
+    EPT_IGNORE_PAT,
+    EPT_LARGE,
+    EPT_READ,
+    EPT_WRITE,
+    EptEntry,
+    EptError,
+    EptMapping,
+    Eptp,
+    build_ept,
+    ept_table_pages_needed,
+    mapping_digest,
+    walk_ept,
 )
-from qemu_kd.formats_errors import (
-    FieldValueError, OversizedError, ReservedBitsError, TruncatedError,
-)
+from qemu_kd.formats.errors import FieldValueError, OversizedError, ReservedBitsError, TruncatedError
 
 RW = EPT_READ | EPT_WRITE
 RWX = RW | EPT_EXEC
@@ -197,7 +206,7 @@ def test_entry_and_eptp_negative():
 
 def test_array_builder_and_digest_match_the_mapping_versions():
     import numpy as np
-    from qemu_kd.ept import build_ept_arrays, mapping_digest_arrays
+    from qemu_kd.formats.ept import build_ept_arrays, mapping_digest_arrays
     maps = boundary_mappings()
     hpas = table_hpas(ept_table_pages_needed(m.gpa for m in maps))
     shuffled = list(reversed(maps))

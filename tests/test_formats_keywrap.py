@@ -2,11 +2,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.formats_errors import (
-    FieldValueError, MagicError, OversizedError, ReservedBitsError, TruncatedError, VersionError,
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    MagicError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
 )
-from qemu_kd.keywrap import WRAPPED_KEY_SIZE, KeyUnwrapError, WrappedKey, unwrap_key, wrap_key
-from qemu_kd.policy import Policy
+from qemu_kd.formats.keywrap import WRAPPED_KEY_SIZE, KeyUnwrapError, WrappedKey, unwrap_key, wrap_key
+from qemu_kd.formats.policy import Policy
 
 KAK = ec.generate_private_key(ec.SECP384R1())
 OTHER_KAK = ec.generate_private_key(ec.SECP384R1())

@@ -4,16 +4,26 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.formats_errors import (
-    FieldValueError, OversizedError, ReservedBitsError, TruncatedError, VersionError,
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
 )
-from qemu_kd.measurement import (
-    PAGE_INFO_SIZE, POLICY_RECORD, LaunchMeasurement, MeasurementError, PageInfo, PageType,
-    host_verifiable_digest, measure_offline,
+from qemu_kd.formats.measurement import (
+    PAGE_INFO_SIZE,
+    POLICY_RECORD,
+    LaunchMeasurement,
+    MeasurementError,
+    PageInfo,
+    PageType,
+    host_verifiable_digest,
+    measure_offline,
 )
-from qemu_kd.policy import Policy
-from qemu_kd.vcpu import VcpuState
-from qemu_kd.vmcs import Vmcs
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vcpu import VcpuState
+from qemu_kd.formats.vmcs import Vmcs
 
 PAGES = [
     (0x0, PageType.IMAGE, 7, bytes(range(256)) * 16),
@@ -77,7 +87,7 @@ def test_incremental_equals_offline_and_vmcs_is_chained_last():
 
 def test_independent_of_host_layout():
     """The API takes no hpas: two layouts of the same content give one digest."""
-    from qemu_kd.ept import EptMapping, build_ept, walk_ept
+    from qemu_kd.formats.ept import EptMapping, build_ept, walk_ept
     contents = {gpa: content for gpa, _, _, content in PAGES}
     perms = {gpa: p for gpa, _, p, _ in PAGES}
     digests = []

@@ -3,10 +3,15 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from qemu_kd.formats_errors import (
-    FieldValueError, FormatError, OversizedError, ReservedBitsError, TruncatedError, VersionError,
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    FormatError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
 )
-from qemu_kd.policy import Policy
+from qemu_kd.formats.policy import Policy
 
 
 def test_layout_is_version_reserved_flags():

@@ -4,15 +4,27 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.formats_errors import (
-    FieldValueError, MagicError, OversizedError, ReservedBitsError, TruncatedError,
-    UnknownFieldError, VersionError,
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    MagicError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    UnknownFieldError,
+    VersionError,
 )
-from qemu_kd.policy import Policy
-from qemu_kd.vcpu import VcpuState
-from qemu_kd.vmcs import (
-    HOST_CHOSEN_CONTROLS, VMCS_FIELDS, VMCS_REVISION_ID, Vmcs, exposed_register_mask,
-    exposed_registers, field_class, measured_fields, vmcs_field,
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vcpu import VcpuState
+from qemu_kd.formats.vmcs import (
+    HOST_CHOSEN_CONTROLS,
+    VMCS_FIELDS,
+    VMCS_REVISION_ID,
+    Vmcs,
+    exposed_register_mask,
+    exposed_registers,
+    field_class,
+    measured_fields,
+    vmcs_field,
 )
 
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)

@@ -6,9 +6,9 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qemu_kd.audit import AuditLog
-from qemu_kd.gdb_proxy import GdbProxy, MAX_PACKET, is_continue, is_step, summarize
-from qemu_kd.gdbstub import checksum, frame
+from qemu_kd.platform.endpoints.audit import AuditLog
+from qemu_kd.platform.endpoints.gdb_proxy import GdbProxy, MAX_PACKET, is_continue, is_step, summarize
+from qemu_kd.qemu.gdbstub import checksum, frame
 
 MiB = 1 << 20
 POLICY_TEXT = "key domain kd3 was not sealed with the DEBUG policy"
@@ -205,8 +205,8 @@ def test_random_bytes_never_break_the_proxy(nodebug, junk):
 
 @pytest.fixture(scope="module")
 def guest(guest_artifacts, tmp_path_factory):
-    from qemu_kd.launch import PhaseTimer, boot_plain, full_cmdline
-    from qemu_kd.machine import MachineSpec
+    from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
+    from qemu_kd.qemu.machine import MachineSpec
 
     log = tmp_path_factory.mktemp("console") / "console.log"
     spec = MachineSpec(mem_size=256 * MiB, accel="tcg", name="test-gdb-proxy")

@@ -3,8 +3,8 @@ import threading
 
 import pytest
 
-from qemu_kd import gdbstub
-from qemu_kd.gdbstub import RspClient, RspError
+from qemu_kd.qemu import gdbstub
+from qemu_kd.qemu.gdbstub import RspClient, RspError
 
 
 def test_frame_has_checksum_and_escapes_reserved_bytes():

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from qemu_kd import guest_build as gb
-from qemu_kd.errors import GuestImageError
+from qemu_kd.guest import cache, initramfs, packages, recipe, rootfs
+from qemu_kd.common.errors import GuestImageError
 
 
 # --- helpers -------------------------------------------------------------
@@ -74,24 +74,24 @@ def read_newc(data: bytes) -> list[dict]:
                         "mtime": mtime, "size": size, "body": body, "ino": ino})
 
 
-def fake_inputs(**changes) -> gb.BuildInputs:
+def fake_inputs(**changes) -> cache.BuildInputs:
     values = dict(
-        packages=[gb.PackageRef("busybox-static", "1:1.35.0-4"),
-                  gb.PackageRef("libc6", "2.36-9")],
-        kernel_package=gb.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
+        packages=[packages.PackageRef("busybox-static", "1:1.35.0-4"),
+                  packages.PackageRef("libc6", "2.36-9")],
+        kernel_package=packages.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
         agent_files={"__init__.py": b"", "__main__.py": b"print('agent')\n"},
     )
     values.update(changes)
-    return gb.BuildInputs(**values)
+    return cache.BuildInputs(**values)
 
 
-def fake_manifest(kernel: Path, initrd: Path) -> gb.GuestManifest:
+def fake_manifest(kernel: Path, initrd: Path) -> cache.GuestManifest:
     inputs = fake_inputs()
-    return gb.GuestManifest(
-        recipe_version=gb.RECIPE_VERSION, cache_key=inputs.cache_key(),
+    return cache.GuestManifest(
+        recipe_version=recipe.RECIPE_VERSION, cache_key=inputs.cache_key(),
         kernel_package=inputs.kernel_package, kernel_release="6.1.0-9-cloud-amd64",
-        packages=list(reversed(inputs.packages)), bzimage=gb.FileDigest.of(kernel),
-        initramfs=gb.FileDigest.of(initrd), agent_sha256=inputs.agent_digest())
+        packages=list(reversed(inputs.packages)), bzimage=cache.FileDigest.of(kernel),
+        initramfs=cache.FileDigest.of(initrd), agent_sha256=inputs.agent_digest())
 
 
 # --- pruning -------------------------------------------------------------
@@ -118,7 +118,7 @@ def fake_manifest(kernel: Path, initrd: Path) -> gb.GuestManifest:
     "usr/lib/x86_64-linux-gnu/engines-3/padlock.so",
 ])
 def test_pruned_paths(path):
-    assert gb.is_pruned(path)
+    assert recipe.is_pruned(path)
 
 
 @pytest.mark.parametrize("path", [
@@ -140,13 +140,13 @@ def test_pruned_paths(path):
     "etc/python3.11/sitecustomize.py",
 ])
 def test_kept_paths(path):
-    assert not gb.is_pruned(path)
+    assert not recipe.is_pruned(path)
 
 
 def test_dlopened_legacy_provider_is_never_pruned():
-    for rel in gb.DLOPENED_FILES:
-        assert not gb.is_pruned(rel)
-    assert any(rel.endswith("ossl-modules/legacy.so") for rel in gb.DLOPENED_FILES)
+    for rel in recipe.DLOPENED_FILES:
+        assert not recipe.is_pruned(rel)
+    assert any(rel.endswith("ossl-modules/legacy.so") for rel in recipe.DLOPENED_FILES)
 
 
 @pytest.mark.parametrize("src,dest", [
@@ -160,7 +160,7 @@ def test_dlopened_legacy_provider_is_never_pruned():
     ("library/x", "library/x"),
 ])
 def test_usrmerged(src, dest):
-    assert gb.usrmerged(src) == dest
+    assert rootfs.usrmerged(src) == dest
 
 
 def test_install_tree_merges_usr_prunes_and_keeps_symlinks(tmp_path):
@@ -175,7 +175,7 @@ def test_install_tree_merges_usr_prunes_and_keeps_symlinks(tmp_path):
     os.chmod(pkg / "bin/tool", 0o755)
     staging = tmp_path / "staging"
     staging.mkdir()
-    installed = gb.install_tree(pkg, staging)
+    installed = rootfs.install_tree(pkg, staging)
     assert (staging / "usr/lib/x86_64-linux-gnu/libz.so.1.2.13").read_bytes() == b"lib"
     assert os.readlink(staging / "usr/lib/x86_64-linux-gnu/libz.so.1") == "libz.so.1.2.13"
     assert (staging / "usr/bin/tool").stat().st_mode & 0o777 == 0o755
@@ -193,7 +193,7 @@ def test_prune_tree_removes_pruned_and_empty_dirs(tmp_path):
     (tmp_path / "usr/lib/python3.11/test/t.pyc").write_bytes(b"")
     (tmp_path / "usr/lib/python3.11/os.pyc").write_bytes(b"")
     (tmp_path / "proc").mkdir()
-    gb.prune_tree(tmp_path)
+    rootfs.prune_tree(tmp_path)
     assert not stub.exists()
     assert not (tmp_path / "usr/lib/python3.11/test").exists()
     assert (tmp_path / "usr/lib/python3.11/os.pyc").exists()
@@ -204,16 +204,16 @@ def test_prune_tree_removes_pruned_and_empty_dirs(tmp_path):
 
 def test_elf_needed_reads_dt_needed_in_order():
     names = ["libssl.so.3", "libcrypto.so.3", "libc.so.6"]
-    assert gb.elf_needed(make_elf(names)) == names
+    assert rootfs.elf_needed(make_elf(names)) == names
 
 
 def test_elf_needed_static_binary_has_none():
-    assert gb.elf_needed(make_elf([])) == []
+    assert rootfs.elf_needed(make_elf([])) == []
 
 
 def test_elf_needed_rejects_non_elf():
     with pytest.raises(ValueError):
-        gb.elf_needed(b"#!/bin/sh\n" + bytes(64))
+        rootfs.elf_needed(b"#!/bin/sh\n" + bytes(64))
 
 
 def test_elf_needed_matches_readelf_on_a_real_binary():
@@ -225,7 +225,7 @@ def test_elf_needed_matches_readelf_on_a_real_binary():
     expected = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines()
                 if "(NEEDED)" in line]
     assert expected, "the test binary should be dynamically linked"
-    assert gb.elf_needed(binary.read_bytes()) == expected
+    assert rootfs.elf_needed(binary.read_bytes()) == expected
 
 
 def _lib_tree(tmp_path: Path) -> Path:
@@ -246,7 +246,7 @@ def _lib_tree(tmp_path: Path) -> Path:
 
 def test_prune_unused_libraries_keeps_closure(tmp_path):
     libdir = _lib_tree(tmp_path)
-    removed = gb.prune_unused_libraries(tmp_path)
+    removed = rootfs.prune_unused_libraries(tmp_path)
     assert removed == ["usr/lib/x86_64-linux-gnu/libunused.so.1"]
     for name in ("libfoo.so.1", "libfoo.so.1.2", "libdep.so.0", "libc.so.6",
                  "ld-linux-x86-64.so.2", "libcrypto.so.3"):
@@ -256,14 +256,14 @@ def test_prune_unused_libraries_keeps_closure(tmp_path):
 def test_missing_sonames_names_the_needers(tmp_path):
     _lib_tree(tmp_path)
     (tmp_path / "usr/bin/other").write_bytes(make_elf(["libffi.so.8", "libfoo.so.1"]))
-    assert gb.missing_sonames(tmp_path) == {"libffi.so.8": ["usr/bin/other"]}
+    assert rootfs.missing_sonames(tmp_path) == {"libffi.so.8": ["usr/bin/other"]}
 
 
 def test_packages_for_sonames():
-    assert gb.packages_for_sonames(["libssl.so.3", "libcrypto.so.3", "libc.so.6"]) == {
+    assert rootfs.packages_for_sonames(["libssl.so.3", "libcrypto.so.3", "libc.so.6"]) == {
         "libssl3", "libc6"}
     with pytest.raises(GuestImageError, match="libnotthere.so.9"):
-        gb.packages_for_sonames(["libc.so.6", "libnotthere.so.9"])
+        rootfs.packages_for_sonames(["libc.so.6", "libnotthere.so.9"])
 
 
 # --- reproducible archive --------------------------------------------------
@@ -292,9 +292,9 @@ def test_cpio_is_byte_identical_and_normalized(tmp_path):
     _small_tree(two, list(reversed(names)), 2_000_000)
     archives = []
     for root in (one, two):
-        gb.normalize_tree(root)
+        initramfs.normalize_tree(root)
         out = tmp_path / f"{root.name}.cpio"
-        gb.write_cpio(root, out)
+        initramfs.write_cpio(root, out)
         archives.append(out.read_bytes())
     assert archives[0] == archives[1]
     entries = read_newc(archives[0])
@@ -302,7 +302,7 @@ def test_cpio_is_byte_identical_and_normalized(tmp_path):
     assert names_in == sorted(names_in, key=lambda p: p.split("/"))
     assert names_in.index("usr") < names_in.index("usr/lib") < names_in.index("usr/lib/z/c")
     assert all(e["uid"] == 0 and e["gid"] == 0 for e in entries)
-    assert {e["mtime"] for e in entries} == {gb.SOURCE_DATE_EPOCH}
+    assert {e["mtime"] for e in entries} == {recipe.SOURCE_DATE_EPOCH}
     by_name = {e["name"]: e for e in entries}
     assert by_name["init"]["mode"] & 0o777 == 0o755
     assert by_name["tmp"]["mode"] & 0o7777 == 0o1777
@@ -315,7 +315,7 @@ def test_lz4_output_is_legacy_format(tmp_path):
         pytest.skip("lz4 is not installed")
     src = tmp_path / "x.cpio"
     src.write_bytes(bytes(range(256)) * 64)
-    gb.compress_lz4(src, tmp_path / "x.lz4")
+    initramfs.compress_lz4(src, tmp_path / "x.lz4")
     data = (tmp_path / "x.lz4").read_bytes()
     assert struct.unpack_from("<I", data)[0] == 0x184C2102  # legacy frame magic
     out = subprocess.run(["lz4", "-dc", str(tmp_path / "x.lz4")], capture_output=True).stdout
@@ -331,14 +331,14 @@ def test_cache_key_is_stable_and_depends_on_every_input():
                             agent_files=dict(reversed(list(base.agent_files.items()))))
     assert reordered.cache_key() == base.cache_key()
     variants = [
-        fake_inputs(packages=[gb.PackageRef("busybox-static", "1:1.35.0-5"),
-                              gb.PackageRef("libc6", "2.36-9")]),
-        fake_inputs(packages=base.packages + [gb.PackageRef("libffi8", "3.4.4-1")]),
-        fake_inputs(kernel_package=gb.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-2")),
+        fake_inputs(packages=[packages.PackageRef("busybox-static", "1:1.35.0-5"),
+                              packages.PackageRef("libc6", "2.36-9")]),
+        fake_inputs(packages=base.packages + [packages.PackageRef("libffi8", "3.4.4-1")]),
+        fake_inputs(kernel_package=packages.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-2")),
         fake_inputs(agent_files={**base.agent_files, "__main__.py": b"print('v2')\n"}),
         fake_inputs(agent_files={**base.agent_files, "extra.py": b""}),
-        fake_inputs(init_script=gb.INIT_SCRIPT + "# changed\n"),
-        fake_inputs(recipe_version=gb.RECIPE_VERSION + 1),
+        fake_inputs(init_script=recipe.INIT_SCRIPT + "# changed\n"),
+        fake_inputs(recipe_version=recipe.RECIPE_VERSION + 1),
     ]
     keys = {v.cache_key() for v in variants}
     assert base.cache_key() not in keys
@@ -351,7 +351,7 @@ def test_manifest_round_trip_and_contents(tmp_path):
     initrd.write_bytes(b"i" * 300)
     manifest = fake_manifest(kernel, initrd)
     raw = manifest.pack()
-    assert gb.GuestManifest.unpack(raw) == gb.GuestManifest.unpack(manifest.pack())
+    assert cache.GuestManifest.unpack(raw) == cache.GuestManifest.unpack(manifest.pack())
     data = json.loads(raw)
     assert data["kernel_package"] == {"name": "linux-image-6.1.0-9-cloud-amd64",
                                       "version": "6.1.27-1", "architecture": "amd64"}
@@ -359,15 +359,15 @@ def test_manifest_round_trip_and_contents(tmp_path):
     assert data["bzimage"] == {"sha256": hashlib.sha256(b"k" * 1000).hexdigest(), "size": 1000}
     assert data["initramfs"] == {"sha256": hashlib.sha256(b"i" * 300).hexdigest(), "size": 300}
     assert [p["name"] for p in data["packages"]] == ["busybox-static", "libc6"]
-    assert data["recipe_version"] == gb.RECIPE_VERSION
+    assert data["recipe_version"] == recipe.RECIPE_VERSION
     assert raw == manifest.pack()  # deterministic text
 
 
 def test_manifest_unpack_rejects_garbage():
     with pytest.raises(GuestImageError, match="manifest"):
-        gb.GuestManifest.unpack(b"{not json")
+        cache.GuestManifest.unpack(b"{not json")
     with pytest.raises(GuestImageError, match="format"):
-        gb.GuestManifest.unpack(b'{"format": 99}')
+        cache.GuestManifest.unpack(b'{"format": 99}')
 
 
 APT_SHOW = """\
@@ -388,41 +388,41 @@ Architecture: amd64
 
 
 def test_parse_apt_records_and_kernel_dependency():
-    records = gb.parse_apt_records(APT_SHOW)
+    records = packages.parse_apt_records(APT_SHOW)
     assert records["busybox-static"]["Version"] == "1:1.35.0-4+deb12u1+b1"
     meta = records["linux-image-cloud-amd64"]
     assert "modules for use" in meta["Description"]
-    assert gb.kernel_package_from_depends(meta["Depends"]) == "linux-image-6.1.0-56-cloud-amd64"
-    assert gb.kernel_package_from_depends(
+    assert packages.kernel_package_from_depends(meta["Depends"]) == "linux-image-6.1.0-56-cloud-amd64"
+    assert packages.kernel_package_from_depends(
         "linux-image-6.1.0-9-cloud-amd64-unsigned | linux-image-6.1.0-9-cloud-amd64 (= 1)"
     ) == "linux-image-6.1.0-9-cloud-amd64"
     with pytest.raises(GuestImageError, match="cloud kernel"):
-        gb.kernel_package_from_depends("linux-base, initramfs-tools")
+        packages.kernel_package_from_depends("linux-base, initramfs-tools")
 
 
 def test_deb_name_escapes_epoch():
-    assert gb.PackageRef("zlib1g", "1:1.2.13.dfsg-1").deb_name == "zlib1g_1%3a1.2.13.dfsg-1_amd64.deb"
+    assert packages.PackageRef("zlib1g", "1:1.2.13.dfsg-1").deb_name == "zlib1g_1%3a1.2.13.dfsg-1_amd64.deb"
 
 
 def test_apt_state_fingerprint_tracks_list_changes(tmp_path):
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "Packages").write_text("a")
-    first = gb.apt_state_fingerprint([str(lists), str(tmp_path / "absent")])
-    assert first == gb.apt_state_fingerprint([str(lists), str(tmp_path / "absent")])
+    first = packages.apt_state_fingerprint([str(lists), str(tmp_path / "absent")])
+    assert first == packages.apt_state_fingerprint([str(lists), str(tmp_path / "absent")])
     (lists / "Packages").write_text("ab")
-    assert gb.apt_state_fingerprint([str(lists), str(tmp_path / "absent")]) != first
+    assert packages.apt_state_fingerprint([str(lists), str(tmp_path / "absent")]) != first
 
 
 def test_resolved_versions_round_trip():
-    memo = gb.ResolvedVersions("f" * 64, gb.PackageRef("linux-image-x-cloud-amd64", "1"),
-                               [gb.PackageRef("libc6", "2.36-9")])
-    assert gb.ResolvedVersions.unpack(memo.pack()) == memo
+    memo = packages.ResolvedVersions("f" * 64, packages.PackageRef("linux-image-x-cloud-amd64", "1"),
+                               [packages.PackageRef("libc6", "2.36-9")])
+    assert packages.ResolvedVersions.unpack(memo.pack()) == memo
 
 
 def test_resolve_cached_memoizes_and_updates_lists_once(tmp_path, monkeypatch):
-    answer = (gb.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
-              [gb.PackageRef("libc6", "2.36-9")])
+    answer = (packages.PackageRef("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
+              [packages.PackageRef("libc6", "2.36-9")])
     calls = {"resolve": 0, "update": 0}
 
     def resolve():
@@ -431,44 +431,44 @@ def test_resolve_cached_memoizes_and_updates_lists_once(tmp_path, monkeypatch):
             raise GuestImageError("apt knows no candidate for libc6", "run apt-get update")
         return answer
 
-    monkeypatch.setattr(gb, "resolve_inputs", resolve)
-    monkeypatch.setattr(gb, "_apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
-    monkeypatch.setattr(gb, "apt_state_fingerprint", lambda: "state-1")
-    assert gb.resolve_cached(tmp_path) == answer
+    monkeypatch.setattr(packages, "resolve_inputs", resolve)
+    monkeypatch.setattr(packages, "apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
+    monkeypatch.setattr(packages, "apt_state_fingerprint", lambda: "state-1")
+    assert packages.resolve_cached(tmp_path) == answer
     assert calls == {"resolve": 2, "update": 1}
-    assert gb.resolve_cached(tmp_path) == answer  # memo hit: apt is not asked
+    assert packages.resolve_cached(tmp_path) == answer  # memo hit: apt is not asked
     assert calls["resolve"] == 2
-    monkeypatch.setattr(gb, "apt_state_fingerprint", lambda: "state-2")
-    gb.resolve_cached(tmp_path)  # apt's lists changed: ask again
+    monkeypatch.setattr(packages, "apt_state_fingerprint", lambda: "state-2")
+    packages.resolve_cached(tmp_path)  # apt's lists changed: ask again
     assert calls["resolve"] == 3
-    gb.resolve_cached(tmp_path, refresh=True)
+    packages.resolve_cached(tmp_path, refresh=True)
     assert calls["resolve"] == 4
 
 
 def test_missing_tool_names_package_to_install():
     with pytest.raises(GuestImageError) as info:
-        gb.check_tools({"sh": "dash", "qemu-kd-no-such-tool": "no-such-package"})
+        packages.check_tools({"sh": "dash", "qemu-kd-no-such-tool": "no-such-package"})
     assert "qemu-kd-no-such-tool" in info.value.message
     assert info.value.hint == "run: apt-get install no-such-package"
 
 
 def test_kernel_cmdline():
-    assert gb.kernel_cmdline() == gb.DEFAULT_CMDLINE
-    line = gb.kernel_cmdline(2_100_000, ["kd.debug=1"])
-    assert line == gb.DEFAULT_CMDLINE + " tsc_early_khz=2100000 kd.debug=1"
+    assert recipe.kernel_cmdline() == recipe.DEFAULT_CMDLINE
+    line = recipe.kernel_cmdline(2_100_000, ["kd.debug=1"])
+    assert line == recipe.DEFAULT_CMDLINE + " tsc_early_khz=2100000 kd.debug=1"
     for option in ("console=ttyS0", "panic=-1", "quiet"):
-        assert option in gb.DEFAULT_CMDLINE.split()
+        assert option in recipe.DEFAULT_CMDLINE.split()
     with pytest.raises(GuestImageError):
-        gb.kernel_cmdline(0)
+        recipe.kernel_cmdline(0)
 
 
 def test_init_script_is_valid_shell_and_starts_the_agent(tmp_path):
     script = tmp_path / "init"
-    script.write_text(gb.INIT_SCRIPT)
+    script.write_text(recipe.INIT_SCRIPT)
     shell = shutil.which("busybox") and [shutil.which("busybox"), "sh"] or ["sh"]
     check = subprocess.run([*shell, "-n", str(script)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    text = gb.INIT_SCRIPT
+    text = recipe.INIT_SCRIPT
     for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs",
                    "mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp",
                    "tmpfs /run", "hostname ", "/dev/ttyS1 /dev/ttyS2",
@@ -479,7 +479,7 @@ def test_init_script_is_valid_shell_and_starts_the_agent(tmp_path):
 
 
 def test_find_agent_sources_reads_the_package():
-    files = gb.find_agent_sources()
+    files = rootfs.find_agent_sources()
     assert "__init__.py" in files
     assert all(name.endswith(".py") and "__pycache__" not in name for name in files)
 
@@ -489,10 +489,10 @@ def test_find_agent_sources_reads_the_package():
 @pytest.fixture
 def offline(monkeypatch):
     inputs = fake_inputs()
-    monkeypatch.setattr(gb, "check_tools", lambda *a, **k: None)
-    monkeypatch.setattr(gb, "resolve_cached", lambda base, refresh=False:
+    monkeypatch.setattr(cache, "check_tools", lambda *a, **k: None)
+    monkeypatch.setattr(cache, "resolve_cached", lambda base, refresh=False:
                         (inputs.kernel_package, inputs.packages))
-    monkeypatch.setattr(gb, "find_agent_sources", lambda: inputs.agent_files)
+    monkeypatch.setattr(cache, "find_agent_sources", lambda: inputs.agent_files)
     builds = []
 
     def fake_build(inp, out_dir, debs_dir, progress):
@@ -504,59 +504,59 @@ def offline(monkeypatch):
         (out_dir / "manifest.json").write_bytes(manifest.pack())
         return manifest
 
-    monkeypatch.setattr(gb, "build_guest", fake_build)
+    monkeypatch.setattr(cache, "build_guest", fake_build)
     return inputs, builds
 
 
 def test_ensure_guest_builds_once_then_uses_cache(tmp_path, offline):
     inputs, builds = offline
     messages = []
-    first = gb.ensure_guest(cache=tmp_path, progress=messages.append)
+    first = cache.ensure_guest(cache=tmp_path, progress=messages.append)
     assert len(builds) == 1 and messages == ["building"]
     assert first.kernel == tmp_path / "guest" / inputs.cache_key() / "bzImage"
     assert first.initrd.read_bytes() == b"initrd"
     assert first.kernel_release == "6.1.0-9-cloud-amd64"
     assert first.kernel_package_version == "6.1.27-1"
-    second = gb.ensure_guest(cache=tmp_path)
+    second = cache.ensure_guest(cache=tmp_path)
     assert len(builds) == 1
     assert second == first
-    gb.ensure_guest(cache=tmp_path, force=True)
+    cache.ensure_guest(cache=tmp_path, force=True)
     assert len(builds) == 2
     assert not [p for p in (tmp_path / "guest").iterdir() if p.name.startswith(".build-")]
 
 
 def test_ensure_guest_rebuilds_a_damaged_entry(tmp_path, offline):
     inputs, builds = offline
-    arts = gb.ensure_guest(cache=tmp_path)
+    arts = cache.ensure_guest(cache=tmp_path)
     arts.initrd.write_bytes(b"truncated!")  # size no longer matches the manifest
-    gb.ensure_guest(cache=tmp_path)
+    cache.ensure_guest(cache=tmp_path)
     assert len(builds) == 2
 
 
 def test_failed_build_leaves_no_entry(tmp_path, offline, monkeypatch):
     def broken(*args):
         raise GuestImageError("cryptography does not import in the guest tree")
-    monkeypatch.setattr(gb, "build_guest", broken)
+    monkeypatch.setattr(cache, "build_guest", broken)
     with pytest.raises(GuestImageError, match="does not import"):
-        gb.ensure_guest(cache=tmp_path)
+        cache.ensure_guest(cache=tmp_path)
     assert [p.name for p in (tmp_path / "guest").iterdir() if not p.name.startswith(".")] == []
 
 
 def test_download_failure_updates_lists_and_retries_once(tmp_path, offline, monkeypatch):
     inputs, builds = offline
-    real_build = gb.build_guest
+    real_build = cache.build_guest
     calls = {"build": 0, "update": 0}
 
     def flaky(*args):
         calls["build"] += 1
         if calls["build"] == 1:
-            raise gb.PackageDownloadError("apt-get download failed: 404 Not Found")
+            raise packages.PackageDownloadError("apt-get download failed: 404 Not Found")
         return real_build(*args)
 
-    monkeypatch.setattr(gb, "build_guest", flaky)
-    monkeypatch.setattr(gb, "_apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
+    monkeypatch.setattr(cache, "build_guest", flaky)
+    monkeypatch.setattr(cache, "apt_update", lambda: calls.__setitem__("update", calls["update"] + 1))
     messages = []
-    arts = gb.ensure_guest(cache=tmp_path, progress=messages.append)
+    arts = cache.ensure_guest(cache=tmp_path, progress=messages.append)
     assert calls == {"build": 2, "update": 1}
     assert any("updating the package lists" in m for m in messages)
     assert arts.initrd.read_bytes() == b"initrd"
@@ -566,17 +566,17 @@ def test_interrupted_build_leftovers_are_removed(tmp_path, offline):
     stale = tmp_path / "guest" / ".build-crashed"
     (stale / ".staging-x/root").mkdir(parents=True)
     (tmp_path / "guest/debs/.download-y").mkdir(parents=True)
-    gb.ensure_guest(cache=tmp_path)
+    cache.ensure_guest(cache=tmp_path)
     assert not stale.exists()
     assert not (tmp_path / "guest/debs/.download-y").exists()
 
 
 def test_unreadable_manifest_is_a_cache_miss(tmp_path, offline):
     inputs, builds = offline
-    arts = gb.ensure_guest(cache=tmp_path)
+    arts = cache.ensure_guest(cache=tmp_path)
     arts.manifest.write_text("{broken")
-    assert gb.load_cached(arts.manifest.parent) is None
-    gb.ensure_guest(cache=tmp_path)
+    assert cache.load_cached(arts.manifest.parent) is None
+    cache.ensure_guest(cache=tmp_path)
     assert len(builds) == 2
 
 
@@ -590,8 +590,8 @@ def _qemu_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def real_guest() -> gb.GuestArtifacts:
-    return gb.ensure_guest()
+def real_guest() -> cache.GuestArtifacts:
+    return cache.ensure_guest()
 
 
 @pytest.mark.qemu
@@ -605,7 +605,7 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
         "-chardev", f"file,id=shared,path={shared}", "-device", "isa-serial,chardev=shared",
         "-chardev", "null,id=port", "-device", "isa-serial,chardev=port",
         "-kernel", str(real_guest.kernel), "-initrd", str(real_guest.initrd),
-        "-append", gb.kernel_cmdline(),
+        "-append", recipe.kernel_cmdline(),
     ]
     child = pexpect.spawn(qemu, argv, timeout=120, encoding="utf-8", codec_errors="replace")
     try:
@@ -617,7 +617,7 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
                        "sys.flags.isolated)'; stty -F /dev/ttyS1 | head -1; hostname")
         child.expect(r"KD-PY-OK \(3, 11\) 1")
         child.expect_exact("speed 115200 baud")
-        child.expect_exact(gb.HOSTNAME)
+        child.expect_exact(recipe.HOSTNAME)
         child.sendline("uname -r")
         child.expect_exact(real_guest.kernel_release)
         # The init started the agent on the shared channel (ttyS1).
@@ -635,14 +635,14 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
 @pytest.mark.qemu
 def test_real_image_rebuild_is_byte_identical(real_guest, tmp_path):
     """A second build from the same inputs gives the same bytes and manifest."""
-    cached = gb.GuestManifest.unpack(real_guest.manifest.read_bytes())
-    kernel, packages = gb.resolve_cached(real_guest.manifest.parent.parent)
-    inputs = gb.BuildInputs(packages=packages, kernel_package=kernel,
-                            agent_files=gb.find_agent_sources())
+    cached = cache.GuestManifest.unpack(real_guest.manifest.read_bytes())
+    kernel, packages = packages.resolve_cached(real_guest.manifest.parent.parent)
+    inputs = cache.BuildInputs(packages=packages, kernel_package=kernel,
+                            agent_files=rootfs.find_agent_sources())
     assert inputs.cache_key() == cached.cache_key
     out = Path(tempfile.mkdtemp(dir=real_guest.manifest.parent.parent, prefix=".test-"))
     try:
-        rebuilt = gb.build_guest(inputs, out, real_guest.manifest.parent.parent / "debs",
+        rebuilt = cache.build_guest(inputs, out, real_guest.manifest.parent.parent / "debs",
                                  lambda _msg: None)
         assert rebuilt.pack() == cached.pack()
         assert (out / "initramfs.cpio.lz4").read_bytes() == real_guest.initrd.read_bytes()

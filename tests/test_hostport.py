@@ -20,24 +20,42 @@ from types import SimpleNamespace
 
 import pytest
 
-from qemu_kd.ept import EptMapping, mapping_digest
-from qemu_kd.errors import KdError
-from qemu_kd.hostport_client import (
-    HostPortBadRequestError, HostPortClient, HostPortConnectionError, HostPortError, HostPortNotFoundError,
-    HostPortOwnershipError, HostPortProtocolError, HostPortRefusedError, HostPortStateError,
-    HostPortKeyIdExhaustedError, HostPortUnknownCommandError, HostPortUnwrapError, HostPortAddressError,
-    HostPortLaunchError, HostPortVerifyError, PageEntry,
+from qemu_kd.formats.ept import EptMapping, mapping_digest
+from qemu_kd.common.errors import KdError
+from qemu_kd.hostport.protocol import (
+    HostPortBadRequestError,
+    HostPortConnectionError,
+    HostPortError,
+    HostPortNotFoundError,
+    HostPortOwnershipError,
+    HostPortProtocolError,
+    HostPortRefusedError,
+    HostPortStateError,
+    HostPortKeyIdExhaustedError,
+    HostPortUnknownCommandError,
+    HostPortUnwrapError,
+    HostPortAddressError,
+    HostPortLaunchError,
+    HostPortVerifyError,
+    PageEntry,
 )
-from qemu_kd.hostport_protocol import (
-    MAX_FRAME, PAGE_ENTRY_SIZE, Frame, Reply, Request, pack_page_entries, unpack_page_entries,
+from qemu_kd.hostport.client import HostPortClient
+from qemu_kd.hostport.protocol import (
+    MAX_FRAME,
+    PAGE_ENTRY_SIZE,
+    Frame,
+    Reply,
+    Request,
+    pack_page_entries,
+    unpack_page_entries,
 )
-from qemu_kd.hostport_server import HostPortServer
-from qemu_kd.identity import PlatformIdentity, RootCA
-from qemu_kd.kd_runtime import LaunchError, SaveAreaError
-from qemu_kd.measurement import PageType
-from qemu_kd.platform import Platform
-from qemu_kd.policy import Policy
-from qemu_kd.vmcs import VMCS_FIELDS
+from qemu_kd.platform.hostport_server import HostPortServer
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.platform.runtime import LaunchError, SaveAreaError
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.platform.hardware import Platform
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vmcs import VMCS_FIELDS
 
 from test_domain import ENC_EPT_POINTER, ENC_GUEST_RIP, MEMORY, PAGE, RW, guest_page_count, seal_guest
 
@@ -595,14 +613,13 @@ def test_socket_is_private_and_removed_on_close(identity, tmp_path):
 def test_client_imports_no_platform_module():
     code = (
         "import sys, json\n"
-        "import qemu_kd.hostport_client\n"
+        "import qemu_kd.hostport.client\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('qemu_kd'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     loaded = set(json.loads(out))
-    assert loaded == {"qemu_kd", "qemu_kd.errors", "qemu_kd.hostport_protocol", "qemu_kd.hostport_client"}
-    for forbidden in ("mee", "physmem", "domain", "platform", "keywrap", "identity", "measurement", "vmcs"):
-        assert f"qemu_kd.{forbidden}" not in loaded
+    assert {"qemu_kd.hostport.protocol", "qemu_kd.hostport.client"} <= loaded
+    assert all(m.split(".")[1] in ("common", "formats", "hostport") for m in loaded if m != "qemu_kd"), loaded
     # Nor any cryptography: the host VMM side has no use for it.
     child = subprocess.run([sys.executable, "-c", code.replace("m.startswith('qemu_kd')",
                                                                "m.startswith('cryptography')")],

@@ -3,14 +3,13 @@ import stat
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from qemu_kd.identity import (
-    EMULATED_OID, KAK_OID, ChainError, IdentityError, PlatformIdentity, RootCA, verify_chain,
-)
-from qemu_kd.keywrap import unwrap_key, wrap_key
-from qemu_kd.policy import Policy
+from qemu_kd.formats.certs import EMULATED_OID, KAK_OID, ChainError, verify_chain
+from qemu_kd.platform.identity import IdentityError, PlatformIdentity, RootCA
+from qemu_kd.formats.keywrap import unwrap_key, wrap_key
+from qemu_kd.formats.policy import Policy
 
 
-def _spki(key):
+def spki_der(key):
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -19,7 +18,7 @@ def test_root_load_or_create_is_stable_and_private(tmp_path):
     a = RootCA.load_or_create(state)
     b = RootCA.load_or_create(state)
     assert a.certificate_pem == b.certificate_pem
-    assert _spki(a.private_key.public_key()) == _spki(b.private_key.public_key())
+    assert spki_der(a.private_key.public_key()) == spki_der(b.private_key.public_key())
     files = sorted(p.name for p in state.iterdir())
     assert "root-ca.key" in files and "root-ca.crt" in files
     for p in state.iterdir():
@@ -71,7 +70,7 @@ def test_verify_chain_returns_both_keys():
     info = verify_chain(ident.chain_pem(), root.certificate)
     assert info.emulated
     assert info.platform_id == ident.platform_id
-    assert _spki(info.attestation_public_key) == _spki(ident.attestation_key.public_key())
+    assert spki_der(info.attestation_public_key) == spki_der(ident.attestation_key.public_key())
     # The KAK from the certificate is the one the platform unwraps with.
     w = wrap_key(bytes(64), info.kak_public_key, Policy.make())
     assert unwrap_key(w, ident.kak_private, Policy.make()) == bytes(64)

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.ept import EPT_PERMS, build_ept_arrays, ept_table_pages_needed
-from qemu_kd.formats_errors import MagicError, VersionError
-from qemu_kd.layout import (
-    HostLayout, LayoutError, LayoutSizeError, ept_pages_needed, expected_eptp, pages_needed, plan,
+from qemu_kd.formats.ept import EPT_PERMS, build_ept_arrays, ept_table_pages_needed
+from qemu_kd.formats.errors import MagicError, VersionError
+from qemu_kd.formats.layout import (
+    HostLayout,
+    LayoutError,
+    LayoutSizeError,
+    ept_pages_needed,
+    expected_eptp,
+    pages_needed,
+    plan,
 )
 
 MiB = 1 << 20
@@ -151,9 +157,11 @@ def test_corrupted_file_names_the_file(tmp_path):
 
 def test_importable_without_keys_mee_or_platform():
     """The untrusted host VMM imports this module: it must not pull in secrets or the platform."""
-    code = ("import sys, qemu_kd.layout; "
+    code = ("import sys, qemu_kd.formats.layout; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('qemu_kd', 'cryptography')))))")
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout.split())
-    assert "qemu_kd.layout" in loaded
-    assert loaded <= {"qemu_kd", "qemu_kd.layout", "qemu_kd.ept", "qemu_kd.errors", "qemu_kd.formats_errors"}
+    assert "qemu_kd.formats.layout" in loaded
+    assert not any(m.startswith("cryptography") for m in loaded), loaded
+    assert all(m == "qemu_kd" or m.split(".")[1] in ("common", "formats") for m in loaded if m.startswith("qemu_kd")), loaded
+    assert "qemu_kd.formats.keywrap" not in loaded

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qemu_kd.errors import ConfigError, QemuError
-from qemu_kd.machine import DIR_PREFIX, MachineSpec, QemuMachine, sweep_stale_dirs
+from qemu_kd.common.errors import ConfigError, QemuError
+from qemu_kd.qemu.machine import DIR_PREFIX, MachineSpec, QemuMachine, sweep_stale_dirs
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -75,7 +75,7 @@ def test_bad_qemu_arguments_report_qemu_stderr(tmp_path):
 def test_parent_killed_takes_qemu_down_and_next_start_sweeps(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from qemu_kd.machine import QemuMachine, MachineSpec
+        from qemu_kd.qemu.machine import QemuMachine, MachineSpec
         m = QemuMachine(MachineSpec(mem_size=64 << 20), console_log={str(tmp_path / 'c.log')!r})
         m.start()
         print(m.proc.pid, m.dir, m.sockdir, flush=True)

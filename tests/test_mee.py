@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings, strategies as st
 
-from qemu_kd.errors import KdError
-from qemu_kd.mee import (
-    CHUNK_PAGES, HPA_MASK, KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE, MeeError,
-    MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units, data_physical_address,
+from qemu_kd.common.errors import KdError
+from qemu_kd.crypto.mee import (
+    CHUNK_PAGES, MeeError, MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units, data_physical_address,
 )
+from qemu_kd.formats.addresses import HPA_MASK, KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
 
 KEY = bytes(range(64))
 OTHER_KEY = bytes(range(1, 65))

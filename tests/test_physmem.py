@@ -6,9 +6,15 @@ import stat
 import numpy as np
 import pytest
 
-from qemu_kd.measurement import PageType
-from qemu_kd.physmem import (
-    AddressError, HostKeyIdError, OwnershipError, PageInUseError, PageOwner, PageState, PhysicalMemory,
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.platform.physmem import (
+    AddressError,
+    HostKeyIdError,
+    OwnershipError,
+    PageInUseError,
+    PageOwner,
+    PageState,
+    PhysicalMemory,
     PhysicalMemoryError,
 )
 

@@ -7,21 +7,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from leftovers import orphaned_machine_dirs
 
-from qemu_kd.console import Console
-from qemu_kd.launch import PhaseTimer, boot_plain, full_cmdline
-from qemu_kd.machine import MachineSpec
+from qemu_kd.channel.console import Console
+from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
+from qemu_kd.qemu.machine import MachineSpec
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
 
 
 def qemu_kd(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "qemu_kd.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qemu_kd.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout, env=env or os.environ.copy())
 
 
@@ -103,7 +102,7 @@ def test_cli_run_plain_json(guest_artifacts):
 
 
 def test_killing_qemu_mid_boot_gives_clear_error_and_no_leftovers(guest_artifacts):
-    proc = subprocess.Popen([sys.executable, "-m", "qemu_kd.cli", "run", "--plain", "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "qemu_kd.cli.main", "run", "--plain", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     pids = []

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from qemu_kd.errors import ConfigError
-from qemu_kd.hostport_client import HostPortClient
-from qemu_kd.identity import verify_chain
-from qemu_kd.platformd import registry_dir, running_platforms, start_platform_process, stop_platform_process
+from qemu_kd.common.errors import ConfigError
+from qemu_kd.hostport.client import HostPortClient
+from qemu_kd.formats.certs import verify_chain
+from qemu_kd.hostport.registry import registry_dir, running_platforms
+from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_stale_registry_entries_are_ignored(runtime):
 
 
 def test_bad_arguments_are_one_line_errors(runtime, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "qemu_kd.platformd", "--socket", str(tmp_path / "s.sock"),
+    run = subprocess.run([sys.executable, "-m", "qemu_kd.platform.daemon", "--socket", str(tmp_path / "s.sock"),
                           "--state", str(tmp_path / "st"), "--memory", "lots", "--accel", "tcg"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr

@@ -20,12 +20,12 @@ import pytest
 
 from leftovers import orphaned_machine_dirs
 from protected import count_hits, protected_domain
-from qemu_kd.audit import AuditLog
-from qemu_kd.hostport_client import HostPortRefusedError
+from qemu_kd.platform.endpoints.audit import AuditLog
+from qemu_kd.hostport.protocol import HostPortRefusedError
 
 pytestmark = pytest.mark.qemu
 
-QEMU_KD = [sys.executable, "-m", "qemu_kd.cli"]
+QEMU_KD = [sys.executable, "-m", "qemu_kd.cli.main"]
 
 
 def shm_leftovers() -> set[str]:
@@ -133,8 +133,8 @@ def qemu_children(pid: int) -> list[int]:
 def test_qemu_that_dies_gives_clear_errors_and_leaves_nothing(guest_artifacts, tmp_path):
     import signal
 
-    from qemu_kd.errors import GuestError
-    from qemu_kd.hostport_client import HostPortLaunchError
+    from qemu_kd.common.errors import GuestError
+    from qemu_kd.hostport.protocol import HostPortLaunchError
 
     before = shm_leftovers()
     with protected_domain(tmp_path / "dies", guest_artifacts) as dom:

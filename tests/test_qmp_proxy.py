@@ -12,11 +12,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from qemu_kd.audit import AuditError, AuditLog, AuditRecord
-from qemu_kd.qmp_proxy import (
-    ALWAYS_ALLOWED, MAX_MESSAGE, InputError, ListenPathError, QmpInputSplitter, QmpPolicy,
-    QmpProxy, QmpProxyError, claim_socket_path,
+from qemu_kd.platform.endpoints.audit import AuditError, AuditLog, AuditRecord
+from qemu_kd.platform.endpoints.qmp_proxy import (
+    ALWAYS_ALLOWED,
+    MAX_MESSAGE,
+    InputError,
+    QmpInputSplitter,
+    QmpPolicy,
+    QmpProxy,
+    QmpProxyError,
 )
+from qemu_kd.common.files import ListenPathError, claim_socket_path
 
 MiB = 1 << 20
 POLICY_TEXT = "key domain kd3 was not sealed with the DEBUG policy"
@@ -227,8 +233,8 @@ class Proxies:
 
 @pytest.fixture(scope="module")
 def guest(guest_artifacts, tmp_path_factory):
-    from qemu_kd.launch import PhaseTimer, boot_plain, full_cmdline
-    from qemu_kd.machine import MachineSpec
+    from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
+    from qemu_kd.qemu.machine import MachineSpec
 
     log = tmp_path_factory.mktemp("console") / "console.log"
     # Each proxy needs a QMP monitor of its own (one client per QMP socket): besides the

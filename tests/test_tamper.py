@@ -5,7 +5,6 @@ untrusted host VMM against an in-process platform served on a Unix socket.
 No QEMU is needed: every case is refused before the domain would start.
 """
 
-import base64
 import dataclasses
 import os
 import tempfile
@@ -15,18 +14,21 @@ import numpy as np
 import pytest
 
 from host_vmm.vmm import BundleLayoutError, HostVerificationError, HostVmm
-from qemu_kd.attestation import SignatureError, sign_report
-from qemu_kd.bundle import PageRecord
-from qemu_kd.ept import EPT_PERMS, build_ept_arrays, mapping_digest_arrays
-from qemu_kd.hostport_client import HostPortUnwrapError
-from qemu_kd.hostport_server import HostPortServer
-from qemu_kd.identity import PlatformIdentity, RootCA
-from qemu_kd.layout import plan
-from qemu_kd.measurement import PageType, host_verifiable_digest
-from qemu_kd.mee import MemoryEncryptionEngine, data_physical_address
-from qemu_kd.platform import Platform
-from qemu_kd.policy import Policy
-from qemu_kd.tenant import check_report, measure, seal
+from qemu_kd.formats.report import SignatureError
+from qemu_kd.platform.attestation import sign_report
+from qemu_kd.formats.bundle import PageRecord
+from qemu_kd.formats.ept import EPT_PERMS, build_ept_arrays, mapping_digest_arrays
+from qemu_kd.hostport.protocol import HostPortUnwrapError
+from qemu_kd.platform.hostport_server import HostPortServer
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.formats.layout import plan
+from qemu_kd.formats.measurement import PageType, host_verifiable_digest
+from qemu_kd.crypto.mee import MemoryEncryptionEngine, data_physical_address
+from qemu_kd.platform.hardware import Platform
+from qemu_kd.formats.policy import Policy
+from qemu_kd.tenant.verify import check_report
+from qemu_kd.tenant.measure import measure
+from qemu_kd.tenant.seal import seal
 
 from synthetic import fake_bzimage
 

@@ -14,20 +14,27 @@ import pytest
 
 from synthetic import fake_bzimage
 
-from qemu_kd import tenant, tenant_cli
-from qemu_kd.attestation import (
-    EmulatedPlatformError, HostDataMismatch, MeasurementMismatch, PolicyMismatch, ReportDataMismatch,
-    SignatureError, sign_report,
+from qemu_kd import tenant
+from qemu_kd.cli import tenant as tenant_cli
+from qemu_kd.formats.report import (
+    EmulatedPlatformError,
+    HostDataMismatch,
+    MeasurementMismatch,
+    PolicyMismatch,
+    ReportDataMismatch,
+    SignatureError,
 )
-from qemu_kd.bundle import Bundle
-from qemu_kd.ept import EPT_PERMS, mapping_digest, walk_ept
-from qemu_kd.identity import ChainError, PlatformIdentity, RootCA
-from qemu_kd.keywrap import unwrap_key
-from qemu_kd.layout import HostLayout, LayoutSizeError, expected_eptp, pages_needed, plan
-from qemu_kd.measurement import PageType, host_verifiable_digest, measure_offline
-from qemu_kd.mee import MemoryEncryptionEngine
-from qemu_kd.policy import Policy
-from qemu_kd.vmcs import Vmcs
+from qemu_kd.platform.attestation import sign_report
+from qemu_kd.formats.bundle import Bundle
+from qemu_kd.formats.ept import EPT_PERMS, mapping_digest, walk_ept
+from qemu_kd.formats.certs import ChainError
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.formats.keywrap import unwrap_key
+from qemu_kd.formats.layout import HostLayout, LayoutSizeError, expected_eptp, pages_needed, plan
+from qemu_kd.formats.measurement import PageType, host_verifiable_digest, measure_offline
+from qemu_kd.crypto.mee import MemoryEncryptionEngine
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vmcs import Vmcs
 
 MiB = 1 << 20
 MEM = 64 * MiB
@@ -241,7 +248,7 @@ def test_check_report(identity, root, sealed):
 
 def test_platform_builds_what_the_tenant_sealed(identity, root, tmp_path):
     """The host's steps on an in-process platform; every value the tenant predicted must hold."""
-    from qemu_kd.platform import Platform
+    from qemu_kd.platform.hardware import Platform
 
     with Platform(identity, 80 * MiB, tmp_path / "platform") as platform:
         platform.alloc(npages=7)                          # someone else's pages first
@@ -310,12 +317,12 @@ def test_cli_measure(capsys, files):
 def test_cli_defaults_to_the_built_guest_and_its_cmdline(capsys, files, monkeypatch):
     import types
 
-    import qemu_kd.guest_build
-    import qemu_kd.launch
+    import qemu_kd.guest.cache
+    import qemu_kd.qemu.launch
 
-    monkeypatch.setattr(qemu_kd.guest_build, "ensure_guest",
+    monkeypatch.setattr(qemu_kd.guest.cache, "ensure_guest",
                         lambda: types.SimpleNamespace(kernel=files["kernel"], initrd=files["initrd"]))
-    monkeypatch.setattr(qemu_kd.launch, "full_cmdline", lambda: "console=ttyS0 tsc_early_khz=1234")
+    monkeypatch.setattr(qemu_kd.qemu.launch, "full_cmdline", lambda: "console=ttyS0 tsc_early_khz=1234")
     code, out, err = run_cli(capsys, "measure", "--mem", "64M")
     assert code == 0
     assert "cmdline: console=ttyS0 tsc_early_khz=1234" in err and str(files["kernel"]) in err

@@ -1,0 +1,176 @@
+"""The ``qemu-kd`` command line.
+
+User errors (:class:`~qemu_kd.common.errors.KdError`) print one line and exit with the
+error's code; Ctrl-C and SIGTERM unwind through every cleanup handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from qemu_kd import __version__
+from qemu_kd.common.errors import KdError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qemu_kd.common.errors import ConfigError
+    from qemu_kd.cli.run import ProtectedOptions, format_run, run_plain, run_protected
+    from qemu_kd.common.units import parse_size
+
+    opts = ProtectedOptions(cmd=args.cmd, mem_size=parse_size(args.mem), accel=args.accel,
+                            ready_timeout=args.timeout, progress=not args.quiet,
+                            kernel=args.kernel, initrd=args.initrd, debug=args.debug,
+                            keep=args.keep)
+    if args.plain:
+        if args.debug or args.keep:
+            raise ConfigError("--debug and --keep apply to protected domains",
+                              "drop --plain, or drop --debug/--keep")
+        result = run_plain(opts)
+    else:
+        result = run_protected(opts)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_run(result))
+        if result.get("kept"):
+            kept = result["kept"]
+            name = kept["name"]
+            print(f"\ndomain {name} kept running (KeyID {result['keyid']}, platform pid "
+                  f"{kept['platform_pid']}, host port {kept['platform_socket']})")
+            print(f"  console:  qemu-kd console {name}")
+            print(f"  QMP:      qemu-kd qmp-shell {name}   ({result['endpoints']['qmp']})")
+            print(f"  gdb:      qemu-kd gdb {name}         ({result['endpoints']['gdb']})")
+            print(f"  end it:   qemu-kd destroy {name}")
+    return 0 if result["exec"]["rc"] == 0 else 1
+
+
+def _cmd_platform_serve(args: argparse.Namespace) -> int:
+    from qemu_kd.platform.daemon import main as platformd_main
+
+    return platformd_main(args.platformd_args)
+
+
+def _cmd_host_serve(args: argparse.Namespace) -> int:
+    from host_vmm.service import main as host_main
+
+    return host_main(["--platform", args.platform, "--api", args.api])
+
+
+def _cmd_host_layout(args: argparse.Namespace) -> int:
+    from host_vmm.vmm import HostVmm
+
+    from qemu_kd.common.units import parse_size
+
+    vmm = HostVmm(args.platform)
+    layout = vmm.allocate(parse_size(args.mem))
+    layout.write(args.out)
+    print(f"KeyID {layout.keyid} reserved with {len(layout.hpas)} pages; layout written to {args.out}")
+    vmm.client.close()
+    return 0
+
+
+def _cmd_guest_build(args: argparse.Namespace) -> int:
+    from qemu_kd.guest.cache import ensure_guest
+    from qemu_kd.cli.run import progress_printer
+
+    art = ensure_guest(force=args.force, progress=progress_printer(True))
+    info = {"kernel": str(art.kernel), "initrd": str(art.initrd), "manifest": str(art.manifest),
+            "kernel_release": art.kernel_release,
+            "kernel_package_version": art.kernel_package_version}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:24} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qemu-kd",
+        description="Key-domain protected VMs emulated around real QEMU guests.")
+    parser.add_argument("--version", action="version", version=f"qemu-kd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="boot the default guest, run a command in it, shut down")
+    run.add_argument("--plain", action="store_true",
+                     help="boot without key-domain protection (for comparison)")
+    run.add_argument("--debug", action="store_true",
+                     help="seal with the DEBUG policy (host may read guest memory, audited)")
+    run.add_argument("--keep", action="store_true",
+                     help="leave the domain running and print how to reach it")
+    run.add_argument("--cmd", default="uname -a", help="shell command to run in the guest")
+    run.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    run.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                     help="accelerator (auto probes KVM and falls back to TCG)")
+    run.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds to wait for the guest agent (default 120)")
+    run.add_argument("--kernel", help="a bzImage to boot instead of the default guest's")
+    run.add_argument("--initrd", help="the initramfs to go with --kernel")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    run.set_defaults(func=_cmd_run)
+
+    guest = sub.add_parser("guest", help="the default guest kernel and image")
+    gsub = guest.add_subparsers(dest="guest_command", metavar="ACTION")
+    gsub.required = True
+    build = gsub.add_parser("build", help="obtain the kernel and build the initramfs (cached)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--json", action="store_true", help="print one JSON object")
+    build.set_defaults(func=_cmd_guest_build)
+
+    from qemu_kd.cli.tenant import add_tenant_parser
+
+    add_tenant_parser(sub)
+
+    from qemu_kd.cli.domains import add_domain_parsers
+
+    add_domain_parsers(sub)
+
+    host = sub.add_parser("host", help="the untrusted host VMM")
+    hsub = host.add_subparsers(dest="host_command", metavar="ACTION")
+    hsub.required = True
+    serve = hsub.add_parser("serve", help="run the host VMM process (API on a Unix socket)")
+    serve.add_argument("--platform", required=True, help="the platform's host-port socket")
+    serve.add_argument("--api", required=True, help="socket to serve the VMM API on")
+    serve.set_defaults(func=_cmd_host_serve)
+    lay = hsub.add_parser("layout", help="reserve a KeyID and pages; write the layout for the tenant")
+    lay.add_argument("--platform", required=True, help="the platform's host-port socket")
+    lay.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    lay.add_argument("--out", required=True, help="layout file to write")
+    lay.set_defaults(func=_cmd_host_layout)
+
+    plat = sub.add_parser("platform", help="the emulated platform (processor and MEE)")
+    psub = plat.add_subparsers(dest="platform_command", metavar="ACTION")
+    psub.required = True
+    pserve = psub.add_parser("serve", help="run the platform daemon (see --help of it)",
+                             add_help=False)
+    pserve.add_argument("platformd_args", nargs=argparse.REMAINDER)
+    pserve.set_defaults(func=_cmd_platform_serve)
+    return parser
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.func(args)
+    except KdError as exc:
+        print(f"qemu-kd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qemu-kd: interrupted; QEMU stopped and its files removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""``qemu-kd run``: boot the default guest, run a command in it, shut it down."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qemu_kd.qemu.accel import choose_accel
+from qemu_kd.common.errors import ConfigError, GuestImageError
+from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
+from qemu_kd.qemu.machine import MachineSpec
+from qemu_kd.common.paths import runtime_dir
+
+MiB = 1 << 20
+BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
+
+
+def progress_printer(enabled: bool) -> Callable[[str], None]:
+    def show(message: str) -> None:
+        if enabled:
+            print(f"[qemu-kd] {message}", file=sys.stderr, flush=True)
+    return show
+
+
+@dataclass
+class RunOptions:
+    cmd: str = "uname -a"
+    mem_size: int = 256 * MiB
+    accel: str = "auto"
+    ready_timeout: float = 120.0
+    cmd_timeout: float = 60.0
+    progress: bool = True
+    kernel: str | None = None
+    initrd: str | None = None
+
+
+def read_guest_file(path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise GuestImageError(f"{what} {path} does not exist",
+                              "pass an existing file, or omit it to use the default guest") from None
+    except OSError as exc:
+        raise GuestImageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def guest_inputs(opts: "RunOptions", show) -> tuple[bytes, bytes, Path, str | None]:
+    """Kernel and initrd bytes: the user's, or the default guest's (built if needed)."""
+    if opts.kernel or opts.initrd:
+        if not (opts.kernel and opts.initrd):
+            raise ConfigError("--kernel and --initrd go together",
+                              "pass both, or neither for the default guest")
+        return (read_guest_file(opts.kernel, "kernel"), read_guest_file(opts.initrd, "initrd"),
+                Path(opts.kernel), None)
+    from qemu_kd.guest.cache import ensure_guest
+
+    art = ensure_guest(progress=show)
+    return (read_guest_file(art.kernel, "kernel"), read_guest_file(art.initrd, "initrd"),
+            art.kernel, art.kernel_release)
+
+
+def run_plain(opts: RunOptions) -> dict:
+    """Boot the default guest without protection and run ``opts.cmd`` through the agent."""
+    show = progress_printer(opts.progress)
+    kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
+    accel = choose_accel(opts.accel, kernel_path)
+    show(f"accelerator: {accel.name} ({accel.reason})")
+    timer = PhaseTimer(progress=show)
+    spec = MachineSpec(mem_size=opts.mem_size, accel=accel.name, name="plain")
+    guest = boot_plain(kernel, initrd, full_cmdline(), spec, timer,
+                       ready_timeout=opts.ready_timeout)
+    try:
+        ready = guest.agent.ready
+        with timer.phase("command"):
+            result = guest.agent.exec(["/bin/sh", "-c", opts.cmd], timeout=opts.cmd_timeout)
+        console_log = str(guest.machine.console_log)
+    finally:
+        guest.shutdown()
+    return {
+        "mode": "plain",
+        "accel": accel.name,
+        "accel_reason": accel.reason,
+        "kernel_release": ready.get("kernel"),
+        "agent_version": ready.get("version"),
+        "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
+                 "stdout": result["stdout"], "stderr": result["stderr"]},
+        "timings": {k: round(v, 4) for k, v in timer.phases.items()},
+        "boot_to_ready_s": round(sum(timer.phases.get(p, 0.0) for p in BOOT_PHASES), 4),
+        "console_log": console_log,
+    }
+
+
+PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
+
+
+@dataclass
+class ProtectedOptions(RunOptions):
+    debug: bool = False
+    keep: bool = False
+
+
+def run_protected(opts: ProtectedOptions) -> dict:
+    """The whole flow: platform, host VMM, layout, seal, load, verify, launch, attest, run."""
+    import base64
+    import os
+    import tempfile
+
+    from host_vmm.process import HostVmmProcess
+
+    from qemu_kd.formats.layout import HostLayout
+    from qemu_kd.hostport.registry import platform_state_dir
+    from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
+    from qemu_kd.formats.policy import Policy
+    from qemu_kd.tenant.secret_release import check_binding
+    from qemu_kd.tenant.verify import check_report
+    from qemu_kd.tenant.measure import measure
+    from qemu_kd.tenant.seal import seal
+
+    show = progress_printer(opts.progress)
+    kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
+    accel = choose_accel(opts.accel, kernel_path)
+    show(f"accelerator: {accel.name} ({accel.reason})")
+    timer = PhaseTimer(progress=show)
+    cmdline = full_cmdline()
+    policy = Policy.make(debug=opts.debug)
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=runtime_dir()))
+    pstate = platform_state_dir()
+    platform = host = None
+    keep = False
+    try:
+        with timer.phase("platform start"):
+            platform, psock = start_platform_process(
+                workdir / "platform.sock", pstate, accel=accel.name,
+                memory_size=opts.mem_size + (64 << 20), exit_when_idle=opts.keep, detach=opts.keep,
+                remove_dir=workdir if opts.keep else None)
+            host = HostVmmProcess(str(psock), str(workdir / "host-vmm.sock"))
+        with timer.phase("layout"):
+            layout = HostLayout.unpack(host.call("allocate", memory_size=opts.mem_size)["layout"].encode())
+        with timer.phase("seal"):
+            root_pem = (pstate / "root-ca.crt").read_bytes()
+            bundle, secret = seal(kernel, initrd, cmdline, opts.mem_size, policy, layout, root_pem)
+            bundle_path = workdir / "guest.kd"
+            bundle.write(bundle_path)
+        expected = measure(kernel, initrd, cmdline, opts.mem_size, policy)
+        with timer.phase("load"):
+            host.call("load", bundle=str(bundle_path))
+        with timer.phase("verify"):
+            checks = host.call("verify")["checks"]
+        show("launch and boot to agent ready")
+        launched = host.call("launch", ready_timeout=opts.ready_timeout)
+        with timer.phase("attest"):
+            nonce = os.urandom(32)
+            att = host.agent("attest", nonce=nonce.hex())
+            report_bytes = base64.b64decode(att["report"])
+            report = check_report(report_bytes, root_pem, layout.platform_chain_pem,
+                                  measurement=expected, policy=policy,
+                                  report_data=bytes.fromhex(att["report_data"]),
+                                  host_data=layout.host_data, allow_emulated=True)
+            check_binding(report.report_data, nonce, bytes.fromhex(att["public_key"]))
+        with timer.phase("command"):
+            result = host.agent("exec", wait=opts.cmd_timeout + 10,
+                                argv=["/bin/sh", "-c", opts.cmd], timeout=opts.cmd_timeout)
+        status = host.call("status")
+        for name, secs in launched.get("timings", {}).items():
+            timer.phases[name] = secs
+        out = {
+            "mode": "protected",
+            "accel": accel.name,
+            "accel_reason": accel.reason,
+            "kernel_release": launched["ready"].get("kernel"),
+            "agent_version": launched["ready"].get("version"),
+            "keyid": layout.keyid,
+            "measurement": report.measurement.hex(),
+            "expected_measurement": expected.hex(),
+            "policy": {"debug": policy.debug, "hex": policy.pack().hex()},
+            "attestation": {"verified": True, "emulated": report.emulated,
+                            "policy": report.policy.pack().hex(),
+                            "report_data": report.report_data.hex(),
+                            "report_id": report.report_id.hex()},
+            "host_verification": {c["name"]: {"ok": c["ok"], "detail": c["detail"]}
+                                  for c in checks},
+            "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
+                     "stdout": result["stdout"], "stderr": result["stderr"]},
+            "console_log": launched["endpoints"].get("console_log"),
+            "endpoints": launched["endpoints"],
+            "integrity_events": status.get("integrity_events", 0),
+        }
+        if opts.keep:
+            # The host VMM lets go of the domain (its shared channel included); the detached
+            # platform daemon keeps it running until `qemu-kd destroy`.
+            host.call("detach")
+            keep = True
+            out["kept"] = {"platform_pid": platform.pid, "platform_socket": str(psock),
+                           "name": f"kd{layout.keyid}"}
+        else:
+            with timer.phase("shutdown"):
+                host.call("destroy")
+    finally:
+        if host is not None:
+            host.stop()
+        if not keep:
+            if platform is not None:
+                stop_platform_process(platform)
+            shutil.rmtree(workdir, ignore_errors=True)
+    out["timings"] = {k: round(v, 4) for k, v in timer.phases.items()}
+    out["boot_to_ready_s"] = round(sum(timer.phases.get(p, 0.0) for p in PROTECTED_BOOT_PHASES), 4)
+    return out
+
+
+def format_table(rows: list[tuple[str, str]], headers: tuple[str, str], align: str = ">") -> str:
+    width = max(len(headers[0]), *(len(r[0]) for r in rows))
+    vwidth = max(len(headers[1]), *(len(r[1]) for r in rows))
+    lines = [f"{headers[0]:<{width}}  {headers[1]:{align}{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
+    lines += [f"{a:<{width}}  {b:{align}{vwidth}}" for a, b in rows]
+    return "\n".join(lines)
+
+
+def format_run(result: dict) -> str:
+    rows = [(name, f"{secs:.3f} s") for name, secs in result["timings"].items()]
+    rows.append(("boot to agent ready", f"{result['boot_to_ready_s']:.3f} s"))
+    out = [f"mode: {result['mode']}   accelerator: {result['accel']}   "
+           f"guest kernel: {result['kernel_release']}", "",
+           format_table(rows, ("phase", "time")), ""]
+    if result["mode"] == "protected":
+        att = result["attestation"]
+        out += [f"KeyID:                {result['keyid']}",
+                f"policy:               {'DEBUG' if result['policy']['debug'] else 'no debug'}",
+                f"measurement:          {result['measurement']}",
+                f"expected (offline):   {result['expected_measurement']}",
+                f"attestation:          {'verified' if att['verified'] else 'NOT verified'}"
+                f"{' (EMULATED platform)' if att['emulated'] else ''}", "",
+                format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"][:60])
+                              for name, c in result["host_verification"].items()],
+                             ("host check", "result"), align="<"), ""]
+    out += [f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
+            result["exec"]["stdout"].rstrip()]
+    if result["exec"]["stderr"].strip():
+        out.append(result["exec"]["stderr"].rstrip())
+    out.append(f"console log: {result['console_log']}")
+    return "\n".join(out)

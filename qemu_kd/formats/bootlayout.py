@@ -1,0 +1,285 @@
+"""Linux x86 64-bit boot protocol layout, built without firmware.
+
+Pure functions: a bzImage, an initrd, a command line and a memory size go in;
+the guest-physical pages and the vCPU state a key domain starts from come
+out.  Nothing here touches QEMU or files.
+
+Guest-physical map (all below 1 MiB lives in conventional memory)::
+
+    0x00000  GDT (QEMU's reset GDTR is base 0, limit 0xffff)
+    0x01000  PML4, 0x02000 PDPT, 0x03000.. page directories (2 MiB pages,
+             identity map of the first min(RAM, 4 GiB) rounded up to 1 GiB)
+    0x07000  zero page (struct boot_params)
+    0x08000  boot stack (RSP = 0x8ff0)
+    0x20000  kernel command line
+    0x9d000-0x9efff  left free: the decompressor uses it
+    0x100000 protected-mode kernel (64-bit entry at +0x200)
+    top      initrd, page aligned, below initrd_addr_max and the end of RAM
+
+The references are the kernel's Documentation/arch/x86/boot.rst and
+zero-page.rst.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from qemu_kd.common.errors import GuestImageError
+from qemu_kd.formats.vcpu import CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, VcpuState
+from qemu_kd.formats.addresses import PAGE_SIZE
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+GDT_GPA = 0x0
+PML4_GPA = 0x1000
+PDPT_GPA = 0x2000
+PD_GPA = 0x3000
+ZERO_PAGE_GPA = 0x7000
+STACK_TOP = 0x8FF0
+CMDLINE_GPA = 0x20000
+CMDLINE_MAX = 0x7C000 - 0x20000  # stays below the area the decompressor uses
+KERNEL_GPA = 0x100000
+LOW_RAM_END = 0x9FC00  # conventional memory, as a PC BIOS reports it
+
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+# Null, null, flat 64-bit code (L=1), flat data.
+GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+
+E820_RAM = 1
+E820_RESERVED = 2
+
+# Offsets into struct boot_params (the zero page).
+BP_EXT_RAMDISK_IMAGE = 0x0C0
+BP_EXT_RAMDISK_SIZE = 0x0C4
+BP_EXT_CMD_LINE_PTR = 0x0C8
+BP_E820_ENTRIES = 0x1E8
+BP_SETUP_HEADER = 0x1F1
+BP_E820_TABLE = 0x2D0
+E820_MAX = 128
+
+XLF_KERNEL_64 = 1 << 0
+XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+MIN_PROTOCOL = 0x020C  # xloadflags and the 64-bit entry point
+
+
+@dataclass(frozen=True)
+class SetupHeader:
+    """The fields of the bzImage setup header this loader uses."""
+
+    setup_sects: int
+    version: int
+    loadflags: int
+    initrd_addr_max: int
+    kernel_alignment: int
+    relocatable_kernel: int
+    xloadflags: int
+    cmdline_size: int
+    pref_address: int
+    init_size: int
+    header_end: int  # offset of the first byte after the header in the image
+
+    @classmethod
+    def unpack(cls, image: bytes) -> "SetupHeader":
+        if len(image) < 0x268:
+            raise GuestImageError(
+                f"kernel image is too small ({len(image)} bytes) to be a bzImage",
+                "pass a Linux bzImage (vmlinuz), not a vmlinux or a module")
+        if image[0x202:0x206] != b"HdrS" or image[0x1FE:0x200] != b"\x55\xaa":
+            raise GuestImageError("kernel image has no Linux boot-protocol header (HdrS)",
+                                  "pass a Linux bzImage (vmlinuz)")
+        setup_sects = image[0x1F1] or 4
+        version, = struct.unpack_from("<H", image, 0x206)
+        loadflags = image[0x211]
+        initrd_addr_max, kernel_alignment = struct.unpack_from("<II", image, 0x22C)
+        relocatable = image[0x234]
+        xloadflags, = struct.unpack_from("<H", image, 0x236)
+        cmdline_size, = struct.unpack_from("<I", image, 0x238)
+        pref_address, init_size = struct.unpack_from("<QI", image, 0x258)
+        header_end = 0x202 + image[0x201]
+        return cls(setup_sects, version, loadflags, initrd_addr_max, kernel_alignment,
+                   relocatable, xloadflags, cmdline_size, pref_address, init_size,
+                   header_end)
+
+    def check_64bit_boot(self) -> None:
+        if self.version < MIN_PROTOCOL:
+            raise GuestImageError(
+                f"kernel speaks boot protocol {self.version >> 8}.{self.version & 0xff:02d}; "
+                "the 64-bit entry needs 2.12 or later", "use a newer kernel")
+        if not self.xloadflags & XLF_KERNEL_64:
+            raise GuestImageError("kernel has no 64-bit entry point (XLF_KERNEL_64 unset)",
+                                  "use an x86-64 kernel")
+        if not self.relocatable_kernel:
+            raise GuestImageError("kernel is not relocatable",
+                                  "build it with CONFIG_RELOCATABLE=y")
+
+    @property
+    def kernel_offset(self) -> int:
+        """Offset of the protected-mode kernel inside the bzImage."""
+        return (self.setup_sects + 1) * 512
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    addr: int
+    size: int
+    type: int
+
+    def pack(self) -> bytes:
+        return struct.pack("<QQI", self.addr, self.size, self.type)
+
+
+@dataclass(frozen=True)
+class Region:
+    """Bytes to place at a guest-physical address."""
+
+    gpa: int
+    data: bytes
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.gpa + len(self.data)
+
+
+@dataclass
+class BootLayout:
+    """Everything a firmware-less launch writes, plus the vCPU state to load."""
+
+    mem_size: int
+    regions: list[Region]
+    vcpu: VcpuState
+    e820: list[E820Entry]
+    header: SetupHeader
+    cmdline: str
+    initrd_gpa: int = 0
+    initrd_size: int = 0
+    reserved: list[tuple[int, int]] = field(default_factory=list)
+
+    def pages(self) -> dict[int, bytes]:
+        """Every 4 KiB guest page that holds layout data, keyed by gpa.
+
+        Pages that no region touches are zero and are left out.
+        """
+        out: dict[int, bytearray] = {}
+        for region in self.regions:
+            pos = 0
+            while pos < len(region.data):
+                gpa = region.gpa + pos
+                base = gpa & ~(PAGE_SIZE - 1)
+                off = gpa - base
+                n = min(PAGE_SIZE - off, len(region.data) - pos)
+                page = out.setdefault(base, bytearray(PAGE_SIZE))
+                page[off:off + n] = region.data[pos:pos + n]
+                pos += n
+        return {gpa: bytes(page) for gpa, page in sorted(out.items())}
+
+
+def _page_tables(mem_size: int) -> tuple[bytes, bytes, bytes]:
+    """PML4, PDPT and page directories identity-mapping the low GiBs with 2 MiB pages."""
+    gib = max(1, min(4, -(-mem_size // GiB)))
+    pml4 = struct.pack("<Q", PDPT_GPA | 0x3).ljust(PAGE_SIZE, b"\0")
+    pdpt = b"".join(struct.pack("<Q", (PD_GPA + i * PAGE_SIZE) | 0x3) for i in range(gib))
+    pdpt = pdpt.ljust(PAGE_SIZE, b"\0")
+    pds = b"".join(struct.pack("<Q", (i * 2 * MiB) | 0x83) for i in range(gib * 512))
+    return pml4, pdpt, pds
+
+
+def _e820(mem_size: int, reserved: list[tuple[int, int]]) -> list[E820Entry]:
+    entries = [E820Entry(0, LOW_RAM_END, E820_RAM),
+               E820Entry(LOW_RAM_END, 0x100000 - LOW_RAM_END, E820_RESERVED)]
+    cursor = KERNEL_GPA
+    for gpa, size in sorted(reserved):
+        if gpa > cursor:
+            entries.append(E820Entry(cursor, gpa - cursor, E820_RAM))
+        entries.append(E820Entry(gpa, size, E820_RESERVED))
+        cursor = gpa + size
+    if mem_size > cursor:
+        entries.append(E820Entry(cursor, mem_size - cursor, E820_RAM))
+    return entries
+
+
+def build_boot_layout(kernel: bytes, initrd: bytes, cmdline: str, mem_size: int,
+                      reserved: list[tuple[int, int]] | None = None) -> BootLayout:
+    """Lay out a Linux guest for a direct 64-bit entry.
+
+    ``reserved`` lists (gpa, size) ranges at or above 1 MiB that the e820 map
+    marks reserved (for example a shared-memory window) and that the initrd
+    must avoid.
+    """
+    reserved = sorted(reserved or [])
+    hdr = SetupHeader.unpack(kernel)
+    hdr.check_64bit_boot()
+    if mem_size % (2 * MiB) or mem_size < 64 * MiB or mem_size > 3 * GiB:
+        raise GuestImageError(f"guest memory size {mem_size} is not supported",
+                              "use a multiple of 2 MiB between 64 MiB and 3 GiB")
+    for gpa, size in reserved:
+        if gpa < KERNEL_GPA or gpa % PAGE_SIZE or size % PAGE_SIZE or gpa + size > mem_size:
+            raise GuestImageError(f"reserved range {gpa:#x}+{size:#x} is invalid",
+                                  "reserve page-aligned ranges between 1 MiB and the end of RAM")
+
+    cmd = cmdline.encode() + b"\0"
+    limit = min(CMDLINE_MAX, hdr.cmdline_size + 1 if hdr.cmdline_size else CMDLINE_MAX)
+    if len(cmd) > limit:
+        raise GuestImageError(f"kernel command line is {len(cmd) - 1} bytes; this kernel "
+                              f"accepts at most {limit - 1}", "shorten the command line")
+
+    pm_kernel = kernel[hdr.kernel_offset:]
+    kernel_end = KERNEL_GPA + max(len(pm_kernel), hdr.init_size)
+
+    # The initrd goes as high as allowed, below any reserved range above it.
+    top = min(mem_size, hdr.initrd_addr_max + 1)
+    for gpa, size in reversed(reserved):
+        if gpa + size > top - len(initrd):
+            top = min(top, gpa)
+    initrd_gpa = (top - len(initrd)) & ~(PAGE_SIZE - 1)
+    if initrd and initrd_gpa < kernel_end:
+        raise GuestImageError(
+            f"initrd ({len(initrd) // MiB} MiB) does not fit in {mem_size // MiB} MiB of "
+            "guest memory beside the kernel", "give the guest more memory (--mem)")
+
+    e820 = _e820(mem_size, reserved)
+    if len(e820) > E820_MAX:
+        raise GuestImageError("too many reserved ranges for the e820 map")
+
+    zp = bytearray(PAGE_SIZE)
+    zp[BP_SETUP_HEADER:hdr.header_end] = kernel[BP_SETUP_HEADER:hdr.header_end]
+    zp[0x210] = 0xFF  # type_of_loader: undefined boot loader
+    struct.pack_into("<II", zp, 0x218, initrd_gpa if initrd else 0, len(initrd))
+    struct.pack_into("<I", zp, 0x228, CMDLINE_GPA)
+    struct.pack_into("<III", zp, BP_EXT_RAMDISK_IMAGE, 0, 0, 0)
+    zp[BP_E820_ENTRIES] = len(e820)
+    zp[BP_E820_TABLE:BP_E820_TABLE + 20 * len(e820)] = b"".join(e.pack() for e in e820)
+
+    pml4, pdpt, pds = _page_tables(mem_size)
+    gdt = b"".join(struct.pack("<Q", d) for d in GDT_ENTRIES)
+    regions = [
+        Region(GDT_GPA, gdt, "gdt"),
+        Region(PML4_GPA, pml4, "pml4"),
+        Region(PDPT_GPA, pdpt, "pdpt"),
+        Region(PD_GPA, pds, "page directories"),
+        Region(ZERO_PAGE_GPA, bytes(zp), "zero page"),
+        Region(CMDLINE_GPA, cmd, "cmdline"),
+        Region(KERNEL_GPA, pm_kernel, "kernel"),
+    ]
+    if initrd:
+        regions.append(Region(initrd_gpa, initrd, "initrd"))
+
+    vcpu = VcpuState(
+        rip=KERNEL_GPA + 0x200,
+        rsi=ZERO_PAGE_GPA,
+        rsp=STACK_TOP,
+        rflags=0x2,
+        cs=BOOT_CS, ss=BOOT_DS, ds=BOOT_DS, es=BOOT_DS, fs=BOOT_DS, gs=BOOT_DS,
+        cr0=CR0_PE | CR0_ET | CR0_PG,
+        cr3=PML4_GPA,
+        cr4=CR4_PAE,
+        efer=EFER_LME | EFER_LMA,
+        gdtr_base=GDT_GPA,
+        gdtr_limit=0xFFFF,
+    )
+    return BootLayout(mem_size=mem_size, regions=regions, vcpu=vcpu, e820=e820, header=hdr,
+                      cmdline=cmdline, initrd_gpa=initrd_gpa if initrd else 0,
+                      initrd_size=len(initrd), reserved=reserved)

@@ -1,0 +1,353 @@
+"""The sealed bundle: everything a host needs to build one key domain.
+
+A bundle holds a public JSON manifest (who it is sealed for, policy,
+expected measurement, host-verifiable digests), the wrapped key, one record
+per ciphertext page (already encrypted by the tenant for its hpa) and one
+record per zero page.  Nothing in it is secret: the pages are ciphertext
+and the key is wrapped for the platform.
+
+File layout (little-endian integers)::
+
+    0x00  8   magic 89 51 4B 44 0D 0A 1A 0A ("\\x89QKD\\r\\n\\x1a\\n")
+    0x08  u16 version (1)
+    0x0A  u16 reserved (0)
+    0x0C  u32 manifest length M
+    0x10  u64 page-record count P
+    0x18  u64 zero-record count Z
+    0x20  32  reserved (0)
+    0x40  M   manifest, UTF-8 JSON object
+    ...   248 wrapped key (keywrap.WrappedKey)
+    ...   P x 4120 page records
+    ...   Z x 24 zero records
+    ...   48  SHA-384 of every byte before it
+
+See docs/formats.md for the records and the manifest keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu_kd.formats.errors import (
+    CorruptError,
+    FieldValueError,
+    FormatError,
+    MagicError,
+    OversizedError,
+    ReservedBitsError,
+    TruncatedError,
+    VersionError,
+    require_bytes,
+    require_length,
+)
+from qemu_kd.formats.keywrap import WRAPPED_KEY_SIZE, WrappedKey
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.addresses import PAGE_SIZE, MAX_KEYID, HPA_LIMIT
+
+BUNDLE_MAGIC = b"\x89QKD\r\n\x1a\n"
+BUNDLE_VERSION = 1
+MANIFEST_FORMAT = "qemu-kd bundle manifest"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_SIZE = 1 << 20
+NO_GPA = (1 << 64) - 1
+FLAG_HOST_VERIFIABLE = 1 << 0
+CHECKSUM_SIZE = 48
+
+_HEADER = struct.Struct("<8sHHIQQ32s")
+_PAGE_HEAD = struct.Struct("<QQBBB5s")
+_ZERO = struct.Struct("<QQB7s")
+PAGE_RECORD_SIZE = _PAGE_HEAD.size + PAGE_SIZE
+ZERO_RECORD_SIZE = _ZERO.size
+
+
+class ManifestError(FormatError):
+    """The manifest JSON is malformed or misses or adds keys."""
+
+
+def _check_hpa(what: str, hpa: int) -> None:
+    if not isinstance(hpa, int) or hpa < 0 or hpa % PAGE_SIZE or hpa >= HPA_LIMIT:
+        raise FieldValueError(f"{what}: hpa {hpa!r} is not a page-aligned host-physical address")
+
+
+def _check_gpa(what: str, gpa: int) -> None:
+    if not isinstance(gpa, int) or gpa < 0 or gpa % PAGE_SIZE or gpa >= NO_GPA:
+        raise FieldValueError(f"{what}: gpa {gpa!r} is not a page-aligned guest-physical address")
+
+
+def _check_perms(what: str, perms: int) -> None:
+    if not isinstance(perms, int) or not 0 < perms <= 7:
+        raise FieldValueError(f"{what}: perms {perms!r} must be a non-empty R/W/X combination")
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """One ciphertext page: where it goes and what it is.
+
+    IMAGE pages have a gpa and perms; VMCS, EPT and SAVE pages are not mapped
+    into the guest (gpa None, perms 0).  ``host_verifiable`` marks pages the
+    host may check with hash-kd (VMCS and EPT always are).
+    """
+
+    hpa: int
+    gpa: int | None
+    page_type: PageType
+    perms: int
+    ciphertext: bytes
+    host_verifiable: bool = False
+
+    def validate(self) -> None:
+        what = f"page record hpa 0x{self.hpa:x}" if isinstance(self.hpa, int) else "page record"
+        _check_hpa(what, self.hpa)
+        if self.page_type not in (PageType.IMAGE, PageType.VMCS, PageType.EPT, PageType.SAVE):
+            raise FieldValueError(f"{what}: page type {self.page_type!r} cannot carry ciphertext "
+                                  "(zero pages go in zero records)")
+        if self.page_type == PageType.IMAGE:
+            if self.gpa is None:
+                raise FieldValueError(f"{what}: an IMAGE page needs a gpa")
+            _check_gpa(what, self.gpa)
+            _check_perms(what, self.perms)
+        elif self.gpa is not None or self.perms:
+            raise FieldValueError(f"{what}: {PageType(self.page_type).name} pages are not mapped "
+                                  "into the guest (no gpa, perms 0)")
+        require_bytes(f"{what} ciphertext", self.ciphertext, PAGE_SIZE)
+
+    def pack(self) -> bytes:
+        self.validate()
+        flags = FLAG_HOST_VERIFIABLE if self.host_verifiable else 0
+        gpa = NO_GPA if self.gpa is None else self.gpa
+        return _PAGE_HEAD.pack(self.hpa, gpa, int(self.page_type), self.perms, flags, bytes(5)) \
+            + bytes(self.ciphertext)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "PageRecord":
+        require_length("bundle page record", data, PAGE_RECORD_SIZE)
+        hpa, gpa, page_type, perms, flags, reserved = _PAGE_HEAD.unpack_from(data)
+        if any(reserved) or flags & ~FLAG_HOST_VERIFIABLE:
+            raise ReservedBitsError(f"bundle page record hpa 0x{hpa:x}: reserved bits are set")
+        if page_type not in PageType._value2member_map_:
+            raise FieldValueError(f"bundle page record hpa 0x{hpa:x}: unknown page type {page_type}")
+        record = cls(hpa, None if gpa == NO_GPA else gpa, PageType(page_type), perms,
+                     bytes(data[_PAGE_HEAD.size:]), bool(flags & FLAG_HOST_VERIFIABLE))
+        record.validate()
+        return record
+
+
+@dataclass(frozen=True)
+class ZeroPageRecord:
+    """A guest page the platform fills with zeros itself."""
+
+    hpa: int
+    gpa: int
+    perms: int
+
+    def validate(self) -> None:
+        what = f"zero record hpa 0x{self.hpa:x}" if isinstance(self.hpa, int) else "zero record"
+        _check_hpa(what, self.hpa)
+        _check_gpa(what, self.gpa)
+        _check_perms(what, self.perms)
+
+    def pack(self) -> bytes:
+        self.validate()
+        return _ZERO.pack(self.hpa, self.gpa, self.perms, bytes(7))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ZeroPageRecord":
+        require_length("bundle zero record", data, ZERO_RECORD_SIZE)
+        hpa, gpa, perms, reserved = _ZERO.unpack_from(data)
+        if any(reserved) or perms & ~7:
+            raise ReservedBitsError(f"bundle zero record hpa 0x{hpa:x}: reserved bits are set")
+        record = cls(hpa, gpa, perms)
+        record.validate()
+        return record
+
+
+def _is_keyid(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_KEYID
+
+
+_HEX_FIELDS = {"platform_id": 16, "host_data": 32, "measurement": 48,
+               "host_verifiable_digest": 48, "ept_mapping_digest": 48}
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """The public part of a bundle (JSON; byte strings as lowercase hex)."""
+
+    platform_id: bytes
+    policy: Policy
+    measurement: bytes
+    host_data: bytes
+    memory_size: int
+    keyid: int
+    host_verifiable_digest: bytes
+    ept_mapping_digest: bytes
+    info: dict[str, str] = field(default_factory=dict)
+
+    def pack(self) -> bytes:
+        for name, size in _HEX_FIELDS.items():
+            require_bytes(f"manifest {name}", getattr(self, name), size)
+        if not isinstance(self.memory_size, int) or self.memory_size <= 0 or self.memory_size % PAGE_SIZE:
+            raise FieldValueError(f"manifest memory_size {self.memory_size!r} is not a positive page multiple")
+        if not _is_keyid(self.keyid):
+            raise FieldValueError(f"manifest keyid {self.keyid!r} is not a key-domain KeyID (1..{MAX_KEYID})")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.info.items()):
+            raise FieldValueError("manifest info must map strings to strings")
+        doc = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+            "policy": self.policy.pack().hex(), "debug": self.policy.debug,
+            "memory_size": self.memory_size, "keyid": self.keyid, "info": dict(self.info),
+            **{name: getattr(self, name).hex() for name in _HEX_FIELDS},
+        }
+        return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "BundleManifest":
+        try:
+            doc = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"bundle manifest is not UTF-8 JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise MagicError("bundle manifest does not declare itself a qemu-kd bundle manifest")
+        if doc.get("version") != MANIFEST_VERSION:
+            raise VersionError(f"bundle manifest version {doc.get('version')!r} is not supported "
+                               f"(expected {MANIFEST_VERSION})")
+        expected = {"format", "version", "policy", "debug", "memory_size", "keyid", "info", *_HEX_FIELDS}
+        if set(doc) != expected:
+            extra, missing = sorted(set(doc) - expected), sorted(expected - set(doc))
+            raise ManifestError(f"bundle manifest keys differ from version {MANIFEST_VERSION}: "
+                                f"unknown {extra}, missing {missing}")
+        values = {}
+        for name, size in _HEX_FIELDS.items():
+            try:
+                values[name] = bytes.fromhex(doc[name]) if isinstance(doc[name], str) else None
+            except ValueError:
+                values[name] = None
+            if values[name] is None or len(values[name]) != size:
+                raise ManifestError(f"bundle manifest {name} must be {size} bytes as hex")
+        try:
+            policy = Policy.unpack(bytes.fromhex(doc["policy"]) if isinstance(doc["policy"], str) else b"")
+        except ValueError:
+            raise ManifestError("bundle manifest policy is not hex") from None
+        if doc["debug"] is not policy.debug:
+            raise ManifestError("bundle manifest 'debug' disagrees with its policy")
+        size = doc["memory_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % PAGE_SIZE:
+            raise ManifestError(f"bundle manifest memory_size {size!r} is not a positive page multiple")
+        if not _is_keyid(doc["keyid"]):
+            raise ManifestError(f"bundle manifest keyid {doc['keyid']!r} is not a key-domain KeyID "
+                                f"(1..{MAX_KEYID})")
+        info = doc["info"]
+        if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+            raise ManifestError("bundle manifest info must map strings to strings")
+        return cls(policy=policy, memory_size=size, keyid=doc["keyid"], info=info, **values)
+
+
+@dataclass
+class Bundle:
+    """A complete sealed bundle (see module docstring)."""
+
+    manifest: BundleManifest
+    wrapped_key: WrappedKey
+    pages: list[PageRecord] = field(default_factory=list)
+    zero_pages: list[ZeroPageRecord] = field(default_factory=list)
+
+    def validate(self) -> None:
+        hpas = [p.hpa for p in self.pages] + [z.hpa for z in self.zero_pages]
+        if len(set(hpas)) != len(hpas):
+            raise FieldValueError("bundle uses the same hpa for two pages")
+        gpas = [p.gpa for p in self.pages if p.gpa is not None] + [z.gpa for z in self.zero_pages]
+        if len(set(gpas)) != len(gpas):
+            raise FieldValueError("bundle maps the same gpa twice")
+        if sum(p.page_type == PageType.VMCS for p in self.pages) > 1:
+            raise FieldValueError("bundle holds more than one VMCS page")
+
+    def pack(self) -> bytes:
+        self.validate()
+        manifest = self.manifest.pack()
+        parts = [_HEADER.pack(BUNDLE_MAGIC, BUNDLE_VERSION, 0, len(manifest), len(self.pages),
+                              len(self.zero_pages), bytes(32)),
+                 manifest, self.wrapped_key.pack()]
+        parts += [p.pack() for p in self.pages]
+        parts += [z.pack() for z in self.zero_pages]
+        body = b"".join(parts)
+        return body + hashlib.sha384(body).digest()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Bundle":
+        view = memoryview(data)
+        if len(view) < len(BUNDLE_MAGIC) or bytes(view[:len(BUNDLE_MAGIC)]) != BUNDLE_MAGIC:
+            raise MagicError("not a qemu-kd bundle (bad magic)", "pass a bundle written by the tenant's seal")
+        if len(view) < _HEADER.size:
+            raise TruncatedError(f"bundle is truncated: {len(view)} bytes, shorter than its header")
+        _, version, reserved, manifest_len, n_pages, n_zero, reserved2 = _HEADER.unpack_from(view)
+        if version != BUNDLE_VERSION:
+            raise VersionError(f"bundle version {version} is not supported (expected {BUNDLE_VERSION})",
+                               "seal the guest again with this version of qemu-kd")
+        if reserved or any(reserved2):
+            raise ReservedBitsError("bundle header: reserved bytes are not zero")
+        if manifest_len > MAX_MANIFEST_SIZE:
+            raise OversizedError(f"bundle manifest claims {manifest_len} bytes (limit {MAX_MANIFEST_SIZE})")
+        total = (_HEADER.size + manifest_len + WRAPPED_KEY_SIZE + n_pages * PAGE_RECORD_SIZE
+                 + n_zero * ZERO_RECORD_SIZE + CHECKSUM_SIZE)
+        if len(view) < total:
+            raise TruncatedError(f"bundle is truncated: {len(view)} bytes, its header needs {total}",
+                                 "the file was cut short; copy it again")
+        if len(view) > total:
+            raise OversizedError(f"bundle has {len(view) - total} bytes after its end",
+                                 "the file was damaged or concatenated with something else")
+        body = view[:total - CHECKSUM_SIZE]
+        if hashlib.sha384(body).digest() != bytes(view[total - CHECKSUM_SIZE:]):
+            raise CorruptError("bundle checksum does not match: the file is damaged",
+                               "copy the bundle again from the tenant")
+        offset = _HEADER.size
+        manifest = BundleManifest.unpack(view[offset:offset + manifest_len])
+        offset += manifest_len
+        wrapped = WrappedKey.unpack(view[offset:offset + WRAPPED_KEY_SIZE])
+        offset += WRAPPED_KEY_SIZE
+        pages = []
+        for _ in range(n_pages):
+            pages.append(PageRecord.unpack(view[offset:offset + PAGE_RECORD_SIZE]))
+            offset += PAGE_RECORD_SIZE
+        zeros = []
+        for _ in range(n_zero):
+            zeros.append(ZeroPageRecord.unpack(view[offset:offset + ZERO_RECORD_SIZE]))
+            offset += ZERO_RECORD_SIZE
+        bundle = cls(manifest, wrapped, pages, zeros)
+        bundle.validate()
+        return bundle
+
+    def write(self, path: Path) -> None:
+        """Write atomically (temporary file in the same directory, then rename)."""
+        path = Path(path)
+        data = self.pack()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def read(cls, path: Path) -> "Bundle":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FormatError(f"bundle {path} does not exist", "pass the path of a sealed bundle") from None
+        except IsADirectoryError:
+            raise FormatError(f"bundle {path} is a directory", "pass the path of a sealed bundle") from None
+        try:
+            return cls.unpack(data)
+        except FormatError as exc:
+            raise type(exc)(f"{path}: {exc.message}", exc.hint) from None
+
+    def page_for_hpa(self, hpa: int) -> PageRecord | None:
+        return next((p for p in self.pages if p.hpa == hpa), None)

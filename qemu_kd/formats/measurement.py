@@ -1,0 +1,221 @@
+"""The launch measurement: a SHA-384 chain over per-page records.
+
+Modelled on SEV-SNP's PAGE_INFO chain.  Each record is a :class:`PageInfo`
+(112 bytes); the new digest is SHA-384 of the packed record, whose first 48
+bytes are the previous digest.  The chain is, in this order:
+
+1. a POLICY record: previous digest 48 zero bytes, contents = packed policy
+   followed by 40 zero bytes, gpa 0, perms 0;
+2. one record per guest page in strictly increasing gpa order: IMAGE pages
+   with contents SHA-384(page), ZERO pages with 48 zero bytes as type marker;
+3. a VMCS record last: contents SHA-384(Vmcs.guest_state_bytes()), gpa 0,
+   perms 0.
+
+Neither hpas nor keys enter any record, so the tenant can compute the value
+offline and two hosts with different layouts get the same digest.  EPT and
+SAVE pages are host-chosen and are not measured (verify-ept and the XTS
+tweak cover them); the EPT's (gpa, perms) content is in the page records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Iterable
+
+from qemu_kd.common.errors import KdError
+from qemu_kd.formats.errors import (
+    FieldValueError,
+    ReservedBitsError,
+    VersionError,
+    require_bytes,
+    require_fits,
+    require_length,
+)
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.addresses import PAGE_SIZE
+
+DIGEST_SIZE = 48
+PAGE_INFO_SIZE = 0x70
+POLICY_RECORD = 0x10  # record type of the initial policy record (not a page type)
+ZERO_MARKER = bytes(DIGEST_SIZE)
+_PAGE_INFO = struct.Struct("<48s48sHBBIQ")
+_sha384 = hashlib.sha384
+
+
+class PageType(IntEnum):
+    """What a key-domain page holds (also the page-ownership table's type)."""
+
+    IMAGE = 1
+    ZERO = 2
+    VMCS = 3
+    EPT = 4
+    SAVE = 5
+
+
+RECORD_TYPES = {POLICY_RECORD, PageType.IMAGE, PageType.ZERO, PageType.VMCS}
+
+
+class MeasurementError(KdError):
+    """The launch measurement was extended in a way the protocol does not allow."""
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One measurement record (112 bytes, see docs/formats.md)."""
+
+    prev_digest: bytes
+    contents: bytes
+    gpa: int
+    page_type: int
+    perms: int
+
+    def pack(self) -> bytes:
+        require_bytes("PageInfo previous digest", self.prev_digest, DIGEST_SIZE)
+        require_bytes("PageInfo contents", self.contents, DIGEST_SIZE)
+        require_fits("PageInfo gpa", self.gpa, 64)
+        if self.page_type not in RECORD_TYPES:
+            raise FieldValueError(f"PageInfo record type {self.page_type!r} is not measured")
+        if not 0 <= self.perms <= 7:
+            raise FieldValueError(f"PageInfo perms {self.perms!r} is not a combination of R/W/X bits")
+        return _PAGE_INFO.pack(self.prev_digest, self.contents, PAGE_INFO_SIZE,
+                               int(self.page_type), self.perms, 0, self.gpa)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "PageInfo":
+        require_length("PageInfo record", data, PAGE_INFO_SIZE)
+        prev, contents, length, page_type, perms, reserved, gpa = _PAGE_INFO.unpack(data)
+        if length != PAGE_INFO_SIZE:
+            raise VersionError(f"PageInfo length field is 0x{length:x}, expected 0x{PAGE_INFO_SIZE:x}",
+                               "the record comes from another version of the format")
+        if reserved or perms & ~7:
+            raise ReservedBitsError("PageInfo: reserved bits in perms or bytes 0x64..0x67 are set")
+        if page_type not in RECORD_TYPES:
+            raise FieldValueError(f"PageInfo record type {page_type} is not a measured type")
+        return cls(prev, contents, gpa, page_type, perms)
+
+    def next_digest(self) -> bytes:
+        return hashlib.sha384(self.pack()).digest()
+
+
+class LaunchMeasurement:
+    """Builds the launch digest incrementally (platform) or offline (tenant)."""
+
+    def __init__(self, policy: Policy):
+        self._policy = policy
+        self._digest = bytes(DIGEST_SIZE)
+        self._last_gpa: int | None = None
+        self._vmcs_contents: bytes | None = None
+        self._final: bytes | None = None
+        self._extend(policy.pack() + bytes(DIGEST_SIZE - 8), 0, POLICY_RECORD, 0)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def digest(self) -> bytes:
+        """The current chain value (48 bytes); after finalize, the final one."""
+        return self._final if self._final is not None else self._digest
+
+    def _extend(self, contents: bytes, gpa: int, record_type: int, perms: int) -> None:
+        # Same bytes as PageInfo(...).pack(); the callers have checked every field.
+        self._digest = _sha384(_PAGE_INFO.pack(self._digest, contents, PAGE_INFO_SIZE,
+                                               int(record_type), perms, 0, gpa)).digest()
+
+    def _check_open(self) -> None:
+        if self._final is not None:
+            raise MeasurementError("the launch measurement is already finalized",
+                                   "no pages can be added after launch")
+
+    def add_page(self, gpa: int, page_type: PageType, perms: int, content: bytes | None) -> None:
+        """Extend with one guest page: IMAGE with its plaintext, ZERO with None."""
+        self._check_open()
+        if page_type not in (PageType.IMAGE, PageType.ZERO):
+            raise MeasurementError(
+                f"{PageType(page_type).name if page_type in PageType._value2member_map_ else page_type} "
+                "pages are not measured page by page",
+                "measure the VMCS with add_vmcs; EPT and SAVE pages are host-chosen and not measured")
+        if not isinstance(gpa, int) or gpa < 0 or gpa % PAGE_SIZE or gpa >> 64:
+            raise MeasurementError(f"gpa {gpa!r} is not a page-aligned guest-physical address")
+        if self._last_gpa is not None and gpa <= self._last_gpa:
+            raise MeasurementError(
+                f"page gpa 0x{gpa:x} added after gpa 0x{self._last_gpa:x}",
+                "add image and zero pages in strictly increasing gpa order")
+        if not 0 < perms <= 7:
+            raise MeasurementError(f"page gpa 0x{gpa:x}: perms {perms!r} must be a non-empty R/W/X set")
+        if page_type == PageType.ZERO:
+            if content is not None:
+                raise MeasurementError(f"zero page gpa 0x{gpa:x} must be added without content")
+            contents = ZERO_MARKER
+        else:
+            if content is None or len(content) != PAGE_SIZE:
+                raise MeasurementError(f"image page gpa 0x{gpa:x} needs exactly {PAGE_SIZE} bytes of content")
+            contents = hashlib.sha384(content).digest()
+        self._extend(contents, gpa, page_type, perms)
+        self._last_gpa = gpa
+
+    def add_zero_pages(self, gpas: Iterable[int], perms: int) -> None:
+        """Extend with ZERO pages at ``gpas`` (strictly increasing), all with ``perms``.
+
+        The same records as calling :meth:`add_page` for each page, with the
+        checks done once: a 256 MiB guest has 65 536 pages, mostly zero.
+        """
+        self._check_open()
+        gpas = list(gpas)
+        if not gpas:
+            return
+        if not 0 < perms <= 7:
+            raise MeasurementError(f"zero pages: perms {perms!r} must be a non-empty R/W/X set")
+        previous = self._last_gpa
+        for gpa in gpas:
+            if not isinstance(gpa, int) or gpa < 0 or gpa % PAGE_SIZE or gpa >> 64:
+                raise MeasurementError(f"gpa {gpa!r} is not a page-aligned guest-physical address")
+            if previous is not None and gpa <= previous:
+                raise MeasurementError(f"page gpa 0x{gpa:x} added after gpa 0x{previous:x}",
+                                       "add image and zero pages in strictly increasing gpa order")
+            previous = gpa
+        digest, pack, zero_type = self._digest, _PAGE_INFO.pack, int(PageType.ZERO)
+        for gpa in gpas:
+            digest = _sha384(pack(digest, ZERO_MARKER, PAGE_INFO_SIZE, zero_type, perms, 0, gpa)).digest()
+        self._digest = digest
+        self._last_gpa = previous
+
+    def add_vmcs(self, vmcs_guest_state: bytes) -> None:
+        """Record the VMCS measured state; its record is chained last, at finalize."""
+        self._check_open()
+        if self._vmcs_contents is not None:
+            raise MeasurementError("a VMCS was already measured", "a key domain has exactly one VMCS")
+        self._vmcs_contents = hashlib.sha384(bytes(vmcs_guest_state)).digest()
+
+    def finalize(self) -> bytes:
+        """Chain the VMCS record and return the final 48-byte launch digest."""
+        if self._final is None:
+            if self._vmcs_contents is None:
+                raise MeasurementError("no VMCS was measured", "add the VMCS before launch")
+            self._extend(self._vmcs_contents, 0, PageType.VMCS, 0)
+            self._final = self._digest
+        return self._final
+
+
+def measure_offline(pages: Iterable[tuple[int, PageType, int, bytes | None]],
+                    guest_state: bytes, policy: Policy) -> bytes:
+    """Final launch digest of (gpa, type, perms, content) pages, sorted by gpa here."""
+    m = LaunchMeasurement(policy)
+    for gpa, page_type, perms, content in sorted(pages, key=lambda p: p[0]):
+        m.add_page(gpa, page_type, perms, content)
+    m.add_vmcs(guest_state)
+    return m.finalize()
+
+
+def host_verifiable_digest(pages: Iterable[tuple[int, bytes]]) -> bytes:
+    """hash-kd digest: SHA-384 over "KDHASHKD" and (u64 hpa || 4096-byte plaintext) in hpa order."""
+    h = hashlib.sha384(b"KDHASHKD")
+    for hpa, plaintext in sorted(pages, key=lambda p: p[0]):
+        if len(plaintext) != PAGE_SIZE:
+            raise MeasurementError(f"host-verifiable page hpa 0x{hpa:x} is not {PAGE_SIZE} bytes")
+        h.update(struct.pack("<Q", hpa))
+        h.update(plaintext)
+    return h.digest()

@@ -1,0 +1,245 @@
+"""Client of the host port: what the untrusted host VMM uses to drive the platform.
+
+It imports only :mod:`qemu_kd.hostport.protocol` and :mod:`qemu_kd.common.errors`,
+nothing of the platform itself, so a host VMM that uses it holds no key,
+no decryption code and no platform state.  Every error reply is raised as a
+:class:`HostPortError` subclass chosen by the reply's error code.
+
+Large transfers (read-phys, write-phys, the page variants, add-pages) are
+split into requests below the frame limit automatically.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from qemu_kd.hostport.protocol import (
+    MAX_DATA, PAGE_ENTRY_SIZE, SUPPORTED_VERSIONS, Allocation, EptVerdict, HostPortBadRequestError, HostPortConnectionError, HostPortProtocolError, PageEntry, PlatformInfo, Reply, Request, pack_page_entries, pack_u64_array, pack_zero_entries, read_frame, unpack_u64_array,
+)
+from qemu_kd.formats.addresses import PAGE_SIZE
+
+DEFAULT_TIMEOUT = 60.0
+CLIENT_NAME = "qemu-kd host port client"
+# Entries per add-pages request (well below the frame limit).
+ENTRIES_PER_REQUEST = 1 << 20
+
+
+def _packed(value, what: str) -> bytes:
+    """bytes as given, or the ``pack()`` of a format object (Policy, WrappedKey)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    pack = getattr(value, "pack", None)
+    if callable(pack):
+        return pack()
+    raise HostPortBadRequestError(f"{what} must be bytes or an object with pack()")
+
+
+class HostPortClient:
+    """One connection to the platform's host port."""
+
+    def __init__(self, socket_path: Path | str, timeout: float | None = DEFAULT_TIMEOUT,
+                 client_name: str = CLIENT_NAME):
+        self.socket_path = Path(socket_path)
+        self._lock = threading.Lock()
+        self._next_id = 1
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise HostPortConnectionError(
+                f"cannot connect to the host port {self.socket_path}: {exc.strerror or exc}",
+                "is the platform running? check the socket path") from None
+        self._sock: socket.socket | None = sock
+        try:
+            hello = self._call("hello", {"versions": list(SUPPORTED_VERSIONS), "client": client_name})[0]
+        except BaseException:
+            self.close()
+            raise
+        self.protocol_version = int(hello.get("version", 0))
+        self.server = str(hello.get("server", ""))
+        self.max_data = min(int(hello.get("max_data", MAX_DATA)), MAX_DATA)
+
+    # ------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "HostPortClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, cmd: str, args: dict | None = None, payload: bytes = b"") -> tuple[dict, bytes]:
+        with self._lock:
+            if self._sock is None:
+                raise HostPortConnectionError("the host-port connection is closed")
+            rid = self._next_id
+            self._next_id += 1
+            try:
+                self._sock.sendall(Request(cmd, rid, args or {}, payload).pack())
+                frame = read_frame(self._sock)
+            except socket.timeout:
+                self.close()
+                raise HostPortConnectionError(f"the platform did not answer {cmd} in time",
+                                              "the connection was closed; reconnect") from None
+            except OSError as exc:
+                self.close()
+                raise HostPortConnectionError(f"host-port connection broke during {cmd}: {exc}") from None
+            except HostPortProtocolError:
+                self.close()
+                raise
+            if frame is None:
+                self.close()
+                raise HostPortConnectionError(f"the platform closed the connection during {cmd}")
+            reply = Reply.from_frame(frame)
+        if reply.id is not None and reply.id != rid:
+            self.close()
+            raise HostPortProtocolError(f"reply id {reply.id} does not match request id {rid}")
+        if not reply.ok:
+            assert reply.error is not None
+            if reply.error.code == "protocol":
+                self.close()
+            raise reply.error.exception()
+        return reply.result, bytes(reply.payload)
+
+    # ------------------------------------------------------------- commands
+
+    def platform_info(self) -> PlatformInfo:
+        return PlatformInfo.unpack(self._call("platform-info")[0])
+
+    def alloc(self, npages: int | None = None, hpas: Iterable[int] | None = None,
+              keyid: int | None = None) -> Allocation:
+        """Reserve a KeyID (or extend reservation ``keyid``) with ``npages`` or the given ``hpas``."""
+        args: dict = {"keyid": keyid} if keyid is not None else {}
+        payload = b""
+        if npages is not None:
+            args["npages"] = npages
+        if hpas is not None:
+            payload = pack_u64_array(hpas)
+        result, data = self._call("alloc", args, payload)
+        return Allocation(int(result["keyid"]), unpack_u64_array(data).tolist())
+
+    def free(self, keyid: int) -> int:
+        return int(self._call("free", {"keyid": keyid})[0]["freed_pages"])
+
+    def read_phys(self, dpa: int, length: int) -> bytes:
+        """DRAM bytes through KeyID 0 (ciphertext for private pages)."""
+        if length <= self.max_data:
+            return self._call("read-phys", {"dpa": dpa, "length": length})[1]
+        return b"".join(self._call("read-phys", {"dpa": dpa + offset,
+                                                 "length": min(self.max_data, length - offset)})[1]
+                        for offset in range(0, length, self.max_data))
+
+    def write_phys(self, dpa: int, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        for offset in range(0, max(len(view), 1), self.max_data):
+            self._call("write-phys", {"dpa": dpa + offset}, bytes(view[offset:offset + self.max_data]))
+
+    def read_phys_pages(self, dpas: Sequence[int] | np.ndarray) -> bytes:
+        """Whole pages at the given KeyID-0 addresses, concatenated."""
+        dpas = np.asarray(dpas, dtype=np.uint64).reshape(-1)
+        per = max(1, self.max_data // PAGE_SIZE)
+        out = bytearray()
+        for start in range(0, dpas.size, per):
+            out += self._call("read-phys-pages", {}, pack_u64_array(dpas[start:start + per]))[1]
+        return bytes(out)
+
+    def write_phys_pages(self, dpas: Sequence[int] | np.ndarray, data: bytes) -> None:
+        """Write whole pages (len(data) == 4096 * len(dpas)) at KeyID-0 addresses."""
+        dpas = np.asarray(dpas, dtype=np.uint64).reshape(-1)
+        view = memoryview(data).cast("B")
+        if len(view) != dpas.size * PAGE_SIZE:
+            raise HostPortBadRequestError(f"{len(view)} bytes of data for {dpas.size} pages")
+        per = max(1, self.max_data // PAGE_SIZE - 1)
+        for start in range(0, dpas.size, per):
+            chunk = dpas[start:start + per]
+            payload = pack_u64_array(chunk) + bytes(view[start * PAGE_SIZE:(start + chunk.size) * PAGE_SIZE])
+            self._call("write-phys-pages", {"count": int(chunk.size)}, payload)
+
+    def create_kd(self, keyid: int, wrapped_key, policy, host_data: bytes = b"") -> None:
+        """Program the reserved ``keyid`` with the tenant's wrapped key, policy and host_data."""
+        self._call("create-kd", {"keyid": keyid, "wrapped_key": _packed(wrapped_key, "wrapped_key").hex(),
+                                 "policy": _packed(policy, "policy").hex(), "host_data": bytes(host_data).hex()})
+
+    def _add(self, cmd: str, keyid: int, payload: bytes) -> int:
+        added = 0
+        step = ENTRIES_PER_REQUEST * PAGE_ENTRY_SIZE
+        for offset in range(0, len(payload), step):
+            added += int(self._call(cmd, {"keyid": keyid}, payload[offset:offset + step])[0]["added"])
+        return added
+
+    def add_pages(self, keyid: int, entries: Iterable[PageEntry | tuple]) -> int:
+        """Assign loaded pages: PageEntry objects or (hpa, gpa, type, perms[, host_verifiable])."""
+        return self._add("add-pages", keyid, pack_page_entries(entries))
+
+    def add_zero_pages(self, keyid: int, entries: Iterable[tuple[int, int, int]]) -> int:
+        """Assign pages the platform fills with encrypted zeros: (hpa, gpa, perms) tuples."""
+        return self._add("add-zero-pages", keyid, pack_zero_entries(entries))
+
+    def hash_kd(self, keyid: int, hpas: Iterable[int] | None = None) -> bytes:
+        """SHA-384 over (hpa || plaintext) of the domain's host-verifiable pages (or just ``hpas``)."""
+        if hpas is None:
+            result = self._call("hash-kd", {"keyid": keyid})[0]
+        else:
+            result = self._call("hash-kd", {"keyid": keyid, "selected": True}, pack_u64_array(hpas))[0]
+        return bytes.fromhex(result["digest"])
+
+    def vmread(self, keyid: int, encoding: int) -> int:
+        return int(self._call("vmread", {"keyid": keyid, "encoding": encoding})[0]["value"])
+
+    def verify_ept(self, keyid: int, host_allocation: Iterable[int]) -> EptVerdict:
+        return EptVerdict.unpack(self._call("verify-ept", {"keyid": keyid}, pack_u64_array(host_allocation))[0])
+
+    def measure_kd(self, keyid: int) -> bytes:
+        """The launch measurement (48 bytes) of a verified domain, to compare with the bundle's."""
+        return bytes.fromhex(self._call("measure-kd", {"keyid": keyid})[0]["measurement"])
+
+    def launch(self, keyid: int) -> dict[str, str]:
+        """Launch a verified domain (vCPU left paused); returns its host-visible endpoints."""
+        endpoints = self._call("launch", {"keyid": keyid})[0]["endpoints"]
+        if not isinstance(endpoints, dict):
+            raise HostPortProtocolError("launch result has no endpoints object")
+        return {str(k): str(v) for k, v in endpoints.items()}
+
+    def run(self, keyid: int) -> None:
+        """Let a launched domain's vCPU run."""
+        self._call("run", {"keyid": keyid})
+
+    def exit(self, keyid: int) -> None:
+        """Force an exit: the platform seals the vCPU registers into the protected save area."""
+        self._call("exit", {"keyid": keyid})
+
+    def resume(self, keyid: int) -> None:
+        """Resume an exited domain from its save area."""
+        self._call("resume", {"keyid": keyid})
+
+    def destroy_kd(self, keyid: int) -> int:
+        return int(self._call("destroy-kd", {"keyid": keyid})[0]["freed_pages"])
+
+    def domain_status(self, keyid: int) -> dict:
+        """State, policy, measurement and host endpoints of one domain (no guest data)."""
+        return self._call("domain-status", {"keyid": keyid})[0]
+
+    def list_domains(self) -> list[dict]:
+        """domain_status of every key domain on the platform."""
+        domains = self._call("list-domains")[0].get("domains")
+        if not isinstance(domains, list):
+            raise HostPortProtocolError("list-domains result has no domains list")
+        return domains
+
+    def debug_read(self, keyid: int, gpa: int, length: int) -> bytes:
+        """Plaintext guest memory: refused unless the domain's measured policy has DEBUG (audited)."""
+        return self._call("debug-read", {"keyid": keyid, "gpa": gpa, "length": length})[1]

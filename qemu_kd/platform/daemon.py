@@ -1,0 +1,216 @@
+"""The platform daemon: one emulated key-domain platform serving its host port.
+
+``qemu-kd platform serve [--socket PATH] [--state DIR] [--memory SIZE] [--accel A]``
+
+* loads (or creates, on first use) the installation's emulated root CA and the
+  platform identity from the state directory;
+* serves the host port on a Unix socket (mode 0600) and prints one line,
+  ``ready <socket>``, on stdout once clients can connect;
+* registers itself in ``<runtime>/platforms/<pid>.json`` so ``qemu-kd ls`` and
+  friends find it, and removes that entry when it ends;
+* on SIGTERM or SIGINT destroys every domain (QEMU stopped, guest RAM and
+  shadow scrubbed), removes its socket and its DRAM file, and exits 0;
+* with ``--exit-when-idle`` it also ends by itself once it has launched a
+  domain and none is left (what ``qemu-kd run --keep`` uses).
+
+A socket another live platform serves is a one-line error (exit 2), never a
+takeover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from qemu_kd.common.errors import ConfigError, KdError
+from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir
+
+READY_PREFIX = "ready "
+DEFAULT_MEMORY = "1G"
+IDLE_POLL = 1.0
+
+
+def load_identity(pstate: Path):
+    """The root CA and platform identity kept in ``pstate`` (created on first use)."""
+    from qemu_kd.platform.identity import PlatformIdentity, RootCA
+
+    pstate.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root = RootCA.load_or_create(pstate)
+    return root, PlatformIdentity.load_or_create(pstate, root)
+
+
+class PlatformDaemon:
+    """Platform + host-port server + registry entry, with a clean stop."""
+
+    def __init__(self, socket_path: Path, pstate: Path, memory_size: int, accel: str,
+                 exit_when_idle: bool = False):
+        self.socket_path = Path(socket_path)
+        self.pstate = Path(pstate)
+        self.memory_size = memory_size
+        self.accel = accel
+        self.exit_when_idle = exit_when_idle
+        self.platform = None
+        self.server = None
+        self.registry_entry = registry_dir() / f"{os.getpid()}.json"
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        from qemu_kd.platform.hostport_server import HostPortServer
+        from qemu_kd.platform.hardware import Platform
+
+        _root, identity = load_identity(self.pstate)
+        self.platform = Platform(identity, self.memory_size, qemu_accel=self.accel)
+        try:
+            self.server = HostPortServer(self.platform, self.socket_path).start()
+        except BaseException:
+            self.platform.close()
+            self.platform = None
+            raise
+        tmp = self.registry_entry.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "socket": str(self.socket_path),
+                                   "state": str(self.pstate), "accel": self.accel,
+                                   "memory_size": self.memory_size, "started": time.time()}))
+        os.replace(tmp, self.registry_entry)
+
+    def wait(self) -> None:
+        """Block until asked to stop (or, with exit_when_idle, until no domain is left)."""
+        launched_once = False
+        while not self._stop.wait(IDLE_POLL):
+            if not self.exit_when_idle:
+                continue
+            with self.platform.lock:
+                busy = bool(self.platform.domains)
+                launched_once |= bool(self.platform.runtimes)
+            if launched_once and not busy:
+                return
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.registry_entry.unlink(missing_ok=True)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.platform is not None:
+            self.platform.close()
+            self.platform = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="qemu-kd platform serve",
+                                 description="run the emulated key-domain platform and serve its host port")
+    ap.add_argument("--socket", help="host-port socket (default: platform.sock in the runtime directory)")
+    ap.add_argument("--state", help="state directory for the root CA and platform keys "
+                                    "(default: platform/ in the qemu-kd state directory)")
+    ap.add_argument("--memory", default=DEFAULT_MEMORY,
+                    help=f"host-physical memory the platform emulates (default {DEFAULT_MEMORY})")
+    ap.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                    help="accelerator for launched domains (auto probes KVM, falls back to TCG)")
+    ap.add_argument("--exit-when-idle", action="store_true",
+                    help="exit once a launched domain has been destroyed and none is left")
+    ap.add_argument("--remove-dir", help="a private directory of the caller's to remove on exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    daemon = None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set() if daemon is None else daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: stop.set() if daemon is None else daemon.request_stop())
+    try:
+        from qemu_kd.qemu.accel import choose_accel
+        from qemu_kd.common.units import parse_size
+
+        memory_size = parse_size(args.memory)
+        accel = args.accel
+        if accel == "auto":
+            from qemu_kd.guest.cache import ensure_guest
+
+            accel = choose_accel("auto", ensure_guest().kernel).name
+        daemon = PlatformDaemon(Path(args.socket) if args.socket else default_socket(),
+                                Path(args.state) if args.state else platform_state_dir(),
+                                memory_size, accel, exit_when_idle=args.exit_when_idle)
+        daemon.start()
+        if stop.is_set():
+            return 0
+        print(f"{READY_PREFIX}{daemon.socket_path}", flush=True)
+        daemon.wait()
+        return 0
+    except KdError as exc:
+        print(f"qemu-kd platform: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        if daemon is not None:
+            daemon.close()
+        if args.remove_dir:
+            shutil.rmtree(args.remove_dir, ignore_errors=True)
+
+
+def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg",
+                           memory_size: int = 1 << 30, exit_when_idle: bool = False,
+                           detach: bool = False, timeout: float = 60.0,
+                           log_path: Path | None = None, remove_dir: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start ``qemu-kd platform serve`` as a child process; returns (process, socket) once it serves.
+
+    ``detach`` puts it in its own session (it outlives the caller's terminal).
+    Its stderr goes to ``log_path`` (default: ``platform.log`` beside the socket).
+    """
+    socket_path = Path(socket_path)
+    log_path = Path(log_path) if log_path else socket_path.with_name("platform.log")
+    argv = [sys.executable, "-m", "qemu_kd.platform.daemon", "--socket", str(socket_path), "--state", str(pstate),
+            "--memory", f"{memory_size}B", "--accel", accel]
+    if exit_when_idle:
+        argv.append("--exit-when-idle")
+    if remove_dir is not None:
+        argv += ["--remove-dir", str(remove_dir)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                start_new_session=detach)
+    deadline = time.monotonic() + timeout
+    line = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if ready:
+                line = proc.stdout.readline()
+                break
+            if proc.poll() is not None:
+                break
+    finally:
+        proc.stdout.close()
+    text = line.decode(errors="replace").strip()
+    if not text.startswith(READY_PREFIX):
+        stop_platform_process(proc)
+        try:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        why = lines[-1] if lines else "no message"
+        raise ConfigError(f"the platform daemon did not start: {why}", f"see {log_path}")
+    return proc, Path(text[len(READY_PREFIX):])
+
+
+def stop_platform_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (the daemon destroys its domains and cleans up), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,712 @@
+"""The host-facing gdb endpoint of a domain: an RSP server in front of QEMU's gdbstub.
+
+QEMU's gdbstub takes one client, and the platform already holds that
+connection (:class:`~qemu_kd.qemu.gdbstub.RspClient`), so the proxy relays through
+it.  One gdb session is served at a time.
+
+Without the DEBUG policy the proxy never sends a byte to the gdbstub (any byte
+reaching a running QEMU gdbstub stops the VM) and answers everything itself:
+
+* the handshake (``qSupported``, ``QStartNoAckMode``, threads, ``vCont?``) and a
+  target description that names only the architecture;
+* ``?`` with a stop reply and ``g`` with every general register marked
+  unavailable and a placeholder RIP of 0: gdb 13 drops the connection when the
+  registers cannot be read at attach, and this tells it nothing;
+* ``p`` with ``E.<policy message>`` (gdb prints the text), ``qRcmd`` (gdb's
+  ``monitor``) with the message as console output and ``E01``; ``G``, ``P``,
+  ``m``, ``M``, ``X``, ``Z``/``z`` and single-steps with ``E01`` (gdb 13 cannot
+  parse a textual error for these);
+* ``c``: the guest is already running, so the proxy just waits for gdb's
+  interrupt (Ctrl-C) and reports ``T02``;
+* ``D`` and ``k`` end the session; the guest never stopped.
+
+With DEBUG the session stops the vCPU when gdb attaches (``on_stop`` or the
+gdbstub), relays every request, audits each one that reads or changes the
+guest, and when the session ends (``D``, ``k`` or a dropped connection) removes
+the breakpoints it inserted and resumes the vCPU if it was running at attach.
+
+Bad checksums get a ``-`` (while acknowledgements are on), stray bytes are
+ignored, packets larger than :data:`MAX_PACKET` are answered with ``E01``, and
+a client that disappears mid-command leaves the proxy and the guest intact.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Callable
+
+from qemu_kd.platform.endpoints.audit import AuditError, AuditLog
+from qemu_kd.common.errors import KdError
+from qemu_kd.qemu.gdbstub import RspClient, RspError, checksum, frame, unescape
+from qemu_kd.platform.endpoints.allowlists import HMP_CONT, HMP_NEVER, HMP_STOP, hmp_command
+from qemu_kd.common.files import claim_socket_path
+
+PACKET_SIZE = 0x1000         # advertised to gdb; QEMU's own limit
+MAX_PACKET = 4 * PACKET_SIZE  # largest client packet accepted (escaped bytes)
+SEND_TIMEOUT = 10.0           # a gdb that does not read its replies is dropped
+RELEASE_TIMEOUT = 5.0         # waiting for the vCPU to stop when a session ends
+THREAD = "01"
+TARGET_XML = (b'<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd">'
+              b"<target><architecture>i386:x86-64</architecture></target>")
+# rax..r15 unavailable, rip 0 (see the module docstring).
+NO_DEBUG_REGISTERS = b"x" * (16 * 16) + b"0" * 16
+# Other packets that read guest memory (refused without DEBUG).
+READS = (b"qCRC", b"qSearch")
+# Packets about features this stub does not have (tracepoints, symbol lookup,
+# relocation): answered "unsupported" without asking QEMU, in both modes.
+LOCAL_EMPTY = frozenset({b"vMustReplyEmpty", b"qTStatus", b"qTfV", b"qTsV", b"qTfP", b"qTsP",
+                         b"qOffsets", b"qSymbol", b"QThreadEvents", b"QNonStop",
+                         b"QPassSignals", b"QProgramSignals", b"QCatchSyscalls"})
+
+
+class GdbProxyError(KdError):
+    """The gdb proxy cannot start."""
+
+
+class _SessionEnd(Exception):
+    """The gdb client went away or the proxy is closing."""
+
+
+def summarize(packet: bytes) -> str:
+    """The audit summary of a request packet: never the data it carries."""
+    kind = packet[:1]
+    if kind in (b"M", b"X"):
+        head = packet[1:].split(b":", 1)[0]
+        return f"{kind.decode()} {head.decode(errors='replace')}"
+    if kind == b"G":
+        return f"G ({len(packet) // 2} bytes)"
+    if kind == b"P":
+        return f"P {packet[1:].split(b'=', 1)[0].decode(errors='replace')}"
+    if packet.startswith(b"qRcmd,"):
+        try:
+            return "monitor " + bytes.fromhex(packet[6:].decode()).decode(errors="replace")
+        except ValueError:
+            return "monitor (undecodable)"
+    if kind in (b"m", b"p", b"Z", b"z"):
+        return f"{kind.decode()} {packet[1:].decode(errors='replace')}"
+    return packet[:60].decode(errors="replace")
+
+
+def monitor_refusal(packet: bytes, domain: str) -> str | None:
+    """Why gdb's ``monitor`` command in a qRcmd packet is refused even with DEBUG, or None.
+
+    Run control belongs to gdb itself and to QMP stop/cont (the platform's exit and
+    resume); commands that change the machine are refused as on the QMP endpoint.
+    """
+    try:
+        word = hmp_command(bytes.fromhex(packet[6:].decode()).decode(errors="replace"))
+    except ValueError:
+        return "the monitor command is not hex-encoded"
+    if word in HMP_NEVER or word in HMP_STOP or word in HMP_CONT:
+        return (f"monitor '{word[:40]}' is not available through the gdb endpoint of key domain "
+                f"{domain}; use gdb's own commands or QMP stop/cont")
+    return None
+
+
+def is_output(reply: bytes) -> bool:
+    """A console-output packet (``O`` + hex), as opposed to ``OK``."""
+    return reply[:1] == b"O" and reply != b"OK"
+
+
+def is_step(packet: bytes) -> bool:
+    if packet[:1] in (b"s", b"S"):
+        return True
+    if packet.startswith(b"vCont;"):
+        return any(action[:1] in (b"s", b"S", b"r") for action in packet[6:].split(b";"))
+    return False
+
+
+def is_continue(packet: bytes) -> bool:
+    if packet[:1] in (b"c", b"C"):
+        return True
+    return packet.startswith(b"vCont;") and not is_step(packet)
+
+
+class _ClientChannel:
+    """Packets from and to one gdb client, with acks, NAKs and an interrupt byte."""
+
+    def __init__(self, sock: socket.socket, wake: socket.socket):
+        self.sock = sock
+        self.wake = wake
+        self.ack = True
+        self._buf = bytearray()
+        self._last = b""
+        self.interrupted = False
+        self._oversized = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, payload: bytes) -> None:
+        data = frame(payload)
+        self._last = data
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            raise _SessionEnd() from None
+
+    def fill(self, timeout: float | None) -> bool:
+        """Read what the client sent (waiting up to ``timeout``); False on timeout."""
+        ready, _, _ = select.select([self.sock, self.wake], [], [], timeout)
+        if self.wake in ready:
+            raise _SessionEnd()
+        if not ready:
+            return False
+        try:
+            chunk = self.sock.recv(65536)
+        except OSError:
+            raise _SessionEnd() from None
+        if not chunk:
+            raise _SessionEnd()
+        self._buf += chunk
+        return True
+
+    def next_packet(self, timeout: float | None = None) -> bytes | None:
+        """The next valid packet body (unescaped); None when only an interrupt or nothing came."""
+        while True:
+            packet = self._parse()
+            if packet is not None or self.interrupted:
+                return packet
+            if not self.fill(timeout):
+                return None
+
+    def take_interrupt(self) -> None:
+        """While the vCPU runs, look only for Ctrl-C; keep other bytes for later."""
+        idx = self._buf.find(b"\x03")
+        if idx >= 0:
+            del self._buf[idx:idx + 1]
+            self.interrupted = True
+
+    def _parse(self) -> bytes | None:
+        buf = self._buf
+        while buf:
+            if self._oversized:
+                end = buf.find(b"#")
+                if end < 0:
+                    buf.clear()
+                    return None
+                if len(buf) < end + 3:
+                    return None
+                del buf[:end + 3]
+                self._oversized = False
+                if self.ack:
+                    self._write(b"+")
+                self.send(b"E01")
+                continue
+            byte = buf[0]
+            if byte == 0x03:
+                del buf[:1]
+                self.interrupted = True
+                continue
+            if byte == ord("-"):
+                del buf[:1]
+                if self.ack and self._last:
+                    self._write(self._last)
+                continue
+            if byte != ord("$"):
+                del buf[:1]      # acks and stray bytes
+                continue
+            end = buf.find(b"#")
+            if end < 0:
+                if len(buf) > MAX_PACKET:
+                    buf.clear()
+                    self._oversized = True
+                return None
+            if end - 1 > MAX_PACKET:
+                del buf[:end]
+                self._oversized = True
+                continue
+            if len(buf) < end + 3:
+                return None
+            body = bytes(buf[1:end])
+            sent = bytes(buf[end + 1:end + 3])
+            del buf[:end + 3]
+            if sent.lower() != f"{checksum(body):02x}".encode():
+                if self.ack:
+                    self._write(b"-")
+                continue
+            if self.ack:
+                self._write(b"+")
+            return unescape(body)
+        return None
+
+
+class _Upstream:
+    """The platform's gdbstub connection, used under ``lock``.
+
+    :class:`RspClient` is a request/response client; a continue needs to wait
+    for an asynchronous stop reply and to send a bare interrupt byte, so this
+    class also reaches its socket and buffer.
+    """
+
+    def __init__(self, rsp: RspClient, lock):
+        self.rsp = rsp
+        self.lock = lock
+
+    def _sock(self) -> socket.socket:
+        sock = getattr(self.rsp, "_sock", None)
+        if sock is None:
+            raise RspError("gdbstub client is not connected")
+        return sock
+
+    def drain(self) -> None:
+        """Discard stop replies QEMU sent while nobody asked (e.g. after a QMP stop)."""
+        sock = self._sock()
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                chunk = sock.recv(65536)
+            except OSError as exc:
+                raise RspError(f"gdbstub connection failed: {exc}") from None
+            if not chunk:
+                raise RspError("gdbstub closed the connection", "QEMU may have exited")
+        self.rsp._buf.clear()
+
+    def request(self, payload: bytes) -> bytes:
+        return self.rsp.request(payload)
+
+    def send(self, payload: bytes) -> None:
+        try:
+            self._sock().sendall(frame(payload))
+        except OSError as exc:
+            raise RspError(f"gdbstub connection failed: {exc}") from None
+
+    def interrupt(self) -> None:
+        try:
+            self._sock().sendall(b"\x03")
+        except OSError as exc:
+            raise RspError(f"gdbstub connection failed: {exc}") from None
+
+    def stop_reply_ready(self) -> bool:
+        """Whether a whole packet has arrived (QEMU acks every packet with ``+`` even
+        in no-ack mode, so readable is not enough)."""
+        sock = self._sock()
+        buf = self.rsp._buf
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                chunk = sock.recv(65536)
+            except OSError as exc:
+                raise RspError(f"gdbstub connection failed: {exc}") from None
+            if not chunk:
+                raise RspError("gdbstub closed the connection", "QEMU may have exited")
+            buf += chunk
+        start = buf.find(b"$")
+        if start < 0:
+            buf.clear()          # only acks and stray bytes so far
+            return False
+        end = buf.find(b"#", start)
+        return end >= 0 and len(buf) >= end + 3
+
+    def wait_stop_reply(self, timeout: float) -> bytes | None:
+        """The next stop reply, or None if none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.stop_reply_ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._sock()], [], [], remaining)[0]:
+                return None
+        return self.read_stop_reply()
+
+    def read_stop_reply(self) -> bytes:
+        """The next stop reply (skipping anything else); blocks up to the client timeout."""
+        while True:
+            packet = self.rsp._read_packet()
+            if packet[:1] in (b"T", b"S", b"W", b"X"):
+                return packet
+
+
+class _Session:
+    """One gdb client."""
+
+    def __init__(self, proxy: "GdbProxy", chan: _ClientChannel):
+        self.proxy = proxy
+        self.chan = chan
+        self.debug = proxy.debug
+        self.up = _Upstream(proxy.rsp, proxy.rsp_lock)
+        self.attached = False
+        self.resume_at_end = False
+        self.paused_by_callback = False
+        self.running = False          # the vCPU runs on this session's behalf (DEBUG)
+        self.breakpoints: set[bytes] = set()
+        self.last_stop = b"T05thread:" + THREAD.encode() + b";"
+
+    # -- helpers ----------------------------------------------------------------------------
+    def refusal_text(self) -> str:
+        return f"key domain {self.proxy.domain} was not sealed with the DEBUG policy"
+
+    def audit(self, packet: bytes, allowed: bool) -> bool:
+        """Log the request; False if the log cannot be written (then nothing is relayed)."""
+        try:
+            self.proxy.audit.record(domain=self.proxy.domain, endpoint="gdb",
+                                    action=summarize(packet), allowed=allowed, debug=self.debug)
+        except AuditError:
+            return False
+        return True
+
+    def run(self) -> None:
+        try:
+            while True:
+                packet = self.chan.next_packet()
+                if packet is None:
+                    self.chan.interrupted = False   # Ctrl-C while stopped: nothing to do
+                    continue
+                if not self.handle(packet):
+                    return
+        except _SessionEnd:
+            return
+        finally:
+            if self.debug:
+                self.release()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def handle(self, packet: bytes) -> bool:
+        """Answer one packet; False ends the session."""
+        chan = self.chan
+        kind = packet[:1]
+        if self.debug and not self.attached:
+            self.attach()
+        if packet.startswith(b"qSupported"):
+            chan.send(f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;QStartNoAckMode+;"
+                      "vContSupported+".encode())
+        elif packet == b"QStartNoAckMode":
+            chan.send(b"OK")
+            chan.ack = False
+        elif packet == b"?":
+            chan.send(self.last_stop)
+        elif packet.startswith(b"qAttached"):
+            chan.send(b"1")
+        elif packet == b"qC":
+            chan.send(b"QC" + THREAD.encode())
+        elif packet == b"qfThreadInfo":
+            chan.send(b"m" + THREAD.encode())
+        elif packet == b"qsThreadInfo":
+            chan.send(b"l")
+        elif kind == b"H" or (kind == b"T" and packet[1:].isalnum()):
+            chan.send(b"OK")
+        elif packet.split(b":", 1)[0] in LOCAL_EMPTY:
+            chan.send(b"")
+        elif packet == b"vCont?":
+            chan.send(b"vCont;c;C;s;S" if self.debug else b"vCont;c;C")
+        elif kind == b"D":
+            chan.send(b"OK")
+            return False
+        elif kind == b"k":
+            return False
+        elif self.debug:
+            self.relay(packet)
+        else:
+            self.refuse(packet)
+        return True
+
+    # -- without DEBUG ----------------------------------------------------------------------
+    def refuse(self, packet: bytes) -> None:
+        chan = self.chan
+        kind = packet[:1]
+        if packet.startswith(b"qXfer:features:read:"):
+            chan.send(self.local_xfer(packet))
+        elif kind == b"g":
+            chan.send(NO_DEBUG_REGISTERS)
+        elif is_continue(packet):
+            self.wait_for_interrupt()
+        elif kind == b"p":
+            self.audit(packet, False)
+            chan.send(b"E." + self.refusal_text().encode())
+        elif packet.startswith(b"qRcmd,"):
+            self.audit(packet, False)
+            chan.send(b"O" + (f"refused: {self.refusal_text()}\n").encode().hex().encode())
+            chan.send(b"E01")
+        elif (kind and kind in b"GPmMXZz") or is_step(packet) or packet.startswith(READS):
+            self.audit(packet, False)
+            chan.send(b"E01")
+        else:
+            chan.send(b"")   # not supported
+
+    def local_xfer(self, packet: bytes) -> bytes:
+        try:
+            annex, span = packet[len(b"qXfer:features:read:"):].rsplit(b":", 1)
+            offset, length = (int(x, 16) for x in span.split(b","))
+        except ValueError:
+            return b"E00"
+        if annex != b"target.xml":
+            return b"E00"
+        chunk = TARGET_XML[offset:offset + length]
+        return (b"l" if offset + length >= len(TARGET_XML) else b"m") + chunk
+
+    def wait_for_interrupt(self) -> None:
+        """A continue without DEBUG: the guest already runs; report a stop on Ctrl-C."""
+        while not self.chan.interrupted:
+            self.chan.fill(None)
+            self.chan.take_interrupt()
+        self.chan.interrupted = False
+        self.chan.send(b"T02thread:" + THREAD.encode() + b";")
+
+    # -- with DEBUG -------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Stop the vCPU for the debugger; remember whether it ran."""
+        self.attached = True
+        proxy = self.proxy
+        was_running = None
+        if proxy.on_stop is not None:
+            try:
+                result = proxy.on_stop()
+            except Exception:  # noqa: BLE001 - fall back to stopping through the gdbstub
+                result = None
+            else:
+                self.paused_by_callback = True
+                was_running = True if result is None else bool(result)
+        with self.up.lock:
+            try:
+                self.up.drain()
+                # A running gdbstub stops the VM on the packet's first byte and drops the
+                # rest (reply T02); a stopped one answers with T05.  Either way: one stop
+                # reply, and QEMU clears stale breakpoints.
+                self.up.send(b"?")
+                reply = self.up.read_stop_reply()
+            except RspError:
+                return
+        self.last_stop = reply
+        if was_running is None:
+            was_running = reply.startswith(b"T02")
+            self.paused_by_callback = False
+        self.resume_at_end = was_running
+
+    def relay(self, packet: bytes) -> None:
+        chan = self.chan
+        harmless = packet.startswith(b"qXfer:features:read:")
+        reason = None
+        if is_continue(packet) or is_step(packet):
+            reason = self.proxy.may_run() if self.proxy.may_run is not None else None
+        elif packet.startswith(b"qRcmd,"):
+            reason = monitor_refusal(packet, self.proxy.domain)
+        if reason:
+            self.audit(packet, False)
+            chan.send(b"O" + f"refused: {reason}\n".encode().hex().encode())
+            chan.send(b"E01")
+            return
+        if not harmless and not self.audit(packet, True):
+            chan.send(b"E01")    # fail closed: nothing unaudited reaches the guest
+            return
+        if is_continue(packet) or is_step(packet):
+            self.resume_and_wait(packet)
+            return
+        with self.up.lock:
+            try:
+                reply = self.up.request(packet)
+            except RspError:
+                reply = b"E01"
+        if packet[:1] == b"Z" and reply == b"OK":
+            self.breakpoints.add(packet[1:])
+        elif packet[:1] == b"z" and reply == b"OK":
+            self.breakpoints.discard(packet[1:])
+        if packet.startswith(b"qRcmd,") and is_output(reply):
+            # QEMU sends monitor output as O packets before the final OK.
+            chan.send(reply)
+            with self.up.lock:
+                try:
+                    while True:
+                        reply = self.up.rsp._read_packet()
+                        if not is_output(reply):
+                            break
+                        chan.send(reply)
+                except RspError:
+                    reply = b"E01"
+        chan.send(reply)
+
+    def resume_and_wait(self, packet: bytes) -> None:
+        """Continue or step, relay gdb's Ctrl-C, and forward the stop reply."""
+        proxy = self.proxy
+        use_callback = (is_continue(packet) and self.paused_by_callback
+                        and proxy.on_cont is not None)
+        try:
+            with self.up.lock:
+                self.up.drain()
+                if not use_callback:
+                    self.up.send(packet)
+            if use_callback:
+                proxy.on_cont()
+                self.paused_by_callback = False
+            self.running = True
+            with self.up.lock:
+                reply = self.wait_stop()
+        except RspError:
+            self.chan.send(b"E01")
+            return
+        except KdError as exc:
+            self.chan.send(b"E." + str(exc).encode()[:200])
+            return
+        self.running = False
+        self.last_stop = reply
+        self.chan.send(reply)
+
+    def wait_stop(self) -> bytes:
+        """Wait (holding the upstream lock) for the stop reply; Ctrl-C from gdb interrupts."""
+        sent_interrupt = False
+        while True:
+            if self.up.stop_reply_ready():
+                return self.up.read_stop_reply()
+            if self.chan.interrupted and not sent_interrupt:
+                self.up.interrupt()
+                sent_interrupt = True
+                self.chan.interrupted = False
+            ready, _, _ = select.select([self.up._sock(), self.chan.sock, self.chan.wake],
+                                        [], [], None)
+            if self.chan.wake in ready:
+                raise _SessionEnd()
+            if self.chan.sock in ready:
+                self.chan.fill(0)
+                self.chan.take_interrupt()
+
+    def release(self) -> None:
+        """End of a DEBUG session: remove our breakpoints and let the guest run again."""
+        if not self.attached:
+            return
+        try:
+            with self.up.lock:
+                if self.running:
+                    # Stopped already (a stop reply is waiting) or running: a stopped
+                    # gdbstub ignores the interrupt byte, a running one stops and replies.
+                    self.up.interrupt()
+                    if self.up.wait_stop_reply(RELEASE_TIMEOUT) is None:
+                        return   # QEMU does not answer; leave it to the platform
+                    self.running = False
+                for key in sorted(self.breakpoints):
+                    self.up.request(b"z" + key)
+                self.breakpoints.clear()
+                if self.resume_at_end and not self.paused_by_callback:
+                    self.up.drain()
+                    self.up.send(b"c")
+            if self.resume_at_end and self.paused_by_callback and self.proxy.on_cont:
+                self.proxy.on_cont()
+        except (RspError, KdError, OSError):
+            pass   # QEMU is gone or refuses; the platform notices on its own
+
+
+class GdbProxy:
+    """An RSP server on ``listen_path`` (a Unix socket) for one domain's vCPU.
+
+    ``rsp`` is the platform's connection to QEMU's gdbstub; ``rsp_lock`` (a
+    :class:`threading.Lock` or ``RLock``) must be held by anyone else who uses
+    it.  The proxy holds it for each relayed request and for the whole time a
+    gdb continue is pending; that ends when the vCPU stops (a breakpoint, a
+    Ctrl-C in gdb, or a QMP ``stop``).  ``on_stop`` / ``on_cont`` (DEBUG only)
+    pause and resume the vCPU on attach and detach; ``on_stop`` may return
+    ``False`` when the vCPU was already paused.  Without them the proxy pauses
+    through the gdbstub.
+    """
+
+    handover_wait = RELEASE_TIMEOUT + 1.0   # a new client waits this long for the last session
+
+    def __init__(self, listen_path: str, rsp: RspClient, *, debug: bool, domain: str,
+                 audit: AuditLog, on_stop: Callable[[], object] | None = None,
+                 on_cont: Callable[[], object] | None = None, rsp_lock=None,
+                 may_run: Callable[[], str | None] | None = None):
+        self.listen_path = str(listen_path)
+        self.rsp = rsp
+        self.debug = debug
+        self.domain = domain
+        self.audit = audit
+        self.on_stop = on_stop
+        self.on_cont = on_cont
+        # Returns why the vCPU must not run now (e.g. the domain is exited), or None.
+        self.may_run = may_run
+        self.rsp_lock = rsp_lock if rsp_lock is not None else threading.RLock()
+        self._server: socket.socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+        self._session_lock = threading.Lock()
+        self._active: socket.socket | None = None
+        self._workers: set[threading.Thread] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        """Listen on ``listen_path``; sessions are served in background threads."""
+        claim_socket_path(self.listen_path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.bind(self.listen_path)
+            os.chmod(self.listen_path, 0o600)
+            server.listen(4)
+        except OSError as exc:
+            server.close()
+            raise GdbProxyError(f"cannot listen on {self.listen_path}: {exc.strerror}",
+                                "check that the directory exists and is writable") from None
+        self._server = server
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"gdb-proxy-{self.domain}")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening, end the session (cleaning up after it) and remove the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for worker in list(self._workers):
+            worker.join(timeout=RELEASE_TIMEOUT + 5)
+        if self._server is not None:
+            self._server.close()
+            try:
+                os.unlink(self.listen_path)
+            except OSError:
+                pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> "GdbProxy":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- connections --------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while True:
+            ready, _, _ = select.select([self._server, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                continue
+            conn.settimeout(SEND_TIMEOUT)
+            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                      name=f"gdb-session-{self.domain}")
+            self._workers.add(worker)
+            worker.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        # A session whose client just left may still be cleaning up: wait for it a little.
+        if not self._session_lock.acquire(timeout=self.handover_wait):
+            self._turn_away(conn)
+            return
+        try:
+            if not self._closed:
+                _Session(self, _ClientChannel(conn, self._wake_r)).run()
+        finally:
+            conn.close()
+            self._session_lock.release()
+            self._workers.discard(threading.current_thread())
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """A second debugger: answer its first packet with an error and hang up."""
+        chan = _ClientChannel(conn, self._wake_r)
+        try:
+            if chan.next_packet(timeout=SEND_TIMEOUT) is not None:
+                chan.send(f"E.another debugger is attached to key domain {self.domain}".encode())
+        except _SessionEnd:
+            pass
+        finally:
+            conn.close()
+            self._workers.discard(threading.current_thread())

@@ -1,0 +1,431 @@
+"""Serves a :class:`~qemu_kd.platform.hardware.Platform` on the host port (a Unix socket).
+
+One thread accepts connections and one thread serves each connection.  A
+malformed or oversized frame gets a ``protocol`` error reply and closes that
+connection only; the platform and the other connections keep running.  The
+socket file is created with mode 0600 and removed on close.
+
+Error replies carry a code (see docs/hostport.md) and the platform error's
+one-line message.  Unexpected exceptions are answered with code ``internal``
+and a generic message, so no internal detail (let alone decrypted data) can
+leak through an error text.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qemu_kd.platform.domain import (
+    DomainNotFoundError,
+    DomainStateError,
+    DomainVerifyError,
+    GuestStateFieldError,
+    KeyIdExhaustedError,
+    PageBatch,
+    PageRequestError,
+    SecretPageError,
+)
+from qemu_kd.common.errors import KdError
+from qemu_kd.formats.errors import FormatError, UnknownFieldError
+from qemu_kd.hostport.protocol import (
+    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
+)
+from qemu_kd.formats.addresses import PAGE_SIZE
+from qemu_kd.formats.keywrap import KeyUnwrapError
+from qemu_kd.platform.runtime import LaunchError, SaveAreaError
+from qemu_kd.formats.measurement import MeasurementError
+from qemu_kd.platform.physmem import AddressError, OwnershipError
+from qemu_kd.platform.hardware import MAX_DEBUG_READ, HostExitRefused, Platform
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "qemu-kd platform (EMULATED)"
+# How long a frame may take to arrive once its first byte is in.
+DEFAULT_FRAME_TIMEOUT = 60.0
+MAX_WRAPPED_KEY = 4096
+MAX_POLICY = 64
+MAX_HOST_DATA = 32
+
+Handler = Callable[[dict, memoryview], tuple[dict, bytes]]
+
+
+def error_code(exc: BaseException) -> str:
+    """The host-port error code for a platform exception."""
+    for types, code in (
+        (HostPortError, None),
+        (KeyIdExhaustedError, "keyid-exhausted"),
+        (DomainNotFoundError, "not-found"),
+        ((GuestStateFieldError, SecretPageError, HostExitRefused), "refused"),
+        (DomainStateError, "state"),
+        (KeyUnwrapError, "unwrap-failed"),
+        ((DomainVerifyError, MeasurementError, SaveAreaError), "verify-failed"),
+        (LaunchError, "launch-failed"),
+        (OwnershipError, "ownership"),
+        (AddressError, "address"),
+        (UnknownFieldError, "not-found"),
+        ((FormatError, PageRequestError, KdError), "bad-request"),
+    ):
+        if isinstance(exc, types):
+            return code or exc.code  # type: ignore[attr-defined]
+    return "internal"
+
+
+def error_reply(rid: int | None, cmd: str, exc: BaseException) -> Reply:
+    code = error_code(exc)
+    if code == "internal" and not isinstance(exc, HostPortError):
+        log.error("host port: %s failed unexpectedly: %s", cmd, type(exc).__name__)
+        return Reply.failure(rid, code, f"internal platform error while running {cmd}",
+                             "the request may not have taken effect; check the platform's log")
+    assert isinstance(exc, KdError)
+    return Reply.failure(rid, code, exc.message, exc.hint)
+
+
+class HostPortServer:
+    """The host port: one Unix socket, one thread per connection."""
+
+    def __init__(self, platform: Platform, socket_path: Path | str, *,
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT):
+        self.platform = platform
+        self.socket_path = Path(socket_path)
+        self.frame_timeout = frame_timeout
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._conn_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._handlers: dict[str, Handler] = {
+            "platform-info": self._platform_info,
+            "alloc": self._alloc,
+            "free": self._free,
+            "read-phys": self._read_phys,
+            "write-phys": self._write_phys,
+            "read-phys-pages": self._read_phys_pages,
+            "write-phys-pages": self._write_phys_pages,
+            "create-kd": self._create_kd,
+            "add-pages": self._add_pages,
+            "add-zero-pages": self._add_zero_pages,
+            "hash-kd": self._hash_kd,
+            "vmread": self._vmread,
+            "verify-ept": self._verify_ept,
+            "measure-kd": self._measure_kd,
+            "launch": self._launch,
+            "run": self._keyid_command(platform.run),
+            "exit": self._keyid_command(platform.exit),
+            "resume": self._keyid_command(platform.resume),
+            "destroy-kd": self._destroy_kd,
+            "domain-status": self._domain_status,
+            "list-domains": self._list_domains,
+            "debug-read": self._debug_read,
+        }
+        self.frames_refused = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> "HostPortServer":
+        if len(os.fsencode(self.socket_path)) >= 108:
+            raise KdError(f"host-port socket path {self.socket_path} is too long for a Unix socket",
+                          "use a shorter runtime directory")
+        self._remove_stale_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.socket_path))
+            # Nobody can connect before listen(), so tightening the mode here leaves no window.
+            os.chmod(self.socket_path, 0o600)
+            listener.listen(16)
+            listener.settimeout(0.2)
+        except OSError as exc:
+            listener.close()
+            raise KdError(f"cannot serve the host port on {self.socket_path}: {exc.strerror}",
+                          "check that the directory exists and is writable") from None
+        self._listener = listener
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="hostport-accept", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            mode = os.lstat(self.socket_path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise KdError(f"{self.socket_path} exists and is not a socket", "remove it or pick another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket_path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                self.socket_path.unlink(missing_ok=True)
+                return
+            raise KdError(f"cannot check the existing socket {self.socket_path}: {exc.strerror}") from None
+        finally:
+            probe.close()
+        raise KdError(f"another platform is already serving {self.socket_path}",
+                      "stop it first or use another socket path")
+
+    def close(self) -> None:
+        """Stop accepting, close every connection, remove the socket file."""
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self.socket_path.unlink(missing_ok=True)
+        with self._conn_lock:
+            connections = list(self._connections.items())
+        for conn, _ in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, thread in connections:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+
+    def __enter__(self) -> "HostPortServer":
+        return self.start() if self._listener is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connection_count(self) -> int:
+        with self._conn_lock:
+            return len(self._connections)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            conn.settimeout(None)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="hostport-conn", daemon=True)
+            with self._conn_lock:
+                self._connections[conn] = thread
+            thread.start()
+
+    # ------------------------------------------------------------ connection
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._conversation(conn)
+        except OSError:
+            pass
+        finally:
+            with self._conn_lock:
+                self._connections.pop(conn, None)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _refuse(self, conn: socket.socket, rid: int | None, message: str, hint: str | None = None) -> None:
+        """Answer a protocol violation; the caller then closes the connection."""
+        self.frames_refused += 1
+        try:
+            write_frame(conn, Reply.failure(rid, "protocol", message, hint).frame())
+        except OSError:
+            pass
+
+    def _conversation(self, conn: socket.socket) -> None:
+        greeted = False
+        while not self._stopping.is_set():
+            try:
+                frame = read_frame(conn, frame_timeout=self.frame_timeout)
+            except HostPortProtocolError as exc:
+                self._refuse(conn, None, exc.message, exc.hint)
+                return
+            except socket.timeout:
+                self._refuse(conn, None, f"frame not completed within {self.frame_timeout:g} s")
+                return
+            if frame is None:
+                return
+            try:
+                request = Request.from_frame(frame)
+            except HostPortProtocolError as exc:
+                rid = frame.header.get("id")
+                self._refuse(conn, rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
+                             exc.message, exc.hint)
+                return
+            if request.cmd == "hello":
+                try:
+                    reply = Reply(request.id, True, self._hello(request.args))
+                except HostPortProtocolError as exc:
+                    self._refuse(conn, request.id, exc.message, exc.hint)
+                    return
+                greeted = True
+                write_frame(conn, reply.frame())
+                continue
+            if not greeted:
+                self._refuse(conn, request.id, f"the first request must be hello, not {request.cmd[:64]!r}",
+                             "send hello with the protocol versions the client speaks")
+                return
+            conn.sendall(self._dispatch(request))
+
+    def _dispatch(self, request: Request) -> bytes:
+        """Run one request; the packed reply frame (an error reply if anything fails)."""
+        handler = self._handlers.get(request.cmd)
+        if handler is None:
+            return Reply.failure(request.id, "unknown-command", f"unknown host-port command {request.cmd[:64]!r}",
+                                 f"commands: {', '.join(COMMANDS)}").pack()
+        try:
+            result, payload = handler(request.args, memoryview(request.payload))
+            return Reply(request.id, True, result, payload).pack()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            return error_reply(request.id, request.cmd, exc).pack()
+
+    # --------------------------------------------------------------- commands
+
+    def _hello(self, args: dict) -> dict:
+        versions = args.get("versions")
+        if versions is None and "version" in args:
+            versions = [args["version"]]
+        if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+            raise HostPortProtocolError("hello needs 'versions': a list of protocol version numbers")
+        common = sorted(set(versions) & set(SUPPORTED_VERSIONS))
+        if not common:
+            raise HostPortProtocolError(
+                f"no common protocol version: the client speaks {versions}, this platform "
+                f"speaks {list(SUPPORTED_VERSIONS)}", "use a host VMM that matches this platform")
+        return {"version": common[-1], "server": SERVER_NAME, "max_frame": MAX_FRAME,
+                "max_header": MAX_HEADER, "max_data": MAX_DATA, "commands": list(COMMANDS),
+                "preferred_version": PROTOCOL_VERSION}
+
+    def _platform_info(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return self.platform.platform_info().pack(), b""
+
+    def _alloc(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255) if args.get("keyid") is not None else None
+        if args.get("npages") is not None:
+            if len(payload):
+                raise HostPortBadRequestError("alloc takes npages or an hpa list, not both")
+            allocation = self.platform.alloc(npages=arg_int(args, "npages", minimum=1), keyid=keyid)
+        else:
+            hpas = unpack_u64_array(payload, "alloc hpa list")
+            if not hpas.size:
+                raise HostPortBadRequestError("alloc needs npages or a non-empty hpa list")
+            allocation = self.platform.alloc(hpas=hpas, keyid=keyid)
+        return {"keyid": allocation.keyid, "count": len(allocation.hpas)}, pack_u64_array(allocation.hpas)
+
+    def _free(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return {"freed_pages": self.platform.free(arg_int(args, "keyid", minimum=1, maximum=255))}, b""
+
+    def _read_phys(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        dpa = arg_int(args, "dpa")
+        length = arg_int(args, "length", maximum=MAX_DATA)
+        return {"length": length}, self.platform.read_phys(dpa, length)
+
+    def _write_phys(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        self.platform.write_phys(arg_int(args, "dpa"), payload)
+        return {"written": len(payload)}, b""
+
+    def _read_phys_pages(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        dpas = unpack_u64_array(payload, "page address list")
+        if dpas.size * PAGE_SIZE > MAX_DATA:
+            raise HostPortBadRequestError(f"read-phys-pages of {dpas.size} pages exceeds "
+                                          f"{MAX_DATA // PAGE_SIZE} pages per request")
+        return {"count": int(dpas.size)}, self.platform.read_phys_pages(dpas)
+
+    def _write_phys_pages(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        count = arg_int(args, "count", maximum=MAX_DATA // PAGE_SIZE)
+        if len(payload) != count * (8 + PAGE_SIZE):
+            raise HostPortBadRequestError(f"write-phys-pages payload is {len(payload)} bytes; {count} pages "
+                                          f"need {count * (8 + PAGE_SIZE)} (addresses then data)")
+        dpas = unpack_u64_array(payload[:8 * count])
+        self.platform.write_phys_pages(dpas, payload[8 * count:])
+        return {"count": count}, b""
+
+    def _create_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        wrapped = arg_hex(args, "wrapped_key", max_bytes=MAX_WRAPPED_KEY)
+        policy = arg_hex(args, "policy", max_bytes=MAX_POLICY)
+        host_data = arg_hex(args, "host_data", max_bytes=MAX_HOST_DATA, default=b"")
+        domain = self.platform.create_kd(keyid, wrapped, policy, host_data)
+        return {"keyid": domain.keyid, "state": domain.state.value}, b""
+
+    @staticmethod
+    def _batch(payload: memoryview) -> PageBatch:
+        entries = unpack_page_entries(payload)
+        return PageBatch(entries["hpa"], entries["gpa"], entries["type"].astype(np.int64),
+                         entries["perms"].astype(np.int64),
+                         (entries["flags"] & FLAG_HOST_VERIFIABLE) != 0)
+
+    def _add_pages(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        batch = self._batch(payload)
+        self.platform.add_pages(keyid, batch)
+        return {"added": len(batch)}, b""
+
+    def _add_zero_pages(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        batch = self._batch(payload)
+        self.platform.add_zero_pages(keyid, batch)
+        return {"added": len(batch)}, b""
+
+    def _hash_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        hpas = unpack_u64_array(payload, "hash-kd hpa list").tolist() if args.get("selected") else None
+        return {"digest": self.platform.hash_kd(keyid, hpas).hex()}, b""
+
+    def _vmread(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        encoding = arg_int(args, "encoding", maximum=0xFFFFFFFF)
+        return {"value": self.platform.vmread(keyid, encoding)}, b""
+
+    def _verify_ept(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        allocation = unpack_u64_array(payload, "host allocation")
+        v = self.platform.verify_ept(keyid, allocation)
+        return EptVerdict(v.ok, v.reasons, v.mapping_digest, v.mapped_pages, v.table_pages).pack(), b""
+
+    def _measure_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return {"measurement": self.platform.measure_kd(keyid).hex()}, b""
+
+    def _launch(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return {"endpoints": self.platform.launch(keyid)}, b""
+
+    @staticmethod
+    def _keyid_command(method: Callable[[int], None]) -> Handler:
+        def handler(args: dict, payload: memoryview) -> tuple[dict, bytes]:
+            keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+            method(keyid)
+            return {"keyid": keyid}, b""
+        return handler
+
+    def _destroy_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return {"freed_pages": self.platform.destroy_kd(arg_int(args, "keyid", minimum=1, maximum=255))}, b""
+
+
+    def _domain_status(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return self.platform.domain_status(arg_int(args, "keyid", minimum=1, maximum=255)), b""
+
+    def _list_domains(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return {"domains": self.platform.list_domains()}, b""
+
+    def _debug_read(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        gpa = arg_int(args, "gpa")
+        length = arg_int(args, "length", maximum=min(MAX_DATA, MAX_DEBUG_READ))
+        return {"length": length}, self.platform.debug_read(keyid, gpa, length)
+
+
+def serve(platform: Platform, socket_path: Path | str) -> HostPortServer:
+    """Start serving ``platform`` on ``socket_path``; close the returned server to stop."""
+    return HostPortServer(platform, socket_path).start()

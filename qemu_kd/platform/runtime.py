@@ -1,0 +1,341 @@
+"""A launched key domain: the platform's side of a protected guest in QEMU.
+
+Launch (DESIGN §2, §3):
+
+1. VM-entry checks on the decrypted VMCS (long-mode guest state, policy equal
+   to the policy bound at create-kd, host-forced exits as the VMCS says).
+2. Start QEMU paused with file-backed guest RAM that only the platform opens.
+3. Walk the domain's EPT (gpa → hpa) and decrypt every IMAGE page from DRAM
+   into guest RAM at its gpa; ZERO pages are already zero in a fresh RAM file.
+4. Load the vCPU from the VMCS guest-state area through the gdbstub.
+5. Attach the guest port (ttyS2) and serve attestation reports and sealing keys.
+
+The vCPU stays at its entry point until :meth:`DomainRuntime.run` so the host
+can attach the shared channel first (like TDX, where entering the TD is a
+separate step after finalising it).  After launch the runtime keeps DRAM's
+encrypted shadow current: :meth:`sync_shadow` re-encrypts only the pages
+changed since the last sync, and the platform calls it before any host read
+of the domain's private pages.
+
+Exit / resume: exit pauses the vCPU, seals its registers into the protected
+save area (MEE-encrypted at the save-area hpa, with an HMAC under a key only
+the platform holds) and scrubs them in QEMU; resume checks the HMAC and
+restores them.  A tampered save area is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qemu_kd.platform.attestation import sign_report
+from qemu_kd.platform.endpoints.audit import AuditLog
+from qemu_kd.common.errors import KdError
+from qemu_kd.platform.guestport import GuestPortServer
+from qemu_kd.qemu.machine import MachineSpec, QemuMachine
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.formats.vcpu import GPR_NAMES
+from qemu_kd.formats.addresses import PAGE_SIZE
+
+MiB = 1 << 20
+SAVE_MAGIC = b"KDSA"
+SAVE_VERSION = 1
+SAVE_REGS = (*GPR_NAMES, "rip", "rflags")
+
+
+class LaunchError(KdError):
+    """A VM-entry check failed or the domain could not be started."""
+
+
+class SaveAreaError(KdError):
+    """The protected save area does not verify (tampered or never written)."""
+
+
+@dataclass
+class Endpoints:
+    """Host-visible endpoints of a running domain.
+
+    Console and shared channel are host-visible by design; ``qmp`` and ``gdb``
+    are the filtering proxies (never QEMU's own sockets), ``audit_log`` is where
+    they record what they let through or refused.
+    """
+
+    shared: str
+    console: str
+    console_log: str
+    qmp: str
+    gdb: str
+    audit_log: str
+
+
+def vm_entry_checks(vmcs, domain_policy, mem_size: int) -> list[str]:
+    """Reasons the VMCS guest state cannot be entered (empty when it can)."""
+    g = vmcs.guest
+    reasons = []
+    if not g.in_long_mode():
+        reasons.append("guest state is not 64-bit long mode (CR0.PG, CR4.PAE, EFER.LMA)")
+    if not g.rip or g.rip >= mem_size:
+        reasons.append(f"guest RIP {g.rip:#x} is outside guest memory")
+    if g.rsp >= mem_size:
+        reasons.append(f"guest RSP {g.rsp:#x} is outside guest memory")
+    if g.cr3 % PAGE_SIZE or g.cr3 >= mem_size:
+        reasons.append(f"guest CR3 {g.cr3:#x} is not a page inside guest memory")
+    if g.rflags & 0x2 != 0x2:
+        reasons.append("guest RFLAGS bit 1 must be set")
+    if vmcs.policy != domain_policy:
+        reasons.append("VMCS policy differs from the policy bound at create-kd")
+    return reasons
+
+
+class DomainRuntime:
+    """QEMU, guest RAM, shadow sync, guest port and exit/resume for one domain."""
+
+    def __init__(self, domain, identity, accel: str = "tcg", name: str | None = None,
+                 console_log: Path | None = None):
+        self.domain = domain
+        self.identity = identity
+        self.accel = accel
+        self.name = name or f"kd{domain.keyid}"
+        self.console_log = console_log
+        self.machine: QemuMachine | None = None
+        self.guest_port: GuestPortServer | None = None
+        self.gpa_to_hpa: np.ndarray | None = None
+        self.mem_size = 0
+        self.pages_synced = 0
+        self.exited = False
+        self._snapshot: np.ndarray | None = None
+        self._save_mac_key = os.urandom(48)
+        self._save_hpa: int | None = None
+        # Held by anyone who talks to QEMU's gdbstub: this runtime and the gdb proxy.
+        self.rsp_lock = threading.RLock()
+        self.qmp_proxy = None
+        self.gdb_proxy = None
+        self.audit: AuditLog | None = None
+
+    # -- launch ---------------------------------------------------------------------
+    def launch(self) -> Endpoints:
+        """VM-entry checks, start QEMU, decrypt the image, load the vCPU; leaves it paused."""
+        vmcs = self.domain.read_vmcs()
+        gpas, hpas = self.domain.guest_mapping()
+        if not gpas.size:
+            raise LaunchError(f"key domain {self.domain.keyid} maps no guest memory")
+        top = int(gpas.max()) + PAGE_SIZE
+        self.mem_size = -(-top // (2 * MiB)) * 2 * MiB
+        reasons = vm_entry_checks(vmcs, self.domain.policy, self.mem_size)
+        if reasons:
+            raise LaunchError(f"VM entry refused for key domain {self.domain.keyid}: "
+                              + "; ".join(reasons))
+        self.gpa_to_hpa = np.zeros(self.mem_size // PAGE_SIZE, dtype=np.uint64)
+        self.gpa_to_hpa[(gpas // PAGE_SIZE).astype(np.int64)] = hpas
+        self._save_hpa = vmcs.save_area_hpa
+
+        pages = self.domain.pages()
+        image = pages.types == int(PageType.IMAGE)
+        img_hpas = pages.hpas[image]
+        hpa_to_gpa = dict(zip(hpas.tolist(), gpas.tolist()))
+
+        spec = MachineSpec(mem_size=self.mem_size, accel=self.accel, name=self.name)
+        self.machine = QemuMachine(spec, console_log=self.console_log)
+        try:
+            self.machine.start()
+            ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            # The RAM file starts as zeros, so the snapshot does too (np.zeros maps
+            # zero pages lazily); only the image pages are written into both.
+            self._snapshot = np.zeros(ram.shape, dtype=ram.dtype)   # zero pages mapped lazily
+            step = 4096
+            for start in range(0, img_hpas.size, step):
+                chunk = img_hpas[start:start + step]
+                plain = np.frombuffer(self.domain.decrypt_pages(chunk), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                idx = np.fromiter((hpa_to_gpa[int(h)] // PAGE_SIZE for h in chunk), dtype=np.int64,
+                                  count=chunk.size)
+                ram[idx] = plain
+                self._snapshot[idx] = plain
+            self.machine.rsp.load_vcpu(vmcs.guest)
+            port = self.machine.connect_serial("guestport")
+            self.guest_port = GuestPortServer(port, {"report": self._report,
+                                                     "derive-key": self._derive_key})
+            self.guest_port.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.domain.shadow_sync = self.sync_shadow
+        self.domain.on_destroy = self.stop
+        return self.endpoints()
+
+    def start_proxies(self, audit_path: Path, on_stop=None, on_cont=None) -> None:
+        """Start the host-facing QMP and gdb proxies (DESIGN §7) under the domain's policy.
+
+        ``on_stop``/``on_cont`` carry QMP ``stop``/``cont`` through the platform's
+        exit and resume.  gdb under DEBUG pauses through the gdbstub itself, so the
+        debugger sees the registers (exit would scrub them).
+        """
+        from qemu_kd.platform.endpoints.gdb_proxy import GdbProxy
+        from qemu_kd.platform.endpoints.qmp_proxy import QmpProxy
+
+        m = self._require_machine()
+        debug = self.domain.policy.debug
+        self.audit = AuditLog(audit_path)
+        try:
+            self.qmp_proxy = QmpProxy(m.socket_path("kd-qmp"), m.socket_path("qmp-host"), debug=debug,
+                                      domain=self.name, audit=self.audit, on_stop=on_stop,
+                                      on_cont=on_cont)
+            self.qmp_proxy.start()
+            self.gdb_proxy = GdbProxy(m.socket_path("kd-gdb"), m.rsp, debug=debug, domain=self.name,
+                                      audit=self.audit, rsp_lock=self.rsp_lock, may_run=self._may_run)
+            self.gdb_proxy.start()
+        except BaseException:
+            self._stop_proxies()
+            raise
+
+    def _may_run(self) -> str | None:
+        if self.exited:
+            return (f"key domain {self.domain.keyid} is exited (its registers are sealed in the "
+                    "save area); resume it with QMP cont first")
+        return None
+
+    def _stop_proxies(self) -> None:
+        for attr in ("gdb_proxy", "qmp_proxy"):
+            proxy = getattr(self, attr)
+            if proxy is not None:
+                setattr(self, attr, None)
+                try:
+                    proxy.close()
+                except Exception:  # noqa: BLE001 - teardown goes on regardless
+                    pass
+
+    def endpoints(self) -> Endpoints:
+        m = self.machine
+        return Endpoints(shared=m.socket_path("shared"), console=m.socket_path("console"),
+                         console_log=str(m.console_log), qmp=m.socket_path("kd-qmp"),
+                         gdb=m.socket_path("kd-gdb"),
+                         audit_log=str(self.audit.path) if self.audit else "")
+
+    def debug_read(self, gpa: int, length: int) -> bytes:
+        """Plaintext guest memory at ``gpa`` (the caller has checked the DEBUG policy)."""
+        m = self._require_machine()
+        if gpa < 0 or length < 0 or gpa + length > self.mem_size:
+            raise LaunchError(f"debug read of {length} bytes at gpa {gpa:#x} is outside the "
+                              f"domain's {self.mem_size >> 20} MiB of guest memory")
+        return bytes(m.map_ram()[gpa:gpa + length])
+
+    @property
+    def running(self) -> bool:
+        return self.machine is not None and self.machine.running
+
+    def run(self) -> None:
+        """Let the vCPU run (first entry, or after resume)."""
+        self._require_machine().resume()
+
+    # -- guest port -----------------------------------------------------------------
+    def _report(self, req: dict) -> dict:
+        data = bytes.fromhex(req.get("report_data", ""))
+        if len(data) != 64:
+            raise ValueError("report_data must be 64 bytes")
+        if self.domain.measurement is None:
+            raise ValueError("the domain has no finalized measurement")
+        report = sign_report(self.identity, policy=self.domain.policy,
+                             measurement=self.domain.measurement.digest, report_data=data,
+                             host_data=self.domain.host_data, keyid=self.domain.keyid)
+        return {"report": base64.b64encode(report.pack()).decode()}
+
+    def _derive_key(self, req: dict) -> dict:
+        label = str(req.get("label", "")).encode()
+        secret = hashlib.sha384(b"qemu-kd sealing root" + self._platform_secret()).digest()
+        info = self.domain.measurement.digest + self.domain.policy.pack() + label
+        key = hmac.new(secret, info, hashlib.sha256).digest()
+        return {"key": key.hex()}
+
+    def _platform_secret(self) -> bytes:
+        n = self.identity.kak_private.private_numbers().private_value
+        return n.to_bytes(48, "big")
+
+    # -- shadow ---------------------------------------------------------------------
+    def sync_shadow(self) -> int:
+        """Re-encrypt into DRAM the guest pages changed since the last sync; returns how many."""
+        if self.machine is None or self._snapshot is None or not self.machine.running:
+            return 0
+        ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        changed = np.flatnonzero(
+            (ram.view(np.uint64) != self._snapshot.view(np.uint64)).any(axis=1))
+        if changed.size:
+            plain = ram[changed].copy()
+            self.domain.encrypt_into_dram(self.gpa_to_hpa[changed], plain)
+            self._snapshot[changed] = plain
+        self.pages_synced += int(changed.size)
+        return int(changed.size)
+
+    # -- exit / resume --------------------------------------------------------------
+    def exit(self) -> None:
+        """Pause the vCPU, seal its registers into the save area and scrub them in QEMU."""
+        m = self._require_machine()
+        if self.exited:
+            return
+        m.pause()
+        with self.rsp_lock:
+            regs = m.rsp.save_vcpu()
+        body = SAVE_MAGIC + struct.pack("<HH", SAVE_VERSION, len(SAVE_REGS)) + b"".join(
+            struct.pack("<Q", getattr(regs, name)) for name in SAVE_REGS)
+        mac = hmac.new(self._save_mac_key, body, hashlib.sha384).digest()
+        page = (body + mac).ljust(PAGE_SIZE, b"\0")
+        self.domain.encrypt_into_dram(np.array([self._save_hpa], dtype=np.uint64), page)
+        with self.rsp_lock:
+            for name in SAVE_REGS:
+                if name not in ("rflags",):
+                    m.rsp.write_register(*_reg(name), 0)
+        self.sync_shadow()
+        self.exited = True
+
+    def resume(self) -> None:
+        """Verify the save area and restore the registers, then run."""
+        m = self._require_machine()
+        if not self.exited:
+            return
+        page = self.domain.decrypt_pages(np.array([self._save_hpa], dtype=np.uint64))
+        n = len(SAVE_REGS)
+        body_len = 8 + 8 * n
+        body, mac = page[:body_len], page[body_len:body_len + 48]
+        if (body[:4] != SAVE_MAGIC or
+                not hmac.compare_digest(mac, hmac.new(self._save_mac_key, body,
+                                                      hashlib.sha384).digest())):
+            raise SaveAreaError(f"protected save area of key domain {self.domain.keyid} does not "
+                                "verify (tampered)", "destroy the domain")
+        values = struct.unpack_from(f"<{n}Q", body, 8)
+        with self.rsp_lock:
+            for name, value in zip(SAVE_REGS, values):
+                m.rsp.write_register(*_reg(name), value)
+        self.exited = False
+        m.resume()
+
+    # -- teardown -------------------------------------------------------------------
+    def _require_machine(self) -> QemuMachine:
+        if self.machine is None or not self.machine.running:
+            raise LaunchError(f"key domain {self.domain.keyid} is not running",
+                              "its QEMU has stopped; destroy the domain")
+        return self.machine
+
+    def stop(self) -> None:
+        """Stop QEMU, scrub the platform's plaintext copy and remove every file."""
+        self._stop_proxies()
+        if self.guest_port is not None:
+            self.guest_port.stop()
+            self.guest_port = None
+        if self._snapshot is not None:
+            self._snapshot.fill(0)
+            self._snapshot = None
+        if self.machine is not None:
+            # QEMU exits first; removing its tmpfs RAM file then frees (scrubs) the pages.
+            self.machine.stop()
+
+
+def _reg(name: str) -> tuple[int, int]:
+    from qemu_kd.formats.vcpu import GDB_REGS
+
+    return GDB_REGS[name]

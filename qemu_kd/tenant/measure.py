@@ -1,0 +1,84 @@
+"""The expected launch measurement, computed offline from the guest's inputs.
+
+Like sev-snp-measure: from (kernel, initrd, cmdline, memory size, policy) the
+tenant builds the guest-physical image and the VMCS guest state and chains
+the page records.  Neither the host's hpas nor the domain key enter the
+value, so two hosts with different layouts measure the same guest alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+from qemu_kd.formats.bootlayout import build_boot_layout
+from qemu_kd.formats.ept import EPT_PERMS
+from qemu_kd.common.errors import KdError
+from qemu_kd.formats.measurement import LaunchMeasurement, PageType
+from qemu_kd.formats.addresses import PAGE_SIZE
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.vcpu import VcpuState
+from qemu_kd.formats.vmcs import Vmcs
+
+
+class SealError(KdError):
+    """The guest cannot be sealed for this layout."""
+
+GUEST_PERMS = EPT_PERMS
+
+
+def read_input(what: str, value: bytes | bytearray | str | os.PathLike) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise SealError(f"cannot read the {what} {value}: {exc.strerror}",
+                        f"pass the path of the guest {what}") from None
+
+
+# ------------------------------------------------------------ guest image
+
+def guest_pages(kernel: bytes, initrd: bytes, cmdline: str,
+                memory_size: int) -> tuple[dict[int, bytes], VcpuState]:
+    """The guest's IMAGE pages (gpa -> 4096 bytes) and the vCPU state it starts from.
+
+    Every other page in [0, memory_size) is a ZERO page.
+    """
+    layout = build_boot_layout(read_input("kernel", kernel), read_input("initrd", initrd),
+                               cmdline, memory_size)
+    return layout.pages(), layout.vcpu
+
+
+def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_area_hpa: int = 0) -> Vmcs:
+    """The VMCS the tenant seals: boot vCPU, host-forced exits allowed, no register exposed."""
+    return Vmcs(guest=vcpu, ept_pointer=ept_pointer, save_area_hpa=save_area_hpa,
+                exposed_register_mask=0, host_forced_exit=True, policy=policy)
+
+
+def measure_pages(image: dict[int, bytes], memory_size: int, guest_state: bytes, policy: Policy) -> bytes:
+    """The launch digest: IMAGE pages with content, ZERO pages without, in gpa order."""
+    m = LaunchMeasurement(policy)
+    cursor = 0
+    for gpa in sorted(image):
+        m.add_zero_pages(range(cursor, gpa, PAGE_SIZE), GUEST_PERMS)
+        m.add_page(gpa, PageType.IMAGE, GUEST_PERMS, image[gpa])
+        cursor = gpa + PAGE_SIZE
+    m.add_zero_pages(range(cursor, memory_size, PAGE_SIZE), GUEST_PERMS)
+    m.add_vmcs(guest_state)
+    return m.finalize()
+
+
+def check_image_fits(image: dict[int, bytes], memory_size: int) -> None:
+    outside = [gpa for gpa in image if gpa >= memory_size]
+    if outside:
+        raise SealError(f"the boot image reaches gpa 0x{max(outside):x}, beyond {memory_size} bytes of RAM",
+                        "give the guest more memory")
+
+
+def measure(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy) -> bytes:
+    """The expected 48-byte launch measurement (no platform, layout or key involved)."""
+    image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
+    check_image_fits(image, memory_size)
+    return measure_pages(image, memory_size, tenant_vmcs(vcpu, policy).guest_state_bytes(), policy)
