@@ -15,7 +15,7 @@ from pathlib import Path
 
 from host_vmm.vmm import HostVmm
 from qemu_kd.qemu.launch import full_cmdline
-from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
+from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
 from qemu_kd.formats.policy import Policy
 from qemu_kd.tenant.secret_release import check_binding, encrypt_secret
 from qemu_kd.tenant.verify import check_report

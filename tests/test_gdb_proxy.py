@@ -329,7 +329,7 @@ def test_gdb_without_debug_is_refused_and_the_guest_runs_on(guest, proxy_for, sc
         assert res["message"] == "error" and POLICY_TEXT in gdb.text()
         assert gdb.run(f"-break-insert *{schedule_addr:#x}")["message"] == "done"
         gdb.run("-exec-continue")          # inserting the breakpoint fails: aborted
-        assert f"Cannot insert breakpoint 1" in gdb.text()
+        assert "Cannot insert breakpoint 1" in gdb.text()
         assert gdb.run("-target-detach")["message"] == "done"
     finally:
         gdb.close()

@@ -636,8 +636,8 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
 def test_real_image_rebuild_is_byte_identical(real_guest, tmp_path):
     """A second build from the same inputs gives the same bytes and manifest."""
     cached = cache.GuestManifest.unpack(real_guest.manifest.read_bytes())
-    kernel, packages = packages.resolve_cached(real_guest.manifest.parent.parent)
-    inputs = cache.BuildInputs(packages=packages, kernel_package=kernel,
+    kernel, refs = packages.resolve_cached(real_guest.manifest.parent.parent)
+    inputs = cache.BuildInputs(packages=refs, kernel_package=kernel,
                             agent_files=rootfs.find_agent_sources())
     assert inputs.cache_key() == cached.cache_key
     out = Path(tempfile.mkdtemp(dir=real_guest.manifest.parent.parent, prefix=".test-"))

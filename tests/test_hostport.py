@@ -590,7 +590,7 @@ def test_socket_is_private_and_removed_on_close(identity, tmp_path):
         server = HostPortServer(platform, path).start()
         assert stat.S_ISSOCK(os.stat(path).st_mode)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        with pytest.raises(KdError, match="already serving"):
+        with pytest.raises(KdError, match="already listening"):
             HostPortServer(platform, path).start()
         with HostPortClient(path) as c:
             assert c.platform_info().free_keyids

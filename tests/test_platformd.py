@@ -14,7 +14,7 @@ from qemu_kd.common.errors import ConfigError
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.formats.certs import verify_chain
 from qemu_kd.hostport.registry import registry_dir, running_platforms
-from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
+from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_daemon_serves_registers_and_cleans_up(runtime, tmp_path):
         root = x509.load_pem_x509_certificate((pstate / "root-ca.crt").read_bytes())
         assert verify_chain(info.chain_pem, root)
         # A second platform on the same socket is a clear error, not a takeover.
-        with pytest.raises(ConfigError, match="another platform is already serving"):
+        with pytest.raises(ConfigError, match="another platform is already listening"):
             start_platform_process(sock, pstate, accel="tcg", memory_size=64 << 20,
                                    log_path=tmp_path / "second.log")
         assert proc.poll() is None

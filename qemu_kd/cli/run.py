@@ -112,7 +112,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
 
     from qemu_kd.formats.layout import HostLayout
     from qemu_kd.hostport.registry import platform_state_dir
-    from qemu_kd.platform.daemon import start_platform_process, stop_platform_process
+    from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
     from qemu_kd.formats.policy import Policy
     from qemu_kd.tenant.secret_release import check_binding
     from qemu_kd.tenant.verify import check_report

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from qemu_kd.formats.keywrap import WRAPPED_KEY_SIZE, WrappedKey
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.addresses import PAGE_SIZE, MAX_KEYID, HPA_LIMIT
+from qemu_kd.common.files import write_file_atomic
 
 BUNDLE_MAGIC = b"\x89QKD\r\n\x1a\n"
 BUNDLE_VERSION = 1
@@ -324,16 +324,7 @@ class Bundle:
 
     def write(self, path: Path) -> None:
         """Write atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        data = self.pack()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, self.pack())
 
     @classmethod
     def read(cls, path: Path) -> "Bundle":

@@ -29,7 +29,7 @@ GDB_REGS: dict[str, tuple[int, int]] = {
     "efer": (32, 8),
 }
 
-# Order that makes QEMU accept a direct switch into long mode (DESIGN §8):
+# Order that makes QEMU accept a direct switch into long mode:
 # CR4.PAE, CR3, EFER.LME|LMA, CR0.PE|PG, then CS, the data segments,
 # the general-purpose registers, RFLAGS and finally RIP.
 LOAD_ORDER = (

@@ -1,7 +1,7 @@
 """The platform: identity, host-physical memory and key domains behind one lock.
 
 :class:`Platform` stands for the processor and its memory-encryption engine.
-It has one method per host-port command (DESIGN §3); the host-port server
+It has one method per host-port command (docs/hostport.md); the host-port server
 calls them from several connection threads, so every method takes the
 platform lock.  Nothing a method returns to the host contains plaintext of a
 key domain, a key or guest register values.

@@ -13,11 +13,9 @@ leak through an error text.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
-import stat
 import threading
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ from qemu_kd.platform.domain import (
     SecretPageError,
 )
 from qemu_kd.common.errors import KdError
+from qemu_kd.common.files import claim_socket_path
 from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
     COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
@@ -134,7 +133,7 @@ class HostPortServer:
         if len(os.fsencode(self.socket_path)) >= 108:
             raise KdError(f"host-port socket path {self.socket_path} is too long for a Unix socket",
                           "use a shorter runtime directory")
-        self._remove_stale_socket()
+        claim_socket_path(self.socket_path, "another platform")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self.socket_path))
@@ -150,26 +149,6 @@ class HostPortServer:
         self._accept_thread = threading.Thread(target=self._accept_loop, name="hostport-accept", daemon=True)
         self._accept_thread.start()
         return self
-
-    def _remove_stale_socket(self) -> None:
-        try:
-            mode = os.lstat(self.socket_path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise KdError(f"{self.socket_path} exists and is not a socket", "remove it or pick another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.socket_path))
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                self.socket_path.unlink(missing_ok=True)
-                return
-            raise KdError(f"cannot check the existing socket {self.socket_path}: {exc.strerror}") from None
-        finally:
-            probe.close()
-        raise KdError(f"another platform is already serving {self.socket_path}",
-                      "stop it first or use another socket path")
 
     def close(self) -> None:
         """Stop accepting, close every connection, remove the socket file."""

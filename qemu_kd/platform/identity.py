@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.certs import ChainError, EMULATED_OID, EMULATED_VALUE, KAK_OID, cert_validity, compute_platform_id, spki_der, utc_now, verify_chain
+from qemu_kd.common.files import write_file_atomic
 
 ROOT_KEY_FILE = "root-ca.key"
 ROOT_CERT_FILE = "root-ca.crt"
@@ -43,22 +44,6 @@ def _emulated_extension() -> x509.UnrecognizedExtension:
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file readable only by its owner (0600), atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -148,8 +133,8 @@ class RootCA:
                                     f"{ROOT_CERT_FILE} is missing",
                                     "move the state directory aside to generate a new root")
             root = cls.create_throwaway()
-            _write_private(key_path, _key_pem(root.private_key))
-            _write_private(cert_path, root.certificate_pem)
+            write_file_atomic(key_path, _key_pem(root.private_key), 0o600)
+            write_file_atomic(cert_path, root.certificate_pem, 0o600)
             return root
 
     def issue_platform_certificate(self, attestation_public: ec.EllipticCurvePublicKey,
@@ -224,13 +209,13 @@ class PlatformIdentity:
             else:
                 attestation = ec.generate_private_key(ec.SECP384R1())
                 kak = ec.generate_private_key(ec.SECP384R1())
-                _write_private(att_path, _key_pem(attestation))
-                _write_private(kak_path, _key_pem(kak))
+                write_file_atomic(att_path, _key_pem(attestation), 0o600)
+                write_file_atomic(kak_path, _key_pem(kak), 0o600)
             cert = _load_cert(cert_path) if cert_path.exists() else None
             identity = cls(attestation, kak, cert, root.certificate) if cert else None
             if identity is None or not identity._certificate_current():
                 cert = root.issue_platform_certificate(attestation.public_key(), kak.public_key())
-                _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+                write_file_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
                 identity = cls(attestation, kak, cert, root.certificate)
             return identity
 

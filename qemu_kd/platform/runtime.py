@@ -1,6 +1,6 @@
 """A launched key domain: the platform's side of a protected guest in QEMU.
 
-Launch (DESIGN §2, §3):
+Launch (see docs/hostport.md):
 
 1. VM-entry checks on the decrypted VMCS (long-mode guest state, policy equal
    to the policy bound at create-kd, host-forced exits as the VMCS says).
@@ -171,7 +171,7 @@ class DomainRuntime:
         return self.endpoints()
 
     def start_proxies(self, audit_path: Path, on_stop=None, on_cont=None) -> None:
-        """Start the host-facing QMP and gdb proxies (DESIGN §7) under the domain's policy.
+        """Start the host-facing QMP and gdb proxies (docs/debugging.md) under the domain's policy.
 
         ``on_stop``/``on_cont`` carry QMP ``stop``/``cont`` through the platform's
         exit and resume.  gdb under DEBUG pauses through the gdbstub itself, so the

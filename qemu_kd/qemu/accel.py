@@ -1,7 +1,7 @@
 """Choose the accelerator: KVM only if it really boots a Linux guest, else TCG.
 
 Opening ``/dev/kvm`` is not enough: on some hosts KVM runs a trivial guest but
-hangs a Linux kernel in early boot (DESIGN §8).  The probe boots the guest
+hangs a Linux kernel in early boot.  The probe boots the guest
 kernel under KVM with a short timeout and waits for it to reach the point
 where it looks for a root file system.  The verdict is cached in the state
 directory, keyed by QEMU binary, host kernel and guest kernel.

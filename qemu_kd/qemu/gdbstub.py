@@ -2,7 +2,7 @@
 
 The platform uses it to load and save vCPU state.  It is deliberately tiny:
 packets, checksums, acknowledgements, register read/write and memory read.
-QEMU quirks (DESIGN §8): register writes get an empty reply until the client
+QEMU quirks: register writes get an empty reply until the client
 has read ``target.xml``, so :meth:`RspClient.connect` reads it first.
 """
 

@@ -1,6 +1,6 @@
 """Firmware-less launch of a Linux guest in QEMU, and the running guest's handle.
 
-The launch steps (DESIGN §8): start QEMU paused with file-backed RAM, write the
+The launch steps: start QEMU paused with file-backed RAM, write the
 boot layout into the RAM file, load the vCPU state through the gdbstub,
 attach the shared channel, resume, and wait for the agent's ``ready``.  The
 protected flow replaces "write the boot layout" with "decrypt the domain

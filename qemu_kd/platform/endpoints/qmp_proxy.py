@@ -4,7 +4,7 @@ The proxy speaks real QMP to its clients (greeting, ``qmp_capabilities``
 negotiation, ``id`` echo, ``return``/``error`` replies, events), so qmp-shell
 and the qemu.qmp clients work against it unchanged.  Behind it sits one QMP
 connection to QEMU's host monitor.  What passes is an allow-list that depends on
-the domain's measured policy (DESIGN §7, docs/debugging.md):
+the domain's measured policy (docs/debugging.md):
 
 * always: status and identity queries, ``stop``/``cont`` (through the
   platform's exit/resume when callbacks are given), ``system_powerdown`` and
