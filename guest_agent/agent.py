@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
 import select
 import platform
 import subprocess
 import sys
 import termios
+import threading
+import time
 import tty
 
-from . import __version__
+from . import __version__, session
 from .protocol import (MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply,
                        request)
 
 SHARED_PORT = "/dev/ttyS1"
 GUEST_PORT = "/dev/ttyS2"
 GUEST_PORT_TIMEOUT = 20.0
+POLICY_DEBUG = 1 << 0          # policy flag bit 0: DEBUG (see the policy format)
+
+#: What a protected guest serves to the host on the shared channel.
+HOST_COMMANDS = frozenset({"ping", "attest", "session", "poweroff"})
+#: Served to the host as well when no platform protects the guest (a plain run).
+UNPROTECTED_COMMANDS = frozenset({"exec"})
 
 
 def open_port(path: str) -> int:
@@ -107,16 +116,32 @@ def _clip(data: bytes, encoding: str) -> tuple[str, bool]:
 
 
 class Agent:
-    """Request handlers, keyed by command name (``do_<cmd>``)."""
+    """Request handlers, keyed by command name (``do_<cmd>``).
+
+    What the host may ask depends on what the platform says this guest is
+    (never on anything the host or the command line says):
+
+    * protected (a key domain): only :data:`HOST_COMMANDS`; everything the
+      tenant does travels inside the tenant session (``session`` frames);
+    * unprotected (no platform, a plain QEMU run): the host is the owner, so
+      ``exec`` is served on the shared channel too.
+    """
 
     def __init__(self, channel: LineChannel, guest_port: LineChannel | None = None):
         self.channel = channel
         self.guest_port = guest_port
         self.running = True
-        self.receiver = None
+        self.refused = 0
+        self.identity: dict = {}
+        self.protected = True       # until the platform says otherwise: fail closed
+        self.debug = False
         self._port_ids = itertools.count(1)
+        self._handshake = None
+        self._session = None
+        self._auth_key: bytes | None = None
 
-    def platform_call(self, cmd: str, **args) -> dict:
+    # -- the platform (guest port) ---------------------------------------------------
+    def platform_call(self, cmd: str, timeout: float | None = None, **args) -> dict:
         """One request to the platform on the guest port (stands for a processor instruction)."""
         if self.guest_port is None:
             raise RuntimeError("this guest has no guest port")
@@ -124,104 +149,152 @@ class Agent:
         self.guest_port.send(request(req_id, cmd, **args))
         while True:
             try:
-                msg = self.guest_port.receive(GUEST_PORT_TIMEOUT)
+                msg = self.guest_port.receive(GUEST_PORT_TIMEOUT if timeout is None else timeout)
             except TimeoutError:
-                raise RuntimeError("no platform answered on the guest port "
-                                   "(is this an unprotected guest?)") from None
+                raise RuntimeError("no platform answered on the guest port") from None
             if msg.get("id") != req_id:
                 continue
             if not msg.get("ok"):
                 raise RuntimeError(f"platform refused {cmd}: {msg.get('error')}")
             return msg.get("result", {})
 
-    def do_report(self, req: dict) -> dict:
-        """An attestation report over the caller's 64-byte report_data (hex)."""
-        data = req.get("report_data", "")
+    def learn_identity(self) -> None:
+        """Ask the platform what this guest is: protected or not, and its measured policy."""
         try:
-            raw = bytes.fromhex(data) if isinstance(data, str) else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != 64:
-            raise ValueError("report needs 'report_data': 64 bytes as 128 hex digits")
-        return self.platform_call("report", report_data=raw.hex())
+            info = self.platform_call("info")
+        except (RuntimeError, OSError, ProtocolError) as exc:
+            self.identity = {"protected": True, "debug": False, "error": str(exc)}
+            return
+        self.protected = info.get("protected") is not False
+        flags = info.get("policy_flags", 0)
+        self.debug = self.protected and isinstance(flags, int) and bool(flags & POLICY_DEBUG)
+        self.identity = {"protected": self.protected, "debug": self.debug,
+                         "keyid": info.get("keyid"), "measurement": info.get("measurement")}
 
-    def do_attest(self, req: dict) -> dict:
-        """A report binding the tenant's nonce and a fresh agent key (for secret release)."""
-        from .secrets import SecretReceiver, report_data_for
+    def auth_key(self) -> bytes:
+        if self._auth_key is None:
+            key = bytes.fromhex(self.platform_call("tenant-key")["key"])
+            if len(key) != session.AUTH_KEY_SIZE:
+                raise RuntimeError("the platform's tenant authority key has the wrong size")
+            self._auth_key = key
+        return self._auth_key
 
-        nonce = _hex_arg(req, "nonce", 16, 64)
-        self.receiver = SecretReceiver()
-        report_data = report_data_for(nonce, self.receiver.public_key)
-        result = self.platform_call("report", report_data=report_data.hex())
-        return {**result, "public_key": self.receiver.public_key.hex(),
-                "report_data": report_data.hex()}
-
-    def do_put_secret(self, req: dict) -> dict:
-        """Open a secret encrypted to the attested key and store it in a guest file."""
-        from .secrets import write_secret
-
-        if getattr(self, "receiver", None) is None:
-            raise ValueError("put_secret needs a preceding attest")
-        path = req.get("path")
-        if not isinstance(path, str):
-            raise ValueError("put_secret needs a 'path'")
-        eph = _hex_arg(req, "ephemeral_key", 97, 97)
-        nonce = _hex_arg(req, "nonce", 12, 12)
-        ciphertext = base64.b64decode(req.get("ciphertext", ""), validate=True)
-        try:
-            secret = self.receiver.open(eph, nonce, ciphertext, path)
-        except Exception:  # noqa: BLE001 - InvalidTag and bad points alike
-            raise ValueError("secret does not open with the attested key") from None
-        write_secret(path, secret)
-        return {"written": len(secret), "path": path}
-
-    def do_derive_key(self, req: dict) -> dict:
-        """A sealing key bound to this domain's measurement (hex), from the platform."""
-        label = req.get("label", "")
-        if not isinstance(label, str) or len(label) > 256:
-            raise ValueError("derive_key needs a 'label' string of at most 256 characters")
-        return self.platform_call("derive-key", label=label)
-
+    # -- host-facing commands ------------------------------------------------------
     def ready_event(self) -> dict:
         return event("ready", version=__version__, kernel=platform.release(),
-                     python=platform.python_version())
+                     python=platform.python_version(), protected=self.protected, debug=self.debug)
 
     def do_ping(self, req: dict) -> dict:
-        return {"pong": True}
+        return {"pong": True, "refused": self.refused}
+
+    def do_attest(self, req: dict) -> dict:
+        """A report binding the caller's nonce to a fresh session key this agent generated."""
+        nonce = _hex_arg(req, "nonce", 16, 64)
+        handshake = session.GuestHandshake(nonce)
+        result = self.platform_call("report", report_data=handshake.report_data.hex())
+        self._handshake = handshake
+        return {**result, "public_key": handshake.public_key.hex(),
+                "report_data": handshake.report_data.hex(), "session_id": handshake.session_id.hex()}
+
+    def do_session(self, req: dict) -> dict:
+        """One opaque tenant-session frame in, one frame out."""
+        frame = req.get("frame")
+        try:
+            data = base64.b64decode(frame, validate=True) if isinstance(frame, str) else None
+        except ValueError:
+            data = None
+        if data is None:
+            raise ValueError("session needs 'frame': base64")
+        parsed = session.Frame.unpack(data)
+        if parsed.type == session.OPEN:
+            if self._handshake is None:
+                raise session.SessionError("no attestation is waiting for a session; attest first")
+            channel, reply_frame = self._handshake.accept(data, self.auth_key())
+            self._handshake = None          # one OPEN per attestation
+            self._session = channel
+            return {"frame": base64.b64encode(reply_frame).decode()}
+        if self._session is None:
+            raise session.SessionError("no session is open")
+        plain = self._session.open(data)
+        answer = self.session_request(plain)
+        return {"frame": base64.b64encode(self._session.seal(answer)).decode()}
 
     def do_exec(self, req: dict) -> dict:
-        argv = req.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError("exec needs 'argv': a non-empty list of strings")
-        timeout = req.get("timeout", 60)
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError("exec 'timeout' must be a positive number of seconds")
-        encoding = req.get("encoding", "text")
-        if encoding not in ("text", "base64"):
-            raise ValueError("exec 'encoding' must be 'text' or 'base64'")
-        stdin = req.get("stdin", "")
-        if not isinstance(stdin, str):
-            raise ValueError("exec 'stdin' must be a string")
-        try:
-            proc = subprocess.run(argv, input=stdin.encode(), capture_output=True,
-                                  timeout=timeout)
-        except FileNotFoundError:
-            return {"rc": 127, "stdout": "", "stderr": f"{argv[0]}: not found",
-                    "timed_out": False, "truncated": False}
-        except subprocess.TimeoutExpired as exc:
-            out, t1 = _clip(exc.stdout or b"", encoding)
-            err, t2 = _clip(exc.stderr or b"", encoding)
-            return {"rc": -9, "stdout": out, "stderr": err, "timed_out": True,
-                    "truncated": t1 or t2}
-        out, t1 = _clip(proc.stdout, encoding)
-        err, t2 = _clip(proc.stderr, encoding)
-        return {"rc": proc.returncode, "stdout": out, "stderr": err, "timed_out": False,
-                "truncated": t1 or t2}
+        if self.protected:
+            raise PermissionError("exec is not served to the host on a protected guest; "
+                                  "the tenant runs commands through its session")
+        return run_command(req)
 
     def do_poweroff(self, req: dict) -> dict:
         self.running = False
         return {"poweroff": True}
 
+    # -- tenant session requests ---------------------------------------------------
+    def session_request(self, plain: bytes) -> bytes:
+        try:
+            msg = json.loads(plain.decode("utf-8"))
+            op = msg.get("op") if isinstance(msg, dict) else None
+            handler = getattr(self, f"tenant_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise ValueError(f"unknown session operation {op!r}")
+            answer = {"ok": True, "result": handler(msg)}
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer inside the session
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return json.dumps(answer, separators=(",", ":")).encode()
+
+    def tenant_exec(self, msg: dict) -> dict:
+        return run_command(msg, tenant=True)
+
+    def tenant_put_file(self, msg: dict) -> dict:
+        path = _str_arg(msg, "path")
+        data = base64.b64decode(_str_arg(msg, "data"), validate=True)
+        mode = msg.get("mode", 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if msg.get("append") else os.O_TRUNC)
+        fd = os.open(path, flags, mode if isinstance(mode, int) else 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return {"written": len(data), "path": path}
+
+    def tenant_get_file(self, msg: dict) -> dict:
+        path = _str_arg(msg, "path")
+        offset = msg.get("offset", 0)
+        length = msg.get("length", MAX_OUTPUT)
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= MAX_OUTPUT:
+            raise ValueError(f"get_file needs 0 <= offset and 0 < length <= {MAX_OUTPUT}")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            data = f.read(length)
+        return {"data": base64.b64encode(data).decode(), "size": size, "offset": offset}
+
+    def tenant_put_secret(self, msg: dict) -> dict:
+        from .secrets import write_secret
+
+        path = _str_arg(msg, "path")
+        secret = base64.b64decode(_str_arg(msg, "secret"), validate=True)
+        write_secret(path, secret)
+        return {"written": len(secret), "path": path}
+
+    def tenant_derive_key(self, msg: dict) -> dict:
+        label = msg.get("label", "")
+        if not isinstance(label, str) or len(label) > 256:
+            raise ValueError("derive_key needs a 'label' string of at most 256 characters")
+        return self.platform_call("derive-key", label=label)
+
+    def tenant_report(self, msg: dict) -> dict:
+        data = bytes.fromhex(_str_arg(msg, "report_data"))
+        if len(data) != 64:
+            raise ValueError("report needs 'report_data': 64 bytes as 128 hex digits")
+        return self.platform_call("report", report_data=data.hex())
+
+    def tenant_ping(self, msg: dict) -> dict:
+        return {"pong": True, **self.identity}
+
+    # -- dispatch ------------------------------------------------------------------
     def handle(self, line: bytes | None) -> None:
         if line is None:
             self.channel.send(error(None, f"line exceeds the {MAX_LINE}-byte limit"))
@@ -229,17 +302,22 @@ class Agent:
         try:
             req = decode(line)
         except ProtocolError as exc:
+            self.refused += 1
             self.channel.send(error(None, f"malformed request: {exc}"))
             return
         req_id = req.get("id")
         cmd = req.get("cmd")
-        handler = getattr(self, f"do_{cmd}", None) if isinstance(cmd, str) else None
-        if handler is None:
-            self.channel.send(error(req_id, f"unknown command {cmd!r}"))
+        allowed = HOST_COMMANDS if self.protected else HOST_COMMANDS | UNPROTECTED_COMMANDS
+        if not isinstance(cmd, str) or cmd not in allowed:
+            self.refused += 1
+            why = "is not served to the host" if self.protected and cmd in UNPROTECTED_COMMANDS else "is unknown"
+            self.channel.send(error(req_id, f"command {cmd!r} {why}; this guest serves the host only "
+                                            f"{', '.join(sorted(allowed))}"))
             return
         try:
-            result = handler(req)
+            result = getattr(self, f"do_{cmd}")(req)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            self.refused += 1
             self.channel.send(error(req_id, f"{cmd}: {exc}"))
             return
         self.channel.send(reply(req_id, result))
@@ -250,6 +328,50 @@ class Agent:
             self.handle(line)
             if not self.running:
                 break
+
+
+def run_command(req: dict, tenant: bool = False) -> dict:
+    """Run ``argv`` (or ``shell`` through /bin/sh) with optional stdin, env and timeout."""
+    argv = req.get("argv")
+    shell = req.get("shell")
+    if isinstance(shell, str) and argv is None:
+        argv = ["/bin/sh", "-c", shell]
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError("exec needs 'argv' (a non-empty list of strings) or 'shell' (a string)")
+    timeout = req.get("timeout", None if tenant else 60)
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError("exec 'timeout' must be a positive number of seconds")
+    encoding = req.get("encoding", "base64" if tenant else "text")
+    if encoding not in ("text", "base64"):
+        raise ValueError("exec 'encoding' must be 'text' or 'base64'")
+    stdin = req.get("stdin", "")
+    if not isinstance(stdin, str):
+        raise ValueError("exec 'stdin' must be a string")
+    stdin_bytes = base64.b64decode(stdin, validate=True) if tenant else stdin.encode()
+    env = req.get("env")
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in env.items())):
+        raise ValueError("exec 'env' must map strings to strings")
+    full_env = {**os.environ, **env} if env else None
+    try:
+        proc = subprocess.run(argv, input=stdin_bytes, capture_output=True, timeout=timeout, env=full_env)
+    except FileNotFoundError:
+        return {"rc": 127, "stdout": "", "stderr": _clip(f"{argv[0]}: not found".encode(), encoding)[0],
+                "timed_out": False, "truncated": False}
+    except subprocess.TimeoutExpired as exc:
+        out, t1 = _clip(exc.stdout or b"", encoding)
+        err, t2 = _clip(exc.stderr or b"", encoding)
+        return {"rc": -9, "stdout": out, "stderr": err, "timed_out": True, "truncated": t1 or t2}
+    out, t1 = _clip(proc.stdout, encoding)
+    err, t2 = _clip(proc.stderr, encoding)
+    return {"rc": proc.returncode, "stdout": out, "stderr": err, "timed_out": False, "truncated": t1 or t2}
+
+
+def _str_arg(req: dict, name: str) -> str:
+    value = req.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be a string")
+    return value
 
 
 def _hex_arg(req: dict, name: str, min_len: int, max_len: int) -> bytes:
@@ -273,6 +395,42 @@ def power_off() -> None:
         os.system("reboot -f")
 
 
+def console_policy(allow_shell: bool) -> None:
+    """The console (ttyS0) is host-controlled: a root shell only when the policy allows it.
+
+    Otherwise nothing reads it: input is not echoed, raises no signals and
+    reaches no program, and the keyboard's SysRq is off.  Kernel and agent
+    output still go out.
+    """
+    if allow_shell:
+        threading.Thread(target=_console_shells, name="console", daemon=True).start()
+        return
+    try:
+        with open("/proc/sys/kernel/sysrq", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+    try:
+        fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return
+    try:
+        attrs = termios.tcgetattr(fd)
+        attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        termios.tcflush(fd, termios.TCIFLUSH)
+    except termios.error:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _console_shells() -> None:
+    while True:
+        subprocess.run(["setsid", "cttyhack", "sh"], check=False)
+        time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     port = argv[0] if argv else SHARED_PORT
@@ -282,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         gport = None
     agent = Agent(LineChannel(open_port(port)), gport)
+    agent.learn_identity()
+    console_policy(allow_shell=agent.debug or not agent.protected)
     agent.serve()
     if not agent.running:
         power_off()

@@ -13,20 +13,30 @@ import pytest
 from guest_agent import protocol
 from guest_agent.agent import Agent, LineChannel
 from qemu_kd.channel.agent_client import AgentClient
+from qemu_kd.qemu.guestport import GuestPortServer
+from qemu_kd.qemu.launch import UNPROTECTED_PORT
 from qemu_kd.common.errors import GuestError
 
 
 @pytest.fixture
 def pair():
+    """An agent whose guest port says what a plain run's says: no platform protects it."""
     host, guest = socket.socketpair()
-    agent = Agent(LineChannel(guest.fileno()))
+    plat, gport = socket.socketpair()
+    server = GuestPortServer(plat, UNPROTECTED_PORT)
+    server.start()
+    agent = Agent(LineChannel(guest.fileno()), LineChannel(gport.fileno()))
+    agent.learn_identity()
+    assert agent.protected is False
     thread = threading.Thread(target=agent.serve, daemon=True)
     thread.start()
     client = AgentClient(host)
     yield client, host, agent
     host.close()
     thread.join(timeout=5)
-    guest.close()
+    server.stop()
+    for s in (guest, gport):
+        s.close()
 
 
 def read_json(sock):
@@ -74,7 +84,7 @@ def test_malformed_lines_get_errors_and_agent_keeps_serving(pair):
 def test_refusal_raises_guest_error(pair):
     client, _, _ = pair
     client.wait_ready(timeout=5)
-    with pytest.raises(GuestError, match="unknown command"):
+    with pytest.raises(GuestError, match="is unknown"):
         client.call("format-disk")
 
 
@@ -101,84 +111,36 @@ def test_client_reports_closed_channel():
     host.close()
 
 
-@pytest.fixture
-def with_port():
-    """Agent with a guest port answered by the platform's GuestPortServer."""
-    from qemu_kd.platform.guestport import GuestPortServer
+def test_guest_port_server_survives_garbage():
+    plat, other = socket.socketpair()
+    server = GuestPortServer(plat, UNPROTECTED_PORT)
+    assert server._answer(b"junk")["ok"] is False
+    assert server._answer(b'{"id": 1, "cmd": "nope"}')["error"].startswith("unknown")
+    assert server._answer(b'{"id": 2, "cmd": "info"}')["result"] == {"protected": False}
+    plat.close(); other.close()
+
+
+def test_an_agent_whose_platform_is_silent_fails_closed():
+    """No answer on the guest port: the agent serves the host only the protected surface."""
+    import guest_agent.agent as agent_mod
 
     host, guest = socket.socketpair()
-    plat, gport = socket.socketpair()
-    seen = []
-
-    def report(req):
-        seen.append(bytes.fromhex(req["report_data"]))
-        return {"report": "UkVQT1JU"}
-
-    server = GuestPortServer(plat, {"report": report})
-    server.start()
+    plat, gport = socket.socketpair()   # nobody answers on plat
     agent = Agent(LineChannel(guest.fileno()), LineChannel(gport.fileno()))
+    old = agent_mod.GUEST_PORT_TIMEOUT
+    agent_mod.GUEST_PORT_TIMEOUT = 0.2
+    try:
+        agent.learn_identity()
+    finally:
+        agent_mod.GUEST_PORT_TIMEOUT = old
+    assert agent.protected is True and agent.debug is False
     thread = threading.Thread(target=agent.serve, daemon=True)
     thread.start()
     client = AgentClient(host)
-    client.wait_ready(timeout=5)
-    yield client, seen, server
+    assert client.wait_ready(timeout=5)["protected"] is True
+    with pytest.raises(GuestError, match="not served to the host"):
+        client.exec(["id"])
     host.close()
     thread.join(timeout=5)
-    server.stop()
-    for s in (guest, gport):
+    for s in (guest, gport, plat):
         s.close()
-
-
-def test_attested_secret_release_round_trip(with_port, tmp_path):
-    from qemu_kd.tenant.secret_release import check_binding, encrypt_secret
-
-    client, seen, _ = with_port
-    nonce = os.urandom(32)
-    res = client.call("attest", nonce=nonce.hex())
-    agent_pub = bytes.fromhex(res["public_key"])
-    assert res["report"] == "UkVQT1JU"
-    check_binding(seen[0], nonce, agent_pub)  # the platform saw the binding report_data
-    target = str(tmp_path / "secret.bin")
-    secret = os.urandom(48)
-    args = encrypt_secret(secret, agent_pub, target)
-    assert client.call("put_secret", **args) == {"written": 48, "path": target}
-    with open(target, "rb") as f:
-        assert f.read() == secret
-    assert os.stat(target).st_mode & 0o777 == 0o600
-
-
-def test_secret_for_another_key_or_path_is_refused(with_port, tmp_path):
-    from qemu_kd.tenant.secret_release import SecretReleaseError, check_binding, encrypt_secret
-
-    client, seen, _ = with_port
-    nonce = os.urandom(32)
-    res = client.call("attest", nonce=nonce.hex())
-    agent_pub = bytes.fromhex(res["public_key"])
-    with pytest.raises(SecretReleaseError):
-        check_binding(seen[0], os.urandom(32), agent_pub)
-    args = encrypt_secret(b"s3cret", agent_pub, str(tmp_path / "a"))
-    args["path"] = str(tmp_path / "b")  # path is bound as associated data
-    with pytest.raises(GuestError, match="does not open"):
-        client.call("put_secret", **args)
-    args = encrypt_secret(b"s3cret", agent_pub, "/etc/passwd")
-    with pytest.raises(GuestError, match="only be written under"):
-        client.call("put_secret", **args)
-
-
-def test_report_without_platform_times_out_cleanly(pair, monkeypatch):
-
-    client, _, agent = pair
-    client.wait_ready(timeout=5)
-    with pytest.raises(GuestError, match="no guest port"):
-        client.call("report", report_data="00" * 64)
-    with pytest.raises(GuestError, match="64 bytes"):
-        client.call("report", report_data="zz")
-
-
-def test_guest_port_server_survives_garbage(with_port):
-    client, _, server = with_port
-    server.sock.sendall(b"")  # nothing
-    # The agent's own port is well-behaved; poke the server directly with junk.
-    assert server._answer(b"junk")["ok"] is False
-    assert server._answer(b'{"id": 1, "cmd": "nope"}')["error"].startswith("unknown")
-    assert client.call("report", report_data="11" * 64)["report"] == "UkVQT1JU"

@@ -105,7 +105,6 @@ class ProtectedOptions(RunOptions):
 def run_protected(opts: ProtectedOptions) -> dict:
     """The whole flow: platform, host VMM, layout, seal, load, verify, launch, attest, run."""
     import base64
-    import os
     import tempfile
 
     from host_vmm.process import HostVmmProcess
@@ -114,8 +113,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
     from qemu_kd.hostport.registry import platform_state_dir
     from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
     from qemu_kd.formats.policy import Policy
-    from qemu_kd.tenant.secret_release import check_binding
-    from qemu_kd.tenant.verify import check_report
+    from qemu_kd.tenant.session import TenantSession, attest
     from qemu_kd.tenant.measure import measure
     from qemu_kd.tenant.seal import seal
 
@@ -152,17 +150,16 @@ def run_protected(opts: ProtectedOptions) -> dict:
         show("launch and boot to agent ready")
         launched = host.call("launch", ready_timeout=opts.ready_timeout)
         with timer.phase("attest"):
-            nonce = os.urandom(32)
-            att = host.agent("attest", nonce=nonce.hex())
-            report_bytes = base64.b64decode(att["report"])
-            report = check_report(report_bytes, root_pem, layout.platform_chain_pem,
-                                  measurement=expected, policy=policy,
-                                  report_data=bytes.fromhex(att["report_data"]),
-                                  host_data=layout.host_data, allow_emulated=True)
-            check_binding(report.report_data, nonce, bytes.fromhex(att["public_key"]))
+            # The tenant's part: the host VMM relays these requests and frames, and can read none of it.
+            def relay(cmd: str, wait: float = 60.0, **args) -> dict:
+                return host.agent(cmd, wait=wait, **args)
+
+            attestation = attest(relay, root_pem=root_pem, chain_pem=layout.platform_chain_pem,
+                                 measurement=expected, policy=policy, host_data=layout.host_data)
+            report = attestation.report
+            session = TenantSession(relay, attestation, secret.key)
         with timer.phase("command"):
-            result = host.agent("exec", wait=opts.cmd_timeout + 10,
-                                argv=["/bin/sh", "-c", opts.cmd], timeout=opts.cmd_timeout)
+            result = session.exec(shell=opts.cmd, timeout=opts.cmd_timeout)
         status = host.call("status")
         for name, secs in launched.get("timings", {}).items():
             timer.phases[name] = secs
@@ -179,11 +176,17 @@ def run_protected(opts: ProtectedOptions) -> dict:
             "attestation": {"verified": True, "emulated": report.emulated,
                             "policy": report.policy.pack().hex(),
                             "report_data": report.report_data.hex(),
-                            "report_id": report.report_id.hex()},
+                            "report_id": report.report_id.hex(),
+                            "nonce": attestation.nonce.hex(),
+                            "agent_public_key": attestation.agent_public.hex(),
+                            "report": base64.b64encode(attestation.report_bytes).decode(),
+                            "chain_pem": attestation.chain_pem.decode()},
             "host_verification": {c["name"]: {"ok": c["ok"], "detail": c["detail"]}
                                   for c in checks},
             "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
-                     "stdout": result["stdout"], "stderr": result["stderr"]},
+                     "stdout": result["stdout"].decode("utf-8", errors="replace"),
+                     "stderr": result["stderr"].decode("utf-8", errors="replace"),
+                     "timed_out": result["timed_out"], "truncated": result["truncated"]},
             "console_log": launched["endpoints"].get("console_log"),
             "endpoints": launched["endpoints"],
             "integrity_events": status.get("integrity_events", 0),

@@ -36,6 +36,7 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.formats.keywrap import DOMAIN_KEY_SIZE, WrappedKey, normalize_host_data, unwrap_key
 from qemu_kd.formats.measurement import LaunchMeasurement, PageType, host_verifiable_digest
+from qemu_kd.crypto.authority import tenant_authority_key
 from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
 from qemu_kd.platform.physmem import PageState, PhysicalMemory
@@ -232,6 +233,8 @@ class KeyDomain:
         self.measurement: LaunchMeasurement | None = None
         self._mapping: tuple[np.ndarray, np.ndarray] | None = None
         self._mee: MemoryEncryptionEngine | None = MemoryEncryptionEngine(bytes(key))
+        # Given to the guest only, on the guest port: it authenticates the tenant's session.
+        self.tenant_authority: bytes | None = tenant_authority_key(bytes(key))
         self._memory = memory
         self._pages = _PageTable()
         # Hooks for the running guest (set by launch): re-encrypt changed guest
@@ -657,6 +660,7 @@ class KeyDomain:
         if self._mee is not None:
             self._mee.close()
             self._mee = None
+            self.tenant_authority = None
         self._pages = _PageTable()
         return freed
 

@@ -19,6 +19,7 @@ from qemu_kd.channel.agent_client import AgentClient
 from qemu_kd.formats.bootlayout import build_boot_layout
 from qemu_kd.channel.console import console_summary
 from qemu_kd.common.errors import GuestError, KdError
+from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.vcpu import VcpuState
 
@@ -62,6 +63,10 @@ class PhaseTimer:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
+#: The guest port of a plain run: no platform protects this guest, and it says so.
+UNPROTECTED_PORT = {"info": lambda req: {"protected": False}}
+
+
 class RunningGuest:
     """A booted guest: its QEMU machine and its agent."""
 
@@ -69,6 +74,7 @@ class RunningGuest:
         self.machine = machine
         self.timer = timer
         self.agent: AgentClient | None = None
+        self.guest_port: GuestPortServer | None = None
 
     def diagnose(self) -> str:
         """What went wrong, for an error message: QEMU's state and the console tail."""
@@ -94,6 +100,8 @@ class RunningGuest:
     def run_until_ready(self, ready_timeout: float) -> dict:
         """Attach the shared channel, resume the vCPU and wait for the agent."""
         with self.timer.phase("kernel to agent ready"):
+            self.guest_port = GuestPortServer(self.machine.connect_serial("guestport"), UNPROTECTED_PORT)
+            self.guest_port.start()
             sock = self.machine.connect_serial("shared")
             self.agent = AgentClient(sock, diagnose=self.diagnose)
             self.machine.resume()
@@ -113,6 +121,9 @@ class RunningGuest:
                 self.close()
 
     def close(self) -> None:
+        if self.guest_port is not None:
+            self.guest_port.stop()
+            self.guest_port = None
         if self.agent is not None:
             try:
                 self.agent.sock.close()

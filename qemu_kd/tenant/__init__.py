@@ -2,8 +2,8 @@
 
 It measures a guest offline (:mod:`.measure`), seals it for a host's layout
 (:mod:`.seal`), checks the attestation reports the guest obtains
-(:mod:`.verify`) and releases secrets to an attested guest
-(:mod:`.secret_release`).  Nothing here imports the platform or the QEMU
+(:mod:`.verify`) and talks to its attested guest through a session that the
+host relays but cannot read (:mod:`.session`).  Nothing here imports the platform or the QEMU
 controller: a tenant can run anywhere.
 """
 

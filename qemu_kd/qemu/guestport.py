@@ -1,8 +1,11 @@
-"""The platform's side of the guest port (ttyS2).
+"""The request server behind the guest port (ttyS2).
 
 The guest port stands in for the processor instructions a protected guest
-uses (attestation report, sealing-key derivation).  Only the platform is
-attached to it; the host never sees its traffic.  Messages use the agent's
+uses (its identity and policy, attestation reports, sealing keys, the tenant
+authority key).  For a protected domain only the platform is attached to it,
+with its own handlers (:mod:`qemu_kd.platform.runtime`); the host never sees
+its traffic.  A plain run attaches a server that answers ``info`` with
+``protected: false`` and refuses the rest.  Messages use the agent's
 newline-delimited JSON framing (``guest_agent.protocol``).
 """
 
