@@ -7,7 +7,6 @@ every byte from the shared channel, so leak tests can scan them.
 from __future__ import annotations
 
 import base64
-import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ from host_vmm.vmm import HostVmm
 from qemu_kd.qemu.launch import full_cmdline
 from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
 from qemu_kd.formats.policy import Policy
-from qemu_kd.tenant.secret_release import check_binding, encrypt_secret
-from qemu_kd.tenant.verify import check_report
+from qemu_kd.tenant.session import TenantSession, attest
 from qemu_kd.tenant.seal import seal
 
 MiB = 1 << 20
@@ -60,6 +58,8 @@ class ProtectedDomain:
     policy: Policy
     expected: bytes
     received: list = field(default_factory=list)    # one bytearray per recorded stream
+    secret: object = None                           # the TenantSecret: the domain key stays here
+    _session: object = None
 
     @property
     def keyid(self) -> int:
@@ -72,27 +72,28 @@ class ProtectedDomain:
     def agent(self, cmd: str, wait: float = 60.0, **args) -> dict:
         return self.vmm.agent.call(cmd, wait=wait, **args)
 
-    def attest(self) -> tuple[object, bytes]:
-        """Attest with a fresh nonce; the verified report and the agent's public key."""
-        nonce = os.urandom(32)
-        att = self.agent("attest", nonce=nonce.hex())
+    def relay(self, cmd: str, wait: float = 60.0, **args) -> dict:
+        """The tenant's requests, relayed by the host VMM (as in ``qemu-kd run``)."""
+        return self.agent(cmd, wait=wait, **args)
+
+    def attest(self):
+        """Attest with a fresh nonce through the host; the verified attestation."""
         layout = self.vmm.layout
-        report = check_report(base64.b64decode(att["report"]), self.root_pem, layout.platform_chain_pem,
-                              measurement=self.expected, policy=self.policy,
-                              report_data=bytes.fromhex(att["report_data"]),
-                              host_data=layout.host_data, allow_emulated=True)
-        public = bytes.fromhex(att["public_key"])
-        check_binding(report.report_data, nonce, public)
-        return report, public
+        return attest(self.relay, root_pem=self.root_pem, chain_pem=layout.platform_chain_pem,
+                      measurement=self.expected, policy=self.policy, host_data=layout.host_data)
+
+    def session(self) -> TenantSession:
+        """The tenant's attested session (opened once, then reused)."""
+        if self._session is None:
+            self._session = TenantSession(self.relay, self.attest(), self.secret.key)
+        return self._session
 
     def plant_secret(self, secret: bytes, path: str = "/run/secrets/canary") -> None:
-        """Release ``secret`` to the attested agent; it lands in a guest tmpfs file.
+        """Release ``secret`` to the guest through the tenant session; it lands in a tmpfs file.
 
-        Only ciphertext crosses the shared channel.
+        Only session ciphertext crosses the shared channel.
         """
-        _report, public = self.attest()
-        result = self.agent("put_secret", **encrypt_secret(secret, public, path))
-        assert result["written"] == len(secret)
+        assert self.session().put_secret(path, secret) == len(secret)
 
     def host_memory_view(self) -> bytes:
         """Every page of the domain's layout, read through the host port (KeyID 0)."""
@@ -142,12 +143,13 @@ def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int
         layout = vmm.allocate(mem_size)
         policy = Policy.make(debug=debug)
         root_pem = (pstate / "root-ca.crt").read_bytes()
-        bundle, _secret = seal(guest.kernel.read_bytes(), guest.initrd.read_bytes(), full_cmdline(),
+        bundle, secret = seal(guest.kernel.read_bytes(), guest.initrd.read_bytes(), full_cmdline(),
                                mem_size, policy, layout, root_pem)
         vmm.load(bundle)
         vmm.launch(ready_timeout)
         vmm.agent.sock = RecordingSocket(vmm.agent.sock, received)
-        yield ProtectedDomain(vmm, psock, proc, root_pem, policy, bundle.manifest.measurement, received)
+        yield ProtectedDomain(vmm, psock, proc, root_pem, policy, bundle.manifest.measurement, received,
+                              secret)
     finally:
         if vmm is not None:
             vmm.destroy()
