@@ -50,6 +50,26 @@ def test_run_json_end_to_end(guest_artifacts, tmp_path):
     assert out["policy"]["debug"] is False and 1 <= out["keyid"] <= 63
     assert out["boot_to_ready_s"] > 0 and {"seal", "load", "verify", "launch"} <= set(out["timings"])
 
+    # Anyone holding the root can re-verify the attestation offline from the --json alone.
+    import base64
+
+    from guest_agent.session import report_data_for
+    from qemu_kd.hostport.registry import platform_state_dir
+
+    report, chain = tmp_path / "report.bin", tmp_path / "chain.pem"
+    report.write_bytes(base64.b64decode(att["report"]))
+    chain.write_text(att["chain_pem"])
+    assert att["report_data"] == report_data_for(bytes.fromhex(att["nonce"]),
+                                                 bytes.fromhex(att["agent_public_key"])).hex()
+    verify = [*QEMU_KD, "tenant", "verify-report", "--report", str(report), "--chain", str(chain),
+              "--root", str(platform_state_dir() / "root-ca.crt"), "--measurement", out["measurement"],
+              "--policy", "nodebug", "--report-data", att["report_data"], "--allow-emulated"]
+    checked = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    other = subprocess.run([*verify[:-2], "00" * 64, "--allow-emulated"], capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 7, other.stderr      # report_data mismatch has its own exit code
+
     measured = subprocess.run([*QEMU_KD, "tenant", "measure", "--json"], capture_output=True, text=True,
                               timeout=120)
     assert measured.returncode == 0, measured.stderr
