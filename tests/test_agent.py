@@ -4,7 +4,6 @@ The same agent runs inside real guests in test_plain_run.py.
 """
 
 import json
-import os
 import socket
 import threading
 

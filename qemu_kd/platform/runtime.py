@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import struct
 import threading
@@ -39,7 +40,7 @@ import numpy as np
 from qemu_kd.platform.attestation import sign_report
 from qemu_kd.platform.endpoints.audit import AuditLog
 from qemu_kd.common.errors import KdError
-from qemu_kd.platform.guestport import GuestPortServer
+from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.formats.vcpu import GPR_NAMES
@@ -49,6 +50,8 @@ MiB = 1 << 20
 SAVE_MAGIC = b"KDSA"
 SAVE_VERSION = 1
 SAVE_REGS = (*GPR_NAMES, "rip", "rflags")
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(KdError):
@@ -131,6 +134,7 @@ class DomainRuntime:
         self.mem_size = -(-top // (2 * MiB)) * 2 * MiB
         reasons = vm_entry_checks(vmcs, self.domain.policy, self.mem_size)
         if reasons:
+            log.warning("key domain %d: VM entry refused: %s", self.domain.keyid, "; ".join(reasons))
             raise LaunchError(f"VM entry refused for key domain {self.domain.keyid}: "
                               + "; ".join(reasons))
         self.gpa_to_hpa = np.zeros(self.mem_size // PAGE_SIZE, dtype=np.uint64)
@@ -160,12 +164,18 @@ class DomainRuntime:
                 self._snapshot[idx] = plain
             self.machine.rsp.load_vcpu(vmcs.guest)
             port = self.machine.connect_serial("guestport")
-            self.guest_port = GuestPortServer(port, {"report": self._report,
-                                                     "derive-key": self._derive_key})
+            self.guest_port = GuestPortServer(port, {"info": self._info, "report": self._report,
+                                                     "derive-key": self._derive_key,
+                                                     "tenant-key": self._tenant_key})
             self.guest_port.start()
-        except BaseException:
+        except BaseException as exc:
+            # A platform error's message goes to the host anyway; of anything else, only the type.
+            log.warning("key domain %d: launch failed: %s", self.domain.keyid,
+                        exc.message if isinstance(exc, KdError) else type(exc).__name__)
             self.stop()
             raise
+        log.info("key domain %d launched as %s: %d MiB, %d image pages, accel %s",
+                 self.domain.keyid, self.name, self.mem_size >> 20, int(img_hpas.size), self.accel)
         self.domain.shadow_sync = self.sync_shadow
         self.domain.on_destroy = self.stop
         return self.endpoints()
@@ -208,8 +218,9 @@ class DomainRuntime:
                 setattr(self, attr, None)
                 try:
                     proxy.close()
-                except Exception:  # noqa: BLE001 - teardown goes on regardless
-                    pass
+                except Exception as exc:  # noqa: BLE001 - teardown goes on regardless
+                    log.warning("key domain %d: closing its %s failed: %s", self.domain.keyid,
+                                attr.replace("_", " "), type(exc).__name__)
 
     def endpoints(self) -> Endpoints:
         m = self.machine
@@ -235,6 +246,17 @@ class DomainRuntime:
         self._require_machine().resume()
 
     # -- guest port -----------------------------------------------------------------
+    def _info(self, req: dict) -> dict:
+        """What the guest is, from the platform: the only source the guest trusts for its policy."""
+        return {"protected": True, "keyid": self.domain.keyid,
+                "policy_flags": self.domain.policy.flags,
+                "measurement": self.domain.measurement.digest.hex() if self.domain.measurement else None}
+
+    def _tenant_key(self, req: dict) -> dict:
+        if self.domain.tenant_authority is None:
+            raise ValueError("the domain has no tenant authority key")
+        return {"key": self.domain.tenant_authority.hex()}
+
     def _report(self, req: dict) -> dict:
         data = bytes.fromhex(req.get("report_data", ""))
         if len(data) != 64:
@@ -292,6 +314,7 @@ class DomainRuntime:
                     m.rsp.write_register(*_reg(name), 0)
         self.sync_shadow()
         self.exited = True
+        log.info("key domain %d exited: registers sealed in the save area", self.domain.keyid)
 
     def resume(self) -> None:
         """Verify the save area and restore the registers, then run."""
@@ -305,6 +328,8 @@ class DomainRuntime:
         if (body[:4] != SAVE_MAGIC or
                 not hmac.compare_digest(mac, hmac.new(self._save_mac_key, body,
                                                       hashlib.sha384).digest())):
+            log.warning("key domain %d: the protected save area does not verify; resume refused",
+                        self.domain.keyid)
             raise SaveAreaError(f"protected save area of key domain {self.domain.keyid} does not "
                                 "verify (tampered)", "destroy the domain")
         values = struct.unpack_from(f"<{n}Q", body, 8)
@@ -313,6 +338,7 @@ class DomainRuntime:
                 m.rsp.write_register(*_reg(name), value)
         self.exited = False
         m.resume()
+        log.info("key domain %d resumed", self.domain.keyid)
 
     # -- teardown -------------------------------------------------------------------
     def _require_machine(self) -> QemuMachine:
@@ -323,6 +349,8 @@ class DomainRuntime:
 
     def stop(self) -> None:
         """Stop QEMU, scrub the platform's plaintext copy and remove every file."""
+        if self.machine is not None:
+            log.info("key domain %d: stopping its QEMU and scrubbing its memory", self.domain.keyid)
         self._stop_proxies()
         if self.guest_port is not None:
             self.guest_port.stop()
