@@ -1,17 +1,33 @@
-"""Start the host VMM as its own process and talk to it (used by ``qemu-kd run``)."""
+"""Start the host VMM as its own process and talk to it (used by ``qemu-kd run``).
+
+The child's stderr is read all the time (so its log can never fill the pipe and
+stall it); its log records are passed on to this process's logging, and the
+last lines are kept for error messages.
+"""
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import os
+import re
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from guest_agent.protocol import decode, encode, request
 from qemu_kd.common.errors import KdError
+
+log = logging.getLogger(__name__)
+
+ERROR_PREFIX = "host-vmm: error:"     # the child's one-line error (see host_vmm.service)
+STDERR_TAIL = 200
+# A record in qemu_kd.common.log's format: date, time, logger, level, message.
+_RECORD = re.compile(r"^\S+ \S+ (\S+) (DEBUG|INFO|WARNING|ERROR|CRITICAL): (.*)$")
 
 
 class HostVmmError(KdError):
@@ -28,6 +44,10 @@ class HostVmmProcess:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._ids = itertools.count(1)
         self._buf = bytearray()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True,
+                                               name="host-vmm-stderr")
+        self._stderr_reader.start()
         deadline = time.monotonic() + timeout
         line = ""
         while time.monotonic() < deadline:
@@ -44,11 +64,26 @@ class HostVmmProcess:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(api_socket)
 
+    def _drain_stderr(self) -> None:
+        try:
+            for line in self.proc.stderr:
+                line = line.rstrip("\n")
+                self._stderr_tail.append(line)
+                record = _RECORD.match(line)
+                if record:
+                    name, level, message = record.groups()
+                    log.log(logging.getLevelName(level), "host VMM %s: %s", name, message)
+        except (OSError, ValueError):
+            pass   # the stream was closed by stop()
+
     def _stderr(self) -> str:
+        """The child's error line (or its last line of stderr) once it has exited."""
         if self.proc.poll() is None:
             return ""
-        text = (self.proc.stderr.read() or "").strip().splitlines()
-        return text[-1] if text else ""
+        self._stderr_reader.join(timeout=2)
+        lines = [line.strip() for line in list(self._stderr_tail) if line.strip()]
+        errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+        return (errors or lines or [""])[-1]
 
     def call(self, command: str, /, timeout: float = 300.0, **args) -> dict:
         """One request to the host VMM; its result, or HostVmmError with its message."""
@@ -93,8 +128,11 @@ class HostVmmProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                log.warning("the host VMM (pid %d) did not stop within %g s; killing it",
+                            self.proc.pid, timeout)
                 self.proc.kill()
                 self.proc.wait()
+        self._stderr_reader.join(timeout=2)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()

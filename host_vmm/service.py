@@ -24,6 +24,7 @@ replies carrying the one-line message; the process keeps serving.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -32,8 +33,11 @@ import sys
 from guest_agent.protocol import ProtocolError, decode, encode, error, reply
 from qemu_kd.formats.bundle import Bundle
 from qemu_kd.common.errors import KdError
+from qemu_kd.common.log import configure as configure_logging
 
 from .vmm import HostVmm
+
+log = logging.getLogger(__name__)
 
 
 class HostVmmService:
@@ -82,16 +86,21 @@ class HostVmmService:
         try:
             req = decode(line)
         except ProtocolError as exc:
+            log.info("malformed request: %s", exc)
             return error(None, f"malformed request: {exc}")
         rid, cmd = req.get("id"), req.get("cmd")
         handler = getattr(self, f"do_{cmd}", None) if isinstance(cmd, str) else None
         if handler is None:
+            log.info("unknown command %r", cmd)
             return error(rid, f"unknown host VMM command {cmd!r}")
+        log.debug("request %s (id %s)", cmd, rid)
         try:
             return reply(rid, handler(req))
         except KdError as exc:
+            log.info("%s failed: %s", cmd, exc)
             return error(rid, str(exc))
         except (KeyError, ValueError, TypeError) as exc:
+            log.info("bad %s request: %s", cmd, exc)
             return error(rid, f"bad {cmd} request: {exc}")
 
     def serve(self, listener: socket.socket) -> None:
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--platform", required=True, help="the platform's host-port socket")
     ap.add_argument("--api", required=True, help="Unix socket to serve requests on")
     args = ap.parse_args(argv)
+    configure_logging(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     vmm = None
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         listener.bind(args.api)
         os.chmod(args.api, 0o600)
         listener.listen(1)
+        log.info("serving on %s for the platform at %s", args.api, args.platform)
+        # Machine-readable (host_vmm.process waits for it): a plain line on stdout.
         print("ready", flush=True)
         HostVmmService(vmm).serve(listener)
     except KdError as exc:
@@ -144,6 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         if vmm is not None and vmm.layout is not None and not vmm.detached:
             try:
                 vmm.destroy()
-            except KdError:
-                pass
+            except KdError as exc:
+                log.warning("could not destroy the domain on exit: %s", exc)
     return 0

@@ -1,5 +1,6 @@
 """The host-facing gdb proxy: RSP framing, the policy, gdb itself against a real guest."""
 
+import logging
 import socket
 import time
 
@@ -163,6 +164,22 @@ def test_bad_checksums_garbage_and_oversized_packets(nodebug):
     c.close()
     c = Rsp(nodebug.listen_path)
     assert c.ask(b"qC") == b"QC01"
+
+
+def test_sessions_are_logged(nodebug, caplog):
+    caplog.set_level(logging.INFO, logger="qemu_kd.platform.endpoints.gdb_proxy")
+    c = Rsp(nodebug.listen_path)
+    assert c.ask(b"qC") == b"QC01"
+    assert c.ask(b"D") == b"OK"
+    c.close()
+    deadline = time.monotonic() + 10
+    while not any("session ended" in r.getMessage() for r in caplog.records) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    messages = [r.getMessage() for r in caplog.records
+                if r.name == "qemu_kd.platform.endpoints.gdb_proxy"]
+    assert "gdb endpoint of kd3: session started (no DEBUG policy)" in messages
+    assert "gdb endpoint of kd3: session ended" in messages
 
 
 def test_a_second_debugger_is_turned_away(nodebug):

@@ -6,6 +6,7 @@ tenant (sealing a small guest for the layout the host got from alloc).
 
 import base64
 import json
+import logging
 import os
 import random
 import socket
@@ -49,7 +50,7 @@ from qemu_kd.hostport.protocol import (
     pack_page_entries,
     unpack_page_entries,
 )
-from qemu_kd.platform.hostport_server import HostPortServer
+from qemu_kd.platform.hostport_server import HostPortServer, error_reply
 from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.platform.runtime import LaunchError, SaveAreaError
 from qemu_kd.formats.measurement import PageType
@@ -566,6 +567,36 @@ def test_oversized_frame_gets_a_protocol_error_then_close(served):
     assert "exceeds the maximum of 67108864 bytes" in reply.error.message
     assert read_reply(s) is None                           # that connection is closed
     s.close()
+
+
+def test_protocol_errors_are_logged(served, caplog):
+    _, path, _ = served
+    caplog.set_level(logging.WARNING, logger="qemu_kd.platform.hostport_server")
+    s = raw_connection(path)
+    s.sendall(Request("platform-info", 3).pack())
+    assert read_reply(s).error.code == "protocol"
+    assert read_reply(s) is None
+    s.close()
+    records = [r for r in caplog.records if r.name == "qemu_kd.platform.hostport_server"]
+    assert any(r.levelno == logging.WARNING and "must be hello" in r.getMessage()
+               for r in records)
+
+
+def test_error_replies_reveal_only_platform_messages(caplog):
+    caplog.set_level(logging.INFO, logger="qemu_kd.platform.hostport_server")
+    reply = error_reply(4, "vmread", HostPortNotFoundError("no field 0x1234", "see the list"))
+    assert (reply.error.code, reply.error.message, reply.error.hint) == (
+        "not-found", "no field 0x1234", "see the list")
+    for exc in (ValueError("secret bytes 0xdeadbeef"), AssertionError("x"),
+                HostPortError("plain failure")):
+        reply = error_reply(5, "read-phys", exc)
+        assert reply.error.code == "internal", exc
+    assert reply.error.message == "plain failure"       # a HostPortError keeps its message
+    reply = error_reply(5, "read-phys", ValueError("secret bytes 0xdeadbeef"))
+    assert reply.error.message == "internal platform error while running read-phys"
+    assert "deadbeef" not in reply.error.message + (reply.error.hint or "")
+    assert any(r.levelno == logging.ERROR and "ValueError" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_hello_is_required_and_versions_are_negotiated(served):

@@ -1,6 +1,7 @@
 """The host-facing QMP proxy: framing, policy, and real clients against a real guest."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -150,12 +151,14 @@ def test_proxy_start_fails_clearly_when_the_monitor_is_taken(tmp_path):
     srv.close()
 
 
-def test_proxy_start_fails_clearly_without_qemu(tmp_path):
+def test_proxy_start_fails_clearly_without_qemu(tmp_path, caplog):
     proxy = QmpProxy(str(tmp_path / "p.sock"), str(tmp_path / "none.sock"), debug=False,
                      domain="kd3", audit=AuditLog(tmp_path / "a.log"))
     with pytest.raises(QmpProxyError, match="cannot connect the QMP proxy of key domain kd3"):
         proxy.start()
     proxy.close()
+    assert any(r.name == "qemu_kd.platform.endpoints.qmp_proxy" and r.levelno == logging.WARNING
+               and "QMP endpoint of kd3 did not start" in r.getMessage() for r in caplog.records)
 
 
 # -- helpers ----------------------------------------------------------------------------------

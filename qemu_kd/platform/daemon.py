@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,11 +31,14 @@ import time
 from pathlib import Path
 
 from qemu_kd.common.errors import KdError
+from qemu_kd.common.log import configure as configure_logging
 from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir
 from qemu_kd.hostport.spawn import READY_PREFIX
 
 DEFAULT_MEMORY = "1G"
 IDLE_POLL = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def load_identity(pstate: Path):
@@ -89,12 +93,15 @@ class PlatformDaemon:
                 busy = bool(self.platform.domains)
                 launched_once |= bool(self.platform.runtimes)
             if launched_once and not busy:
+                log.info("no domain is left; the platform ends (--exit-when-idle)")
                 return
 
     def request_stop(self, *_args) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        if self.server is not None or self.platform is not None:
+            log.info("platform stopping: destroying its domains")
         self.registry_entry.unlink(missing_ok=True)
         if self.server is not None:
             self.server.close()
@@ -122,7 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(logging.INFO)
     daemon = None
+    served = False
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set() if daemon is None else daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: stop.set() if daemon is None else daemon.request_stop())
@@ -142,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         daemon.start()
         if stop.is_set():
             return 0
+        log.info("platform serving its host port on %s (%s MiB, accel %s, pid %d)",
+                 daemon.socket_path, memory_size >> 20, accel, os.getpid())
+        # Machine-readable (hostport.spawn parses it): a plain line on stdout, not a log record.
         print(f"{READY_PREFIX}{daemon.socket_path}", flush=True)
+        served = True
         daemon.wait()
         return 0
     except KdError as exc:
@@ -151,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if daemon is not None:
             daemon.close()
+        if served:   # after a failed start the error line stays the log's last line
+            log.info("platform stopped")
         if args.remove_dir:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
 

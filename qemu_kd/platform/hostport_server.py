@@ -79,12 +79,15 @@ def error_code(exc: BaseException) -> str:
 
 
 def error_reply(rid: int | None, cmd: str, exc: BaseException) -> Reply:
+    """The error reply for a failed request.  Only a platform error's own message is
+    sent; anything else becomes a generic ``internal`` error (details go to the log)."""
     code = error_code(exc)
-    if code == "internal" and not isinstance(exc, HostPortError):
+    if not isinstance(exc, KdError) or (code == "internal" and not isinstance(exc, HostPortError)):
+        # Only the type: the platform's log is readable by the host, like the reply.
         log.error("host port: %s failed unexpectedly: %s", cmd, type(exc).__name__)
-        return Reply.failure(rid, code, f"internal platform error while running {cmd}",
+        return Reply.failure(rid, "internal", f"internal platform error while running {cmd}",
                              "the request may not have taken effect; check the platform's log")
-    assert isinstance(exc, KdError)
+    log.info("host port: %s refused (%s): %s", cmd, code, exc.message)
     return Reply.failure(rid, code, exc.message, exc.hint)
 
 
@@ -148,6 +151,7 @@ class HostPortServer:
         self._listener = listener
         self._accept_thread = threading.Thread(target=self._accept_loop, name="hostport-accept", daemon=True)
         self._accept_thread.start()
+        log.info("host port listening on %s", self.socket_path)
         return self
 
     def close(self) -> None:
@@ -182,10 +186,12 @@ class HostPortServer:
             return len(self._connections)
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        listener = self._listener
+        if listener is None:
+            raise KdError("the host port is not listening", "start the server first")
         while not self._stopping.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except socket.timeout:
                 continue
             except OSError:
@@ -216,6 +222,7 @@ class HostPortServer:
     def _refuse(self, conn: socket.socket, rid: int | None, message: str, hint: str | None = None) -> None:
         """Answer a protocol violation; the caller then closes the connection."""
         self.frames_refused += 1
+        log.warning("host port: closing a connection after a protocol error: %s", message)
         try:
             write_frame(conn, Reply.failure(rid, "protocol", message, hint).frame())
         except OSError:

@@ -1,13 +1,17 @@
 """A small client for QEMU's gdbstub (the GDB remote serial protocol).
 
-The platform uses it to load and save vCPU state.  It is deliberately tiny:
-packets, checksums, acknowledgements, register read/write and memory read.
+The platform uses it to load and save vCPU state, and the host-facing gdb
+proxy relays through it.  It is deliberately small: packets, checksums,
+acknowledgements, register read/write, memory read, and the few asynchronous
+pieces a relayed ``continue`` needs (sending a packet without waiting, the
+interrupt byte, polling for and waiting on a stop reply).
 QEMU quirks: register writes get an empty reply until the client
 has read ``target.xml``, so :meth:`RspClient.connect` reads it first.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
@@ -15,6 +19,8 @@ from qemu_kd.common.errors import QemuError
 from qemu_kd.formats.vcpu import VcpuState
 
 MAX_PACKET = 1 << 20
+INTERRUPT = b"\x03"
+STOP_KINDS = (b"T", b"S", b"W", b"X")   # stop replies: signal, signal, exited, terminated
 
 
 class RspError(QemuError):
@@ -99,10 +105,29 @@ class RspClient:
             finally:
                 self._sock = None
 
-    def _recv_more(self) -> None:
-        assert self._sock is not None
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def fileno(self) -> int:
+        """The socket's descriptor, so the client can be passed to :func:`select.select`."""
+        return self._connected_sock().fileno()
+
+    def _connected_sock(self) -> socket.socket:
+        if self._sock is None:
+            raise RspError("gdbstub client is not connected")
+        return self._sock
+
+    def _sendall(self, data: bytes) -> None:
         try:
-            chunk = self._sock.recv(65536)
+            self._connected_sock().sendall(data)
+        except OSError as exc:
+            raise RspError(f"gdbstub connection failed: {exc}") from None
+
+    def _recv_more(self) -> None:
+        sock = self._connected_sock()
+        try:
+            chunk = sock.recv(65536)
         except socket.timeout:
             raise RspError("gdbstub did not answer in time", "QEMU may be hung") from None
         except OSError as exc:
@@ -113,7 +138,18 @@ class RspClient:
         if len(self._buf) > MAX_PACKET * 2:
             raise RspError("gdbstub sent an oversized packet")
 
-    def _read_packet(self) -> bytes:
+    def _recv_available(self) -> None:
+        """Read whatever has already arrived, without blocking."""
+        sock = self._connected_sock()
+        while select.select([sock], [], [], 0)[0]:
+            self._recv_more()
+
+    def read_packet(self) -> bytes:
+        """The next packet from the stub (unescaped), whatever it is.
+
+        Blocks up to the client timeout.  Acknowledgements, stray bytes and
+        notifications are consumed on the way.
+        """
         while True:
             while self._buf[:1] in (b"+", b"-"):
                 del self._buf[:1]
@@ -134,7 +170,7 @@ class RspClient:
             del self._buf[:end + 3]
             ok = cs.lower() == f"{checksum(body):02x}".encode()
             if self._ack and not notification:
-                self._sock.sendall(b"+" if ok else b"-")
+                self._sendall(b"+" if ok else b"-")
             if not ok:
                 if self._ack:
                     continue  # the stub resends
@@ -143,6 +179,59 @@ class RspClient:
                 continue
             return unescape(body)
 
+    def send_packet(self, payload: bytes) -> None:
+        """Send one packet and return at once (the reply is read with :meth:`read_packet`,
+        or, for a continue or step, :meth:`read_stop_reply`)."""
+        self._sendall(frame(payload))
+
+    def send_interrupt(self) -> None:
+        """Send the interrupt byte (gdb's Ctrl-C): a running VM stops and the pending
+        continue gets its stop reply; a stopped gdbstub ignores it."""
+        self._sendall(INTERRUPT)
+
+    def discard_pending(self) -> None:
+        """Drop everything the stub sent that nobody asked for (e.g. the stop reply QEMU
+        sends when the VM is paused through QMP)."""
+        sock = self._connected_sock()
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                chunk = sock.recv(65536)
+            except OSError as exc:
+                raise RspError(f"gdbstub connection failed: {exc}") from None
+            if not chunk:
+                raise RspError("gdbstub closed the connection", "QEMU may have exited")
+        self._buf.clear()
+
+    def packet_ready(self) -> bool:
+        """Whether a whole packet has arrived, without blocking.
+
+        Readable is not enough: QEMU acknowledges every packet with ``+``, even in
+        no-ack mode, so only a complete ``$...#cc`` counts.
+        """
+        self._recv_available()
+        start = self._buf.find(b"$")
+        if start < 0:
+            self._buf.clear()          # only acks and stray bytes so far
+            return False
+        end = self._buf.find(b"#", start)
+        return end >= 0 and len(self._buf) >= end + 3
+
+    def read_stop_reply(self) -> bytes:
+        """The next stop reply (anything else is skipped); blocks up to the client timeout."""
+        while True:
+            packet = self.read_packet()
+            if packet[:1] in STOP_KINDS:
+                return packet
+
+    def wait_stop_reply(self, timeout: float) -> bytes | None:
+        """The next stop reply, or None if none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.packet_ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._connected_sock()], [], [], remaining)[0]:
+                return None
+        return self.read_stop_reply()
+
     def request(self, payload: bytes) -> bytes:
         """Send one packet and return its reply.
 
@@ -150,12 +239,10 @@ class RspClient:
         paused through QMP; for anything but stop-related requests such
         packets are not the answer and are skipped.
         """
-        if self._sock is None:
-            raise RspError("gdbstub client is not connected")
-        self._sock.sendall(frame(payload))
+        self.send_packet(payload)
         expects_stop_reply = payload[:1] in (b"?", b"c", b"s", b"v")
         while True:
-            reply = self._read_packet()
+            reply = self.read_packet()
             if not expects_stop_reply and reply[:1] in (b"T", b"S") and reply[1:3].isalnum():
                 continue
             return reply

@@ -32,11 +32,11 @@ a client that disappears mid-command leaves the proxy and the guest intact.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import threading
-import time
 from typing import Callable
 
 from qemu_kd.platform.endpoints.audit import AuditError, AuditLog
@@ -44,6 +44,8 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.qemu.gdbstub import RspClient, RspError, checksum, frame, unescape
 from qemu_kd.platform.endpoints.allowlists import HMP_CONT, HMP_NEVER, HMP_STOP, hmp_command
 from qemu_kd.common.files import claim_socket_path
+
+log = logging.getLogger(__name__)
 
 PACKET_SIZE = 0x1000         # advertised to gdb; QEMU's own limit
 MAX_PACKET = 4 * PACKET_SIZE  # largest client packet accepted (escaped bytes)
@@ -238,88 +240,6 @@ class _ClientChannel:
         return None
 
 
-class _Upstream:
-    """The platform's gdbstub connection, used under ``lock``.
-
-    :class:`RspClient` is a request/response client; a continue needs to wait
-    for an asynchronous stop reply and to send a bare interrupt byte, so this
-    class also reaches its socket and buffer.
-    """
-
-    def __init__(self, rsp: RspClient, lock):
-        self.rsp = rsp
-        self.lock = lock
-
-    def _sock(self) -> socket.socket:
-        sock = getattr(self.rsp, "_sock", None)
-        if sock is None:
-            raise RspError("gdbstub client is not connected")
-        return sock
-
-    def drain(self) -> None:
-        """Discard stop replies QEMU sent while nobody asked (e.g. after a QMP stop)."""
-        sock = self._sock()
-        while select.select([sock], [], [], 0)[0]:
-            try:
-                chunk = sock.recv(65536)
-            except OSError as exc:
-                raise RspError(f"gdbstub connection failed: {exc}") from None
-            if not chunk:
-                raise RspError("gdbstub closed the connection", "QEMU may have exited")
-        self.rsp._buf.clear()
-
-    def request(self, payload: bytes) -> bytes:
-        return self.rsp.request(payload)
-
-    def send(self, payload: bytes) -> None:
-        try:
-            self._sock().sendall(frame(payload))
-        except OSError as exc:
-            raise RspError(f"gdbstub connection failed: {exc}") from None
-
-    def interrupt(self) -> None:
-        try:
-            self._sock().sendall(b"\x03")
-        except OSError as exc:
-            raise RspError(f"gdbstub connection failed: {exc}") from None
-
-    def stop_reply_ready(self) -> bool:
-        """Whether a whole packet has arrived (QEMU acks every packet with ``+`` even
-        in no-ack mode, so readable is not enough)."""
-        sock = self._sock()
-        buf = self.rsp._buf
-        while select.select([sock], [], [], 0)[0]:
-            try:
-                chunk = sock.recv(65536)
-            except OSError as exc:
-                raise RspError(f"gdbstub connection failed: {exc}") from None
-            if not chunk:
-                raise RspError("gdbstub closed the connection", "QEMU may have exited")
-            buf += chunk
-        start = buf.find(b"$")
-        if start < 0:
-            buf.clear()          # only acks and stray bytes so far
-            return False
-        end = buf.find(b"#", start)
-        return end >= 0 and len(buf) >= end + 3
-
-    def wait_stop_reply(self, timeout: float) -> bytes | None:
-        """The next stop reply, or None if none comes within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self.stop_reply_ready():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self._sock()], [], [], remaining)[0]:
-                return None
-        return self.read_stop_reply()
-
-    def read_stop_reply(self) -> bytes:
-        """The next stop reply (skipping anything else); blocks up to the client timeout."""
-        while True:
-            packet = self.rsp._read_packet()
-            if packet[:1] in (b"T", b"S", b"W", b"X"):
-                return packet
-
-
 class _Session:
     """One gdb client."""
 
@@ -327,7 +247,9 @@ class _Session:
         self.proxy = proxy
         self.chan = chan
         self.debug = proxy.debug
-        self.up = _Upstream(proxy.rsp, proxy.rsp_lock)
+        # The platform's gdbstub connection; used only while holding ``lock``.
+        self.rsp: RspClient | None = proxy.rsp
+        self.lock = proxy.rsp_lock
         self.attached = False
         self.resume_at_end = False
         self.paused_by_callback = False
@@ -344,11 +266,15 @@ class _Session:
         try:
             self.proxy.audit.record(domain=self.proxy.domain, endpoint="gdb",
                                     action=summarize(packet), allowed=allowed, debug=self.debug)
-        except AuditError:
+        except AuditError as exc:
+            log.error("gdb endpoint of %s: %s refused: %s", self.proxy.domain,
+                      summarize(packet), exc)
             return False
         return True
 
     def run(self) -> None:
+        log.info("gdb endpoint of %s: session started (%s)", self.proxy.domain,
+                 "DEBUG" if self.debug else "no DEBUG policy")
         try:
             while True:
                 packet = self.chan.next_packet()
@@ -362,6 +288,7 @@ class _Session:
         finally:
             if self.debug:
                 self.release()
+            log.info("gdb endpoint of %s: session ended", self.proxy.domain)
 
     # -- dispatch ---------------------------------------------------------------------------
     def handle(self, packet: bytes) -> bool:
@@ -459,15 +386,17 @@ class _Session:
             else:
                 self.paused_by_callback = True
                 was_running = True if result is None else bool(result)
-        with self.up.lock:
+        with self.lock:
             try:
-                self.up.drain()
+                self.rsp.discard_pending()
                 # A running gdbstub stops the VM on the packet's first byte and drops the
                 # rest (reply T02); a stopped one answers with T05.  Either way: one stop
                 # reply, and QEMU clears stale breakpoints.
-                self.up.send(b"?")
-                reply = self.up.read_stop_reply()
-            except RspError:
+                self.rsp.send_packet(b"?")
+                reply = self.rsp.read_stop_reply()
+            except RspError as exc:
+                log.warning("gdb endpoint of %s: cannot stop the vCPU on attach: %s",
+                            self.proxy.domain, exc)
                 return
         self.last_stop = reply
         if was_running is None:
@@ -494,10 +423,12 @@ class _Session:
         if is_continue(packet) or is_step(packet):
             self.resume_and_wait(packet)
             return
-        with self.up.lock:
+        with self.lock:
             try:
-                reply = self.up.request(packet)
-            except RspError:
+                reply = self.rsp.request(packet)
+            except RspError as exc:
+                log.warning("gdb endpoint of %s: gdbstub failed on %s: %s",
+                            self.proxy.domain, summarize(packet), exc)
                 reply = b"E01"
         if packet[:1] == b"Z" and reply == b"OK":
             self.breakpoints.add(packet[1:])
@@ -506,10 +437,10 @@ class _Session:
         if packet.startswith(b"qRcmd,") and is_output(reply):
             # QEMU sends monitor output as O packets before the final OK.
             chan.send(reply)
-            with self.up.lock:
+            with self.lock:
                 try:
                     while True:
-                        reply = self.up.rsp._read_packet()
+                        reply = self.rsp.read_packet()
                         if not is_output(reply):
                             break
                         chan.send(reply)
@@ -523,20 +454,22 @@ class _Session:
         use_callback = (is_continue(packet) and self.paused_by_callback
                         and proxy.on_cont is not None)
         try:
-            with self.up.lock:
-                self.up.drain()
+            with self.lock:
+                self.rsp.discard_pending()
                 if not use_callback:
-                    self.up.send(packet)
+                    self.rsp.send_packet(packet)
             if use_callback:
                 proxy.on_cont()
                 self.paused_by_callback = False
             self.running = True
-            with self.up.lock:
+            with self.lock:
                 reply = self.wait_stop()
-        except RspError:
+        except RspError as exc:
+            log.warning("gdb endpoint of %s: %s failed: %s", proxy.domain, summarize(packet), exc)
             self.chan.send(b"E01")
             return
         except KdError as exc:
+            log.info("gdb endpoint of %s: %s refused: %s", proxy.domain, summarize(packet), exc)
             self.chan.send(b"E." + str(exc).encode()[:200])
             return
         self.running = False
@@ -547,13 +480,13 @@ class _Session:
         """Wait (holding the upstream lock) for the stop reply; Ctrl-C from gdb interrupts."""
         sent_interrupt = False
         while True:
-            if self.up.stop_reply_ready():
-                return self.up.read_stop_reply()
+            if self.rsp.packet_ready():
+                return self.rsp.read_stop_reply()
             if self.chan.interrupted and not sent_interrupt:
-                self.up.interrupt()
+                self.rsp.send_interrupt()
                 sent_interrupt = True
                 self.chan.interrupted = False
-            ready, _, _ = select.select([self.up._sock(), self.chan.sock, self.chan.wake],
+            ready, _, _ = select.select([self.rsp, self.chan.sock, self.chan.wake],
                                         [], [], None)
             if self.chan.wake in ready:
                 raise _SessionEnd()
@@ -566,24 +499,29 @@ class _Session:
         if not self.attached:
             return
         try:
-            with self.up.lock:
+            with self.lock:
                 if self.running:
                     # Stopped already (a stop reply is waiting) or running: a stopped
                     # gdbstub ignores the interrupt byte, a running one stops and replies.
-                    self.up.interrupt()
-                    if self.up.wait_stop_reply(RELEASE_TIMEOUT) is None:
+                    self.rsp.send_interrupt()
+                    if self.rsp.wait_stop_reply(RELEASE_TIMEOUT) is None:
+                        log.warning("gdb endpoint of %s: the vCPU did not stop within %g s "
+                                    "after the session ended", self.proxy.domain,
+                                    RELEASE_TIMEOUT)
                         return   # QEMU does not answer; leave it to the platform
                     self.running = False
                 for key in sorted(self.breakpoints):
-                    self.up.request(b"z" + key)
+                    self.rsp.request(b"z" + key)
                 self.breakpoints.clear()
                 if self.resume_at_end and not self.paused_by_callback:
-                    self.up.drain()
-                    self.up.send(b"c")
+                    self.rsp.discard_pending()
+                    self.rsp.send_packet(b"c")
             if self.resume_at_end and self.paused_by_callback and self.proxy.on_cont:
                 self.proxy.on_cont()
-        except (RspError, KdError, OSError):
-            pass   # QEMU is gone or refuses; the platform notices on its own
+        except (RspError, KdError, OSError) as exc:
+            # QEMU is gone or refuses; the platform notices on its own.
+            log.warning("gdb endpoint of %s: cleanup after the session failed: %s",
+                        self.proxy.domain, exc)
 
 
 class GdbProxy:
@@ -639,6 +577,7 @@ class GdbProxy:
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name=f"gdb-proxy-{self.domain}")
         self._thread.start()
+        log.info("gdb endpoint of %s listening on %s", self.domain, self.listen_path)
 
     def close(self) -> None:
         """Stop listening, end the session (cleaning up after it) and remove the socket."""
@@ -701,6 +640,8 @@ class GdbProxy:
 
     def _turn_away(self, conn: socket.socket) -> None:
         """A second debugger: answer its first packet with an error and hang up."""
+        log.info("gdb endpoint of %s: another debugger is attached; turning a client away",
+                 self.domain)
         chan = _ClientChannel(conn, self._wake_r)
         try:
             if chan.next_packet(timeout=SEND_TIMEOUT) is not None:

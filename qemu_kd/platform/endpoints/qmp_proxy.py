@@ -3,8 +3,9 @@
 The proxy speaks real QMP to its clients (greeting, ``qmp_capabilities``
 negotiation, ``id`` echo, ``return``/``error`` replies, events), so qmp-shell
 and the qemu.qmp clients work against it unchanged.  Behind it sits one QMP
-connection to QEMU's host monitor.  What passes is an allow-list that depends on
-the domain's measured policy (docs/debugging.md):
+connection to QEMU's host monitor (a :class:`qemu.qmp.QMPClient`).  What
+passes is an allow-list that depends on the domain's measured policy
+(docs/debugging.md):
 
 * always: status and identity queries, ``stop``/``cont`` (through the
   platform's exit/resume when callbacks are given), ``system_powerdown`` and
@@ -24,15 +25,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
+from qemu.qmp.qmp_client import BadReplyError
+
 from qemu_kd.platform.endpoints.audit import AuditError, AuditLog
 from qemu_kd.common.errors import KdError
 from qemu_kd.platform.endpoints.allowlists import HARMLESS_HMP, HMP_CONT, HMP_NEVER, HMP_STOP, hmp_command
 from qemu_kd.common.files import claim_socket_path
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20          # bytes in one client message
 MAX_NESTING = 256              # JSON nesting depth in one client message
@@ -267,95 +274,63 @@ def summarize(command: str, arguments: dict) -> str:
 
 # -- the upstream connection ------------------------------------------------------------------
 
-class _Upstream:
-    """A minimal asyncio QMP client to QEMU's host monitor."""
+class _EventForwarder(EventListener):
+    """Hands every event from QEMU straight to ``on_event``.
 
-    def __init__(self, path: str, on_event: Callable[[dict], None], not_running: str):
-        self.path = path
+    A plain :class:`EventListener` queues events and keeps each one in its history
+    for as long as it lives; the proxy forwards them at once and keeps none.
+    """
+
+    def __init__(self, on_event: Callable[[dict], None]):
+        super().__init__()
         self.on_event = on_event
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            self.on_event(dict(event))
+
+
+class _Upstream:
+    """The connection to QEMU's host monitor: a :class:`qemu.qmp.QMPClient`."""
+
+    def __init__(self, path: str, on_event: Callable[[dict], None], not_running: str,
+                 name: str):
+        self.path = path
         self.not_running = not_running
-        self.greeting: dict = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: dict[str, asyncio.Future] = {}
-        self._next_id = 0
-        self._task: asyncio.Task | None = None
-        self.alive = False
+        self.client = QMPClient(name, readbuflen=UPSTREAM_LIMIT)
+        # The client's default listener (which cannot be removed) would queue and
+        # remember every event, unread: it accepts none.
+        self.client.events.event_filter = lambda _event: False
+        self.client.register_listener(_EventForwarder(on_event))
 
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(
-            self.path, limit=UPSTREAM_LIMIT)
-        self.greeting = json.loads(await self._reader.readline())
-        self._writer.write(b'{"execute": "qmp_capabilities", "id": "negotiate"}\n')
-        while True:
-            reply = json.loads(await self._reader.readline())
-            if reply.get("id") == "negotiate":
-                break
-        if "return" not in reply:
-            raise QmpProxyError(f"QEMU refused QMP negotiation: {reply.get('error')}")
-        self.alive = True
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        await self.client.connect(self.path)
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        try:
-            while True:
-                line = await self._reader.readline()
-                if not line:
-                    break
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(msg, dict):
-                    continue
-                if "event" in msg:
-                    self.on_event(msg)
-                    continue
-                fut = self._pending.pop(str(msg.get("id")), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (OSError, ValueError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.alive = False
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_result(error_reply(self.not_running))
-            self._pending.clear()
+    @property
+    def version(self) -> dict:
+        greeting = self.client.greeting
+        return dict(greeting.QMP.version) if greeting is not None else {}
 
     async def execute(self, command: str, arguments: dict | None) -> dict:
         """QEMU's reply (with ``return`` or ``error``) to one command."""
-        if not self.alive or self._writer is None:
-            return error_reply(self.not_running)
-        self._next_id += 1
-        msg_id = f"kd-proxy-{self._next_id}"
-        msg = {"execute": command, "id": msg_id}
-        if arguments:
-            msg["arguments"] = arguments
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = fut
         try:
-            self._writer.write(json.dumps(msg).encode() + b"\n")
-            await self._writer.drain()
-        except OSError:
-            self._pending.pop(msg_id, None)
+            result = await self.client.execute(command, arguments or None)
+        except ExecuteError as exc:
+            return {"error": {"class": exc.error_class, "desc": str(exc)}}
+        except BadReplyError:
+            return error_reply(f"QEMU gave a malformed reply to '{command}'")
+        except (QMPError, OSError) as exc:
+            # Not connected any more (StateError) or cut off mid-command.
+            log.info("QMP upstream %s: %s failed: %s", self.path, command,
+                     type(exc).__name__)
             return error_reply(self.not_running)
-        return await fut
+        return {"return": result}
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except OSError:
-                pass
+        try:
+            await self.client.disconnect()
+        except Exception as exc:  # noqa: BLE001 - what ended the connection; closing anyway
+            log.debug("QMP upstream %s: disconnect: %s", self.path, exc)
 
 
 # -- the proxy --------------------------------------------------------------------------------
@@ -453,7 +428,8 @@ class QmpProxy:
     async def _main(self) -> None:
         self._shutdown = asyncio.Event()
         not_running = f"key domain {self.domain} is not running (its QEMU has stopped)"
-        self._upstream = _Upstream(self.upstream_path, self._on_event, not_running)
+        self._upstream = _Upstream(self.upstream_path, self._on_event, not_running,
+                                   f"kd-qmp-proxy-{self.domain}")
         server = None
         try:
             try:
@@ -463,10 +439,11 @@ class QmpProxy:
                     f"QEMU's monitor {self.upstream_path} did not greet the QMP proxy of key "
                     f"domain {self.domain}", "a QMP socket serves one client at a time; is "
                     "another client connected to it?") from None
-            except (OSError, ValueError) as exc:
+            except (QMPError, OSError) as exc:
+                cause = getattr(exc, "exc", None) or exc    # ConnectError wraps the cause
                 raise QmpProxyError(
                     f"cannot connect the QMP proxy of key domain {self.domain} to QEMU's "
-                    f"monitor {self.upstream_path}: {exc}", "check that the domain is running") \
+                    f"monitor {self.upstream_path}: {cause}", "check that the domain is running") \
                     from None
             claim_socket_path(self.listen_path)
             try:
@@ -477,10 +454,13 @@ class QmpProxy:
                 raise QmpProxyError(f"cannot listen on {self.listen_path}: {exc.strerror}",
                                     "check that the directory exists and is writable") from None
         except BaseException as exc:  # noqa: BLE001 - reported to start()
+            log.warning("QMP endpoint of %s did not start: %s", self.domain, exc)
             self._start_error = exc
             await self._upstream.close()
             self._ready.set()
             return
+        log.info("QMP endpoint of %s listening on %s (%s)", self.domain, self.listen_path,
+                 "DEBUG" if self.debug else "no DEBUG policy")
         self._ready.set()
         await self._shutdown.wait()
         server.close()
@@ -512,8 +492,7 @@ class QmpProxy:
         self._clients.add(client)
         splitter = QmpInputSplitter()
         try:
-            version = self._upstream.greeting.get("QMP", {}).get("version", {})
-            client.send({"QMP": {"version": version, "capabilities": []}})
+            client.send({"QMP": {"version": self._upstream.version, "capabilities": []}})
             while not writer.is_closing():
                 data = await reader.read(65536)
                 if not data:
@@ -522,6 +501,8 @@ class QmpProxy:
                     if isinstance(item, InputError):
                         client.send(error_reply(item.desc))
                         if item.fatal:
+                            log.warning("QMP endpoint of %s: closing a client: %s",
+                                        self.domain, item.desc)
                             await self._hang_up(reader, writer)
                             return
                         continue
@@ -601,6 +582,7 @@ class QmpProxy:
                                   action=summarize(command, arguments), allowed=verdict.allowed,
                                   debug=self.debug)
             except AuditError as exc:   # fail closed: nothing unaudited gets through
+                log.error("QMP endpoint of %s: %s refused: %s", self.domain, command[:80], exc)
                 return error_reply(f"'{command[:80]}' is refused: {exc.message}")
         if not verdict.allowed:
             return error_reply(verdict.reason)
@@ -630,5 +612,7 @@ class QmpProxy:
         except KdError as exc:
             return error_reply(str(exc))
         except Exception as exc:  # noqa: BLE001 - reported to the client, the proxy goes on
+            log.error("QMP endpoint of %s: %s failed: %s", self.domain, command,
+                      type(exc).__name__)
             return error_reply(f"'{command}' failed for key domain {self.domain}: {exc}")
         return {"return": {}}
