@@ -30,7 +30,7 @@ import numpy as np
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FieldValueError, ReservedBitsError, require_length
-from qemu_kd.formats.addresses import PAGE_SIZE, KEYID_SHIFT, HPA_LIMIT
+from qemu_kd.formats.addresses import u64_array, PAGE_SIZE, KEYID_SHIFT, HPA_LIMIT
 
 ENTRIES_PER_TABLE = 512
 MAXPHYADDR = 46
@@ -213,21 +213,6 @@ def _check_mapping(m: EptMapping) -> None:
         raise EptError(f"{m}: write without read is an EPT misconfiguration")
 
 
-def _u64(values, what: str) -> np.ndarray:
-    """A 1-D uint64 array of non-negative integers (EptError otherwise)."""
-    if isinstance(values, np.ndarray):
-        if values.size and values.dtype.kind not in "iu":
-            raise EptError(f"{what} values must be integers")
-        if values.dtype.kind == "i" and values.size and (values < 0).any():
-            raise EptError(f"{what} values must not be negative")
-        return values.astype(np.uint64, copy=False).reshape(-1)
-    items = list(values)
-    for v in items:
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 or int(v) >> 64:
-            raise EptError(f"{what} {v!r} is not an unsigned 64-bit integer")
-    return np.array(items, dtype=np.uint64)
-
-
 def build_ept(mappings: Iterable[EptMapping], table_hpas: Sequence[int]) -> tuple[int, dict[int, bytes]]:
     """Build 4-level EPT pages mapping every gpa to its hpa with 4 KiB leaves.
 
@@ -249,8 +234,8 @@ def build_ept_arrays(gpas, hpas, perms, table_hpas: Sequence[int]) -> tuple[int,
     The same checks and the same output as :func:`build_ept`, vectorised, so a
     256 MiB guest (65 536 mappings) takes milliseconds rather than a second.
     """
-    gpa_arr, hpa_arr = _u64(gpas, "gpa"), _u64(hpas, "hpa")
-    perm_arr = _u64(perms, "perms")
+    gpa_arr, hpa_arr = u64_array(gpas, "gpa", EptError), u64_array(hpas, "hpa", EptError)
+    perm_arr = u64_array(perms, "perms", EptError)
     if not gpa_arr.size == hpa_arr.size == perm_arr.size:
         raise EptError("gpa, hpa and perms lists have different lengths")
     order = np.argsort(gpa_arr, kind="stable")
@@ -400,7 +385,8 @@ def mapping_digest(mappings: Iterable[EptMapping]) -> bytes:
 
 def mapping_digest_arrays(gpas, hpas, perms) -> bytes:
     """:func:`mapping_digest` of parallel arrays (the same bytes, vectorised)."""
-    gpa_arr, hpa_arr, perm_arr = _u64(gpas, "gpa"), _u64(hpas, "hpa"), _u64(perms, "perms")
+    gpa_arr, hpa_arr = u64_array(gpas, "gpa", EptError), u64_array(hpas, "hpa", EptError)
+    perm_arr = u64_array(perms, "perms", EptError)
     if not gpa_arr.size == hpa_arr.size == perm_arr.size:
         raise EptError("gpa, hpa and perms lists have different lengths")
     order = np.lexsort((perm_arr, hpa_arr, gpa_arr))

@@ -84,3 +84,10 @@ def require_bytes(what: str, value: bytes, size: int) -> None:
     if not isinstance(value, (bytes, bytearray)) or len(value) != size:
         got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
         raise FieldValueError(f"{what} must be {size} bytes, got {got}")
+
+
+def pad_field(what: str, value: bytes, size: int) -> bytes:
+    """``value`` zero-padded to a ``size``-byte field; FieldValueError if it is longer (for building)."""
+    if not isinstance(value, (bytes, bytearray)) or len(value) > size:
+        raise FieldValueError(f"{what} must be at most {size} bytes")
+    return bytes(value).ljust(size, b"\0")

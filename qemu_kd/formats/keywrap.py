@@ -45,6 +45,7 @@ from qemu_kd.formats.errors import (
     require_length,
 )
 from qemu_kd.formats.policy import HOST_DATA_SIZE, Policy
+from qemu_kd.formats.errors import pad_field
 
 WRAP_MAGIC = b"KDWK"
 WRAP_VERSION = 1
@@ -73,9 +74,7 @@ def recipient_digest(kak_public: ec.EllipticCurvePublicKey) -> bytes:
 
 def normalize_host_data(host_data: bytes) -> bytes:
     """host_data as the 32-byte field it is everywhere (zero-padded)."""
-    if not isinstance(host_data, (bytes, bytearray)) or len(host_data) > HOST_DATA_SIZE:
-        raise FieldValueError(f"host_data must be at most {HOST_DATA_SIZE} bytes")
-    return bytes(host_data).ljust(HOST_DATA_SIZE, b"\0")
+    return pad_field("host_data", host_data, HOST_DATA_SIZE)
 
 
 @dataclass(frozen=True)

@@ -88,12 +88,6 @@ class HostDataMismatch(AttestationError):
     exit_code = 8
 
 
-def pad_field(what: str, value: bytes, size: int) -> bytes:
-    if not isinstance(value, (bytes, bytearray)) or len(value) > size:
-        raise FieldValueError(f"{what} must be at most {size} bytes")
-    return bytes(value).ljust(size, b"\0")
-
-
 @dataclass(frozen=True)
 class AttestationReport:
     """A signed statement of what runs in a key domain (see module docstring)."""

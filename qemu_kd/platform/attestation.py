@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from qemu_kd.platform.identity import PlatformIdentity
 from qemu_kd.formats.policy import Policy
-from qemu_kd.formats.report import AttestationReport, ID_SIZE, REPORT_DATA_SIZE, SCALAR_SIZE, pad_field
+from qemu_kd.formats.report import AttestationReport, ID_SIZE, REPORT_DATA_SIZE, SCALAR_SIZE
+from qemu_kd.formats.errors import pad_field
 from qemu_kd.formats.policy import HOST_DATA_SIZE
 
 

@@ -26,8 +26,9 @@ from cryptography import x509
 from qemu_kd.formats.report import AttestationError, AttestationReport
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.formats.report import (
-    EmulatedPlatformError, HostDataMismatch, MeasurementMismatch, PolicyMismatch, REPORT_DATA_SIZE, REPORT_SIZE, ReportDataMismatch, SCALAR_SIZE, SIGNED_SIZE, SignatureError, pad_field,
+    EmulatedPlatformError, HostDataMismatch, MeasurementMismatch, PolicyMismatch, REPORT_DATA_SIZE, REPORT_SIZE, ReportDataMismatch, SCALAR_SIZE, SIGNED_SIZE, SignatureError,
 )
+from qemu_kd.formats.errors import pad_field
 from qemu_kd.formats.policy import HOST_DATA_SIZE
 from qemu_kd.tenant.measure import SealError
 
