@@ -16,8 +16,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import socket
+import time
+
 import pytest
 
+from qemu_kd.qemu.guestport import GuestPortServer
+from qemu_kd.qemu.launch import UNPROTECTED_PORT
 from qemu_kd.guest import cache, initramfs, packages, recipe, rootfs
 from qemu_kd.common.errors import GuestImageError
 
@@ -600,15 +605,32 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     qemu = _qemu_or_skip()
     shared = tmp_path / "ttyS1.out"
+    port_path = tmp_path / "gp.sock"
     argv = [
         "-accel", "tcg", "-cpu", "max", "-m", "512", "-nodefaults", "-no-reboot",
         "-nographic", "-serial", "stdio",
         "-chardev", f"file,id=shared,path={shared}", "-device", "isa-serial,chardev=shared",
-        "-chardev", "null,id=port", "-device", "isa-serial,chardev=port",
+        "-chardev", f"socket,id=port,path={port_path},server=on,wait=off",
+        "-device", "isa-serial,chardev=port",
         "-kernel", str(real_guest.kernel), "-initrd", str(real_guest.initrd),
         "-append", recipe.kernel_cmdline(),
     ]
     child = pexpect.spawn(qemu, argv, timeout=120, encoding="utf-8", codec_errors="replace")
+    # The guest port says what a plain run's says: no platform protects this guest, so the
+    # agent gives the console a shell.
+    port = None
+    for _ in range(100):
+        try:
+            port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            port.connect(str(port_path))
+            break
+        except OSError:
+            port.close()
+            port = None
+            time.sleep(0.1)
+    assert port is not None, "QEMU did not open the guest-port socket"
+    server = GuestPortServer(port, UNPROTECTED_PORT)
+    server.start()
     try:
         child.expect_exact("qemu-kd-guest: starting agent")
         child.expect_exact("# ")
@@ -631,6 +653,7 @@ def test_real_image_boots_and_imports_cryptography(real_guest, tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+        server.stop()
 
 
 @pytest.mark.qemu
