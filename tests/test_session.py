@@ -94,26 +94,24 @@ def start_guest(identity, tmp_path, keyid=1):
         (sockets, thread, server)
 
 
-@pytest.fixture
-def guest(identity, tmp_path):
-    g, (sockets, thread, server) = start_guest(identity, tmp_path)
+def running_guest(identity, tmp_path, keyid):
+    g, (sockets, thread, server) = start_guest(identity, tmp_path, keyid=keyid)
     yield g
     sockets[0].close()
     thread.join(timeout=5)
     server.stop()
     for s in sockets[1:]:
         s.close()
+
+
+@pytest.fixture
+def guest(identity, tmp_path):
+    yield from running_guest(identity, tmp_path, keyid=1)
 
 
 @pytest.fixture
 def second_guest(identity, tmp_path):
-    g, (sockets, thread, server) = start_guest(identity, tmp_path, keyid=2)
-    yield g
-    sockets[0].close()
-    thread.join(timeout=5)
-    server.stop()
-    for s in sockets[1:]:
-        s.close()
+    yield from running_guest(identity, tmp_path, keyid=2)
 
 
 def test_tenant_session_does_everything_the_tenant_needs(guest, tmp_path):
