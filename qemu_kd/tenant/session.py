@@ -47,12 +47,6 @@ class GuestCommandError(KdError):
     """An operation inside the session failed in the guest."""
 
 
-def check_binding(report_data: bytes, nonce: bytes, agent_public: bytes) -> None:
-    if report_data != report_data_for(nonce, agent_public):
-        raise SessionRefused("report_data does not bind this nonce and the agent's session key",
-                             "the report is stale, or was produced for another session")
-
-
 @dataclass
 class Attestation:
     """What the tenant verified, with the raw material for re-verification offline."""
