@@ -96,3 +96,65 @@ def test_garbage_chain_rejected():
         verify_chain(b"not pem", root.certificate)
     with pytest.raises(ChainError, match="empty"):
         verify_chain(b"", root.certificate)
+
+
+# -- the sealing root: the guests' sealing keys have a root of their own ------------------
+
+def _guest_port_key(identity, measurement: bytes, policy: Policy, label: str) -> bytes:
+    """The key the platform's guest port answers derive-key with, for a launched domain."""
+    from types import SimpleNamespace
+
+    from qemu_kd.platform.runtime import DomainRuntime
+
+    domain = SimpleNamespace(keyid=1, measurement=SimpleNamespace(digest=measurement), policy=policy)
+    return bytes.fromhex(DomainRuntime(domain, identity)._derive_key({"label": label})["key"])
+
+
+def test_sealing_root_is_private_persistent_and_the_only_kdf_input(tmp_path):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    root = RootCA.load_or_create(tmp_path)
+    ident = PlatformIdentity.load_or_create(tmp_path, root)
+    path = tmp_path / "platform-sealing-root.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    sealing_root = path.read_bytes()
+    assert len(sealing_root) == 48
+    measurement, policy = bytes(range(48)), Policy.make(debug=False)
+    key = _guest_port_key(ident, measurement, policy, "disk")
+    # derive-key is HKDF over the sealing root and nothing else of the platform's.
+    info = b"qemu-kd sealing key v1" + measurement + policy.pack() + b"disk"
+    assert key == HKDF(hashes.SHA384(), 32, salt=None, info=info).derive(sealing_root)
+    assert _guest_port_key(ident, measurement, policy, "other") != key
+    assert _guest_port_key(ident, measurement, Policy.make(debug=True), "disk") != key
+    # Reloaded: the same root, the same keys.
+    again = PlatformIdentity.load_or_create(tmp_path, root)
+    assert _guest_port_key(again, measurement, policy, "disk") == key
+    # A new key-agreement key changes nothing about the sealing keys.
+    new_kak = ec.generate_private_key(ec.SECP384R1())
+    (tmp_path / "platform-kak.key").write_bytes(new_kak.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    rekeyed = PlatformIdentity.load_or_create(tmp_path, root)
+    assert rekeyed.kak_private.private_numbers() == new_kak.private_numbers()
+    assert _guest_port_key(rekeyed, measurement, policy, "disk") == key
+
+
+def test_state_dir_without_a_sealing_root_gets_one(tmp_path):
+    root = RootCA.load_or_create(tmp_path)
+    PlatformIdentity.load_or_create(tmp_path, root)
+    path = tmp_path / "platform-sealing-root.key"
+    path.unlink()       # a state directory from before the sealing root
+    ident = PlatformIdentity.load_or_create(tmp_path, root)
+    assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = _guest_port_key(ident, bytes(48), Policy.make(), "x")
+    assert _guest_port_key(PlatformIdentity.load_or_create(tmp_path, root), bytes(48), Policy.make(), "x") == key
+    path.write_bytes(b"short")
+    with pytest.raises(IdentityError, match="not a 48-byte sealing root"):
+        PlatformIdentity.load_or_create(tmp_path, root)
+
+
+def test_throwaway_identities_have_distinct_sealing_roots():
+    root = RootCA.create_throwaway()
+    a, b = PlatformIdentity.create_throwaway(root), PlatformIdentity.create_throwaway(root)
+    assert _guest_port_key(a, bytes(48), Policy.make(), "x") != _guest_port_key(b, bytes(48), Policy.make(), "x")

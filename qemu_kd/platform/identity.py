@@ -3,6 +3,11 @@
 The root CA stands for the hardware vendor.  It is generated once per
 installation in the state directory; tests make throwaway roots in memory.
 The certificate formats and the chain check are in :mod:`qemu_kd.formats.certs`.
+
+Besides its two P-384 keys (attestation, key agreement) the platform holds a
+*sealing root*: 48 random bytes used for nothing but deriving the guests'
+sealing keys (guest-port ``derive-key``).  It is its own secret so that no
+key-agreement key ever doubles as a KDF input.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Iterator
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from qemu_kd.common.errors import KdError
@@ -28,6 +34,11 @@ ROOT_CERT_FILE = "root-ca.crt"
 PLATFORM_ATTESTATION_KEY_FILE = "platform-attestation.key"
 PLATFORM_KAK_FILE = "platform-kak.key"
 PLATFORM_CERT_FILE = "platform.crt"
+PLATFORM_SEALING_ROOT_FILE = "platform-sealing-root.key"
+
+SEALING_ROOT_SIZE = 48
+SEALING_KEY_SIZE = 32
+SEALING_LABEL = b"qemu-kd sealing key v1"
 
 ROOT_VALIDITY = datetime.timedelta(days=365 * 30)
 PLATFORM_VALIDITY = datetime.timedelta(days=365 * 20)
@@ -68,6 +79,18 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
         raise IdentityError(f"{path} is not a P-384 private key",
                             "move the state directory aside to generate a new identity")
     return key
+
+
+def _load_sealing_root(path: Path) -> bytes:
+    try:
+        root = path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}",
+                            "check the state directory's permissions") from None
+    if len(root) != SEALING_ROOT_SIZE:
+        raise IdentityError(f"{path} is {len(root)} bytes, not a {SEALING_ROOT_SIZE}-byte sealing root",
+                            "move the state directory aside to generate a new identity")
+    return root
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -167,15 +190,30 @@ class RootCA:
 
 
 class PlatformIdentity:
-    """The platform's attestation key, key-agreement key and certificate."""
+    """The platform's attestation key, key-agreement key, sealing root and certificate."""
 
     def __init__(self, attestation_key: ec.EllipticCurvePrivateKey, kak_private: ec.EllipticCurvePrivateKey,
-                 certificate: x509.Certificate, root_certificate: x509.Certificate):
+                 certificate: x509.Certificate, root_certificate: x509.Certificate,
+                 sealing_root: bytes):
+        if len(sealing_root) != SEALING_ROOT_SIZE:
+            raise IdentityError(f"the sealing root must be {SEALING_ROOT_SIZE} bytes")
         self.attestation_key = attestation_key
         self.kak_private = kak_private
         self.certificate = certificate
         self.root_certificate = root_certificate
+        self._sealing_root = bytes(sealing_root)
         self.platform_id = compute_platform_id(attestation_key.public_key(), kak_private.public_key())
+
+    def sealing_key(self, measurement: bytes, policy_bytes: bytes, label: bytes) -> bytes:
+        """A guest's sealing key: the same for the same image, policy and label on this platform.
+
+        HKDF-SHA-384(ikm = sealing root, no salt, info = "qemu-kd sealing key v1" ||
+        measurement (48) || policy (8) || label, length 32).  Neither key pair enters it.
+        """
+        if len(measurement) != 48 or len(policy_bytes) != 8:
+            raise ValueError("a sealing key needs the 48-byte measurement and the 8-byte policy")
+        info = SEALING_LABEL + bytes(measurement) + bytes(policy_bytes) + bytes(label)
+        return HKDF(hashes.SHA384(), SEALING_KEY_SIZE, salt=None, info=info).derive(self._sealing_root)
 
     @property
     def kak_public(self) -> ec.EllipticCurvePublicKey:
@@ -186,19 +224,21 @@ class PlatformIdentity:
         attestation = ec.generate_private_key(ec.SECP384R1())
         kak = ec.generate_private_key(ec.SECP384R1())
         cert = root.issue_platform_certificate(attestation.public_key(), kak.public_key())
-        return cls(attestation, kak, cert, root.certificate)
+        return cls(attestation, kak, cert, root.certificate, os.urandom(SEALING_ROOT_SIZE))
 
     @classmethod
     def load_or_create(cls, state_dir: Path, root: RootCA) -> "PlatformIdentity":
         """The platform keys from ``state_dir`` (generated on first use).
 
         The keys are kept for good, so sealed bundles stay valid; the
-        certificate is issued again if it no longer chains to ``root``.
+        certificate is issued again if it no longer chains to ``root``.  A
+        state directory from before the sealing root existed gets one.
         """
         state_dir = Path(state_dir)
         att_path = state_dir / PLATFORM_ATTESTATION_KEY_FILE
         kak_path = state_dir / PLATFORM_KAK_FILE
         cert_path = state_dir / PLATFORM_CERT_FILE
+        sealing_path = state_dir / PLATFORM_SEALING_ROOT_FILE
         with _locked(state_dir):
             if att_path.exists() != kak_path.exists():
                 raise IdentityError(f"half a platform identity in {state_dir}: one of "
@@ -211,12 +251,17 @@ class PlatformIdentity:
                 kak = ec.generate_private_key(ec.SECP384R1())
                 write_file_atomic(att_path, _key_pem(attestation), 0o600)
                 write_file_atomic(kak_path, _key_pem(kak), 0o600)
+            if sealing_path.exists():
+                sealing_root = _load_sealing_root(sealing_path)
+            else:
+                sealing_root = os.urandom(SEALING_ROOT_SIZE)
+                write_file_atomic(sealing_path, sealing_root, 0o600)
             cert = _load_cert(cert_path) if cert_path.exists() else None
-            identity = cls(attestation, kak, cert, root.certificate) if cert else None
+            identity = cls(attestation, kak, cert, root.certificate, sealing_root) if cert else None
             if identity is None or not identity._certificate_current():
                 cert = root.issue_platform_certificate(attestation.public_key(), kak.public_key())
                 write_file_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
-                identity = cls(attestation, kak, cert, root.certificate)
+                identity = cls(attestation, kak, cert, root.certificate, sealing_root)
             return identity
 
     def _certificate_current(self) -> bool:
