@@ -269,15 +269,12 @@ class DomainRuntime:
         return {"report": base64.b64encode(report.pack()).decode()}
 
     def _derive_key(self, req: dict) -> dict:
+        """A sealing key from the platform's sealing root (never from its key-agreement key)."""
+        if self.domain.measurement is None:
+            raise ValueError("the domain has no finalized measurement")
         label = str(req.get("label", "")).encode()
-        secret = hashlib.sha384(b"qemu-kd sealing root" + self._platform_secret()).digest()
-        info = self.domain.measurement.digest + self.domain.policy.pack() + label
-        key = hmac.new(secret, info, hashlib.sha256).digest()
+        key = self.identity.sealing_key(self.domain.measurement.digest, self.domain.policy.pack(), label)
         return {"key": key.hex()}
-
-    def _platform_secret(self) -> bytes:
-        n = self.identity.kak_private.private_numbers().private_value
-        return n.to_bytes(48, "big")
 
     # -- shadow ---------------------------------------------------------------------
     def sync_shadow(self) -> int:
