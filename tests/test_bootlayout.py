@@ -177,3 +177,84 @@ def test_pages_assemble_regions_into_4k_pages():
 def test_bad_inputs_give_clear_errors(kw, msg):
     with pytest.raises(GuestImageError, match=msg):
         layout(**kw)
+
+
+# -- the platform's tsc_early_khz: appended at launch, in the zeroed space behind the line --
+
+def guest_ram(lay) -> bytearray:
+    """Guest memory as the platform has it after decrypting the image pages."""
+    ram = bytearray(lay.mem_size)
+    for gpa, page in lay.pages().items():
+        ram[gpa:gpa + len(page)] = page
+    return ram
+
+
+def kernel_sees(ram, lay) -> bytes:
+    """The command line as the kernel reads it: boot_params at RSI, cmd_line_ptr, up to the NUL."""
+    zp = lay.vcpu.rsi
+    ptr = struct.unpack_from("<I", ram, zp + 0x228)[0] | struct.unpack_from("<I", ram, zp + 0x0C8)[0] << 32
+    return bytes(ram[ptr:ram.index(b"\0", ptr)])
+
+
+def apply(ram, done):
+    ram[done.gpa:done.gpa + len(done.data)] = done.data
+
+
+def test_platform_appends_tsc_early_khz_in_the_zeroed_space():
+    lay = layout(cmdline="console=ttyS0 quiet")
+    ram = guest_ram(lay)
+    done = bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, 2_596_140)
+    assert done.gpa == bl.CMDLINE_GPA + len("console=ttyS0 quiet")
+    assert done.data == b" tsc_early_khz=2596140\0"
+    apply(ram, done)
+    assert kernel_sees(ram, lay) == b"console=ttyS0 quiet tsc_early_khz=2596140" == done.cmdline
+
+
+def test_a_measured_tsc_early_khz_is_left_alone():
+    lay = layout(cmdline="console=ttyS0 tsc_early_khz=1000 quiet")
+    assert bl.complete_cmdline(guest_ram(lay), lay.mem_size, lay.vcpu.rsi, 2_000_000) is None
+    assert bl.with_tsc_khz("a tsc_early_khz=5", 7) == "a tsc_early_khz=5"
+    assert bl.with_tsc_khz("a", 7) == "a tsc_early_khz=7" and bl.with_tsc_khz("a", None) == "a"
+
+
+def test_no_linux_boot_params_means_nothing_to_complete():
+    lay = layout()
+    ram = guest_ram(lay)
+    assert bl.complete_cmdline(ram, lay.mem_size, 0x5000, 1000) is None   # no "HdrS" there
+    struct.pack_into("<I", ram, lay.vcpu.rsi + 0x228, 0)                  # no command line
+    assert bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, 1000) is None
+
+
+def test_the_layout_keeps_room_for_the_platform():
+    size = 100
+    kernel = fake_bzimage(cmdline_size=size)
+    longest = "x" * (size - bl.PLATFORM_CMDLINE_ROOM)
+    lay = layout(kernel=kernel, cmdline=longest)
+    ram = guest_ram(lay)
+    apply(ram, bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, bl.TSC_KHZ_MAX))
+    assert len(kernel_sees(ram, lay)) <= size
+    with pytest.raises(GuestImageError, match="keeps 32 bytes for tsc_early_khz"):
+        layout(kernel=kernel, cmdline=longest + "x")
+    # A line that sets tsc_early_khz itself may use the whole space.
+    layout(kernel=kernel, cmdline=("tsc_early_khz=1 " + longest)[:size])
+
+
+def test_completion_refuses_what_does_not_fit():
+    lay = layout(kernel=fake_bzimage(cmdline_size=100), cmdline="console=ttyS0")
+    ram = guest_ram(lay)
+    struct.pack_into("<I", ram, lay.vcpu.rsi + 0x238, 20)       # the kernel reads at most 20 bytes
+    with pytest.raises(GuestImageError, match="no room"):
+        bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, 1000)
+    ram = guest_ram(lay)
+    ram[bl.CMDLINE_GPA + 20] = 0x41                              # not zero behind the line
+    with pytest.raises(GuestImageError, match="not zero"):
+        bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, 1000)
+    ram = guest_ram(lay)
+    ram[bl.CMDLINE_GPA:bl.CMDLINE_GPA + 101] = b"y" * 101        # no NUL within cmdline_size + 1
+    with pytest.raises(GuestImageError, match="no NUL"):
+        bl.complete_cmdline(ram, lay.mem_size, lay.vcpu.rsi, 1000)
+    with pytest.raises(GuestImageError, match="outside"):
+        bl.complete_cmdline(guest_ram(lay), lay.mem_size, lay.mem_size, 1000)
+    for bad in (0, -1, bl.TSC_KHZ_MAX + 1, True):
+        with pytest.raises(GuestImageError, match="TSC frequency"):
+            bl.complete_cmdline(guest_ram(lay), lay.mem_size, lay.vcpu.rsi, bad)

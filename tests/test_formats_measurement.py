@@ -204,3 +204,59 @@ def test_add_zero_pages_equals_page_by_page():
     with pytest.raises(MeasurementError, match="perms"):
         bulk.add_zero_pages([0x300000], 0)
     assert bulk.digest == one.digest                      # failed calls change nothing
+
+
+# -- the measurement does not depend on the host's TSC frequency ---------------------------
+
+def test_same_guest_measures_the_same_on_hosts_with_different_tsc(monkeypatch):
+    """The default command line is measured without tsc_early_khz; the platform adds its own."""
+    from types import SimpleNamespace
+
+    import qemu_kd.platform.runtime as runtime
+    import qemu_kd.qemu.launch as launch
+    from qemu_kd.formats import bootlayout
+    from qemu_kd.tenant.measure import measure
+    from synthetic import fake_bzimage
+
+    kernel, initrd, mem = fake_bzimage(), b"initrd" * 999, 64 << 20
+    seen = {}
+    for host_khz in (2_100_000, 3_700_123):
+        monkeypatch.setattr(launch, "host_tsc_khz", lambda khz=host_khz: khz)
+        monkeypatch.setattr(runtime, "host_tsc_khz", lambda khz=host_khz: khz)
+        cmdline = launch.full_cmdline()
+        digest = measure(kernel, initrd, cmdline, mem, Policy.make())
+        # What that host's platform then does in guest RAM at launch.
+        lay = bootlayout.build_boot_layout(kernel, initrd, cmdline, mem)
+        ram = bytearray(mem)
+        for gpa, page in lay.pages().items():
+            ram[gpa:gpa + len(page)] = page
+        machine = SimpleNamespace(map_ram=lambda: ram, write_ram=lambda gpa, data: ram.__setitem__(
+            slice(gpa, gpa + len(data)), data))
+        domain = SimpleNamespace(keyid=1, policy=Policy.make(), measurement=None)
+        rt = runtime.DomainRuntime(domain, identity=None)
+        rt.machine, rt.mem_size = machine, mem
+        rt._complete_cmdline(lay.vcpu.rsi)
+        line = bytes(ram[bootlayout.CMDLINE_GPA:ram.index(b"\0", bootlayout.CMDLINE_GPA)]).decode()
+        seen[host_khz] = (digest, line, rt._info({})["tsc_khz"])
+    (d1, line1, khz1), (d2, line2, khz2) = seen.values()
+    assert d1 == d2
+    assert line1.endswith(" tsc_early_khz=2100000") and line2.endswith(" tsc_early_khz=3700123")
+    assert (khz1, khz2) == (2_100_000, 3_700_123)
+
+
+def test_a_command_line_without_room_refuses_the_launch(monkeypatch):
+    from types import SimpleNamespace
+
+    import qemu_kd.platform.runtime as runtime
+
+    ram = bytearray(64 << 20)
+    ram[0x7000 + 0x202:0x7000 + 0x206] = b"HdrS"
+    struct.pack_into("<H", ram, 0x7000 + 0x206, 0x020F)
+    struct.pack_into("<I", ram, 0x7000 + 0x228, 0x20000)
+    struct.pack_into("<I", ram, 0x7000 + 0x238, 10)          # cmdline_size 10
+    ram[0x20000:0x2000A] = b"0123456789"
+    monkeypatch.setattr(runtime, "host_tsc_khz", lambda: 1000)
+    rt = runtime.DomainRuntime(SimpleNamespace(keyid=3), identity=None)
+    rt.machine, rt.mem_size = SimpleNamespace(map_ram=lambda: ram), len(ram)
+    with pytest.raises(runtime.LaunchError, match="key domain 3: the kernel command line cannot take"):
+        rt._complete_cmdline(0x7000)

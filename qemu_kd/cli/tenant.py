@@ -201,8 +201,10 @@ def _cmd_verify_report(args: argparse.Namespace) -> int:
 def _guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", help="guest bzImage (default: the built default guest)")
     p.add_argument("--initrd", help="guest initramfs (default: the built default guest)")
-    p.add_argument("--cmdline", help="kernel command line (default: the default guest's, with this "
-                                     "host's tsc_early_khz; give the same to measure and seal)")
+    p.add_argument("--cmdline", help="kernel command line (default: the default guest's, the same on "
+                                     "every host; give the same to measure and seal). Leave "
+                                     "tsc_early_khz out: the platform adds this processor's at launch, "
+                                     "unmeasured; a line that sets it is measured and kept as given")
     p.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
     p.add_argument("--debug", action="store_true",
                    help="seal with the DEBUG policy (the host may read guest memory and registers)")
@@ -229,13 +231,22 @@ def add_tenant_parser(subparsers) -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_seal)
 
     v = tsub.add_parser("verify-report", help="verify an attestation report",
-                        description="Exit codes: 0 OK, 2 usage, 3 signature, 4 chain, 5 measurement, "
+                        usage="%(prog)s --report FILE --root PEM --chain PEM --report-data HEX\n"
+                              "       (--secret FILE | --measurement HEX --policy POLICY)\n"
+                              "       [--host-data HEX] [--allow-emulated]",
+                        description="The expected measurement and policy come from --secret, or both "
+                                    "from --measurement and --policy: --measurement needs --policy (or "
+                                    "--secret) and the other way round. Given with --secret, "
+                                    "--measurement, --policy and --host-data override its values. "
+                                    "Exit codes: 0 OK, 2 usage, 3 signature, 4 chain, 5 measurement, "
                                     "6 policy, 7 report_data, 8 host_data, 9 emulated platform not allowed.")
     v.add_argument("--report", required=True, help="the report (352 bytes, binary)")
     v.add_argument("--root", required=True, help="trusted root certificate (PEM)")
     v.add_argument("--chain", required=True, help="platform certificate chain (PEM)")
-    v.add_argument("--measurement", help="expected launch measurement (96 hex digits)")
-    v.add_argument("--policy", help="expected policy: debug, nodebug or 16 hex digits")
+    v.add_argument("--measurement", help="expected launch measurement (96 hex digits); "
+                                         "needs --policy or --secret")
+    v.add_argument("--policy", help="expected policy: debug, nodebug or 16 hex digits; "
+                                    "needs --measurement or --secret")
     v.add_argument("--report-data", required=True, help="expected report_data (hex, up to 64 bytes)")
     v.add_argument("--host-data", help="expected host_data (hex, up to 32 bytes)")
     v.add_argument("--secret", help="tenant secret from seal: default measurement, policy and host_data")

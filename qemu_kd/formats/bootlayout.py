@@ -11,13 +11,21 @@ Guest-physical map (all below 1 MiB lives in conventional memory)::
              identity map of the first min(RAM, 4 GiB) rounded up to 1 GiB)
     0x07000  zero page (struct boot_params)
     0x08000  boot stack (RSP = 0x8ff0)
-    0x20000  kernel command line
+    0x20000  kernel command line (its space up to the kernel's cmdline_size
+             stays zero; the platform appends ``tsc_early_khz`` there at launch)
     0x9d000-0x9efff  left free: the decompressor uses it
     0x100000 protected-mode kernel (64-bit entry at +0x200)
     top      initrd, page aligned, below initrd_addr_max and the end of RAM
 
 The references are the kernel's Documentation/arch/x86/boot.rst and
-zero-page.rst.
+zero-page.rst.  docs/formats.md §11 specifies every byte written here.
+
+The measured command line carries nothing host-specific.  The one boot
+parameter that depends on the machine, ``tsc_early_khz`` (without firmware,
+Linux under TCG cannot calibrate its TSC and marks it unstable), is added at
+launch by the platform from its own processor: :func:`complete_cmdline` finds
+the command line through the zero page and appends it in the zeroed space
+behind it.  Plain runs append it directly (:func:`with_tsc_khz`).
 """
 
 from __future__ import annotations
@@ -58,7 +66,19 @@ BP_EXT_CMD_LINE_PTR = 0x0C8
 BP_E820_ENTRIES = 0x1E8
 BP_SETUP_HEADER = 0x1F1
 BP_E820_TABLE = 0x2D0
+BP_HEADER_MAGIC = 0x202      # "HdrS"
+BP_VERSION = 0x206
+BP_CMD_LINE_PTR = 0x228
+BP_CMDLINE_SIZE = 0x238
 E820_MAX = 128
+
+#: The launch parameter the platform supplies (unmeasured) from its own processor.
+TSC_PARAM = "tsc_early_khz"
+#: Largest TSC frequency the platform writes, in kHz (9 digits).
+TSC_KHZ_MAX = 999_999_999
+#: Bytes of the command-line space kept free for the platform's " tsc_early_khz=<kHz>"
+#: when the measured line has no tsc_early_khz of its own.
+PLATFORM_CMDLINE_ROOM = 32
 
 XLF_KERNEL_64 = 1 << 0
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
@@ -177,6 +197,95 @@ class BootLayout:
         return {gpa: bytes(page) for gpa, page in sorted(out.items())}
 
 
+def cmdline_space(cmdline_size: int) -> int:
+    """Bytes from the command-line pointer the kernel may read: the line, its NUL and zeros.
+
+    The setup header's ``cmdline_size`` is the longest line without its NUL
+    (0: not given); the space never reaches the decompressor's area.
+    """
+    return min(CMDLINE_MAX, cmdline_size + 1) if cmdline_size else CMDLINE_MAX
+
+
+def has_tsc_param(cmdline: str | bytes) -> bool:
+    """Whether the command line already sets ``tsc_early_khz``."""
+    words = cmdline.split() if isinstance(cmdline, bytes) else cmdline.encode().split()
+    return any(word.startswith(TSC_PARAM.encode() + b"=") for word in words)
+
+
+def _tsc_suffix(tsc_khz: int) -> bytes:
+    if not isinstance(tsc_khz, int) or isinstance(tsc_khz, bool) or not 0 < tsc_khz <= TSC_KHZ_MAX:
+        raise GuestImageError(f"TSC frequency {tsc_khz!r} kHz is not between 1 and {TSC_KHZ_MAX}")
+    return f" {TSC_PARAM}={tsc_khz}".encode()
+
+
+def with_tsc_khz(cmdline: str, tsc_khz: int | None) -> str:
+    """``cmdline`` plus `` tsc_early_khz=<kHz>`` unless it has one or the frequency is unknown."""
+    if tsc_khz is None or has_tsc_param(cmdline):
+        return cmdline
+    return cmdline + _tsc_suffix(tsc_khz).decode()
+
+
+@dataclass(frozen=True)
+class CmdlineCompletion:
+    """What the platform writes into guest RAM at launch, and the line the guest then sees."""
+
+    gpa: int           # where the appended bytes go: the measured line's NUL
+    data: bytes        # " tsc_early_khz=<kHz>" and a new NUL
+    cmdline: bytes     # the completed line, without its NUL
+    tsc_khz: int
+
+
+def complete_cmdline(memory, mem_size: int, zero_page_gpa: int,
+                     tsc_khz: int) -> CmdlineCompletion | None:
+    """Where and what to append so the guest's command line carries ``tsc_early_khz``.
+
+    ``memory`` is guest RAM (anything sliceable by gpa: bytes, mmap,
+    memoryview) holding the measured image; ``zero_page_gpa`` is the guest's
+    RSI at entry.  Returns None when there is nothing to complete: the page
+    at RSI is no boot_params with a Linux setup header ("HdrS"), its
+    command-line pointer is 0, or the measured line already sets
+    ``tsc_early_khz``.  Raises GuestImageError when the line cannot be
+    completed in place: out of RAM, not NUL-terminated within the kernel's
+    ``cmdline_size``, no room left, or the bytes behind it are not zero.
+    """
+    suffix = _tsc_suffix(tsc_khz)
+    if zero_page_gpa < 0 or zero_page_gpa + PAGE_SIZE > mem_size:
+        raise GuestImageError(f"the boot parameters at gpa {zero_page_gpa:#x} (RSI) are outside "
+                              f"{mem_size} bytes of guest memory")
+    zp = bytes(memory[zero_page_gpa:zero_page_gpa + PAGE_SIZE])
+    if zp[BP_HEADER_MAGIC:BP_HEADER_MAGIC + 4] != b"HdrS":
+        return None
+    version, = struct.unpack_from("<H", zp, BP_VERSION)
+    low, = struct.unpack_from("<I", zp, BP_CMD_LINE_PTR)
+    high, = struct.unpack_from("<I", zp, BP_EXT_CMD_LINE_PTR)
+    pointer = low | high << 32
+    if not pointer:
+        return None
+    cmdline_size = struct.unpack_from("<I", zp, BP_CMDLINE_SIZE)[0] if version >= 0x0206 else 255
+    if pointer >= mem_size:
+        raise GuestImageError(f"the kernel command line at gpa {pointer:#x} is outside guest memory")
+    space = min(cmdline_space(cmdline_size), mem_size - pointer)
+    area = bytes(memory[pointer:pointer + space])
+    end = area.find(b"\0")
+    if end < 0:
+        raise GuestImageError(f"the kernel command line at gpa {pointer:#x} has no NUL within "
+                              f"its {space} bytes")
+    measured = area[:end]
+    if has_tsc_param(measured):
+        return None
+    grown = end + len(suffix) + 1
+    if grown > space:
+        raise GuestImageError(f"no room for '{suffix.decode().strip()}' behind the {end}-byte kernel "
+                              f"command line (the kernel reads at most {space} bytes)",
+                              "seal a command line at least "
+                              f"{PLATFORM_CMDLINE_ROOM} bytes shorter, or with tsc_early_khz of its own")
+    if any(area[end + 1:grown]):
+        raise GuestImageError(f"the {len(suffix)} bytes behind the kernel command line at gpa "
+                              f"{pointer:#x} are not zero")
+    return CmdlineCompletion(gpa=pointer + end, data=suffix + b"\0", cmdline=measured + suffix,
+                             tsc_khz=tsc_khz)
+
+
 def _page_tables(mem_size: int) -> tuple[bytes, bytes, bytes]:
     """PML4, PDPT and page directories identity-mapping the low GiBs with 2 MiB pages."""
     gib = max(1, min(4, -(-mem_size // GiB)))
@@ -221,10 +330,14 @@ def build_boot_layout(kernel: bytes, initrd: bytes, cmdline: str, mem_size: int,
                                   "reserve page-aligned ranges between 1 MiB and the end of RAM")
 
     cmd = cmdline.encode() + b"\0"
-    limit = min(CMDLINE_MAX, hdr.cmdline_size + 1 if hdr.cmdline_size else CMDLINE_MAX)
+    limit = cmdline_space(hdr.cmdline_size)
+    if not has_tsc_param(cmdline):
+        limit -= PLATFORM_CMDLINE_ROOM   # the platform appends tsc_early_khz at launch
     if len(cmd) > limit:
         raise GuestImageError(f"kernel command line is {len(cmd) - 1} bytes; this kernel "
-                              f"accepts at most {limit - 1}", "shorten the command line")
+                              f"accepts at most {limit - 1} here (the platform keeps "
+                              f"{PLATFORM_CMDLINE_ROOM} bytes for tsc_early_khz unless the line sets it)",
+                              "shorten the command line")
 
     pm_kernel = kernel[hdr.kernel_offset:]
     kernel_end = KERNEL_GPA + max(len(pm_kernel), hdr.init_size)
@@ -248,7 +361,7 @@ def build_boot_layout(kernel: bytes, initrd: bytes, cmdline: str, mem_size: int,
     zp[BP_SETUP_HEADER:hdr.header_end] = kernel[BP_SETUP_HEADER:hdr.header_end]
     zp[0x210] = 0xFF  # type_of_loader: undefined boot loader
     struct.pack_into("<II", zp, 0x218, initrd_gpa if initrd else 0, len(initrd))
-    struct.pack_into("<I", zp, 0x228, CMDLINE_GPA)
+    struct.pack_into("<I", zp, BP_CMD_LINE_PTR, CMDLINE_GPA)
     struct.pack_into("<III", zp, BP_EXT_RAMDISK_IMAGE, 0, 0, 0)
     zp[BP_E820_ENTRIES] = len(e820)
     zp[BP_E820_TABLE:BP_E820_TABLE + 20 * len(e820)] = b"".join(e.pack() for e in e820)

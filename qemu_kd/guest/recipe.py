@@ -76,9 +76,10 @@ IMPORT_CHECK = (
     "print('import-check-ok')\n"
 )
 
-#: The kernel command line for the guest.  Callers append
-#: ``tsc_early_khz=<host kHz>`` (see :func:`kernel_cmdline`) when they boot
-#: without firmware.  Each option is explained in docs/guest-image.md.
+#: The kernel command line for the guest, the same on every host.  Booting
+#: without firmware, the guest also needs ``tsc_early_khz=<kHz>``: the platform
+#: appends it at launch (unmeasured, from its own processor) and a plain run
+#: appends it itself.  Each option is explained in docs/guest-image.md.
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 reboot=t quiet loglevel=4"
 
 HOSTNAME = "qemu-kd-guest"
@@ -191,7 +192,11 @@ def is_pruned(relpath: str) -> bool:
 
 
 def kernel_cmdline(tsc_khz: int | None = None, extra: Iterable[str] = ()) -> str:
-    """:data:`DEFAULT_CMDLINE` plus ``tsc_early_khz`` and any extra options."""
+    """:data:`DEFAULT_CMDLINE` plus any extra options (and ``tsc_early_khz`` if given).
+
+    Lines to be measured leave ``tsc_khz`` out, so the measurement does not
+    depend on the host (docs/formats.md §11.6).
+    """
     parts = [DEFAULT_CMDLINE]
     if tsc_khz is not None:
         if tsc_khz <= 0:

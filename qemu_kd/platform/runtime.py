@@ -7,6 +7,8 @@ Launch (see docs/hostport.md):
 2. Start QEMU paused with file-backed guest RAM that only the platform opens.
 3. Walk the domain's EPT (gpa → hpa) and decrypt every IMAGE page from DRAM
    into guest RAM at its gpa; ZERO pages are already zero in a fresh RAM file.
+   Then complete the kernel command line with the platform's own
+   ``tsc_early_khz`` (unmeasured; docs/formats.md §11.6).
 4. Load the vCPU from the VMCS guest-state area through the gdbstub.
 5. Attach the guest port (ttyS2) and serve attestation reports and sealing keys.
 
@@ -39,8 +41,10 @@ import numpy as np
 
 from qemu_kd.platform.attestation import sign_report
 from qemu_kd.platform.endpoints.audit import AuditLog
-from qemu_kd.common.errors import KdError
+from qemu_kd.common.errors import GuestImageError, KdError
+from qemu_kd.formats.bootlayout import complete_cmdline
 from qemu_kd.qemu.guestport import GuestPortServer
+from qemu_kd.qemu.launch import host_tsc_khz
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.formats.vcpu import GPR_NAMES
@@ -112,6 +116,7 @@ class DomainRuntime:
         self.guest_port: GuestPortServer | None = None
         self.gpa_to_hpa: np.ndarray | None = None
         self.mem_size = 0
+        self.tsc_khz: int | None = None   # what the platform added to the command line
         self.pages_synced = 0
         self.exited = False
         self._snapshot: np.ndarray | None = None
@@ -162,6 +167,7 @@ class DomainRuntime:
                                   count=chunk.size)
                 ram[idx] = plain
                 self._snapshot[idx] = plain
+            self._complete_cmdline(vmcs.guest.rsi)
             self.machine.rsp.load_vcpu(vmcs.guest)
             port = self.machine.connect_serial("guestport")
             self.guest_port = GuestPortServer(port, {"info": self._info, "report": self._report,
@@ -245,12 +251,33 @@ class DomainRuntime:
         """Let the vCPU run (first entry, or after resume)."""
         self._require_machine().resume()
 
+    def _complete_cmdline(self, zero_page_gpa: int) -> None:
+        """Append `` tsc_early_khz=<this processor's kHz>`` to the guest's command line in RAM.
+
+        Like firmware filling in a launch parameter: unmeasured, and the host has
+        no say in it.  Skipped when the measured line sets tsc_early_khz itself.
+        """
+        khz = host_tsc_khz()
+        if khz is None:
+            log.warning("key domain %d: this processor's TSC frequency is unknown; the guest's "
+                        "command line stays as measured", self.domain.keyid)
+            return
+        try:
+            done = complete_cmdline(self.machine.map_ram(), self.mem_size, zero_page_gpa, khz)
+        except GuestImageError as exc:
+            raise LaunchError(f"key domain {self.domain.keyid}: the kernel command line cannot take "
+                              f"the platform's tsc_early_khz: {exc.message}", exc.hint) from None
+        if done is not None:
+            self.machine.write_ram(done.gpa, done.data)
+            self.tsc_khz = done.tsc_khz
+
     # -- guest port -----------------------------------------------------------------
     def _info(self, req: dict) -> dict:
         """What the guest is, from the platform: the only source the guest trusts for its policy."""
         return {"protected": True, "keyid": self.domain.keyid,
                 "policy_flags": self.domain.policy.flags,
-                "measurement": self.domain.measurement.digest.hex() if self.domain.measurement else None}
+                "measurement": self.domain.measurement.digest.hex() if self.domain.measurement else None,
+                "tsc_khz": self.tsc_khz}
 
     def _tenant_key(self, req: dict) -> dict:
         if self.domain.tenant_authority is None:

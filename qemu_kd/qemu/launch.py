@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qemu_kd.channel.agent_client import AgentClient
-from qemu_kd.formats.bootlayout import build_boot_layout
+from qemu_kd.formats.bootlayout import build_boot_layout, with_tsc_khz
 from qemu_kd.channel.console import console_summary
 from qemu_kd.common.errors import GuestError, KdError
 from qemu_kd.qemu.guestport import GuestPortServer
@@ -24,7 +24,11 @@ from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.vcpu import VcpuState
 
 def host_tsc_khz() -> int | None:
-    """The host's TSC frequency in kHz (TCG guests see the host TSC)."""
+    """This machine's TSC frequency in kHz (TCG guests see this processor's TSC).
+
+    The platform reads it for the ``tsc_early_khz`` it adds at launch, a plain
+    run for the one it appends; it never enters a measured command line.
+    """
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -36,13 +40,15 @@ def host_tsc_khz() -> int | None:
 
 
 def full_cmdline(extra: str = "") -> str:
-    """The default guest command line plus ``tsc_early_khz`` for this host.
+    """The default guest command line (plus ``extra``), the same on every host.
 
-    Without firmware the guest cannot calibrate its TSC and would mark it unstable.
+    It carries no ``tsc_early_khz``: without firmware the guest needs one to
+    trust its TSC, and it is added at boot, not measured - by the platform at
+    launch for a protected guest, by :func:`boot_plain` for a plain one.
     """
     from qemu_kd.guest.recipe import kernel_cmdline
 
-    return kernel_cmdline(host_tsc_khz(), extra.split())
+    return kernel_cmdline(None, extra.split())
 
 
 @dataclass
@@ -137,13 +143,15 @@ def boot_plain(kernel: bytes, initrd: bytes, cmdline: str, spec: MachineSpec,
                console_log: Path | None = None) -> RunningGuest:
     """Boot an unprotected guest firmware-less; returns once the agent is ready.
 
-    On any failure QEMU is stopped and its files removed before the error propagates.
+    ``cmdline`` gets this machine's ``tsc_early_khz`` unless it has one.  On
+    any failure QEMU is stopped and its files removed before the error propagates.
     """
     guest = RunningGuest(QemuMachine(spec, console_log=console_log), timer)
     try:
         guest.start_paused()
         with timer.phase("layout"):
-            layout = build_boot_layout(kernel, initrd, cmdline, spec.mem_size)
+            layout = build_boot_layout(kernel, initrd, with_tsc_khz(cmdline, host_tsc_khz()),
+                                       spec.mem_size)
             for region in layout.regions:
                 guest.machine.write_ram(region.gpa, region.data)
         guest.load_vcpu(layout.vcpu)
