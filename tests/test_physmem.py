@@ -1,7 +1,5 @@
 """Host-physical memory: the sparse DRAM file, the ownership table and the host access rules."""
 
-import os
-import stat
 
 import numpy as np
 import pytest
@@ -29,26 +27,26 @@ def mem(tmp_path):
     m.close()
 
 
-def test_dram_is_a_private_sparse_file_removed_on_close(tmp_path):
+def test_dram_file_is_unlinked_once_mapped(tmp_path):
     m = PhysicalMemory(SIZE, tmp_path)             # a directory: the file goes inside
     path = tmp_path / "dram"
-    st = os.stat(path)
     assert m.path == path and m.npages == SIZE // PAGE
-    assert st.st_size == SIZE
-    assert stat.S_IMODE(st.st_mode) == 0o600
-    assert st.st_blocks * 512 < SIZE // 16          # sparse: nothing written yet
+    assert not path.exists()                        # only the mapping holds DRAM: it dies with us
+    with open("/proc/self/maps") as maps:
+        assert any(line.rstrip().endswith(f"{path} (deleted)") for line in maps)
+    m.write_pages([0x1000], b"\x5a" * PAGE)
+    assert m.read_pages([0x1000]).tobytes() == b"\x5a" * PAGE
     m.close()
-    assert not path.exists()
     m.close()                                       # idempotent
 
 
-def test_bad_sizes_and_reused_file_are_clear_errors(tmp_path):
+def test_bad_sizes_and_existing_file_are_clear_errors(tmp_path):
     for size in (0, 4095, -PAGE, 1 << 41):
         with pytest.raises(AddressError):
             PhysicalMemory(size, tmp_path / "x")
-    with PhysicalMemory(PAGE, tmp_path / "taken"):
-        with pytest.raises(PhysicalMemoryError, match="already exists"):
-            PhysicalMemory(PAGE, tmp_path / "taken")
+    (tmp_path / "taken").write_bytes(b"")
+    with pytest.raises(PhysicalMemoryError, match="already exists"):
+        PhysicalMemory(PAGE, tmp_path / "taken")
 
 
 def test_ownership_transitions(mem):

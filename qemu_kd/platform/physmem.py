@@ -1,9 +1,11 @@
 """Host-physical memory ("DRAM") and its page-ownership table.
 
 The platform owns a host-physical address space of ``size`` bytes in 4 KiB
-pages.  It is backed by a sparse file in a private directory, mapped into the
-platform process; for PRIVATE pages the file holds ciphertext (the encrypted
-shadow), for HOST and SHARED pages plaintext.
+pages.  It is backed by a sparse file created (mode 0600, never over an
+existing file) in a private directory, mapped into the platform process and
+unlinked at once: only the mapping holds the memory, so it goes away with the
+platform process however that ends.  For PRIVATE pages DRAM holds ciphertext
+(the encrypted shadow), for HOST and SHARED pages plaintext.
 
 Every page has an owner, modelled on TDX's PAMT and SEV-SNP's RMP:
 
@@ -140,10 +142,11 @@ class PhysicalMemory:
             os.ftruncate(fd, size)
             self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
+            raise PhysicalMemoryError(f"cannot map {size} bytes of DRAM from {path}: {exc.strerror}") from None
+        finally:
+            # The mapping keeps the memory; no name is left for anyone to find it by.
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise PhysicalMemoryError(f"cannot map {size} bytes of DRAM from {path}: {exc.strerror}") from None
-        os.close(fd)
         self._pages = np.frombuffer(self._mm, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
         self._state = np.zeros(self.npages, dtype=np.uint8)
         self._keyid = np.zeros(self.npages, dtype=np.uint8)
@@ -162,13 +165,12 @@ class PhysicalMemory:
     # ----------------------------------------------------------------- basics
 
     def close(self) -> None:
-        """Unmap the DRAM and remove its file."""
+        """Unmap the DRAM (its file was removed when it was mapped)."""
         if self._closed:
             return
         self._closed = True
         del self._pages
         self._mm.close()
-        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "PhysicalMemory":
         return self
