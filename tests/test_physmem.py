@@ -1,6 +1,5 @@
 """Host-physical memory: the sparse DRAM file, the ownership table and the host access rules."""
 
-
 import numpy as np
 import pytest
 
