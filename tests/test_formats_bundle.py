@@ -188,3 +188,33 @@ def test_manifest_checks():
         manifest(keyid=0).pack()
     with pytest.raises(ManifestError):
         BundleManifest.unpack(b"\xff\xfe")
+
+
+def test_manifest_parsing_is_strict():
+    text = manifest().pack().decode()
+    good = json.loads(text)
+    assert BundleManifest.unpack(text.encode()) == manifest()
+
+    def unpack_text(t):
+        return BundleManifest.unpack(t.encode())
+
+    # A key named twice is refused, not "the last one wins" - at the top and inside info.
+    twice = text.replace('"measurement":', f'"measurement": "{"ab" * 48}",\n "measurement":', 1)
+    with pytest.raises(ManifestError, match="names the key 'measurement' twice"):
+        unpack_text(twice)
+    nested = text.replace('"cmdline":', '"cmdline": "a",\n  "cmdline":', 1)
+    with pytest.raises(ManifestError, match="names the key 'cmdline' twice"):
+        unpack_text(nested)
+    # Byte strings are lowercase hex, nothing else.
+    def unpack(doc):
+        return BundleManifest.unpack(json.dumps(doc).encode())
+    for name in ("measurement", "platform_id", "host_data", "host_verifiable_digest",
+                 "ept_mapping_digest", "policy"):
+        upper = good[name].upper() if good[name].upper() != good[name] else "A" + good[name][1:]
+        with pytest.raises(ManifestError, match=f"{name} is not lowercase hex"):
+            unpack({**good, name: upper})
+        for bad in ("0x" + good[name][2:], " " + good[name][1:], good[name][:-2], 7):
+            with pytest.raises(ManifestError, match=name):
+                unpack({**good, name: bad})
+    with pytest.raises(ManifestError, match="not JSON"):
+        unpack_text(text.replace('"memory_size": 67108864', '"memory_size": NaN'))

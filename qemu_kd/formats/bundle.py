@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,32 @@ def _is_keyid(value: object) -> bool:
 
 _HEX_FIELDS = {"platform_id": 16, "host_data": 32, "measurement": 48,
                "host_verifiable_digest": 48, "ept_mapping_digest": 48}
+_LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: an object that names a key twice is refused (no "last one wins")."""
+    doc: dict = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ManifestError(f"bundle manifest names the key {key!r} twice",
+                                "a manifest is written with each key once; this one was edited or forged")
+        doc[key] = value
+    return doc
+
+
+def _no_constant(name: str) -> object:
+    raise ManifestError(f"bundle manifest holds {name}, which is not JSON")
+
+
+def _manifest_hex(name: str, value: object, size: int) -> bytes:
+    """A byte string from the manifest: exactly ``2 * size`` lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 2 * size:
+        raise ManifestError(f"bundle manifest {name} must be {size} bytes as {2 * size} lowercase "
+                            "hex digits")
+    if not _LOWER_HEX.fullmatch(value):
+        raise ManifestError(f"bundle manifest {name} is not lowercase hex (digits 0-9 and a-f only)")
+    return bytes.fromhex(value)
 
 
 @dataclass(frozen=True)
@@ -209,7 +236,8 @@ class BundleManifest:
     @classmethod
     def unpack(cls, data: bytes) -> "BundleManifest":
         try:
-            doc = json.loads(bytes(data).decode("utf-8"))
+            doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_unique_keys,
+                             parse_constant=_no_constant)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"bundle manifest is not UTF-8 JSON: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
@@ -222,18 +250,8 @@ class BundleManifest:
             extra, missing = sorted(set(doc) - expected), sorted(expected - set(doc))
             raise ManifestError(f"bundle manifest keys differ from version {MANIFEST_VERSION}: "
                                 f"unknown {extra}, missing {missing}")
-        values = {}
-        for name, size in _HEX_FIELDS.items():
-            try:
-                values[name] = bytes.fromhex(doc[name]) if isinstance(doc[name], str) else None
-            except ValueError:
-                values[name] = None
-            if values[name] is None or len(values[name]) != size:
-                raise ManifestError(f"bundle manifest {name} must be {size} bytes as hex")
-        try:
-            policy = Policy.unpack(bytes.fromhex(doc["policy"]) if isinstance(doc["policy"], str) else b"")
-        except ValueError:
-            raise ManifestError("bundle manifest policy is not hex") from None
+        values = {name: _manifest_hex(name, doc[name], size) for name, size in _HEX_FIELDS.items()}
+        policy = Policy.unpack(_manifest_hex("policy", doc["policy"], 8))
         if doc["debug"] is not policy.debug:
             raise ManifestError("bundle manifest 'debug' disagrees with its policy")
         size = doc["memory_size"]
