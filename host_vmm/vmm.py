@@ -41,6 +41,21 @@ class BundleLayoutError(KdError):
     exit_code = 3
 
 
+def connect_shared_channel(path: str | None) -> socket.socket:
+    """A connection to a launched domain's shared channel; the socket is closed if it fails."""
+    if not path:
+        raise KdError("the platform named no shared channel for the launched domain",
+                      "destroy the domain and check the platform's log")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise KdError(f"cannot connect to the domain's shared channel {path}: {exc.strerror or exc}",
+                      "the domain is launched but unreachable; destroy it and check the platform's log") from None
+    return sock
+
+
 @dataclass
 class Check:
     """One pre-launch verification result."""
@@ -191,8 +206,7 @@ class HostVmm:
         t0 = time.perf_counter()
         self.endpoints = self.client.launch(self.keyid)
         self.launched = True
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.endpoints["shared"])
+        sock = connect_shared_channel(self.endpoints.get("shared"))
         log = self.endpoints.get("console_log")
         self.agent = AgentClient(sock, diagnose=diagnose or (
             lambda: console_summary(Path(log)) if log else ""))

@@ -103,8 +103,13 @@ class RecordingSocket:
         self._sock = sock
         self.received = bytearray()
 
-    def recv_into(self, buf, nbytes=0):
-        n = self._sock.recv_into(buf, nbytes)
+    def recv(self, bufsize, flags=0):
+        data = self._sock.recv(bufsize, flags)
+        self.received += data
+        return data
+
+    def recv_into(self, buf, nbytes=0, flags=0):
+        n = self._sock.recv_into(buf, nbytes, flags)
         self.received += bytes(buf[:n])
         return n
 

@@ -7,19 +7,26 @@ no decryption code and no platform state.  Every error reply is raised as a
 
 Large transfers (read-phys, write-phys, the page variants, add-pages) are
 split into requests below the frame limit automatically.
+
+Connecting retries for a short, bounded time while the platform is
+momentarily unable to take the connection: its listen queue is full
+(EAGAIN), it answered ``busy``, or the socket exists but refuses (a platform
+between binding and listening).
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from qemu_kd.hostport.protocol import (
-    MAX_DATA, PAGE_ENTRY_SIZE, SUPPORTED_VERSIONS, Allocation, EptVerdict, HostPortBadRequestError, HostPortConnectionError, HostPortProtocolError, PageEntry, PlatformInfo, Reply, Request, pack_page_entries, pack_u64_array, pack_zero_entries, read_frame, unpack_u64_array,
+    MAX_DATA, PAGE_ENTRY_SIZE, SUPPORTED_VERSIONS, Allocation, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortConnectionError, HostPortProtocolError, PageEntry, PlatformInfo, Reply, Request, pack_page_entries, pack_u64_array, pack_zero_entries, read_frame, unpack_u64_array,
 )
 from qemu_kd.formats.addresses import PAGE_SIZE
 
@@ -27,6 +34,13 @@ DEFAULT_TIMEOUT = 60.0
 CLIENT_NAME = "qemu-kd host port client"
 # Entries per add-pages request (well below the frame limit).
 ENTRIES_PER_REQUEST = 1 << 20
+# How long connecting keeps retrying a platform that is busy or whose listen queue is full.
+CONNECT_RETRY = 10.0
+# How long a socket file that refuses connections is retried (a platform about to listen);
+# a stale socket left by a dead platform fails after this.
+REFUSED_RETRY = 1.0
+FIRST_BACKOFF = 0.005
+MAX_BACKOFF = 0.2
 
 
 def _packed(value, what: str) -> bytes:
@@ -39,29 +53,66 @@ def _packed(value, what: str) -> bytes:
     raise HostPortBadRequestError(f"{what} must be bytes or an object with pack()")
 
 
+class _Retry:
+    """Exponential back-off until a deadline."""
+
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.deadline = self.start + seconds
+        self.delay = FIRST_BACKOFF
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; False (no sleep) once the deadline would pass."""
+        if time.monotonic() + self.delay > self.deadline:
+            return False
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, MAX_BACKOFF)
+        return True
+
+
+def _connect(path: Path, timeout: float | None, retry: _Retry) -> socket.socket:
+    """A connected socket; every socket of a failed attempt is closed."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            return sock
+        except OSError as exc:
+            sock.close()
+            transient = exc.errno == errno.EAGAIN or (
+                exc.errno == errno.ECONNREFUSED and retry.elapsed() < REFUSED_RETRY and path.exists())
+            if not (transient and retry.wait()):
+                raise HostPortConnectionError(
+                    f"cannot connect to the host port {path}: {exc.strerror or exc}",
+                    "is the platform running? check the socket path") from None
+
+
 class HostPortClient:
     """One connection to the platform's host port."""
 
     def __init__(self, socket_path: Path | str, timeout: float | None = DEFAULT_TIMEOUT,
-                 client_name: str = CLIENT_NAME):
+                 client_name: str = CLIENT_NAME, connect_retry: float = CONNECT_RETRY):
         self.socket_path = Path(socket_path)
         self._lock = threading.Lock()
         self._next_id = 1
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except OSError as exc:
-            sock.close()
-            raise HostPortConnectionError(
-                f"cannot connect to the host port {self.socket_path}: {exc.strerror or exc}",
-                "is the platform running? check the socket path") from None
-        self._sock: socket.socket | None = sock
-        try:
-            hello = self._call("hello", {"versions": list(SUPPORTED_VERSIONS), "client": client_name})[0]
-        except BaseException:
-            self.close()
-            raise
+        self._sock: socket.socket | None = None
+        retry = _Retry(connect_retry)
+        while True:
+            self._sock = _connect(self.socket_path, timeout, retry)
+            try:
+                hello = self._call("hello", {"versions": list(SUPPORTED_VERSIONS), "client": client_name})[0]
+                break
+            except HostPortBusyError:
+                self.close()
+                if not retry.wait():
+                    raise
+            except BaseException:
+                self.close()
+                raise
         self.protocol_version = int(hello.get("version", 0))
         self.server = str(hello.get("server", ""))
         self.max_data = min(int(hello.get("max_data", MAX_DATA)), MAX_DATA)
@@ -89,7 +140,11 @@ class HostPortClient:
             rid = self._next_id
             self._next_id += 1
             try:
-                self._sock.sendall(Request(cmd, rid, args or {}, payload).pack())
+                try:
+                    self._sock.sendall(Request(cmd, rid, args or {}, payload).pack())
+                except (BrokenPipeError, ConnectionResetError):
+                    # The platform closed the connection; it may have said why (busy) first.
+                    pass
                 frame = read_frame(self._sock)
             except socket.timeout:
                 self.close()
@@ -110,7 +165,7 @@ class HostPortClient:
             raise HostPortProtocolError(f"reply id {reply.id} does not match request id {rid}")
         if not reply.ok:
             assert reply.error is not None
-            if reply.error.code == "protocol":
+            if reply.error.code in ("protocol", "busy"):
                 self.close()
             raise reply.error.exception()
         return reply.result, bytes(reply.payload)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -31,6 +32,11 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_FRAME = 64 << 20
 MAX_HEADER = 1 << 20
+# Deepest nesting of arrays and objects a header may have (the header object itself is level 1).
+MAX_HEADER_DEPTH = 32
+# Most bytes one recv asks for: a frame's buffer grows with the data received, never with the
+# length it announces.
+RECV_CHUNK = 256 << 10
 # Largest page-data transfer (read/write) in one request or reply; the client splits bigger ones.
 MAX_DATA = 32 << 20
 NO_GPA = (1 << 64) - 1
@@ -122,6 +128,11 @@ class HostPortInternalError(HostPortError):
     code = "internal"
 
 
+class HostPortBusyError(HostPortError):
+    """The platform turned the connection away for now (too many connections or frame bytes)."""
+    code = "busy"
+
+
 class HostPortConnectionError(HostPortError):
     """The host port cannot be reached, or the connection broke."""
     code = "connection"
@@ -132,7 +143,7 @@ ERROR_CLASSES: dict[str, type[HostPortError]] = {
         HostPortOwnershipError, HostPortAddressError, HostPortStateError, HostPortNotFoundError,
         HostPortBadRequestError, HostPortKeyIdExhaustedError, HostPortUnwrapError, HostPortVerifyError,
         HostPortRefusedError, HostPortLaunchError, HostPortProtocolError, HostPortUnknownCommandError,
-        HostPortInternalError,
+        HostPortInternalError, HostPortBusyError,
         HostPortConnectionError,
     )
 }
@@ -190,16 +201,38 @@ class Frame:
         if len(body) < 4:
             raise HostPortProtocolError(f"frame of {len(body)} bytes has no header length")
         (hlen,) = _U32.unpack(body[:4])
-        if hlen > MAX_HEADER or hlen > len(body) - 4:
-            raise HostPortProtocolError(f"header length {hlen} does not fit in a frame of {len(body)} bytes "
-                                        f"(limit {MAX_HEADER})")
-        try:
-            header = json.loads(bytes(body[4:4 + hlen]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise HostPortProtocolError(f"frame header is not UTF-8 JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise HostPortProtocolError("frame header is not a JSON object")
+        check_header_length(hlen, len(body))
+        header = parse_header(body[4:4 + hlen])
         return cls(header, body[4 + hlen:])
+
+
+def parse_header(raw: bytes | bytearray | memoryview) -> dict:
+    """A frame header: a UTF-8 JSON object nested at most MAX_HEADER_DEPTH levels deep."""
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except RecursionError:
+        raise HostPortProtocolError(f"frame header is nested more than {MAX_HEADER_DEPTH} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HostPortProtocolError(f"frame header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise HostPortProtocolError("frame header is not a JSON object")
+    if _nesting_exceeds(header, MAX_HEADER_DEPTH):
+        raise HostPortProtocolError(f"frame header is nested more than {MAX_HEADER_DEPTH} levels deep")
+    return header
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays/objects in ``value`` nest deeper than ``limit`` (iterative: no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def check_frame_length(length: int) -> None:
@@ -211,39 +244,62 @@ def check_frame_length(length: int) -> None:
                                     "split large transfers into several requests")
 
 
-def _recv_exact(sock: socket.socket, n: int, *, started: bool) -> bytearray | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            if got == 0 and not started:
-                return None
-            raise HostPortProtocolError(f"connection closed in the middle of a frame ({got} of {n} bytes)")
-        got += k
-    return buf
+def check_header_length(hlen: int, body_length: int) -> None:
+    """Validate the header length against the frame's body length before reading the header."""
+    if hlen > MAX_HEADER or hlen > body_length - 4:
+        raise HostPortProtocolError(f"header length {hlen} does not fit in a frame of {body_length} bytes "
+                                    f"(limit {MAX_HEADER})")
 
 
-def read_frame(sock: socket.socket, *, frame_timeout: float | None = None) -> Frame | None:
+def _receive(sock: socket.socket, buf: bytearray, total: int, deadline: float | None,
+             charge: Callable[[int], None] | None) -> None:
+    """Append to ``buf`` until it holds ``total`` bytes.
+
+    The buffer grows only with data that has arrived, so a length prefix alone costs
+    nothing.  ``charge`` is told of every chunk before it is kept (it may refuse by
+    raising); ``deadline`` (time.monotonic) bounds the whole read.
+    """
+    while len(buf) < total:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("frame not completed in time")
+            sock.settimeout(left)
+        chunk = sock.recv(min(RECV_CHUNK, total - len(buf)))
+        if not chunk:
+            raise HostPortProtocolError(f"connection closed in the middle of a frame ({len(buf)} of {total} bytes)")
+        if charge is not None:
+            charge(len(chunk))
+        buf += chunk
+
+
+def read_frame(sock: socket.socket, *, frame_timeout: float | None = None,
+               charge: Callable[[int], None] | None = None) -> Frame | None:
     """Read one frame; None on a clean end of stream before any byte.
 
-    ``frame_timeout`` bounds how long a started frame may take to arrive.
+    ``frame_timeout`` bounds how long a frame may take to arrive once its first byte
+    is in (socket.timeout when exceeded).  ``charge`` is called with the size of every
+    chunk of the frame body as it arrives (the server's memory budget).  The length
+    prefix and the header length are checked before any of what they announce is read.
     Raises HostPortProtocolError for malformed or oversized frames.
     """
-    prefix = _recv_exact(sock, 4, started=False)
-    if prefix is None:
+    idle_timeout = sock.gettimeout()
+    first = sock.recv(4)
+    if not first:
         return None
-    (length,) = _U32.unpack(prefix)
-    check_frame_length(length)
-    old = sock.gettimeout()
-    if frame_timeout is not None:
-        sock.settimeout(frame_timeout)
+    deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+    prefix = bytearray(first)
     try:
-        body = _recv_exact(sock, length, started=True)
+        _receive(sock, prefix, 4, deadline, None)
+        (length,) = _U32.unpack(prefix)
+        check_frame_length(length)
+        body = bytearray()
+        _receive(sock, body, 4, deadline, charge)
+        check_header_length(_U32.unpack(body)[0], length)
+        _receive(sock, body, length, deadline, charge)
     finally:
-        if frame_timeout is not None:
-            sock.settimeout(old)
+        if deadline is not None:
+            sock.settimeout(idle_timeout)
     return Frame.unpack(body)
 
 

@@ -5,6 +5,12 @@ malformed or oversized frame gets a ``protocol`` error reply and closes that
 connection only; the platform and the other connections keep running.  The
 socket file is created with mode 0600 and removed on close.
 
+Resources are bounded: at most ``max_connections`` connections are served at
+once (more are answered ``busy`` and closed), frame buffers grow only with the
+bytes that arrive, and all connections together hold at most ``max_pending``
+bytes of request frames (a frame that would exceed it is answered ``busy`` and
+its connection closed).  Nothing a client sends can stop the accept loop.
+
 Error replies carry a code (see docs/hostport.md) and the platform error's
 one-line message.  Unexpected exceptions are answered with code ``internal``
 and a generic message, so no internal detail (let alone decrypted data) can
@@ -17,8 +23,9 @@ import logging
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,7 +43,7 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import claim_socket_path
 from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
-    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
+    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
 )
 from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.formats.keywrap import KeyUnwrapError
@@ -50,6 +57,12 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "qemu-kd platform (EMULATED)"
 # How long a frame may take to arrive once its first byte is in.
 DEFAULT_FRAME_TIMEOUT = 60.0
+# Connections served at once; more are answered "busy" and closed.
+DEFAULT_MAX_CONNECTIONS = 64
+# Bytes of request frames held (received, not yet answered) over all connections.
+DEFAULT_MAX_PENDING = 256 << 20
+# Pending connections the kernel queues before accept (it caps this at net.core.somaxconn).
+LISTEN_BACKLOG = max(128, socket.SOMAXCONN)
 MAX_WRAPPED_KEY = 4096
 MAX_POLICY = 64
 MAX_HOST_DATA = 32
@@ -91,14 +104,48 @@ def error_reply(rid: int | None, cmd: str, exc: BaseException) -> Reply:
     return Reply.failure(rid, code, exc.message, exc.hint)
 
 
+class FrameBudget:
+    """The bytes of request frames the server holds, over all connections, and their limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """A charge function for one frame; everything it took is given back on exit."""
+        taken = 0
+
+        def charge(nbytes: int) -> None:
+            nonlocal taken
+            with self._lock:
+                if self.held + nbytes > self.limit:
+                    raise HostPortBusyError(
+                        f"the platform already holds {self.held >> 20} MiB of unfinished requests "
+                        f"(limit {self.limit >> 20} MiB)", "retry once other transfers have finished")
+                self.held += nbytes
+            taken += nbytes
+
+        try:
+            yield charge
+        finally:
+            with self._lock:
+                self.held -= taken
+
+
 class HostPortServer:
     """The host port: one Unix socket, one thread per connection."""
 
     def __init__(self, platform: Platform, socket_path: Path | str, *,
-                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT):
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_pending: int = DEFAULT_MAX_PENDING):
         self.platform = platform
         self.socket_path = Path(socket_path)
         self.frame_timeout = frame_timeout
+        self.max_connections = max_connections
+        self._budget = FrameBudget(max_pending)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
@@ -129,6 +176,7 @@ class HostPortServer:
             "debug-read": self._debug_read,
         }
         self.frames_refused = 0
+        self.connections_refused = 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -142,7 +190,7 @@ class HostPortServer:
             listener.bind(str(self.socket_path))
             # Nobody can connect before listen(), so tightening the mode here leaves no window.
             os.chmod(self.socket_path, 0o600)
-            listener.listen(16)
+            listener.listen(LISTEN_BACKLOG)
             listener.settimeout(0.2)
         except OSError as exc:
             listener.close()
@@ -171,7 +219,7 @@ class HostPortServer:
             except OSError:
                 pass
         for _, thread in connections:
-            if thread is not threading.current_thread():
+            if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
 
     def __enter__(self) -> "HostPortServer":
@@ -185,6 +233,11 @@ class HostPortServer:
         with self._conn_lock:
             return len(self._connections)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of request frames held right now (received, not yet answered)."""
+        return self._budget.held
+
     def _accept_loop(self) -> None:
         listener = self._listener
         if listener is None:
@@ -194,15 +247,56 @@ class HostPortServer:
                 conn, _ = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
+                # Out of file descriptors, say: wait a little instead of spinning.
+                log.warning("host port: accept failed: %s", exc.strerror or exc)
+                self._stopping.wait(0.05)
                 continue
-            conn.settimeout(None)
-            thread = threading.Thread(target=self._serve, args=(conn,), name="hostport-conn", daemon=True)
-            with self._conn_lock:
+            try:
+                self._admit(conn)
+            except Exception as exc:  # noqa: BLE001 - one connection's failure never ends the loop
+                log.error("host port: could not take a new connection: %s: %s", type(exc).__name__, exc)
+                self._forget(conn)
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve ``conn`` on a thread of its own, or turn it away (connection limit, no thread)."""
+        conn.settimeout(None)
+        thread = threading.Thread(target=self._serve, args=(conn,), name="hostport-conn", daemon=True)
+        with self._conn_lock:
+            admitted = len(self._connections) < self.max_connections
+            if admitted:
                 self._connections[conn] = thread
+        if not admitted:
+            self._turn_away(conn, f"the platform already serves {self.max_connections} host-port connections",
+                            "close idle connections or retry shortly")
+            return
+        try:
             thread.start()
+        except RuntimeError as exc:
+            self._forget(conn)
+            log.error("host port: cannot start a thread for a new connection (%s); closing it", exc)
+            self._turn_away(conn, "the platform cannot serve another connection right now",
+                            "retry shortly")
+
+    def _forget(self, conn: socket.socket) -> None:
+        with self._conn_lock:
+            self._connections.pop(conn, None)
+
+    def _turn_away(self, conn: socket.socket, message: str, hint: str) -> None:
+        """Answer a connection that will not be served with one ``busy`` frame, then close it."""
+        self.connections_refused += 1
+        log.warning("host port: refusing a connection: %s", message)
+        try:
+            # A fresh connection's send buffer takes this small frame at once: never block the loop.
+            conn.setblocking(False)
+            conn.send(Reply.failure(None, "busy", message, hint).pack())
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     # ------------------------------------------------------------ connection
 
@@ -211,6 +305,8 @@ class HostPortServer:
             self._conversation(conn)
         except OSError:
             pass
+        except Exception as exc:  # noqa: BLE001 - ends this connection only, never the platform
+            log.error("host port: connection ended by an unexpected %s", type(exc).__name__)
         finally:
             with self._conn_lock:
                 self._connections.pop(conn, None)
@@ -219,49 +315,52 @@ class HostPortServer:
             except OSError:
                 pass
 
-    def _refuse(self, conn: socket.socket, rid: int | None, message: str, hint: str | None = None) -> None:
-        """Answer a protocol violation; the caller then closes the connection."""
+    def _refuse(self, conn: socket.socket, rid: int | None, message: str, hint: str | None = None,
+                code: str = "protocol") -> None:
+        """Answer a protocol violation (or a ``busy`` refusal); the caller then closes the connection."""
         self.frames_refused += 1
-        log.warning("host port: closing a connection after a protocol error: %s", message)
+        log.warning("host port: closing a connection after a %s error: %s", code, message)
         try:
-            write_frame(conn, Reply.failure(rid, "protocol", message, hint).frame())
+            write_frame(conn, Reply.failure(rid, code, message, hint).frame())
         except OSError:
             pass
 
     def _conversation(self, conn: socket.socket) -> None:
         greeted = False
         while not self._stopping.is_set():
-            try:
-                frame = read_frame(conn, frame_timeout=self.frame_timeout)
-            except HostPortProtocolError as exc:
-                self._refuse(conn, None, exc.message, exc.hint)
-                return
-            except socket.timeout:
-                self._refuse(conn, None, f"frame not completed within {self.frame_timeout:g} s")
-                return
-            if frame is None:
-                return
-            try:
-                request = Request.from_frame(frame)
-            except HostPortProtocolError as exc:
-                rid = frame.header.get("id")
-                self._refuse(conn, rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
-                             exc.message, exc.hint)
-                return
-            if request.cmd == "hello":
+            # The frame's bytes count against the shared budget until its reply is sent.
+            with self._budget.account() as charge:
                 try:
-                    reply = Reply(request.id, True, self._hello(request.args))
-                except HostPortProtocolError as exc:
-                    self._refuse(conn, request.id, exc.message, exc.hint)
+                    frame = read_frame(conn, frame_timeout=self.frame_timeout, charge=charge)
+                except (HostPortProtocolError, HostPortBusyError) as exc:
+                    self._refuse(conn, None, exc.message, exc.hint, exc.code)
                     return
-                greeted = True
-                write_frame(conn, reply.frame())
-                continue
-            if not greeted:
-                self._refuse(conn, request.id, f"the first request must be hello, not {request.cmd[:64]!r}",
-                             "send hello with the protocol versions the client speaks")
-                return
-            conn.sendall(self._dispatch(request))
+                except socket.timeout:
+                    self._refuse(conn, None, f"frame not completed within {self.frame_timeout:g} s")
+                    return
+                if frame is None:
+                    return
+                try:
+                    request = Request.from_frame(frame)
+                except HostPortProtocolError as exc:
+                    rid = frame.header.get("id")
+                    self._refuse(conn, rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
+                                 exc.message, exc.hint)
+                    return
+                if request.cmd == "hello":
+                    try:
+                        reply = Reply(request.id, True, self._hello(request.args))
+                    except HostPortProtocolError as exc:
+                        self._refuse(conn, request.id, exc.message, exc.hint)
+                        return
+                    greeted = True
+                    write_frame(conn, reply.frame())
+                    continue
+                if not greeted:
+                    self._refuse(conn, request.id, f"the first request must be hello, not {request.cmd[:64]!r}",
+                                 "send hello with the protocol versions the client speaks")
+                    return
+                conn.sendall(self._dispatch(request))
 
     def _dispatch(self, request: Request) -> bytes:
         """Run one request; the packed reply frame (an error reply if anything fails)."""
