@@ -1,5 +1,8 @@
 """Start the host VMM as its own process and talk to it (used by ``qemu-kd run``).
 
+The child dies with the thread that started it (``PR_SET_PDEATHSIG``), so a
+killed ``qemu-kd run`` leaves no host VMM behind.
+
 The child's stderr is read all the time (so its log can never fill the pipe and
 stall it); its log records are passed on to this process's logging, and the
 last lines are kept for error messages.
@@ -21,6 +24,7 @@ import time
 
 from guest_agent.protocol import decode, encode, request
 from qemu_kd.common.errors import KdError
+from qemu_kd.common.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ class HostVmmProcess:
         self.api_socket = api_socket
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "host_vmm", "--platform", platform_socket, "--api", api_socket],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=die_with_parent())
         self._ids = itertools.count(1)
         self._buf = bytearray()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)

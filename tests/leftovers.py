@@ -1,21 +1,57 @@
-"""Finding files a stopped machine left behind."""
+"""Finding what stopped or killed qemu-kd processes left behind."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from qemu_kd.common.process import pid_alive
 from qemu_kd.common.paths import runtime_dir
+from qemu_kd.common.rundirs import dead_dirs
+
+SHM = Path("/dev/shm")
 
 
 def orphaned_machine_dirs() -> list[str]:
-    """Machine directories (guest RAM in /dev/shm, sockets in the runtime directory) whose
-    owning process has exited.  Directories of live processes belong to machines that are
-    still running, possibly other test runs on the same machine."""
-    left = []
-    for root in (Path("/dev/shm"), runtime_dir()):
-        for path in root.glob("qemu-kd-*"):
-            owner = path.name.split("-")[2] if path.name.count("-") >= 3 else ""
-            if owner.isdigit() and not pid_alive(int(owner)):
-                left.append(path.name)
-    return sorted(left)
+    """Private directories (machine sockets, platform work directories, run directories, and
+    guest RAM directories in /dev/shm of older versions) whose owning processes have all exited.
+    Directories of live processes belong to machines that are still running, possibly other
+    test runs on the same machine."""
+    return sorted(path.name for path in dead_dirs())
+
+
+def stale_registry_entries() -> list[str]:
+    """Platform registry entries of processes that are gone."""
+    registry = runtime_dir() / "platforms"
+    if not registry.is_dir():
+        return []
+    return sorted(entry.name for entry in registry.iterdir()
+                  if entry.stem.isdigit() and not pid_alive(int(entry.stem)))
+
+
+def runtime_entries() -> list[str]:
+    """Everything in the runtime directory but the (possibly empty) registry directory."""
+    root = runtime_dir()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != "platforms":
+                found.append(rel)
+    return sorted(found)
+
+
+def files_containing(roots: list[Path], needles: list[bytes]) -> list[str]:
+    """Regular files under ``roots`` that contain any of ``needles`` (unreadable ones skipped)."""
+    hits = []
+    for root in roots:
+        for dirpath, _dirnames, filenames in os.walk(root):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                hits += [f"{path}: {needle.decode()}" for needle in needles if needle in data]
+    return hits

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from leftovers import files_containing
 from qemu_kd.common.errors import ConfigError, QemuError
-from qemu_kd.qemu.machine import DIR_PREFIX, MachineSpec, QemuMachine, sweep_stale_dirs
+from qemu_kd.common.paths import runtime_dir
+from qemu_kd.common.rundirs import sweep_dead_dirs
+from qemu_kd.qemu.machine import DIR_KIND, MachineSpec, QemuMachine
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -28,16 +31,23 @@ def test_start_paused_gives_private_sockets_and_ram_then_cleans_up(tmp_path):
     m = QemuMachine(MachineSpec(mem_size=64 * MiB), console_log=tmp_path / "c.log")
     m.start()
     try:
-        assert stat.S_IMODE(os.stat(m.dir).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(m.sockdir).st_mode) == 0o700
-        assert m.ram_path.stat().st_size == 64 * MiB
-        for name in ("qmp", "gdb", "console", "shared", "guestport"):
-            assert stat.S_ISSOCK(os.stat(m.socket_path(name)).st_mode)
+        assert m.sockdir.name.startswith(f"{DIR_KIND}-{os.getpid()}-")
+        for name in ("qmp", "qmp-host", "gdb", "console", "shared", "guestport"):
+            st = os.stat(m.socket_path(name))
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, name
+        for log in (m.console_log, m.stderr_path):
+            assert stat.S_IMODE(os.stat(log).st_mode) == 0o600, log
         assert m.qmp.cmd("query-status")["status"] == "prelaunch"
-        # RAM written through the file is what the vCPU sees (via the gdbstub).
+        # RAM written through the platform's mapping is what the vCPU sees (via the gdbstub).
         m.write_ram(0x5000, b"qemu-kd!")
         assert m.rsp.read_memory(0x5000, 8) == b"qemu-kd!"
-        dirs = (m.dir, m.sockdir)
+        # Guest RAM is a memfd, not a file anybody could find (or find left over).
+        with open(f"/proc/{m.proc.pid}/maps") as maps:
+            ram = [line for line in maps if "kd-ram" in line]
+        assert ram and all("/memfd:kd-ram (deleted)" in line for line in ram)
+        assert not list(Path("/dev/shm").glob(f"{DIR_KIND}-{os.getpid()}-*"))
+        dirs = (m.sockdir,)
         pid = m.proc.pid
     finally:
         m.stop()
@@ -49,7 +59,7 @@ def test_start_paused_gives_private_sockets_and_ram_then_cleans_up(tmp_path):
 def test_killed_qemu_gives_clear_error_and_leaves_nothing(tmp_path):
     m = QemuMachine(MachineSpec(mem_size=64 * MiB), console_log=tmp_path / "c.log")
     m.start()
-    dirs = (m.dir, m.sockdir)
+    dirs = (m.sockdir,)
     os.kill(m.proc.pid, signal.SIGKILL)
     m.proc.wait()
     with pytest.raises(QemuError, match="QEMU exited with status -9"):
@@ -69,21 +79,22 @@ def test_bad_qemu_arguments_report_qemu_stderr(tmp_path):
                     console_log=tmp_path / "c.log")
     with pytest.raises(QemuError, match="no-such-option"):
         m.start()
-    assert m.dir is None
+    assert m.sockdir is None and m.ram_fd is None
 
 
-def test_parent_killed_takes_qemu_down_and_next_start_sweeps(tmp_path):
+def test_parent_killed_takes_qemu_down_and_ram_and_next_start_sweeps(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         from qemu_kd.qemu.machine import QemuMachine, MachineSpec
         m = QemuMachine(MachineSpec(mem_size=64 << 20), console_log={str(tmp_path / 'c.log')!r})
         m.start()
-        print(m.proc.pid, m.dir, m.sockdir, flush=True)
+        m.write_ram(0x7000, b"kd-canary-" + b"in-guest-ram")
+        print(m.proc.pid, m.sockdir, flush=True)
         time.sleep(60)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                              env=os.environ.copy())
-    qemu_pid, ram_dir, sock_dir = child.stdout.readline().split()
+    qemu_pid, sock_dir = child.stdout.readline().split()
     child.kill()
     child.wait()
     deadline = time.monotonic() + 10
@@ -95,8 +106,10 @@ def test_parent_killed_takes_qemu_down_and_next_start_sweeps(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("QEMU outlived its killed parent")
-    assert Path(ram_dir).exists()  # nobody could clean up a SIGKILLed process...
-    removed = sweep_stale_dirs()  # ...so the next start does
-    assert Path(ram_dir) in removed and not Path(ram_dir).exists()
-    assert not Path(sock_dir).exists()
-    assert Path(ram_dir).name.startswith(DIR_PREFIX)
+    # The guest RAM died with the two processes that mapped it: no file holds it.
+    canary = b"kd-canary-in-guest-ram"
+    assert not files_containing([Path("/dev/shm"), runtime_dir()], [canary])
+    assert Path(sock_dir).exists()  # nobody could clean up a SIGKILLed process...
+    removed = sweep_dead_dirs()  # ...so the next start does
+    assert Path(sock_dir) in removed and not Path(sock_dir).exists()
+    assert Path(sock_dir).name.startswith(f"{DIR_KIND}-{child.pid}-")

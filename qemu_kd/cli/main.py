@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_domain_parsers(sub)
 
+    from qemu_kd.cli.clean import add_clean_parser
+
+    add_clean_parser(sub)
+
     host = sub.add_parser("host", help="the untrusted host VMM")
     hsub = host.add_subparsers(dest="host_command", metavar="ACTION")
     hsub.required = True

@@ -12,7 +12,6 @@ from qemu_kd.qemu.accel import choose_accel
 from qemu_kd.common.errors import ConfigError, GuestImageError
 from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
 from qemu_kd.qemu.machine import MachineSpec
-from qemu_kd.common.paths import runtime_dir
 
 MiB = 1 << 20
 BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
@@ -105,13 +104,14 @@ class ProtectedOptions(RunOptions):
 def run_protected(opts: ProtectedOptions) -> dict:
     """The whole flow: platform, host VMM, layout, seal, load, verify, launch, attest, run."""
     import base64
-    import tempfile
 
     from host_vmm.process import HostVmmProcess
 
     from qemu_kd.formats.layout import HostLayout
     from qemu_kd.hostport.registry import platform_state_dir
-    from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
+    from qemu_kd.cli.clean import sweep_leftovers
+    from qemu_kd.common.rundirs import make_private_dir
+    from qemu_kd.hostport.spawn import hand_over_platform, start_platform_process, stop_platform_process
     from qemu_kd.formats.policy import Policy
     from qemu_kd.tenant.session import TenantSession, attest
     from qemu_kd.tenant.measure import measure
@@ -124,7 +124,8 @@ def run_protected(opts: ProtectedOptions) -> dict:
     timer = PhaseTimer(progress=show)
     cmdline = full_cmdline()
     policy = Policy.make(debug=opts.debug)
-    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=runtime_dir()))
+    sweep_leftovers()
+    workdir = make_private_dir("run")   # <runtime>/run-<pid>-*: swept once its owners are dead
     pstate = platform_state_dir()
     platform = host = None
     keep = False
@@ -195,6 +196,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
             # The host VMM lets go of the domain (its shared channel included); the detached
             # platform daemon keeps it running until `qemu-kd destroy`.
             host.call("detach")
+            hand_over_platform(platform)
             keep = True
             out["kept"] = {"platform_pid": platform.pid, "platform_socket": str(psock),
                            "name": f"kd{layout.keyid}"}

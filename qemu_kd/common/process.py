@@ -1,13 +1,44 @@
-"""Process liveness checks used when sweeping what dead processes left behind."""
+"""Child processes that die with their parent, and liveness checks for sweeping.
+
+``die_with_parent()`` is a ``preexec_fn`` for :class:`subprocess.Popen`: the
+child gets ``PR_SET_PDEATHSIG`` = SIGKILL, so it is killed when the thread that
+forked it ends, however that happens (``kill -9`` included).  Files such
+children leave behind are named after their owner's pid and swept once
+:func:`pid_alive` says the owner is gone (see :mod:`qemu_kd.common.rundirs`).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+from typing import Callable
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies.
+
+    If the parent is already gone by the time the child has set this up (it
+    died between fork and prctl), the child kills itself at once.
+    """
+    parent = os.getpid()
+    # Loaded here, not in the child: after fork only async-signal-safe calls are safe.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (it may belong to another user)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,8 +1,10 @@
 """Where running platform daemons announce themselves, and how the host finds them.
 
 Each daemon writes ``<runtime>/platforms/<pid>.json`` with its host-port
-socket; entries of dead processes are ignored.  This is all a host needs to
-discover a platform: the socket path, never any of the platform's state.
+socket; entries of dead processes are ignored, and removed by
+:func:`sweep_stale_entries` (a daemon killed by SIGKILL cannot remove its own).
+This is all a host needs to discover a platform: the socket path, never any of
+the platform's state.
 """
 
 from __future__ import annotations
@@ -30,9 +32,26 @@ def registry_dir() -> Path:
     return path
 
 
+def _entry_pid(entry: Path) -> int | None:
+    """The pid an entry (``<pid>.json`` or a half-written ``<pid>.tmp``) is named after."""
+    return int(entry.stem) if entry.stem.isdigit() else None
+
+
+def sweep_stale_entries() -> list[Path]:
+    """Remove the entries (finished or half-written) of processes that are gone; those removed."""
+    removed = []
+    for entry in sorted(registry_dir().iterdir()):
+        pid = _entry_pid(entry)
+        if pid is not None and entry.suffix in (".json", ".tmp") and not pid_alive(pid):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def running_platforms() -> list[dict]:
     """Registry entries of live platform daemons (stale entries are removed)."""
     found = []
+    sweep_stale_entries()
     for entry in sorted(registry_dir().glob("*.json")):
         try:
             info = json.loads(entry.read_text())

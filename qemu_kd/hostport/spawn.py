@@ -1,12 +1,22 @@
 """Starting and stopping a platform daemon as a child process.
 
 The daemon (``qemu-kd platform serve``) prints ``ready <socket>`` on stdout once
-its host port serves; everything else goes to its log.  This module knows
-only that contract, not the platform's internals.
+its host port serves; everything else goes to its log (``platform.log``, mode
+0600).  This module knows only that contract, not the platform's internals.
+
+A daemon started by this module never outlives its starter by accident:
+
+* an attached one gets ``PR_SET_PDEATHSIG`` and is killed with the thread that
+  started it;
+* a detached one (``detach=True``, its own session, for ``qemu-kd run --keep``)
+  watches its stdin, a pipe from the starter: it stops by itself when the pipe
+  ends before :func:`hand_over_platform` wrote ``keep`` into it, so only a
+  daemon that was handed a domain keeps running.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
@@ -15,9 +25,12 @@ import time
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError
+from qemu_kd.common.process import die_with_parent
 
 READY_PREFIX = "ready "
+KEEP_LINE = "keep"
 DAEMON_MODULE = "qemu_kd.platform.daemon"
+LOG_MODE = 0o600
 
 
 def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg",
@@ -26,8 +39,10 @@ def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg
                            log_path: Path | None = None, remove_dir: Path | None = None) -> tuple[subprocess.Popen, Path]:
     """Start ``qemu-kd platform serve`` as a child process; returns (process, socket) once it serves.
 
-    ``detach`` puts it in its own session (it outlives the caller's terminal).
-    Its stderr goes to ``log_path`` (default: ``platform.log`` beside the socket).
+    ``detach`` puts it in its own session (it outlives the caller's terminal) and
+    ties it to the caller until :func:`hand_over_platform`; otherwise it dies with
+    the calling thread.  Its stderr goes to ``log_path`` (default: ``platform.log``
+    beside the socket, mode 0600).
     """
     socket_path = Path(socket_path)
     log_path = Path(log_path) if log_path else socket_path.with_name("platform.log")
@@ -37,9 +52,14 @@ def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg
         argv.append("--exit-when-idle")
     if remove_dir is not None:
         argv += ["--remove-dir", str(remove_dir)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                start_new_session=detach)
+    if detach:
+        argv.append("--stdin-lifeline")
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOG_MODE)
+    with os.fdopen(fd, "ab") as log:
+        os.fchmod(fd, LOG_MODE)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if detach else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=detach,
+                                preexec_fn=None if detach else die_with_parent())
     deadline = time.monotonic() + timeout
     line = b""
     try:
@@ -64,8 +84,28 @@ def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg
     return proc, Path(text[len(READY_PREFIX):])
 
 
+def hand_over_platform(proc: subprocess.Popen) -> None:
+    """Let a detached daemon outlive this process (it keeps the domains it serves)."""
+    if proc.stdin is None:
+        raise ValueError("only a detached platform daemon can be handed over")
+    stdin, proc.stdin = proc.stdin, None
+    try:
+        stdin.write(f"{KEEP_LINE}\n".encode())
+        stdin.flush()
+    except OSError:
+        pass   # it has ended already: nothing left to keep
+    finally:
+        try:
+            stdin.close()
+        except OSError:
+            pass
+
+
 def stop_platform_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGTERM (the daemon destroys its domains and cleans up), then SIGKILL if it hangs."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+        proc.stdin = None
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -2,6 +2,8 @@
 
 ``qemu-kd platform serve [--socket PATH] [--state DIR] [--memory SIZE] [--accel A]``
 
+* sweeps what dead qemu-kd processes left in the runtime directory (registry
+  entries, private directories: :mod:`qemu_kd.common.rundirs`);
 * loads (or creates, on first use) the installation's emulated root CA and the
   platform identity from the state directory;
 * serves the host port on a Unix socket (mode 0600) and prints one line,
@@ -9,9 +11,21 @@
 * registers itself in ``<runtime>/platforms/<pid>.json`` so ``qemu-kd ls`` and
   friends find it, and removes that entry when it ends;
 * on SIGTERM or SIGINT destroys every domain (QEMU stopped, guest RAM and
-  shadow scrubbed), removes its socket and its DRAM file, and exits 0;
+  shadow scrubbed), removes its socket and its work directory, and exits 0;
 * with ``--exit-when-idle`` it also ends by itself once it has launched a
-  domain and none is left (what ``qemu-kd run --keep`` uses).
+  domain and none is left running: a domain whose QEMU has ended (the guest
+  powered off, or QEMU was killed) is destroyed (what ``qemu-kd run --keep``
+  uses);
+* with ``--remove-dir DIR`` it takes over the caller's private directory DIR
+  (its pid goes into ``DIR/owner``) and removes it when it ends;
+* with ``--stdin-lifeline`` it stops, as on SIGTERM, if its stdin reaches end of
+  file before a ``keep`` line arrived: the process that started it died before
+  handing a domain over to it.
+
+Whatever it maps is gone when it dies, even by SIGKILL: DRAM is an unlinked
+file, guest RAM a memfd, and QEMU dies with it (``PR_SET_PDEATHSIG``).  Its
+registry entry and private directories are swept by the next platform or run,
+or ``qemu-kd clean``.
 
 A socket another live platform serves is a one-line error (exit 2), never a
 takeover.
@@ -32,8 +46,9 @@ from pathlib import Path
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.common.log import configure as configure_logging
-from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir
-from qemu_kd.hostport.spawn import READY_PREFIX
+from qemu_kd.common.rundirs import sweep_dead_dirs, take_over
+from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir, sweep_stale_entries
+from qemu_kd.hostport.spawn import KEEP_LINE, READY_PREFIX
 
 DEFAULT_MEMORY = "1G"
 IDLE_POLL = 1.0
@@ -69,6 +84,10 @@ class PlatformDaemon:
         from qemu_kd.platform.hostport_server import HostPortServer
         from qemu_kd.platform.hardware import Platform
 
+        swept = sweep_stale_entries() + sweep_dead_dirs()
+        if swept:
+            log.info("removed %d leftovers of dead qemu-kd processes: %s", len(swept),
+                     ", ".join(p.name for p in swept))
         _root, identity = load_identity(self.pstate)
         self.platform = Platform(identity, self.memory_size, qemu_accel=self.accel)
         try:
@@ -90,11 +109,37 @@ class PlatformDaemon:
             if not self.exit_when_idle:
                 continue
             with self.platform.lock:
+                self._destroy_ended_domains()
                 busy = bool(self.platform.domains)
                 launched_once |= bool(self.platform.runtimes)
             if launched_once and not busy:
                 log.info("no domain is left; the platform ends (--exit-when-idle)")
                 return
+
+    def _destroy_ended_domains(self) -> None:
+        """Destroy the launched domains whose QEMU has ended (powered off or killed)."""
+        for keyid, runtime in list(self.platform.runtimes.items()):
+            if not getattr(runtime, "running", True) and keyid in self.platform.domains:
+                log.info("key domain %d: its QEMU has ended; destroying the domain", keyid)
+                try:
+                    self.platform.destroy_kd(keyid)
+                except KdError as exc:
+                    log.warning("key domain %d: destroy failed: %s", keyid, exc)
+
+    def watch_lifeline(self, stream) -> None:
+        """Stop unless ``stream`` (stdin) carries a keep line before it ends."""
+        def watch() -> None:
+            try:
+                for line in stream:
+                    if line.strip() == KEEP_LINE:
+                        log.info("the domain was handed over; the platform outlives its starter")
+                        return
+            except (OSError, ValueError):
+                pass
+            log.info("the process that started the platform has ended; stopping")
+            self.request_stop()
+
+        threading.Thread(target=watch, daemon=True, name="lifeline").start()
 
     def request_stop(self, *_args) -> None:
         self._stop.set()
@@ -123,7 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="accelerator for launched domains (auto probes KVM, falls back to TCG)")
     ap.add_argument("--exit-when-idle", action="store_true",
                     help="exit once a launched domain has been destroyed and none is left")
-    ap.add_argument("--remove-dir", help="a private directory of the caller's to remove on exit")
+    ap.add_argument("--remove-dir", help="a private directory of the caller's to take over and remove on exit")
+    ap.add_argument("--stdin-lifeline", action="store_true",
+                    help=f"stop when stdin ends before a {KEEP_LINE!r} line arrived")
     return ap.parse_args(argv)
 
 
@@ -145,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             from qemu_kd.guest.cache import ensure_guest
 
             accel = choose_accel("auto", ensure_guest().kernel).name
+        if args.remove_dir:
+            take_over(args.remove_dir)
         daemon = PlatformDaemon(Path(args.socket) if args.socket else default_socket(),
                                 Path(args.state) if args.state else platform_state_dir(),
                                 memory_size, accel, exit_when_idle=args.exit_when_idle)
+        if args.stdin_lifeline:
+            daemon.watch_lifeline(sys.stdin)
         daemon.start()
         if stop.is_set():
             return 0

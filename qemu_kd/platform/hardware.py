@@ -16,7 +16,6 @@ a reservation that never became a domain; ``destroy_kd`` ends a domain.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from qemu_kd.platform.domain import (
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.protocol import PlatformInfo
 from qemu_kd.formats.addresses import KEYID_BITS, MAX_KEYID, PAGE_SIZE
-from qemu_kd.common.paths import runtime_dir
+from qemu_kd.common.rundirs import make_private_dir
 from qemu_kd.platform.physmem import DEFAULT_MEMORY_SIZE, AddressError, PhysicalMemory
 
 ACCELERATOR_NONE = "none"
@@ -79,8 +78,9 @@ class Platform:
     def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str | None = None,
                  *, qemu_accel: str = DEFAULT_QEMU_ACCEL,
                  runtime_factory: Callable[..., object] | None = None):
-        """``workdir``: a private directory for the DRAM file (created 0700 if missing);
-        by default a fresh one under the runtime directory, removed on close.
+        """``workdir``: a private directory for the DRAM file (created 0700 if missing;
+        the file is unlinked once mapped) and audit logs; by default a fresh one under
+        the runtime directory, removed on close.
 
         ``qemu_accel`` is the accelerator launched domains run with (the caller
         probes it); ``runtime_factory(domain, identity, accel, name)`` makes the
@@ -88,7 +88,7 @@ class Platform:
         """
         self._own_workdir = workdir is None
         if workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="platform-", dir=runtime_dir()))
+            workdir = make_private_dir("platform")   # <runtime>/platform-<pid>-*, swept once we are dead
         workdir = Path(workdir)
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.identity = identity

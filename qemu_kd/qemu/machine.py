@@ -1,12 +1,20 @@
 """The QEMU process wrapper: one paused, firmware-less x86-64 machine.
 
-A :class:`QemuMachine` owns a private directory (mode 0700) that holds the
-QMP, gdbstub and serial sockets, QEMU's stderr log and the guest-RAM file.
-The RAM is a ``memory-backend-file`` with ``share=on`` so the platform can map
-it; it lives under ``/dev/shm`` when available.  Every way out (normal stop,
-exception, Ctrl-C, QEMU crash, even the parent being killed: QEMU gets
-``PR_SET_PDEATHSIG``) stops QEMU and removes the directory.  Directories left by
-a killed parent are swept at the next start.
+A :class:`QemuMachine` owns a private directory (``<runtime>/qemu-kd-<pid>-*``,
+mode 0700) that holds the QMP, gdbstub and serial sockets (mode 0600; QEMU runs
+under umask 077) and QEMU's stderr log.  The console log is created mode 0600.
+
+Guest RAM is an anonymous memory file (``memfd_create``), never a file on any
+file system: QEMU gets it as an inherited descriptor and maps it through
+``memory-backend-file`` with ``mem-path=/proc/self/fd/N,share=on``; the
+platform maps the same descriptor (:meth:`QemuMachine.map_ram`), coherent both
+ways.  The memory goes away with the last process that holds it, however it
+ends, so no copy of guest plaintext outlives QEMU and its parent.
+
+Every way out (normal stop, exception, Ctrl-C, QEMU crash, even the parent
+being killed: QEMU gets ``PR_SET_PDEATHSIG``) stops QEMU; every way but the
+parent's SIGKILL removes the directory, and those left by a killed parent are
+swept at the next start (:mod:`qemu_kd.common.rundirs`).
 
 Devices: ttyS0 console, ttyS1 shared channel (host VMM), ttyS2 guest port
 (platform only).
@@ -14,51 +22,28 @@ Devices: ttyS0 console, ttyS1 shared channel (host VMM), ttyS2 guest port
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError, QemuError
 from qemu_kd.qemu.gdbstub import RspClient
-from qemu_kd.common.paths import runtime_dir, state_dir
-from qemu_kd.common.process import pid_alive
+from qemu_kd.common.paths import state_dir
+from qemu_kd.common.process import die_with_parent
+from qemu_kd.common.rundirs import make_private_dir, sweep_dead_dirs
 
 QEMU_BINARY = "qemu-system-x86_64"
-SHM_ROOT = Path("/dev/shm")
-DIR_PREFIX = "qemu-kd-"
+DIR_KIND = "qemu-kd"
 SERIALS = ("console", "shared", "guestport")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def sweep_stale_dirs() -> list[Path]:
-    """Remove machine directories whose owning process no longer exists."""
-    removed = []
-    for root in {SHM_ROOT, runtime_dir()}:
-        if not root.is_dir():
-            continue
-        for entry in root.glob(f"{DIR_PREFIX}*"):
-            parts = entry.name.split("-")
-            if len(parts) < 4 or not parts[2].isdigit():
-                continue
-            if not pid_alive(int(parts[2])):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
+SOCKET_MODE = 0o600
+LOG_MODE = 0o600
+# QEMU creates its sockets (and anything else) private to the user.
+QEMU_UMASK = 0o077
 
 
 def find_qemu(binary: str = QEMU_BINARY) -> str:
@@ -70,9 +55,19 @@ def find_qemu(binary: str = QEMU_BINARY) -> str:
 
 
 def log_dir() -> Path:
+    """Console logs (mode 0700; each log 0600)."""
     path = state_dir() / "logs"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def create_private_file(path: Path) -> None:
+    """Create (or truncate) ``path`` with mode 0600, never through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, LOG_MODE)
+    try:
+        os.fchmod(fd, LOG_MODE)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -88,14 +83,13 @@ class MachineSpec:
 
 
 class QemuMachine:
-    """A paused QEMU with file-backed RAM, QMP, gdbstub and three serial sockets."""
+    """A paused QEMU with memfd-backed RAM, QMP, gdbstub and three serial sockets."""
 
     def __init__(self, spec: MachineSpec, console_log: Path | None = None):
         self.spec = spec
         self.proc: subprocess.Popen | None = None
-        self.dir: Path | None = None
         self.sockdir: Path | None = None
-        self.ram_path: Path | None = None
+        self.ram_fd: int | None = None
         self.console_log = console_log
         self.qmp = None
         self.rsp: RspClient | None = None
@@ -115,7 +109,7 @@ class QemuMachine:
     # -- lifecycle -----------------------------------------------------------------
     def command_line(self) -> list[str]:
         s = self.spec
-        assert self.ram_path is not None
+        assert self.ram_fd is not None
         mem_mib = s.mem_size >> 20
         args = [
             find_qemu(s.qemu),
@@ -124,7 +118,7 @@ class QemuMachine:
             "-machine", f"{s.machine},memory-backend=ram0",
             "-m", f"{mem_mib}M",
             "-object", f"memory-backend-file,id=ram0,size={mem_mib}M,"
-                       f"mem-path={self.ram_path},share=on,prealloc=off",
+                       f"mem-path=/proc/self/fd/{self.ram_fd},share=on,prealloc=off",
             "-smp", "1",
             "-chardev", f"socket,id=qmp0,path={self.socket_path('qmp')},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
@@ -150,22 +144,21 @@ class QemuMachine:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         find_qemu(self.spec.qemu)
-        sweep_stale_dirs()
-        tag = f"{DIR_PREFIX}{os.getpid()}-"
-        shm_ok = SHM_ROOT.is_dir() and os.access(SHM_ROOT, os.W_OK)
-        self.dir = Path(tempfile.mkdtemp(prefix=tag, dir=SHM_ROOT if shm_ok else runtime_dir()))
-        os.chmod(self.dir, 0o700)
+        sweep_dead_dirs()
         # Unix socket paths are limited to 108 bytes: keep sockets short-named.
-        self.sockdir = Path(tempfile.mkdtemp(prefix=tag, dir=runtime_dir()))
-        os.chmod(self.sockdir, 0o700)
-        self.ram_path = self.dir / "ram"
+        self.sockdir = make_private_dir(DIR_KIND)
         if self.console_log is None:
             self.console_log = log_dir() / f"{self.spec.name}-{os.getpid()}-{int(time.time())}.log"
         try:
+            create_private_file(self.console_log)
+            self.ram_fd = os.memfd_create("kd-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.ram_fd, self.spec.mem_size)
             self._stderr = open(self.stderr_path, "wb")
+            os.fchmod(self._stderr.fileno(), LOG_MODE)
             self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                          stdout=self._stderr, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+                                         pass_fds=(self.ram_fd,), umask=QEMU_UMASK,
+                                         preexec_fn=die_with_parent())
             deadline = time.monotonic() + timeout
             self._wait_for_sockets(deadline)
             self.qmp = QEMUMonitorProtocol(self.socket_path("qmp"))
@@ -178,6 +171,7 @@ class QemuMachine:
             raise
 
     def _wait_for_sockets(self, deadline: float) -> None:
+        """Wait for QEMU's sockets, then make them 0600 before anyone connects."""
         needed = [self.socket_path(n) for n in ("qmp", "qmp-host", "gdb", *SERIALS)]
         while not all(os.path.exists(p) for p in needed):
             self.check_alive("while starting")
@@ -185,6 +179,8 @@ class QemuMachine:
                 raise QemuError("QEMU did not create its sockets in time",
                                 f"see {self.stderr_path}")
             time.sleep(0.01)
+        for path in needed:
+            os.chmod(path, SOCKET_MODE)
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
@@ -208,14 +204,11 @@ class QemuMachine:
         return self.proc is not None and self.proc.poll() is None
 
     def map_ram(self) -> mmap.mmap:
-        """Map the guest-RAM file (shared with QEMU, coherent both ways)."""
+        """Map guest RAM (the memfd QEMU maps too: shared, coherent both ways)."""
         if self._ram_map is None:
-            assert self.ram_path is not None
-            fd = os.open(self.ram_path, os.O_RDWR)
-            try:
-                self._ram_map = mmap.mmap(fd, self.spec.mem_size, mmap.MAP_SHARED)
-            finally:
-                os.close(fd)
+            if self.ram_fd is None:
+                raise QemuError("QEMU is not running")
+            self._ram_map = mmap.mmap(self.ram_fd, self.spec.mem_size, mmap.MAP_SHARED)
         return self._ram_map
 
     def write_ram(self, gpa: int, data: bytes) -> None:
@@ -243,7 +236,7 @@ class QemuMachine:
         self.qmp.cmd("stop")
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and remove every file."""
+        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL), release guest RAM, remove every file."""
         if self._ram_map is not None:
             try:
                 self._ram_map.close()
@@ -278,10 +271,12 @@ class QemuMachine:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        for path in (self.dir, self.sockdir):
-            if path is not None:
-                shutil.rmtree(path, ignore_errors=True)
-        self.dir = self.sockdir = None
+        if self.ram_fd is not None:
+            os.close(self.ram_fd)
+            self.ram_fd = None
+        if self.sockdir is not None:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+            self.sockdir = None
 
     def __enter__(self) -> "QemuMachine":
         return self
