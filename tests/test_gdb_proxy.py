@@ -2,14 +2,24 @@
 
 import logging
 import socket
+import threading
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qemu_kd.platform.endpoints.audit import AuditLog
-from qemu_kd.platform.endpoints.gdb_proxy import GdbProxy, MAX_PACKET, is_continue, is_step, summarize
+from qemu_kd.platform.endpoints.gdb_proxy import (
+    GdbProxy,
+    MAX_PACKET,
+    is_continue,
+    is_step,
+    monitor_refusal,
+    summarize,
+)
 from qemu_kd.qemu.gdbstub import checksum, frame
+
+from hmp_cases import HMP_BYPASSES, HMP_DEBUG_ONLY
 
 MiB = 1 << 20
 POLICY_TEXT = "key domain kd3 was not sealed with the DEBUG policy"
@@ -219,6 +229,94 @@ def test_random_bytes_never_break_the_proxy(nodebug, junk):
 
 
 # -- against a real guest ---------------------------------------------------------------------
+
+# -- with DEBUG, against a stand-in gdbstub: run control ---------------------------------------
+
+class FakeStub:
+    """A stopped-on-attach gdbstub that records every packet the proxy sends it."""
+
+    def __init__(self):
+        self.sent: list[bytes] = []
+
+    def discard_pending(self):
+        pass
+
+    def send_packet(self, payload: bytes):
+        self.sent.append(payload)
+
+    def read_stop_reply(self) -> bytes:
+        return b"T02thread:01;"       # the vCPU was running when gdb attached
+
+    def request(self, payload: bytes) -> bytes:
+        self.sent.append(payload)
+        return b"OK"
+
+
+@pytest.fixture
+def exitable(tmp_path):
+    """A DEBUG proxy whose platform reports the domain exited once ``state['exited']`` is set."""
+    stub, state, checked = FakeStub(), {"exited": False}, threading.Event()
+
+    def may_run():
+        checked.set()
+        return "key domain kd3 is exited" if state["exited"] else None
+
+    proxy = GdbProxy(str(tmp_path / "gdb.sock"), stub, debug=True, domain="kd3",
+                     audit=AuditLog(tmp_path / "audit.log"), may_run=may_run)
+    proxy.start()
+    yield proxy, stub, state, checked
+    proxy.close()
+
+
+def test_detach_never_continues_an_exited_vcpu(exitable):
+    proxy, stub, state, _ = exitable
+    c = Rsp(proxy.listen_path)
+    assert c.ask(b"qC") == b"QC01"            # attach: the vCPU is stopped, it was running
+    assert stub.sent == [b"?"]
+    state["exited"] = True                    # QMP stop: the platform exits the domain
+    assert c.ask(b"D") == b"OK"
+    c.close()
+    proxy.close()                             # waits for the session's clean-up
+    assert b"c" not in stub.sent, stub.sent   # it stays paused until the platform resumes it
+
+
+def test_detach_resumes_a_vcpu_that_may_run(exitable):
+    proxy, stub, _, _ = exitable
+    c = Rsp(proxy.listen_path)
+    assert c.ask(b"qC") == b"QC01"
+    assert c.ask(b"D") == b"OK"
+    c.close()
+    proxy.close()
+    assert stub.sent == [b"?", b"c"]
+
+
+def test_an_exit_between_the_run_check_and_the_continue_wins(exitable):
+    proxy, stub, state, checked = exitable
+    c = Rsp(proxy.listen_path)
+    assert c.ask(b"qC") == b"QC01"
+    checked.clear()
+    with proxy.run_lock:                      # the platform, marking the domain exited
+        c.send_raw(frame(b"c"))
+        assert checked.wait(30)               # the proxy checked (not exited yet) ...
+        state["exited"] = True                # ... and the exit comes before its continue
+    out = c.reply()
+    assert out[:1] == b"O" and b"is exited" in bytes.fromhex(out[1:].decode())
+    assert c.reply() == b"E01"
+    assert b"c" not in stub.sent, stub.sent
+    assert c.ask(b"D") == b"OK"
+    c.close()
+
+
+def test_monitor_commands_follow_the_hmp_allow_list():
+    def refusal(line: str):
+        return monitor_refusal(b"qRcmd," + line.encode().hex().encode(), "kd3")
+
+    for line in (*HMP_BYPASSES, "stop", "cont"):
+        assert "not available through the gdb endpoint of key domain kd3" in refusal(line), line
+    for line in ("info status", *HMP_DEBUG_ONLY):
+        assert refusal(line) is None, line
+    assert "not hex-encoded" in monitor_refusal(b"qRcmd,zz", "kd3")
+
 
 @pytest.fixture(scope="module")
 def guest(guest_artifacts, tmp_path_factory):

@@ -24,6 +24,9 @@ from qemu_kd.platform.endpoints.qmp_proxy import (
     QmpProxyError,
 )
 from qemu_kd.common.files import ListenPathError, claim_socket_path
+from qemu_kd.platform.endpoints.allowlists import HmpAction, judge_hmp
+
+from hmp_cases import HMP_BYPASSES, HMP_DEBUG_ONLY
 
 MiB = 1 << 20
 POLICY_TEXT = "key domain kd3 was not sealed with the DEBUG policy"
@@ -103,6 +106,35 @@ def test_policy_with_debug_unlocks_and_audits_debug_commands():
     assert not pol.judge("query-status", {}).audited
     v = pol.judge("device_add", {})
     assert not v.allowed and "even with the DEBUG policy" in v.reason
+
+
+def test_hmp_is_an_allow_list_with_and_without_debug():
+    nodebug, debug = QmpPolicy(False, "kd3"), QmpPolicy(True, "kd3")
+
+    def hmp(pol, line):
+        return pol.judge("human-monitor-command", {"command-line": line})
+
+    for pol in (nodebug, debug):
+        for line in HMP_BYPASSES:
+            v = hmp(pol, line)
+            assert not v.allowed and v.audited and not v.run_control, (pol.debug, line)
+        for line in ("info status", " info\tversion ", "info uuid"):
+            v = hmp(pol, line)
+            assert v.allowed and not v.audited and not v.run_control, line
+        # stop/cont go through the platform's exit/resume, never to QEMU as they are.
+        assert hmp(pol, "stop").run_control == "stop" and hmp(pol, " cont ").run_control == "cont"
+        assert not hmp(pol, 42).allowed
+    for line in HMP_DEBUG_ONLY:
+        v = hmp(nodebug, line)
+        assert not v.allowed and POLICY_TEXT in v.reason, line
+        v = hmp(debug, line)
+        assert v.allowed and v.audited and not v.run_control, line
+    v = hmp(debug, "o /b 0xcf9 6")
+    assert v.reason == ("human-monitor-command 'o' is refused: it is not available on the host "
+                        "QMP endpoint of key domain kd3, even with the DEBUG policy")
+    assert "'info profile'" in hmp(debug, "info profile").reason
+    assert judge_hmp("xp/8xg 0x1000", debug=True).command == "xp"     # split as QEMU splits
+    assert judge_hmp("stop", debug=True, run_control=False).action is HmpAction.REFUSED
 
 
 def test_audit_log_appends_records_and_rejects_garbage(tmp_path):

@@ -124,6 +124,10 @@ class DomainRuntime:
         self._save_hpa: int | None = None
         # Held by anyone who talks to QEMU's gdbstub: this runtime and the gdb proxy.
         self.rsp_lock = threading.RLock()
+        # Held while ``exited`` is set or cleared, and by the gdb proxy from its check of
+        # _may_run until the continue it then sends (taken inside rsp_lock there, so
+        # never take rsp_lock while holding it).
+        self.run_lock = threading.RLock()
         self.qmp_proxy = None
         self.gdb_proxy = None
         self.audit: AuditLog | None = None
@@ -205,14 +209,18 @@ class DomainRuntime:
                                       on_cont=on_cont)
             self.qmp_proxy.start()
             self.gdb_proxy = GdbProxy(m.socket_path("kd-gdb"), m.rsp, debug=debug, domain=self.name,
-                                      audit=self.audit, rsp_lock=self.rsp_lock, may_run=self._may_run)
+                                      audit=self.audit, rsp_lock=self.rsp_lock, may_run=self._may_run,
+                                      run_lock=self.run_lock)
             self.gdb_proxy.start()
         except BaseException:
             self._stop_proxies()
             raise
 
     def _may_run(self) -> str | None:
-        if self.exited:
+        """Why the vCPU may not run now (the gdb proxy asks before every continue), or None."""
+        with self.run_lock:
+            exited = self.exited
+        if exited:
             return (f"key domain {self.domain.keyid} is exited (its registers are sealed in the "
                     "save area); resume it with QMP cont first")
         return None
@@ -322,11 +330,20 @@ class DomainRuntime:
     def exit(self) -> None:
         """Pause the vCPU, seal its registers into the save area and scrub them in QEMU."""
         m = self._require_machine()
-        if self.exited:
-            return
-        m.pause()
-        with self.rsp_lock:
-            regs = m.rsp.save_vcpu()
+        with self.run_lock:
+            if self.exited:
+                return
+            # Marked before the pause: from here on the gdb proxy sends no continue, so
+            # nothing runs the vCPU between the pause and the scrub, or after it.
+            self.exited = True
+        try:
+            m.pause()
+            with self.rsp_lock:
+                regs = m.rsp.save_vcpu()
+        except BaseException:
+            with self.run_lock:
+                self.exited = False     # nothing was sealed or scrubbed
+            raise
         body = SAVE_MAGIC + struct.pack("<HH", SAVE_VERSION, len(SAVE_REGS)) + b"".join(
             struct.pack("<Q", getattr(regs, name)) for name in SAVE_REGS)
         mac = hmac.new(self._save_mac_key, body, hashlib.sha384).digest()
@@ -337,7 +354,6 @@ class DomainRuntime:
                 if name not in ("rflags",):
                     m.rsp.write_register(*_reg(name), 0)
         self.sync_shadow()
-        self.exited = True
         log.info("key domain %d exited: registers sealed in the save area", self.domain.keyid)
 
     def resume(self) -> None:
@@ -360,7 +376,8 @@ class DomainRuntime:
         with self.rsp_lock:
             for name, value in zip(SAVE_REGS, values):
                 m.rsp.write_register(*_reg(name), value)
-        self.exited = False
+        with self.run_lock:
+            self.exited = False
         m.resume()
         log.info("key domain %d resumed", self.domain.keyid)
 

@@ -23,7 +23,8 @@ reaching a running QEMU gdbstub stops the VM) and answers everything itself:
 With DEBUG the session stops the vCPU when gdb attaches (``on_stop`` or the
 gdbstub), relays every request, audits each one that reads or changes the
 guest, and when the session ends (``D``, ``k`` or a dropped connection) removes
-the breakpoints it inserted and resumes the vCPU if it was running at attach.
+the breakpoints it inserted and resumes the vCPU if it was running at attach,
+unless the platform refuses to run it (``may_run``: an exited domain).
 
 Bad checksums get a ``-`` (while acknowledgements are on), stray bytes are
 ignored, packets larger than :data:`MAX_PACKET` are answered with ``E01``, and
@@ -42,7 +43,7 @@ from typing import Callable
 from qemu_kd.platform.endpoints.audit import AuditError, AuditLog
 from qemu_kd.common.errors import KdError
 from qemu_kd.qemu.gdbstub import RspClient, RspError, checksum, frame, unescape
-from qemu_kd.platform.endpoints.allowlists import HMP_CONT, HMP_NEVER, HMP_STOP, hmp_command
+from qemu_kd.platform.endpoints.allowlists import HmpAction, judge_hmp
 from qemu_kd.common.files import claim_socket_path
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,18 @@ def summarize(packet: bytes) -> str:
 def monitor_refusal(packet: bytes, domain: str) -> str | None:
     """Why gdb's ``monitor`` command in a qRcmd packet is refused even with DEBUG, or None.
 
-    Run control belongs to gdb itself and to QMP stop/cont (the platform's exit and
-    resume); commands that change the machine are refused as on the QMP endpoint.
+    The same HMP allow-list as on the QMP endpoint, without run control: that
+    belongs to gdb itself and to QMP stop/cont (the platform's exit and resume).
     """
     try:
-        word = hmp_command(bytes.fromhex(packet[6:].decode()).decode(errors="replace"))
-    except ValueError:
-        return "the monitor command is not hex-encoded"
-    if word in HMP_NEVER or word in HMP_STOP or word in HMP_CONT:
-        return (f"monitor '{word[:40]}' is not available through the gdb endpoint of key domain "
-                f"{domain}; use gdb's own commands or QMP stop/cont")
+        line = bytes.fromhex(packet[6:].decode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        return "the monitor command is not hex-encoded text"
+    verdict = judge_hmp(line, debug=True, run_control=False)
+    if verdict.action is HmpAction.REFUSED:
+        return (f"monitor '{verdict.command[:40]}' is not available through the gdb endpoint of "
+                f"key domain {domain}, even with the DEBUG policy; use gdb's own commands, "
+                "or QMP stop/cont")
     return None
 
 
@@ -407,21 +410,15 @@ class _Session:
     def relay(self, packet: bytes) -> None:
         chan = self.chan
         harmless = packet.startswith(b"qXfer:features:read:")
-        reason = None
         if is_continue(packet) or is_step(packet):
-            reason = self.proxy.may_run() if self.proxy.may_run is not None else None
-        elif packet.startswith(b"qRcmd,"):
-            reason = monitor_refusal(packet, self.proxy.domain)
+            self.resume_and_wait(packet)    # checks, audits and relays under the run lock
+            return
+        reason = monitor_refusal(packet, self.proxy.domain) if packet.startswith(b"qRcmd,") else None
         if reason:
-            self.audit(packet, False)
-            chan.send(b"O" + f"refused: {reason}\n".encode().hex().encode())
-            chan.send(b"E01")
+            self.refuse_with(packet, reason)
             return
         if not harmless and not self.audit(packet, True):
             chan.send(b"E01")    # fail closed: nothing unaudited reaches the guest
-            return
-        if is_continue(packet) or is_step(packet):
-            self.resume_and_wait(packet)
             return
         with self.lock:
             try:
@@ -448,22 +445,59 @@ class _Session:
                     reply = b"E01"
         chan.send(reply)
 
+    def refuse_with(self, packet: bytes, reason: str) -> None:
+        """Refuse a DEBUG request: audited, the reason as console output, then ``E01``."""
+        self.audit(packet, False)
+        self.chan.send(b"O" + f"refused: {reason}\n".encode().hex().encode())
+        self.chan.send(b"E01")
+
+    def run_refusal(self) -> str | None:
+        """Why the platform does not let the vCPU run now, or None."""
+        return self.proxy.may_run() if self.proxy.may_run is not None else None
+
+    def send_run(self, packet: bytes) -> str | None:
+        """Send ``packet`` (a continue or step) upstream unless the platform refuses to run
+        the vCPU now; returns the refusal.  The caller holds the upstream lock.
+
+        The check and the send happen under the proxy's ``run_lock``, which the
+        platform holds while it marks a domain exited (before it pauses the vCPU),
+        so no continue slips in between the check and an exit.
+        """
+        with self.proxy.run_lock:
+            reason = self.run_refusal()
+            if reason is None:
+                self.rsp.discard_pending()
+                self.rsp.send_packet(packet)
+        return reason
+
     def resume_and_wait(self, packet: bytes) -> None:
         """Continue or step, relay gdb's Ctrl-C, and forward the stop reply."""
         proxy = self.proxy
         use_callback = (is_continue(packet) and self.paused_by_callback
                         and proxy.on_cont is not None)
+        reason = None if use_callback else self.run_refusal()
+        if reason:
+            self.refuse_with(packet, reason)
+            return
+        if not self.audit(packet, True):
+            self.chan.send(b"E01")    # fail closed: nothing unaudited reaches the guest
+            return
         try:
-            with self.lock:
-                self.rsp.discard_pending()
-                if not use_callback:
-                    self.rsp.send_packet(packet)
             if use_callback:
+                with self.lock:
+                    self.rsp.discard_pending()
                 proxy.on_cont()
                 self.paused_by_callback = False
-            self.running = True
             with self.lock:
-                reply = self.wait_stop()
+                # Held from the continue to its stop reply, so nobody else reads that reply.
+                reason = None if use_callback else self.send_run(packet)
+                if reason is None:
+                    self.running = True
+                    reply = self.wait_stop()
+            if reason:      # the domain was exited between the check above and the send
+                self.chan.send(b"O" + f"refused: {reason}\n".encode().hex().encode())
+                self.chan.send(b"E01")
+                return
         except RspError as exc:
             log.warning("gdb endpoint of %s: %s failed: %s", proxy.domain, summarize(packet), exc)
             self.chan.send(b"E01")
@@ -514,8 +548,12 @@ class _Session:
                     self.rsp.request(b"z" + key)
                 self.breakpoints.clear()
                 if self.resume_at_end and not self.paused_by_callback:
-                    self.rsp.discard_pending()
-                    self.rsp.send_packet(b"c")
+                    # Never onto an exited vCPU: its registers are scrubbed; the platform's
+                    # resume (QMP cont) restores them and runs it.
+                    reason = self.send_run(b"c")
+                    if reason:
+                        log.info("gdb endpoint of %s: not resuming the vCPU after the session: %s",
+                                 self.proxy.domain, reason)
             if self.resume_at_end and self.paused_by_callback and self.proxy.on_cont:
                 self.proxy.on_cont()
         except (RspError, KdError, OSError) as exc:
@@ -535,6 +573,13 @@ class GdbProxy:
     pause and resume the vCPU on attach and detach; ``on_stop`` may return
     ``False`` when the vCPU was already paused.  Without them the proxy pauses
     through the gdbstub.
+
+    ``may_run`` returns why the vCPU must not run now (or None); the proxy asks it
+    before every continue or step it sends, including the one that resumes the
+    guest when a session ends, and holds ``run_lock`` from the question until the
+    packet is sent (inside ``rsp_lock``).  The platform holds ``run_lock`` while it
+    marks the domain exited, before it pauses the vCPU, and never takes
+    ``rsp_lock`` while holding it.
     """
 
     handover_wait = RELEASE_TIMEOUT + 1.0   # a new client waits this long for the last session
@@ -542,7 +587,7 @@ class GdbProxy:
     def __init__(self, listen_path: str, rsp: RspClient, *, debug: bool, domain: str,
                  audit: AuditLog, on_stop: Callable[[], object] | None = None,
                  on_cont: Callable[[], object] | None = None, rsp_lock=None,
-                 may_run: Callable[[], str | None] | None = None):
+                 may_run: Callable[[], str | None] | None = None, run_lock=None):
         self.listen_path = str(listen_path)
         self.rsp = rsp
         self.debug = debug
@@ -551,7 +596,9 @@ class GdbProxy:
         self.on_stop = on_stop
         self.on_cont = on_cont
         # Returns why the vCPU must not run now (e.g. the domain is exited), or None.
+        # Checked, together with sending the continue, under ``run_lock``.
         self.may_run = may_run
+        self.run_lock = run_lock if run_lock is not None else threading.RLock()
         self.rsp_lock = rsp_lock if rsp_lock is not None else threading.RLock()
         self._server: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()

@@ -9,10 +9,12 @@ passes is an allow-list that depends on the domain's measured policy
 
 * always: status and identity queries, ``stop``/``cont`` (through the
   platform's exit/resume when callbacks are given), ``system_powerdown`` and
-  ``quit`` (the host can end its own QEMU process anyway);
+  ``quit`` (the host can end its own QEMU process anyway), and the HMP lines
+  of the allow-list in :mod:`~qemu_kd.platform.endpoints.allowlists` that
+  reveal nothing (``info status`` ...) or are run control (``stop``/``cont``);
 * with DEBUG also: commands that read guest memory or state
-  (``pmemsave``, ``memsave``, ``dump-guest-memory``, any
-  ``human-monitor-command``, every ``query-*``), each one audited.
+  (``pmemsave``, ``memsave``, ``dump-guest-memory``, every ``query-*``, and
+  the HMP allow-list's ``info`` subcommands and ``x``/``xp``), each one audited.
 
 Everything else, including commands QEMU does not know, is answered with a
 ``GenericError`` that names the policy and is never forwarded.  Malformed input
@@ -36,7 +38,7 @@ from qemu.qmp.qmp_client import BadReplyError
 
 from qemu_kd.platform.endpoints.audit import AuditError, AuditLog
 from qemu_kd.common.errors import KdError
-from qemu_kd.platform.endpoints.allowlists import HARMLESS_HMP, HMP_CONT, HMP_NEVER, HMP_STOP, hmp_command
+from qemu_kd.platform.endpoints.allowlists import HmpAction, judge_hmp
 from qemu_kd.common.files import claim_socket_path
 
 log = logging.getLogger(__name__)
@@ -196,11 +198,13 @@ class QmpInputSplitter:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the proxy does with one command."""
+    """What the proxy does with one command; ``run_control`` is ``stop``/``cont`` when it
+    goes through the platform's exit/resume (QMP ``stop``/``cont`` and their HMP lines)."""
 
     allowed: bool
     audited: bool
     reason: str = ""
+    run_control: str = ""
 
 
 class QmpPolicy:
@@ -224,22 +228,30 @@ class QmpPolicy:
         return command in ALWAYS_ALLOWED or (self.debug and self.debug_only(command))
 
     def judge(self, command: str, arguments: dict) -> Verdict:
+        if command in ("stop", "cont"):
+            return Verdict(True, False, run_control=command)
         if command in ALWAYS_ALLOWED:
             return Verdict(True, False)
-        if command == "human-monitor-command" and not self.debug:
-            line = arguments.get("command-line")
-            if isinstance(line, str) and " ".join(line.split()) in HARMLESS_HMP:
-                return Verdict(True, False)
-            shown = f"human-monitor-command '{line[:60]}'" if isinstance(line, str) else None
-            return Verdict(False, True, self.refusal(command, shown))
-        if command == "human-monitor-command" and self.debug:
-            line = arguments.get("command-line")
-            if isinstance(line, str) and hmp_command(line) in HMP_NEVER:
-                return Verdict(False, True, self.refusal(command, f"human-monitor-command "
-                                                                  f"'{hmp_command(line)[:40]}'"))
+        if command == "human-monitor-command":
+            return self.judge_hmp(arguments.get("command-line"))
         if self.debug and self.debug_only(command):
             return Verdict(True, True)
         return Verdict(False, True, self.refusal(command))
+
+    def judge_hmp(self, line) -> Verdict:
+        """``human-monitor-command``: the HMP allow-list (allowlists.judge_hmp)."""
+        hmp = judge_hmp(line, debug=self.debug)
+        if hmp.action is HmpAction.HARMLESS:
+            return Verdict(True, False)
+        if hmp.action in (HmpAction.STOP, HmpAction.CONT):
+            return Verdict(True, self.debug, run_control=hmp.action.value)
+        if hmp.action is HmpAction.INSPECT:
+            return Verdict(True, True)
+        if not self.debug and isinstance(line, str):
+            shown = f"human-monitor-command '{line[:60]}'"
+        else:
+            shown = f"human-monitor-command '{hmp.command[:40]}'"
+        return Verdict(False, True, self.refusal("human-monitor-command", shown))
 
     def filter_result(self, command: str, result):
         """Drop what the host may not see from an allowed command's return value."""
@@ -586,16 +598,11 @@ class QmpProxy:
                 return error_reply(f"'{command[:80]}' is refused: {exc.message}")
         if not verdict.allowed:
             return error_reply(verdict.reason)
-        run_control = command
-        if command == "human-monitor-command":
-            word = hmp_command(str(arguments.get("command-line", "")))
-            run_control = "stop" if word in HMP_STOP else "cont" if word in HMP_CONT else command
-        if run_control == "stop" and self.on_stop is not None:
-            reply = await self._callback(self.on_stop, "stop")
-            return {"return": ""} if "return" in reply and command != "stop" else reply
-        if run_control == "cont" and self.on_cont is not None:
-            reply = await self._callback(self.on_cont, "cont")
-            return {"return": ""} if "return" in reply and command != "cont" else reply
+        callback = {"stop": self.on_stop, "cont": self.on_cont}.get(verdict.run_control)
+        if callback is not None:
+            reply = await self._callback(callback, verdict.run_control)
+            # HMP returns its (empty) output text where QMP returns an empty object.
+            return {"return": ""} if "return" in reply and command != verdict.run_control else reply
         reply = await self._upstream.execute(command, arguments)
         if "return" in reply:
             return {"return": self.policy.filter_result(command, reply["return"])}
