@@ -124,9 +124,9 @@ def run_protected(opts: ProtectedOptions) -> dict:
     timer = PhaseTimer(progress=show)
     cmdline = full_cmdline()
     policy = Policy.make(debug=opts.debug)
+    pstate = platform_state_dir()
     sweep_leftovers()
     workdir = make_private_dir("run")   # <runtime>/run-<pid>-*: swept once its owners are dead
-    pstate = platform_state_dir()
     platform = host = None
     keep = False
     try:

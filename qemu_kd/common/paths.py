@@ -27,6 +27,7 @@ from pathlib import Path
 from qemu_kd.common.errors import ConfigError
 
 PRIVATE_MODE = 0o700
+TMP_ROOT = Path("/tmp")
 HOME = "the default under HOME"
 FALLBACK = "the default, as XDG_RUNTIME_DIR is not set"
 
@@ -118,7 +119,7 @@ def runtime_dir() -> Path:
     elif os.environ.get("XDG_RUNTIME_DIR"):
         path, source = Path(os.environ["XDG_RUNTIME_DIR"]) / "qemu-kd", "XDG_RUNTIME_DIR"
     else:
-        path, source = Path("/tmp") / f"qemu-kd-{os.getuid()}", FALLBACK
+        path, source = TMP_ROOT / f"qemu-kd-{os.getuid()}", FALLBACK
     what = "runtime directory"
     hint = ("remove it, or set XDG_RUNTIME_DIR or QEMU_KD_RUNTIME to a private directory"
             if source == FALLBACK else _fix_hint(source))

@@ -36,7 +36,11 @@ def die_with_parent() -> Callable[[], None]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (it may belong to another user)."""
+    """Whether a process with this pid exists and has not ended (it may belong to another user).
+
+    A zombie (ended, not yet reaped: say a killed daemon whose parent is gone and
+    whose new parent does not reap) counts as dead.
+    """
     if pid <= 0:
         return False
     try:
@@ -44,5 +48,11 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return True
-    return True
+    # pid (comm) state ...: comm may contain anything, so the state follows the last ')'.
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
