@@ -66,8 +66,15 @@ class HostVmmProcess:
             err = self._stderr()
             self.stop()
             raise HostVmmError(f"the host VMM process did not start: {err or 'no output'}")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(api_socket)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(api_socket)
+        except OSError as exc:
+            sock.close()
+            self.stop()
+            raise HostVmmError(f"cannot connect to the host VMM process on {api_socket}: "
+                               f"{exc.strerror or exc}") from None
+        self.sock = sock
 
     def _drain_stderr(self) -> None:
         try:

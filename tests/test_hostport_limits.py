@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from host_vmm.process import HostVmmError, HostVmmProcess
 from host_vmm.vmm import Check, HostVmm
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
@@ -335,3 +336,22 @@ def test_host_vmm_closes_the_shared_channel_socket_when_connect_fails(make_serve
         assert open_fds() == fds
     finally:
         vmm.client.close()
+
+
+def test_host_vmm_process_is_stopped_when_its_api_socket_refuses(make_server, sockdir, monkeypatch):
+    server = make_server()
+    api = str(sockdir / "api.sock")
+    real_connect = socket.socket.connect
+
+    def refuse_the_api(sock, address):
+        if address == api:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse_the_api)
+    fds = open_fds()
+    with pytest.raises(HostVmmError, match="cannot connect to the host VMM process"):
+        HostVmmProcess(str(server.socket_path), api)
+    assert open_fds() == fds
+    # The child had connected to the platform; it was stopped, so its connection ends.
+    wait_for(lambda: server.connection_count == 0, "the host VMM process to end")
