@@ -17,7 +17,7 @@ from host_vmm.vmm import BundleLayoutError, HostVerificationError, HostVmm
 from qemu_kd.formats.report import SignatureError
 from qemu_kd.platform.attestation import sign_report
 from qemu_kd.formats.bundle import PageRecord
-from qemu_kd.formats.ept import EPT_PERMS, build_ept_arrays, mapping_digest_arrays
+from qemu_kd.formats.ept import EPT_PERMS, EptEntry, build_ept_arrays, mapping_digest_arrays
 from qemu_kd.hostport.protocol import HostPortUnwrapError
 from qemu_kd.platform.hostport_server import HostPortServer
 from qemu_kd.platform.identity import PlatformIdentity, RootCA
@@ -64,7 +64,7 @@ def host(served):
     vmm.destroy()
 
 
-def sealed(host, root, **kw):
+def sealed(host, root):
     layout = host.allocate(MEM)
     bundle, secret = seal(KERNEL, INITRD, CMDLINE, MEM, POLICY, layout, root.certificate_pem)
     return layout, bundle, secret
@@ -88,9 +88,12 @@ def failed(checks):
     return {c.name: c.detail for c in checks if not c.ok}
 
 
-def reseal_ept(bundle, secret, layout, mutate):
+def reseal_ept(bundle, secret, layout, mutate, large_page=None):
     """Rebuild the EPT with a changed gpa→hpa map, as a malicious tenant could,
-    and fix up the bundle's digests so only verify-ept can notice."""
+    and fix up the bundle's digests so only verify-ept can notice.
+
+    ``mutate`` changes the hpas of the guest's gpas in place; ``large_page``
+    (gpa, hpa), both 2 MiB-aligned, adds a 2 MiB page to the page directory."""
     p = plan(layout)
     n = MEM // 4096
     gpas = np.arange(n, dtype=np.uint64) * np.uint64(4096)
@@ -98,6 +101,18 @@ def reseal_ept(bundle, secret, layout, mutate):
     perms = np.full(n, EPT_PERMS, dtype=np.uint64)
     mutate(hpas)
     eptp, tables = build_ept_arrays(gpas, hpas, perms, p.ept)
+    if large_page is not None:
+        # The page directory is the third table (PML4, PDPT, PD, then the page tables).
+        gpa, hpa = large_page
+        pd = bytearray(tables[p.ept[2]])
+        index = gpa // (2 * MiB)
+        pd[index * 8:index * 8 + 8] = EptEntry(address=hpa, perms=EPT_PERMS, memory_type=6,
+                                               large=True).pack()
+        tables[p.ept[2]] = bytes(pd)
+        extra = np.arange(512, dtype=np.uint64) * np.uint64(4096)
+        gpas = np.concatenate([gpas, np.uint64(gpa) + extra])
+        hpas = np.concatenate([hpas, np.uint64(hpa) + extra])
+        perms = np.full(gpas.size, EPT_PERMS, dtype=np.uint64)
     mee = MemoryEncryptionEngine(secret.key)
     vmcs_rec = next(r for r in bundle.pages if r.page_type == PageType.VMCS)
     vmcs_plain = mee.decrypt_pages(vmcs_rec.ciphertext,
@@ -156,6 +171,28 @@ def test_ept_alias_is_refused(host, root):
     bad = failed(host.verify())
     assert set(bad) == {"verify-ept"}
     assert "alias" in bad["verify-ept"]
+
+
+def test_extra_gpas_aliasing_mapped_pages_are_refused_by_the_alias_check_alone(host, root):
+    # Every page of the guest stays mapped where it was measured, every table and page is
+    # the domain's own and allocated; on top, a 2 MiB page at gpa MEM (the PD's free entry,
+    # so no extra table page) maps 512 guest pages a second time.  Only the alias check
+    # can tell.
+    layout, bundle, secret = sealed(host, root)
+    guest = plan(layout).guest
+    first = next(i for i, hpa in enumerate(guest) if hpa % (2 * MiB) == 0
+                 and guest[i + 511] == hpa + 511 * 4096)
+    base = guest[first]
+    host.load(reseal_ept(bundle, secret, layout, lambda hpas: None, large_page=(MEM, base)))
+    bad = failed(host.verify())
+    assert set(bad) == {"verify-ept"}
+    reasons = bad["verify-ept"].split("; ")
+    assert all(r.startswith("alias: ") for r in reasons), reasons
+    assert reasons[0] == (f"alias: hpa 0x{base:x} is mapped at gpa 0x{first * 4096:x} "
+                          f"and at gpa 0x{MEM:x}")
+    assert reasons[-1] == f"alias: ... and {512 - (len(reasons) - 1)} more"
+    with pytest.raises(HostVerificationError, match="verify-ept"):
+        host.launch()
 
 
 def test_ept_mapping_another_domains_page_is_refused(host, root, served):
