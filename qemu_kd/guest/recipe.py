@@ -195,7 +195,7 @@ def kernel_cmdline(tsc_khz: int | None = None, extra: Iterable[str] = ()) -> str
     """:data:`DEFAULT_CMDLINE` plus any extra options (and ``tsc_early_khz`` if given).
 
     Lines to be measured leave ``tsc_khz`` out, so the measurement does not
-    depend on the host (docs/formats.md §11.6).
+    depend on the host (docs/formats.md §11.7).
     """
     parts = [DEFAULT_CMDLINE]
     if tsc_khz is not None:

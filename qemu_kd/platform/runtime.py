@@ -8,7 +8,7 @@ Launch (see docs/hostport.md):
 3. Walk the domain's EPT (gpa → hpa) and decrypt every IMAGE page from DRAM
    into guest RAM at its gpa; ZERO pages are already zero in a fresh RAM file.
    Then complete the kernel command line with the platform's own
-   ``tsc_early_khz`` (unmeasured; docs/formats.md §11.6).
+   ``tsc_early_khz`` (unmeasured; docs/formats.md §11.7).
 4. Load the vCPU from the VMCS guest-state area through the gdbstub.
 5. Attach the guest port (ttyS2) and serve attestation reports and sealing keys.
 
