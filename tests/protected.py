@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from host_vmm.vmm import HostVmm
+from qemu_kd.formats.layout import plan
 from qemu_kd.qemu.launch import full_cmdline
 from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
 from qemu_kd.formats.policy import Policy
@@ -59,6 +62,7 @@ class ProtectedDomain:
     expected: bytes
     received: list = field(default_factory=list)    # one bytearray per recorded stream
     secret: object = None                           # the TenantSecret: the domain key stays here
+    platform: object = None                         # the Platform itself when run in-process
     _session: object = None
 
     @property
@@ -104,6 +108,20 @@ class ProtectedDomain:
         size = self.vmm.layout.memory_size
         return b"".join(self.vmm.client.debug_read(self.keyid, gpa, MiB) for gpa in range(0, size, MiB))
 
+    def pages_in_plaintext(self) -> list[int]:
+        """The gpas of every guest page whose host view (the host port's read of its hpa,
+        KeyID 0) equals its plaintext (debug-read): none, unless the platform leaks.
+
+        The check is structural: it catches a leak of any page, whatever the page
+        holds, where a canary scan catches only the pages that hold the canary.
+        Needs DEBUG (for the plaintext).
+        """
+        guest_hpas = plan(self.vmm.layout).guest
+        plain = np.frombuffer(self.debug_memory(), dtype=np.uint8).reshape(-1, PAGE)
+        host = np.frombuffer(self.vmm.client.read_phys_pages(guest_hpas), dtype=np.uint8)
+        same = (host.reshape(-1, PAGE) == plain[:len(guest_hpas)]).all(axis=1)
+        return [int(i) * PAGE for i in np.flatnonzero(same)]
+
 
 def canary_forms(canary: bytes) -> dict[str, bytes]:
     """The canary as raw bytes, hex (both cases) and base64 at each of the three alignments."""
@@ -127,14 +145,50 @@ def count_hits(haystacks, canary: bytes) -> dict[str, int]:
 
 
 @contextmanager
+def in_process_platform(socket_path: Path, pstate: Path, memory_size: int):
+    """The platform in this process (so a test can plant faults in it), served on
+    ``socket_path`` as the daemon serves it."""
+    from qemu_kd.platform.daemon import load_identity
+    from qemu_kd.platform.hardware import Platform
+    from qemu_kd.platform.hostport_server import HostPortServer
+
+    _root, identity = load_identity(pstate)
+    platform = Platform(identity, memory_size, socket_path.parent / "platform", qemu_accel="tcg")
+    try:
+        server = HostPortServer(platform, socket_path).start()
+        try:
+            yield platform
+        finally:
+            server.close()
+    finally:
+        platform.close()
+
+
+@contextmanager
 def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int = 256 * MiB,
-                     ready_timeout: float = 120.0):
-    """Platform daemon, host VMM, seal, load, verify, launch; torn down on exit."""
+                     ready_timeout: float = 120.0, in_process: bool = False):
+    """Platform daemon, host VMM, seal, load, verify, launch; torn down on exit.
+
+    ``in_process``: the platform runs in this process instead of a daemon
+    (``ProtectedDomain.platform`` is then the Platform; ``platform_proc`` is None).
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pstate = workdir / "pstate"
-    proc, psock = start_platform_process(workdir / "p.sock", pstate, accel="tcg",
-                                         memory_size=mem_size + 64 * MiB)
+    with ExitStack() as stack:
+        if in_process:
+            psock, proc = workdir / "p.sock", None
+            platform = stack.enter_context(in_process_platform(psock, pstate, mem_size + 64 * MiB))
+        else:
+            platform = None
+            proc, psock = start_platform_process(workdir / "p.sock", pstate, accel="tcg",
+                                                 memory_size=mem_size + 64 * MiB)
+            stack.callback(stop_platform_process, proc)
+        yield from _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size,
+                             ready_timeout)
+
+
+def _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size, ready_timeout):
     received: list = []
     vmm = None
     try:
@@ -149,8 +203,7 @@ def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int
         vmm.launch(ready_timeout)
         vmm.agent.sock = RecordingSocket(vmm.agent.sock, received)
         yield ProtectedDomain(vmm, psock, proc, root_pem, policy, bundle.manifest.measurement, received,
-                              secret)
+                              secret, platform)
     finally:
         if vmm is not None:
             vmm.destroy()
-        stop_platform_process(proc)

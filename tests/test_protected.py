@@ -138,8 +138,102 @@ def test_debug_policy_lets_the_host_find_the_canary(guest_artifacts, tmp_path, c
         plain = dom.debug_memory()
         assert len(plain) == dom.vmm.layout.memory_size
         assert count_hits([plain], canary).get("raw", 0) >= 1
+        # Page by page: no guest page reads back through the host port as its plaintext.
+        assert dom.pages_in_plaintext() == []
         records = AuditLog(dom.endpoints["audit_log"]).records()
         assert records and all(r.endpoint == "hostport" and r.allowed and r.policy == "debug" for r in records)
+
+
+def leak_the_first_pages_of_each_read(platform, monkeypatch, count: int = 16) -> None:
+    """Plant a partial leak: host-port page reads return the plaintext of the first
+    ``count`` private pages of every request, ciphertext for the rest."""
+    import numpy as np
+
+    real = platform.read_phys_pages
+
+    def leaky(dpas):
+        data = bytearray(real(dpas))
+        for i, dpa in enumerate(np.asarray(dpas, dtype=np.uint64)[:count].tolist()):
+            for keyid in platform.memory.private_keyids(dpas=[dpa]):
+                page = platform.domains[keyid].decrypt_pages(np.array([dpa], dtype=np.uint64))
+                data[i * 4096:(i + 1) * 4096] = page
+        return bytes(data)
+
+    monkeypatch.setattr(platform, "read_phys_pages", leaky)
+
+
+def test_a_partial_leak_is_caught_page_by_page(guest_artifacts, tmp_path, monkeypatch, canary):
+    with protected_domain(tmp_path / "leaky", guest_artifacts, debug=True, in_process=True) as dom:
+        plant_and_check(dom, canary)
+        assert dom.pages_in_plaintext() == []
+        leak_the_first_pages_of_each_read(dom.platform, monkeypatch)
+        leaked = dom.pages_in_plaintext()
+        # The first read starts at gpa 0: its first 16 pages are caught, whatever they hold.
+        assert leaked[:16] == [i * 4096 for i in range(16)]
+        monkeypatch.undo()
+        assert dom.pages_in_plaintext() == []
+
+
+def guest_state_becomes(dom, wanted: str, wait: float = 120.0) -> dict:
+    """domain-status once its guest_state is ``wanted`` (or the last one after ``wait`` s)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        status = dom.vmm.client.domain_status(dom.keyid)
+        if status["guest_state"] == wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def listed_by_ls(dom, capsys) -> tuple[dict, str]:
+    """This domain as ``qemu-kd ls --json`` lists it, and its line of ``qemu-kd ls``."""
+    from qemu_kd.cli.main import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["ls", "--json"]) == 0
+    [listed] = [d for d in json.loads(capsys.readouterr().out)
+                if d["platform"]["pid"] == dom.platform_proc.pid and d["keyid"] == dom.keyid]
+    assert cli_main(["ls"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines()
+              if f"{dom.platform_proc.pid}" in line.split()]
+    return listed, line
+
+
+def test_a_guest_that_powers_off_is_halted_and_a_quit_qemu_is_shutoff(guest_artifacts, tmp_path,
+                                                                        capsys):
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    with protected_domain(tmp_path / "halts", guest_artifacts) as dom:
+        status = dom.vmm.client.domain_status(dom.keyid)
+        assert (status["state"], status["guest_state"], status["running"]) == ("LAUNCHED", "running",
+                                                                               True)
+        listed, line = listed_by_ls(dom, capsys)
+        assert listed["guest_state"] == "running" and line.split()[2] == "LAUNCHED"
+        # Without ACPI the guest's power-off halts its vCPU for good; QEMU stays up.
+        res = dom.session().exec(shell="setsid sh -c 'sleep 1; poweroff -f' </dev/null >/dev/null 2>&1 &")
+        assert res["rc"] == 0
+        status = guest_state_becomes(dom, "halted")
+        assert (status["state"], status["guest_state"], status["running"]) == ("LAUNCHED", "halted",
+                                                                               False)
+        assert status["endpoints"]["qmp"]                        # QEMU is still there
+        assert b"System halted" in Path(dom.endpoints["console_log"]).read_bytes()
+        listed, line = listed_by_ls(dom, capsys)
+        assert (listed["guest_state"], listed["running"]) == ("halted", False)
+        assert "LAUNCHED (halted)" in line
+        # The host ends QEMU (quit is on its QMP endpoint's allow-list): shut off.
+        mon = QEMUMonitorProtocol(dom.endpoints["qmp"])
+        mon.connect()
+        try:
+            mon.cmd("quit")
+        except Exception:  # noqa: BLE001 - QEMU may close the connection before it answers
+            pass
+        finally:
+            mon.close()
+        status = guest_state_becomes(dom, "shutoff")
+        assert (status["guest_state"], status["running"], status["endpoints"]) == ("shutoff", False, {})
+        listed, line = listed_by_ls(dom, capsys)
+        assert listed["guest_state"] == "shutoff" and "LAUNCHED (shutoff)" in line
 
 
 def qemu_children(pid: int) -> list[int]:
@@ -167,10 +261,11 @@ def test_qemu_that_dies_gives_clear_errors_and_leaves_nothing(guest_artifacts, t
         import time
 
         deadline = time.monotonic() + 10      # the socket closes a moment before the process is gone
-        while dom.vmm.client.domain_status(dom.keyid)["running"] and time.monotonic() < deadline:
+        while dom.vmm.client.domain_status(dom.keyid)["endpoints"] and time.monotonic() < deadline:
             time.sleep(0.05)
         status = dom.vmm.client.domain_status(dom.keyid)
         assert status["running"] is False and status["endpoints"] == {}
+        assert (status["state"], status["guest_state"]) == ("LAUNCHED", "crashed")
         with pytest.raises(HostPortLaunchError, match="is not running.*destroy the domain"):
             dom.vmm.client.exit(dom.keyid)
         # Host reads still work (the shadow stays as it was) and the domain can be destroyed.

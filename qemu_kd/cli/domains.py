@@ -89,14 +89,23 @@ class DomainRef:
     def endpoints(self) -> dict:
         return dict(self.status.get("endpoints") or {})
 
+    @property
+    def guest_state(self) -> str | None:
+        """running, paused, exited, halted, shutoff or crashed (None from older platforms)."""
+        guest = self.status.get("guest_state")
+        return str(guest) if guest else None
+
     def shown_state(self) -> str:
-        if self.live and not self.running:
+        guest = self.guest_state
+        if self.live and guest and guest not in ("running", "exited"):
+            return f"{self.state} ({guest})"
+        if self.live and not self.running and not guest:
             return f"{self.state} (QEMU gone)"
         return self.state
 
     def as_json(self) -> dict:
         return {"name": self.name, "qualified_name": self.qualified, "keyid": self.keyid,
-                "state": self.state, "running": self.running,
+                "state": self.state, "guest_state": self.guest_state, "running": self.running,
                 "policy": self.status.get("policy"), "measurement": self.status.get("measurement"),
                 "host_data": self.status.get("host_data"),
                 "integrity_events": self.status.get("integrity_events"),
@@ -189,7 +198,7 @@ def require_endpoint(dom: DomainRef, name: str) -> str:
         raise DomainLookupError(f"{dom.name} is {dom.state}: it has no guest running yet",
                                 "launch it first, or pick another domain with `qemu-kd ls`")
     path = dom.endpoints.get(name)
-    if not dom.running or not path:
+    if not path:      # the platform hands out endpoints while the domain's QEMU is up
         raise DomainLookupError(f"{dom.name} has no {name} endpoint: its QEMU has stopped",
                                 f"destroy it with `qemu-kd destroy {dom.qualified}`")
     if not os.path.exists(path):

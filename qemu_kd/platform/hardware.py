@@ -48,6 +48,8 @@ DEFAULT_QEMU_ACCEL = "tcg"
 HOST_ENDPOINTS = ("shared", "console", "console_log", "qmp", "gdb", "audit_log")
 # Largest debug-read in one request.
 MAX_DEBUG_READ = 1 << 20
+# Guest states (domain-status's guest_state) in which the guest can still run.
+GUEST_LIVE_STATES = ("running", "paused", "exited")
 
 
 def _default_runtime(domain: KeyDomain, identity, accel: str, name: str):
@@ -384,20 +386,32 @@ class Platform:
         with self.lock:
             domain = self.domain(keyid)
             runtime = self.runtimes.get(keyid)
-            running = bool(getattr(runtime, "running", runtime is not None))
+            qemu_up = bool(getattr(runtime, "running", runtime is not None))
+            guest = self._guest_state(runtime, qemu_up)
             measurement = getattr(domain, "measurement", None)
             return {
                 "keyid": keyid,
                 "name": f"kd{keyid}",
                 "state": domain.state.value,
-                "running": running,
+                "guest_state": guest,
+                "running": guest in GUEST_LIVE_STATES,
                 "policy": {"debug": domain.policy.debug, "hex": domain.policy.pack().hex()},
                 "measurement": measurement.digest.hex() if measurement is not None else None,
                 "host_data": domain.host_data.hex(),
                 "pages_synced": int(getattr(runtime, "pages_synced", 0)),
                 "integrity_events": self.memory.integrity_events,
-                "endpoints": self._host_endpoints(runtime) if runtime is not None and running else {},
+                "endpoints": self._host_endpoints(runtime) if runtime is not None and qemu_up else {},
             }
+
+    @staticmethod
+    def _guest_state(runtime, qemu_up: bool) -> str | None:
+        """The launched guest's state (runtime.GuestState), None before launch."""
+        if runtime is None:
+            return None
+        guest_state = getattr(runtime, "guest_state", None)
+        if guest_state is None:
+            return "running" if qemu_up else "shutoff"
+        return guest_state()
 
     def list_domains(self) -> list[dict]:
         """list-domains: the status of every key domain, by KeyID."""

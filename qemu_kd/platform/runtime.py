@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -253,7 +254,42 @@ class DomainRuntime:
 
     @property
     def running(self) -> bool:
+        """Whether the domain's QEMU process is up (whatever its guest is doing)."""
         return self.machine is not None and self.machine.running
+
+    def guest_state(self) -> str:
+        """The guest's state as the host may know it, in virsh's terms (docs/hostport.md).
+
+        ``running``, ``paused`` (stopped, e.g. by a debugger), ``exited`` (the
+        platform's exit), ``halted`` (QEMU is up but the vCPU halted with
+        interrupts off: the guest powered itself off without firmware to do it,
+        or stopped for good), ``shutoff`` (QEMU ended cleanly, or reports
+        ``shutdown``) or ``crashed`` (QEMU was killed or failed, or reports
+        ``guest-panicked``/``internal-error``).  The caller holds the platform lock,
+        as for every other use of the machine's own monitor.
+        """
+        m = self.machine
+        if m is None or m.proc is None:
+            return GuestState.SHUTOFF
+        if not m.running:
+            return GuestState.SHUTOFF if m.proc.returncode == 0 else GuestState.CRASHED
+        try:
+            status = str(m.qmp.cmd("query-status").get("status"))
+            if status == "running":
+                registers = str(m.qmp.cmd("human-monitor-command", **{"command-line": "info registers"}))
+                return GuestState.HALTED if vcpu_halted_for_good(registers) else GuestState.RUNNING
+        except Exception as exc:  # noqa: BLE001 - QEMU is going away or does not answer
+            log.info("key domain %d: QEMU does not answer query-status: %s", self.domain.keyid,
+                     type(exc).__name__)
+            if m.running:
+                return GuestState.CRASHED
+            return GuestState.SHUTOFF if m.proc.returncode == 0 else GuestState.CRASHED
+        if status in QEMU_SHUTOFF:
+            return GuestState.SHUTOFF
+        if status in QEMU_CRASHED:
+            return GuestState.CRASHED
+        with self.run_lock:
+            return GuestState.EXITED if self.exited else GuestState.PAUSED
 
     def run(self) -> None:
         """Let the vCPU run (first entry, or after resume)."""
@@ -402,6 +438,37 @@ class DomainRuntime:
         if self.machine is not None:
             # QEMU exits first; removing its tmpfs RAM file then frees (scrubs) the pages.
             self.machine.stop()
+
+
+class GuestState:
+    """The values of :meth:`DomainRuntime.guest_state`."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+    HALTED = "halted"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+
+
+# QEMU run states (query-status) that end the guest.
+QEMU_SHUTOFF = frozenset({"shutdown"})
+QEMU_CRASHED = frozenset({"guest-panicked", "internal-error", "io-error"})
+_RFLAGS_IF = 1 << 9
+
+
+def vcpu_halted_for_good(info_registers: str) -> bool:
+    """Whether HMP ``info registers`` shows a vCPU halted with interrupts disabled.
+
+    A guest idles with ``sti; hlt``, so a halted vCPU with interrupts enabled
+    wakes on the next interrupt; with them disabled it never does (Linux's
+    power-off without ACPI, or its halt, ends that way).
+    """
+    fields = dict(re.findall(r"\b(RFL|HLT)=([0-9a-fA-F]+)", info_registers))
+    try:
+        return fields.get("HLT") == "1" and not int(fields.get("RFL", "200"), 16) & _RFLAGS_IF
+    except ValueError:
+        return False
 
 
 def _reg(name: str) -> tuple[int, int]:
