@@ -145,7 +145,7 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 def test_ls_and_lookup_with_no_or_a_silent_platform(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QEMU_KD_RUNTIME", str(tmp_path / "rt"))
     rc, out, err = run_cli(["ls"], capsys)
-    assert (rc, out, err) == (0, "no running domains\n", "")
+    assert (rc, out, err) == (0, "no key domains\n", "")
     rc, out, _ = run_cli(["ls", "--json"], capsys)
     assert rc == 0 and json.loads(out) == []
     rc, _, err = run_cli(["qmp-shell", "kd1"], capsys)
@@ -160,7 +160,7 @@ def test_ls_and_lookup_with_no_or_a_silent_platform(tmp_path, monkeypatch, capsy
         {"pid": os.getpid(), "socket": str(tmp_path / "silent.sock"), "accel": "tcg"}))
     try:
         rc, out, err = run_cli(["ls"], capsys)
-        assert rc == 0 and out == "no running domains\n"
+        assert rc == 0 and out == "no key domains\n"
         assert err.startswith(f"qemu-kd: warning: platform {os.getpid()} ") and "did not answer" in err
         rc, _, err = run_cli(["console", "kd1"], capsys)
         assert rc == 1 and err.count("\n") == 1 and f"platform {os.getpid()} did not answer" in err
@@ -806,7 +806,7 @@ def test_run_keep_then_ls_qmp_shell_gdb_console_destroy(guest_artifacts):
         # The run's work directory, the platform's DRAM directory, the machine's sockets: all gone.
         assert sorted(p.name for p in Path(runtime).iterdir()) == ["platforms"]
         ls = cli("ls")
-        assert ls.returncode == 0 and ls.stdout == b"no running domains\n"
+        assert ls.returncode == 0 and ls.stdout == b"no key domains\n"
         assert cli("destroy", name).returncode == 1
     finally:
         if pid is not None and pid_alive(pid):

@@ -133,7 +133,7 @@ def test_guest_never_ready_times_out_with_console_tail(guest_artifacts):
 def test_missing_kernel_is_a_clear_error(tmp_path):
     res = qemu_kd("run", "--plain", "-q", "--kernel", str(tmp_path / "nope"),
                   "--initrd", str(tmp_path / "nope.img"))
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines()[0].startswith("qemu-kd: error: kernel")
     assert "does not exist" in res.stderr and "Traceback" not in res.stderr
 

@@ -381,7 +381,11 @@ def test_cli_verify_report_exit_codes(capsys, files, identity, sealed, tmp_path)
     code, out, _ = verify(None, None, "--allow-emulated", "--host-data", secret.host_data.hex())
     assert code == 0 and out.startswith("OK:") and len(out.splitlines()) == 1
     assert verify()[0] == 9                                                     # emulated not allowed
-    assert verify(report_for(identity, secret)[:-1], None, "--allow-emulated")[0] == 3   # malformed
+    # A file that is not a report at all (empty, truncated, too long) is a usage error, not a
+    # signature failure: there is no signature to check.
+    for not_a_report in (b"", report_for(identity, secret)[:-1], report_for(identity, secret) + b"\0"):
+        code, _, err = verify(not_a_report, None, "--allow-emulated")
+        assert code == 2 and "not an attestation report (352 bytes)" in err
     tampered = bytearray(report_for(identity, secret))
     tampered[0x60] ^= 1
     assert verify(bytes(tampered), None, "--allow-emulated")[0] == 3            # signature

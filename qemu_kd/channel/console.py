@@ -4,10 +4,17 @@ QEMU writes everything the guest prints on ttyS0 to a log file (the chardev's
 ``logfile=``), whether or not anyone is attached.  :class:`Console` attaches
 to the console socket so tests and users can wait for patterns and type into
 the guest's shell.
+
+The guest's shell asks the terminal questions (busybox's line editor sends
+``ESC[6n``, "where is the cursor?", before each prompt).  A terminal answers
+them on its input; in a pipe or a file they are only noise, and a replayed log
+would make the terminal answer into the guest's shell.  :func:`strip_queries`
+and :class:`QueryFilter` take them out.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -15,6 +22,42 @@ import pexpect
 import pexpect.fdpexpect
 
 from qemu_kd.common.errors import GuestError
+
+
+#: Terminal queries and reports: device status (``CSI 5n``, ``CSI 6n``, ``CSI ?6n``),
+#: device attributes (``CSI c``, ``CSI >c``, ``CSI =c``, and their answers ``CSI ?...c``),
+#: window reports (``CSI 11t``, ``CSI 13t``-``16t``, ``CSI 18t``-``21t``), mode requests
+#: (``CSI ?...$p``) and OSC colour queries (``OSC 10;? BEL``).
+QUERY_RE = re.compile(rb"\x1b\[(?:[?>=]?[0-9;]*[nc]|(?:1[13-689]|2[01])t|\??[0-9;]*\$p)"
+                      rb"|\x1b\](?:[0-9]+;)+\?(?:\x07|\x1b\\)")
+#: The start of a query that a read may have cut in two (held back until the rest comes).
+_PARTIAL_RE = re.compile(rb"\x1b(?:\[[?>=]?[0-9;]*\$?|\](?:[0-9]+;?)*\??\x1b?)?")
+_MAX_HELD = 64
+
+
+def strip_queries(data: bytes) -> bytes:
+    """``data`` without terminal queries (see :data:`QUERY_RE`)."""
+    return QUERY_RE.sub(b"", data)
+
+
+class QueryFilter:
+    """:func:`strip_queries` for a stream read in chunks: a query cut between two
+    chunks is held back until the next one, and :meth:`flush` returns what is held."""
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = strip_queries(self._held + data)
+        self._held = b""
+        start = data.rfind(b"\x1b")
+        if start >= 0 and len(data) - start <= _MAX_HELD and _PARTIAL_RE.fullmatch(data, start):
+            data, self._held = data[:start], data[start:]
+        return data
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
 
 
 def log_tail(path: Path | None, lines: int = 15) -> str:

@@ -26,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from qemu_kd.channel.console import QueryFilter, strip_queries as strip_console_queries
+from qemu_kd.cli.args import wait_seconds
 from qemu_kd.common.errors import ConfigError, KdError
 
 #: States in which a domain has a guest (its QEMU was started).
@@ -224,6 +226,14 @@ def format_domains(domains: list[DomainRef]) -> str:
     return "\n".join(lines)
 
 
+def no_domains_line(hidden: int) -> str:
+    """What ``ls`` says when it lists nothing; ``hidden`` domains are still being built."""
+    if not hidden:
+        return "no key domains"
+    return (f"no key domains with a guest ({hidden} still being built; `qemu-kd ls -a` lists "
+            f"{'it' if hidden == 1 else 'them'})")
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     found = survey()
     domains = found.domains if args.all else [d for d in found.domains if d.live]
@@ -233,7 +243,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.as_json() for d in domains], indent=2))
     elif not domains:
-        print("no running domains" if not args.all else "no key domains")
+        print(no_domains_line(len(found.domains)))
     else:
         print(format_domains(domains))
     return 0
@@ -299,14 +309,26 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def relay_console(sock: socket.socket, stdin_fd: int, stdout_fd: int, *, interactive: bool,
-                  linger: float = 1.0, escape: int = ESCAPE) -> str:
+                  linger: float = 1.0, escape: int = ESCAPE, strip_queries: bool = False) -> str:
     """Copy bytes between the console socket and stdin/stdout; returns why it ended.
 
     ``interactive``: stop at the escape byte typed on stdin (``"escape"``).
     Otherwise, once stdin ends, keep printing console output until it has been
     quiet for ``linger`` seconds (``"stdin closed"``).  Either way the relay
-    ends when the console closes (``"console closed"``).
+    ends when the console closes (``"console closed"``).  ``strip_queries``
+    leaves the guest's terminal queries out of stdout (for a stdout that is no
+    terminal, see :mod:`qemu_kd.channel.console`).
     """
+    queries = QueryFilter() if strip_queries else None
+    try:
+        return _relay(sock, stdin_fd, stdout_fd, interactive, linger, escape, queries)
+    finally:
+        if queries is not None:
+            _write_all(stdout_fd, queries.flush())
+
+
+def _relay(sock: socket.socket, stdin_fd: int, stdout_fd: int, interactive: bool, linger: float,
+           escape: int, queries: QueryFilter | None) -> str:
     stdin_open = True
     quiet_since = None
     while True:
@@ -321,7 +343,7 @@ def relay_console(sock: socket.socket, stdin_fd: int, stdout_fd: int, *, interac
             data = sock.recv(65536)
             if not data:
                 return "console closed"
-            _write_all(stdout_fd, data)
+            _write_all(stdout_fd, queries.feed(data) if queries is not None else data)
             if not stdin_open:
                 quiet_since = time.monotonic()
         if stdin_open and stdin_fd in ready:
@@ -351,7 +373,9 @@ def _cmd_console(args: argparse.Namespace) -> int:
         try:
             with open(log, "rb") as fh:
                 sys.stdout.flush()
-                _write_all(stdout_fd, fh.read())
+                # Always without queries: replayed to a terminal, they would make it answer
+                # into the guest's shell.
+                _write_all(stdout_fd, strip_console_queries(fh.read()))
         except (OSError, TypeError) as exc:
             print(f"qemu-kd: warning: cannot read the console log of {dom.name}: {exc}",
                   file=sys.stderr)
@@ -374,7 +398,8 @@ def _cmd_console(args: argparse.Namespace) -> int:
             saved = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd)
         sys.stdout.flush()
-        why = relay_console(sock, stdin_fd, stdout_fd, interactive=interactive, linger=args.linger)
+        why = relay_console(sock, stdin_fd, stdout_fd, interactive=interactive, linger=args.linger,
+                            strip_queries=not os.isatty(stdout_fd))
     except KeyboardInterrupt:
         why = "interrupted"
     except BrokenPipeError:
@@ -402,8 +427,13 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     dom = resolve(args.domain)
     with HostPortClient(dom.platform_socket, timeout=120.0, client_name="qemu-kd destroy") as client:
         freed = client.destroy_kd(dom.keyid)
-    print(f"{dom.name} destroyed on platform {dom.platform_pid}: QEMU stopped, "
-          f"{freed} pages scrubbed and freed")
+    if args.json:
+        print(json.dumps({"name": dom.name, "qualified_name": dom.qualified, "keyid": dom.keyid,
+                          "platform": {"pid": dom.platform_pid, "socket": dom.platform_socket},
+                          "destroyed": True, "pages_freed": freed}, indent=2))
+    else:
+        print(f"{dom.name} destroyed on platform {dom.platform_pid}: QEMU stopped, "
+              f"{freed} pages scrubbed and freed")
     return 0
 
 
@@ -438,7 +468,7 @@ def add_domain_parsers(sub) -> None:
     con.add_argument("domain", help=name_help)
     con.add_argument("--log", action="store_true",
                      help="print the console log since the domain started first")
-    con.add_argument("--linger", type=float, default=1.0, metavar="SECONDS",
+    con.add_argument("--linger", type=wait_seconds, default=1.0, metavar="SECONDS",
                      help="without a terminal: after stdin ends, keep printing console output "
                           "until it has been quiet this long (default 1; inf waits for the end)")
     con.add_argument("--no-tty", action="store_true",
@@ -447,4 +477,5 @@ def add_domain_parsers(sub) -> None:
 
     destroy = sub.add_parser("destroy", help="destroy a domain (QEMU stopped, memory scrubbed)")
     destroy.add_argument("domain", help=name_help)
+    destroy.add_argument("--json", action="store_true", help="print one JSON object")
     destroy.set_defaults(func=_cmd_destroy)

@@ -18,9 +18,8 @@ from qemu_kd.common.errors import KdError
 def _cmd_run(args: argparse.Namespace) -> int:
     from qemu_kd.common.errors import ConfigError
     from qemu_kd.cli.run import ProtectedOptions, format_run, run_plain, run_protected
-    from qemu_kd.common.units import parse_size
 
-    opts = ProtectedOptions(cmd=args.cmd, mem_size=parse_size(args.mem), accel=args.accel,
+    opts = ProtectedOptions(cmd=args.cmd, mem_size=args.mem, accel=args.accel,
                             ready_timeout=args.timeout, progress=not args.quiet,
                             kernel=args.kernel, initrd=args.initrd, debug=args.debug,
                             keep=args.keep)
@@ -35,6 +34,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(format_run(result))
+        stderr = result["exec"]["stderr"]
+        if stderr:   # the guest command's stderr goes to ours, as its stdout went to our stdout
+            sys.stdout.flush()
+            sys.stderr.write(stderr if stderr.endswith("\n") else stderr + "\n")
+            sys.stderr.flush()
         if result.get("kept"):
             kept = result["kept"]
             name = kept["name"]
@@ -50,7 +54,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_platform_serve(args: argparse.Namespace) -> int:
     from qemu_kd.platform.daemon import main as platformd_main
 
-    return platformd_main(args.platformd_args)
+    # The daemon parses its own options (--help included): they are the arguments
+    # this parser left unrecognised.
+    return platformd_main(args.passthrough)
 
 
 def _cmd_host_serve(args: argparse.Namespace) -> int:
@@ -62,10 +68,8 @@ def _cmd_host_serve(args: argparse.Namespace) -> int:
 def _cmd_host_layout(args: argparse.Namespace) -> int:
     from host_vmm.vmm import HostVmm
 
-    from qemu_kd.common.units import parse_size
-
     vmm = HostVmm(args.platform)
-    layout = vmm.allocate(parse_size(args.mem))
+    layout = vmm.allocate(args.mem)
     layout.write(args.out)
     print(f"KeyID {layout.keyid} reserved with {len(layout.hpas)} pages; layout written to {args.out}")
     vmm.client.close()
@@ -89,6 +93,8 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qemu_kd.cli.args import guest_memory, positive_seconds
+
     parser = argparse.ArgumentParser(
         prog="qemu-kd",
         description="Key-domain protected VMs emulated around real QEMU guests.")
@@ -104,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", action="store_true",
                      help="leave the domain running and print how to reach it")
     run.add_argument("--cmd", default="uname -a", help="shell command to run in the guest")
-    run.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    run.add_argument("--mem", default="256M", type=guest_memory,
+                     help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")
     run.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
                      help="accelerator (auto probes KVM and falls back to TCG)")
-    run.add_argument("--timeout", type=float, default=120.0,
+    run.add_argument("--timeout", type=positive_seconds, default=120.0,
                      help="seconds to wait for the guest agent (default 120)")
     run.add_argument("--kernel", help="a bzImage to boot instead of the default guest's")
     run.add_argument("--initrd", help="the initramfs to go with --kernel")
@@ -144,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_host_serve)
     lay = hsub.add_parser("layout", help="reserve a KeyID and pages; write the layout for the tenant")
     lay.add_argument("--platform", required=True, help="the platform's host-port socket")
-    lay.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    lay.add_argument("--mem", default="256M", type=guest_memory,
+                     help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")
     lay.add_argument("--out", required=True, help="layout file to write")
     lay.set_defaults(func=_cmd_host_layout)
 
@@ -153,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub.required = True
     pserve = psub.add_parser("serve", help="run the platform daemon (see --help of it)",
                              add_help=False)
-    pserve.add_argument("platformd_args", nargs=argparse.REMAINDER)
-    pserve.set_defaults(func=_cmd_platform_serve)
+    pserve.set_defaults(func=_cmd_platform_serve, passthrough=[])
     return parser
 
 
@@ -162,9 +169,22 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subproce
     raise KeyboardInterrupt
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; only ``platform serve`` takes arguments this parser does not know.
+
+    Bad arguments print argparse's usage line and exit with status 2.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if "passthrough" in args:
+        args.passthrough = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)

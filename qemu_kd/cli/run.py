@@ -40,8 +40,10 @@ def read_guest_file(path, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise GuestImageError(f"{what} {path} does not exist",
-                              "pass an existing file, or omit it to use the default guest") from None
+        raise ConfigError(f"{what} {path} does not exist",
+                          "pass an existing file, or omit it to use the default guest") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
         raise GuestImageError(f"cannot read {what} {path}: {exc.strerror}") from None
 
@@ -150,6 +152,8 @@ def run_protected(opts: ProtectedOptions) -> dict:
             checks = host.call("verify")["checks"]
         show("launch and boot to agent ready")
         launched = host.call("launch", ready_timeout=opts.ready_timeout)
+        # The host VMM timed these phases; they ran between verify and attest.
+        timer.phases.update(in_order(launched.get("timings", {}), PROTECTED_BOOT_PHASES))
         with timer.phase("attest"):
             # The tenant's part: the host VMM relays these requests and frames, and can read none of it.
             def relay(cmd: str, wait: float = 60.0, **args) -> dict:
@@ -162,8 +166,6 @@ def run_protected(opts: ProtectedOptions) -> dict:
         with timer.phase("command"):
             result = session.exec(shell=opts.cmd, timeout=opts.cmd_timeout)
         status = host.call("status")
-        for name, secs in launched.get("timings", {}).items():
-            timer.phases[name] = secs
         out = {
             "mode": "protected",
             "accel": accel.name,
@@ -210,9 +212,24 @@ def run_protected(opts: ProtectedOptions) -> dict:
             if platform is not None:
                 stop_platform_process(platform)
             shutil.rmtree(workdir, ignore_errors=True)
+    if not keep:
+        out["endpoints"] = surviving_files(out["endpoints"])
     out["timings"] = {k: round(v, 4) for k, v in timer.phases.items()}
     out["boot_to_ready_s"] = round(sum(timer.phases.get(p, 0.0) for p in PROTECTED_BOOT_PHASES), 4)
     return out
+
+
+def in_order(timings: dict[str, float], order: tuple[str, ...]) -> dict[str, float]:
+    """``timings`` with the phases named in ``order`` first, in that order (the order they ran)."""
+    known = {name: timings[name] for name in order if name in timings}
+    return {**known, **{name: secs for name, secs in timings.items() if name not in known}}
+
+
+def surviving_files(endpoints: dict) -> dict:
+    """The endpoints of a domain that is gone: its sockets are null, and so is any log
+    that went with it; files that outlive the run (the console log) keep their path."""
+    return {name: path if path and Path(path).is_file() else None
+            for name, path in endpoints.items()}
 
 
 def format_table(rows: list[tuple[str, str]], headers: tuple[str, str], align: str = ">") -> str:
@@ -237,12 +254,10 @@ def format_run(result: dict) -> str:
                 f"expected (offline):   {result['expected_measurement']}",
                 f"attestation:          {'verified' if att['verified'] else 'NOT verified'}"
                 f"{' (EMULATED platform)' if att['emulated'] else ''}", "",
-                format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"][:60])
+                format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"])
                               for name, c in result["host_verification"].items()],
                              ("host check", "result"), align="<"), ""]
     out += [f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
             result["exec"]["stdout"].rstrip()]
-    if result["exec"]["stderr"].strip():
-        out.append(result["exec"]["stderr"].rstrip())
     out.append(f"console log: {result['console_log']}")
     return "\n".join(out)

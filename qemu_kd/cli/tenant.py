@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from qemu_kd.cli.args import guest_memory
 from qemu_kd.common.errors import ConfigError, KdError
 
 EXIT_OK = 0
@@ -83,6 +84,19 @@ def parse_policy(text: str):
         raise ConfigError(f"--policy {text}: {exc.message}", "use debug, nodebug or 16 hex digits") from None
 
 
+def _read_report(path: str) -> bytes:
+    """The report file's bytes; empty, truncated or oversized is a usage error (exit 2):
+    the file is not a report, so there is no signature to check."""
+    from qemu_kd.formats.report import REPORT_SIZE
+
+    data = _read_file(path, "report")
+    if len(data) != REPORT_SIZE:
+        what = "empty" if not data else f"{len(data)} bytes"
+        raise ConfigError(f"report {path} is {what}, not an attestation report ({REPORT_SIZE} bytes)",
+                          "pass the raw report, e.g. base64-decoded from run --json")
+    return data
+
+
 def _read_root(path: str):
     from cryptography import x509
 
@@ -92,12 +106,6 @@ def _read_root(path: str):
     except ValueError:
         raise ConfigError(f"root certificate {path} is not a PEM X.509 certificate",
                           "pass the emulated manufacturer's root-ca.crt") from None
-
-
-def _memory_size(text: str) -> int:
-    from qemu_kd.common.units import parse_size
-
-    return parse_size(text)
 
 
 def _guest_inputs(args: argparse.Namespace) -> tuple[bytes, bytes, str]:
@@ -134,7 +142,7 @@ def _policy_from_debug(args: argparse.Namespace):
 def _cmd_measure(args: argparse.Namespace) -> int:
     from qemu_kd.tenant.measure import measure
 
-    memory_size = _memory_size(args.mem)
+    memory_size = args.mem
     kernel, initrd, cmdline = _guest_inputs(args)
     policy = _policy_from_debug(args)
     digest = measure(kernel, initrd, cmdline, memory_size, policy)
@@ -151,7 +159,7 @@ def _cmd_seal(args: argparse.Namespace) -> int:
     from qemu_kd.formats.layout import HostLayout
     from qemu_kd.tenant.seal import seal
 
-    memory_size = _memory_size(args.mem)
+    memory_size = args.mem
     layout = _parsed(HostLayout.unpack, args.layout, "host layout")
     root = _read_root(args.root)
     verify_chain(layout.platform_chain_pem, root)    # fail before building or reading the guest
@@ -184,7 +192,7 @@ def _cmd_verify_report(args: argparse.Namespace) -> int:
         raise ConfigError("verify-report needs the expected --measurement and --policy",
                           "give them, or --secret with the tenant secret from seal")
     report_data = _hex_arg(args.report_data, "--report-data", at_most=64)
-    report = _read_file(args.report, "report")
+    report = _read_report(args.report)
     chain = _read_file(args.chain, "certificate chain")
     root = _read_root(args.root)
     verified = check_report(report, root, chain, measurement=measurement, policy=policy,
@@ -205,7 +213,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
                                      "every host; give the same to measure and seal). Leave "
                                      "tsc_early_khz out: the platform adds this processor's at launch, "
                                      "unmeasured; a line that sets it is measured and kept as given")
-    p.add_argument("--mem", default="256M", help="guest memory size (default 256M)")
+    p.add_argument("--mem", default="256M", type=guest_memory,
+                   help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")
     p.add_argument("--debug", action="store_true",
                    help="seal with the DEBUG policy (the host may read guest memory and registers)")
 

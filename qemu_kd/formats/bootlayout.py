@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass, field
 
 from qemu_kd.common.errors import GuestImageError
+from qemu_kd.common.units import check_guest_memory
 from qemu_kd.formats.vcpu import CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, VcpuState
 from qemu_kd.formats.addresses import PAGE_SIZE
 
@@ -321,9 +322,7 @@ def build_boot_layout(kernel: bytes, initrd: bytes, cmdline: str, mem_size: int,
     reserved = sorted(reserved or [])
     hdr = SetupHeader.unpack(kernel)
     hdr.check_64bit_boot()
-    if mem_size % (2 * MiB) or mem_size < 64 * MiB or mem_size > 3 * GiB:
-        raise GuestImageError(f"guest memory size {mem_size} is not supported",
-                              "use a multiple of 2 MiB between 64 MiB and 3 GiB")
+    check_guest_memory(mem_size)
     for gpa, size in reserved:
         if gpa < KERNEL_GPA or gpa % PAGE_SIZE or size % PAGE_SIZE or gpa + size > mem_size:
             raise GuestImageError(f"reserved range {gpa:#x}+{size:#x} is invalid",

@@ -1,10 +1,15 @@
 """Choose the accelerator: KVM only if it really boots a Linux guest, else TCG.
 
 Opening ``/dev/kvm`` is not enough: on some hosts KVM runs a trivial guest but
-hangs a Linux kernel in early boot.  The probe boots the guest
-kernel under KVM with a short timeout and waits for it to reach the point
-where it looks for a root file system.  The verdict is cached in the state
-directory, keyed by QEMU binary, host kernel and guest kernel.
+hangs a Linux kernel in early boot, or QEMU aborts setting up the host CPU
+model under KVM.  The probe boots the guest kernel under KVM with a short
+timeout and waits for it to reach the point where it looks for a root file
+system.  The verdict is cached in the state directory, keyed by QEMU binary,
+host kernel and guest kernel.
+
+``auto`` falls back to TCG when the probe fails; an explicit ``kvm`` request
+runs the same probe and fails up front with the reason (a one-line
+ConfigError), before anything is started.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError
-from qemu_kd.qemu.machine import find_qemu
+from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
 from qemu_kd.common.paths import state_dir
 
 PROBE_TIMEOUT = 10.0
 BOOTED_MARKERS = (b"VFS: Unable to mount root", b"Kernel panic", b"Run /init")
+#: Bumped when the probe changes, so cached verdicts of an older probe are not reused.
+PROBE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class AccelChoice:
 def _cache_key(qemu: str, kernel: Path) -> str:
     st = os.stat(qemu)
     h = hashlib.sha256()
-    h.update(f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{os.uname().release}".encode())
+    h.update(f"v{PROBE_VERSION}:{qemu}:{st.st_size}:{st.st_mtime_ns}:{os.uname().release}".encode())
     h.update(str(kernel.stat().st_size).encode() + kernel.name.encode())
     return h.hexdigest()[:32]
 
@@ -55,7 +63,7 @@ def _boot_test(qemu: str, kernel: Path, timeout: float) -> tuple[bool, str]:
             if any(m in seen for m in BOOTED_MARKERS):
                 return True, "KVM boots the guest kernel"
             if proc.poll() is not None and not chunk:
-                return False, f"QEMU with KVM exited with status {proc.returncode}"
+                return False, _exit_reason(proc.returncode, seen)
             time.sleep(0.05)
         return False, f"a Linux guest under KVM did not boot within {timeout:.0f} s"
     finally:
@@ -64,23 +72,54 @@ def _boot_test(qemu: str, kernel: Path, timeout: float) -> tuple[bool, str]:
         proc.stdout.close()
 
 
-def choose_accel(requested: str, kernel: Path, qemu: str = "qemu-system-x86_64",
+def _exit_reason(returncode: int, output: bytes) -> str:
+    """Why QEMU under KVM ended before the kernel booted: its status and its first error line."""
+    if returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with status {returncode}"
+    lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    said = (errors or lines[-1:] or [""])[0]
+    said = said.split(": ", 1)[1] if said.startswith("qemu-system") and ": " in said else said
+    said = said.removeprefix("error: ")
+    return f"QEMU with KVM {how}" + (f": {said}" if said else "")
+
+
+def choose_accel(requested: str, kernel: Path, qemu: str | None = None,
                  timeout: float = PROBE_TIMEOUT) -> AccelChoice:
-    """``requested`` is ``auto``, ``kvm`` or ``tcg`` (``QEMU_KD_ACCEL`` overrides ``auto``)."""
+    """``requested`` is ``auto``, ``kvm`` or ``tcg`` (``QEMU_KD_ACCEL`` overrides ``auto``).
+
+    ``kvm`` is probed like ``auto``; when KVM cannot run the guest kernel here it
+    is a ConfigError that says why, instead of a QEMU that fails later.
+    """
+    from_env = requested == "auto" and "QEMU_KD_ACCEL" in os.environ
     if requested == "auto":
         requested = os.environ.get("QEMU_KD_ACCEL", "auto")
     if requested not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"unknown accelerator {requested!r}", "use auto, kvm or tcg")
     if requested == "tcg":
         return AccelChoice("tcg", "requested")
+    fallback = ("set QEMU_KD_ACCEL=tcg, or unset it to fall back to TCG" if from_env
+                else "use --accel tcg, or auto to fall back to TCG")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         if requested == "kvm":
-            raise ConfigError("KVM was requested but /dev/kvm is not usable",
-                              "use --accel tcg or load the kvm module")
+            raise ConfigError("KVM was requested but is not usable: /dev/kvm is missing or not "
+                              "readable and writable", fallback + "; or load the kvm module")
         return AccelChoice("tcg", "no usable /dev/kvm")
+    choice = _probe(find_qemu(qemu or os.environ.get("QEMU_KD_QEMU", QEMU_BINARY)), kernel, timeout)
     if requested == "kvm":
-        return AccelChoice("kvm", "requested")
-    qemu = find_qemu(qemu)
+        if choice.name != "kvm":
+            raise ConfigError(f"KVM was requested but is not usable: {choice.reason}", fallback)
+        return AccelChoice("kvm", f"requested; {choice.reason}")
+    return choice
+
+
+def _probe(qemu: str, kernel: Path, timeout: float) -> AccelChoice:
+    """Whether KVM boots ``kernel`` with this QEMU (cached per QEMU, host and guest kernel)."""
     cache = state_dir() / "accel-probe.json"
     key = _cache_key(qemu, kernel)
     try:

@@ -1,0 +1,48 @@
+"""Argument types shared by the ``qemu-kd`` subcommands.
+
+Each one checks its value while the command line is parsed, so a bad value is
+a usage error (argparse's one line and exit status 2) before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from qemu_kd.common.errors import KdError
+
+
+def guest_memory(text: str) -> int:
+    """``--mem``: a guest memory size such as ``256M`` (see common.units.check_guest_memory)."""
+    from qemu_kd.common.units import parse_guest_memory
+
+    try:
+        return parse_guest_memory(text)
+    except KdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A timeout: a finite number of seconds greater than 0."""
+    value = _seconds(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def wait_seconds(text: str) -> float:
+    """A wait: 0 or more seconds, ``inf`` for no limit."""
+    value = _seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more seconds (inf waits without limit)")
+    return value
