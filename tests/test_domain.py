@@ -529,7 +529,8 @@ def test_host_reads_sync_the_shadow_of_running_domains_they_touch(built):
 def test_platform_without_workdir_uses_a_private_runtime_directory(identity, tmp_path, monkeypatch):
     monkeypatch.setenv("QEMU_KD_RUNTIME", str(tmp_path / "run"))
     p = Platform(identity, MEMORY)
-    assert p.workdir.parent == tmp_path / "run" and (p.workdir / "dram").exists()
+    assert p.workdir.parent == tmp_path / "run" and p.workdir.name.startswith(f"platform-{os.getpid()}-")
+    assert not (p.workdir / "dram").exists()         # unlinked once mapped: it dies with the process
     assert oct(p.workdir.stat().st_mode & 0o777) == oct(0o700)
     p.close()
     assert not p.workdir.exists()
