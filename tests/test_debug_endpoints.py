@@ -50,6 +50,8 @@ from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.platform.endpoints.qmp_proxy import ALWAYS_ALLOWED, MAX_MESSAGE
 from qemu_kd.platform.endpoints.allowlists import HARMLESS_HMP
 
+from hmp_cases import HMP_BYPASSES, HMP_DEBUG_ONLY
+
 QEMU_KD = [sys.executable, "-m", "qemu_kd.cli.main"]
 NOT_DEBUG = "was not sealed with the DEBUG policy"
 # Ends a domain (or asks the guest to): kept out of the sweep over the allow-list.
@@ -369,8 +371,27 @@ def ping(dom) -> bool:
 
 
 def domain_state(dom) -> str:
+    return domain_status(dom)["state"]
+
+
+def domain_status(dom) -> dict:
     with HostPortClient(dom.platform_socket) as client:
-        return client.domain_status(dom.keyid)["state"]
+        return client.domain_status(dom.keyid)
+
+
+def monitor_through_gdb(rsp: "RawRsp", line: str) -> tuple[str, bytes]:
+    """gdb's ``monitor LINE``: the console output it printed and the final reply."""
+    out = b""
+    reply = rsp.ask(b"qRcmd," + line.encode().hex().encode())
+    while reply[:1] == b"O" and reply != b"OK":
+        out += bytes.fromhex(reply[1:].decode())
+        reply = rsp.packet()
+    return out.decode(errors="replace"), reply
+
+
+def session_works(dom) -> bool:
+    res = dom.session().exec(["echo", "alive"])
+    return res["rc"] == 0 and res["stdout"] == b"alive\n"
 
 
 def ok(mon: QEMUMonitorProtocol, command: str, args: dict | None = None):
@@ -426,15 +447,49 @@ class TestWithoutDebug:
         mon = QEMUMonitorProtocol(nodebug.endpoints["qmp"])
         mon.connect()
         try:
+            assert domain_status(nodebug)["guest_state"] == "running"
             assert mon.cmd("stop") == {}
-            assert domain_state(nodebug) == "EXITED"
+            status = domain_status(nodebug)
+            assert (status["state"], status["guest_state"], status["running"]) == ("EXITED", "exited",
+                                                                                   True)
             assert mon.cmd("query-status")["status"] == "paused"
             assert mon.cmd("cont") == {}
             assert domain_state(nodebug) == "LAUNCHED"
+            assert domain_status(nodebug)["guest_state"] == "running"
             assert mon.cmd("query-status")["status"] == "running"
         finally:
             mon.close()
         assert ping(nodebug)
+
+    def test_hmp_is_an_allow_list_on_both_endpoints(self, nodebug):
+        qmp = RawQmp(nodebug.endpoints["qmp"], nodebug.replies)
+        try:
+            for line in (*HMP_BYPASSES, *HMP_DEBUG_ONLY):
+                reply = qmp.cmd("human-monitor-command", {"command-line": line})
+                assert NOT_DEBUG in reply["error"]["desc"], (line, reply)
+            assert qmp.cmd("query-status")["return"]["status"] == "running"   # s paused nothing
+            assert "VM status: running" in qmp.cmd("human-monitor-command",
+                                                   {"command-line": "info status"})["return"]
+            # HMP stop/cont are the platform's exit and resume, as QMP stop/cont are.
+            assert qmp.cmd("human-monitor-command", {"command-line": "stop"}) == {"return": ""}
+            assert domain_state(nodebug) == "EXITED"
+            assert qmp.cmd("human-monitor-command", {"command-line": "cont"}) == {"return": ""}
+            assert domain_state(nodebug) == "LAUNCHED"
+        finally:
+            qmp.close()
+        rsp = RawRsp(nodebug.endpoints["gdb"], nodebug.replies)
+        try:
+            for line in (*HMP_BYPASSES, *HMP_DEBUG_ONLY, "info status", "stop", "cont"):
+                out, reply = monitor_through_gdb(rsp, line)
+                assert NOT_DEBUG in out and reply == b"E01", (line, out, reply)
+            assert rsp.ask(b"D") == b"OK"
+        finally:
+            rsp.close()
+        assert ping(nodebug) and session_works(nodebug)
+        assert qmp_status(nodebug.endpoints["qmp"]) == "running"
+        refused = [r for r in AuditLog(nodebug.endpoints["audit_log"]).records() if not r.allowed]
+        assert any(r.action == 'human-monitor-command {"command-line":"s"}' for r in refused)
+        assert any(r.action == "monitor o /b 0x80 0" for r in refused)
 
     def test_qmp_shell_on_stdin(self, nodebug):
         script = ("query-status\n"
@@ -681,6 +736,87 @@ class TestWithDebug:
         assert res.returncode == 0, res.stderr
         assert f"rip={addr:x}" in res.stdout, res.stdout + res.stderr
         assert ping(debugdom)
+
+    def test_hmp_is_an_allow_list_on_both_endpoints(self, debugdom):
+        even = "even with the DEBUG policy"
+        qmp = RawQmp(debugdom.endpoints["qmp"], [])
+        try:
+            for line in HMP_BYPASSES:
+                reply = qmp.cmd("human-monitor-command", {"command-line": line})
+                assert even in reply["error"]["desc"], (line, reply)
+            assert qmp.cmd("query-status")["return"]["status"] == "running"   # s paused nothing
+            for line in HMP_DEBUG_ONLY:
+                assert isinstance(qmp.cmd("human-monitor-command", {"command-line": line})["return"],
+                                  str), line
+            assert "RIP=" in qmp.cmd("human-monitor-command",
+                                     {"command-line": "info registers"})["return"]
+        finally:
+            qmp.close()
+        rsp = RawRsp(debugdom.endpoints["gdb"], [])
+        try:
+            assert rsp.ask(b"?").startswith(b"T")                # attached: the vCPU stopped
+            for line in (*HMP_BYPASSES, "stop", "cont"):
+                out, reply = monitor_through_gdb(rsp, line)
+                assert "not available through the gdb endpoint" in out and even in out, (line, out)
+                assert reply == b"E01"
+            out, reply = monitor_through_gdb(rsp, "info status")
+            assert "VM status: paused" in out and reply == b"OK"
+            out, reply = monitor_through_gdb(rsp, "xp /2xg 0x100000")
+            assert out.startswith("0000000000100000:") and reply == b"OK"
+            assert rsp.ask(b"D") == b"OK"
+        finally:
+            rsp.close()
+        assert ping(debugdom) and session_works(debugdom)
+        assert domain_status(debugdom)["guest_state"] == "running"
+
+    def test_gdb_detach_after_a_qmp_stop_leaves_the_vcpu_exited(self, debugdom):
+        mon = QEMUMonitorProtocol(debugdom.endpoints["qmp"])
+        mon.connect()
+        try:
+            rsp = RawRsp(debugdom.endpoints["gdb"], [])
+            try:
+                assert rsp.ask(b"?").startswith(b"T")            # attach: the vCPU stops
+                assert domain_status(debugdom)["guest_state"] == "paused"
+                assert ok(mon, "stop") == {}                     # exit: registers sealed, scrubbed
+                assert rsp.ask(b"D") == b"OK"                    # the vCPU ran when gdb attached
+            finally:
+                rsp.close()
+            # A second session begins only after the first one has cleaned up.
+            rsp = RawRsp(debugdom.endpoints["gdb"], [])
+            try:
+                assert rsp.ask(b"?").startswith(b"T")
+                assert rsp.ask(b"D") == b"OK"
+            finally:
+                rsp.close()
+            # Detaching did not run the scrubbed vCPU: the domain stays exited until cont.
+            status = domain_status(debugdom)
+            assert (status["state"], status["guest_state"]) == ("EXITED", "exited")
+            assert mon.cmd("query-status")["running"] is False
+            assert ok(mon, "cont") == {}
+            assert domain_status(debugdom)["guest_state"] == "running"
+        finally:
+            mon.close()
+        assert ping(debugdom) and session_works(debugdom)
+        assert b"Kernel panic" not in Path(debugdom.endpoints["console_log"]).read_bytes()
+
+    def test_qmp_stop_and_cont_under_gdb_then_detach_keep_the_guest(self, debugdom):
+        mon = QEMUMonitorProtocol(debugdom.endpoints["qmp"])
+        mon.connect()
+        try:
+            rsp = RawRsp(debugdom.endpoints["gdb"], [])
+            try:
+                assert rsp.ask(b"?").startswith(b"T")
+                assert ok(mon, "stop") == {}
+                assert domain_status(debugdom)["guest_state"] == "exited"
+                assert ok(mon, "cont") == {}                     # resume: registers restored
+                assert rsp.ask(b"D") == b"OK"
+            finally:
+                rsp.close()
+        finally:
+            mon.close()
+        assert ping(debugdom) and session_works(debugdom)
+        assert domain_status(debugdom)["guest_state"] == "running"
+        assert b"Kernel panic" not in Path(debugdom.endpoints["console_log"]).read_bytes()
 
     # Last in this class: it exits and resumes the domain.
     def test_gdb_continue_after_a_qmp_stop_keeps_the_guest(self, debugdom):

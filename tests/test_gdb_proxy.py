@@ -255,14 +255,15 @@ class FakeStub:
 @pytest.fixture
 def exitable(tmp_path):
     """A DEBUG proxy whose platform reports the domain exited once ``state['exited']`` is set."""
-    stub, state, checked = FakeStub(), {"exited": False}, threading.Event()
+    stub, state, checked = FakeStub(), {"exited": False, "paused": True}, threading.Event()
 
     def may_run():
         checked.set()
         return "key domain kd3 is exited" if state["exited"] else None
 
     proxy = GdbProxy(str(tmp_path / "gdb.sock"), stub, debug=True, domain="kd3",
-                     audit=AuditLog(tmp_path / "audit.log"), may_run=may_run)
+                     audit=AuditLog(tmp_path / "audit.log"), may_run=may_run,
+                     vcpu_paused=lambda: state["paused"])
     proxy.start()
     yield proxy, stub, state, checked
     proxy.close()
@@ -288,6 +289,17 @@ def test_detach_resumes_a_vcpu_that_may_run(exitable):
     c.close()
     proxy.close()
     assert stub.sent == [b"?", b"c"]
+
+
+def test_detach_leaves_a_vcpu_alone_that_the_platform_resumed(exitable):
+    proxy, stub, state, _ = exitable
+    c = Rsp(proxy.listen_path)
+    assert c.ask(b"qC") == b"QC01"
+    state["paused"] = False                   # QMP stop, then cont: exit and resume
+    assert c.ask(b"D") == b"OK"
+    c.close()
+    proxy.close()
+    assert stub.sent == [b"?"]                # a packet would stop the running vCPU
 
 
 def test_an_exit_between_the_run_check_and_the_continue_wins(exitable):

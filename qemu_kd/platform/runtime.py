@@ -129,6 +129,9 @@ class DomainRuntime:
         # _may_run until the continue it then sends (taken inside rsp_lock there, so
         # never take rsp_lock while holding it).
         self.run_lock = threading.RLock()
+        # Held around every use of the machine's own QMP monitor: the platform (under its
+        # lock) and the gdb proxy's session threads both ask it.  Taken inside run_lock.
+        self.qmp_lock = threading.Lock()
         self.qmp_proxy = None
         self.gdb_proxy = None
         self.audit: AuditLog | None = None
@@ -211,7 +214,7 @@ class DomainRuntime:
             self.qmp_proxy.start()
             self.gdb_proxy = GdbProxy(m.socket_path("kd-gdb"), m.rsp, debug=debug, domain=self.name,
                                       audit=self.audit, rsp_lock=self.rsp_lock, may_run=self._may_run,
-                                      run_lock=self.run_lock)
+                                      run_lock=self.run_lock, vcpu_paused=self._vcpu_paused)
             self.gdb_proxy.start()
         except BaseException:
             self._stop_proxies()
@@ -225,6 +228,18 @@ class DomainRuntime:
             return (f"key domain {self.domain.keyid} is exited (its registers are sealed in the "
                     "save area); resume it with QMP cont first")
         return None
+
+    def _vcpu_paused(self) -> bool:
+        """Whether QEMU has the vCPU stopped (False when that cannot be told)."""
+        m = self.machine
+        if m is None or not m.running:
+            return False
+        try:
+            with self.qmp_lock:
+                return not m.qmp.cmd("query-status").get("running")
+        except Exception as exc:  # noqa: BLE001 - QEMU is going away; nothing to resume
+            log.info("key domain %d: query-status failed: %s", self.domain.keyid, type(exc).__name__)
+            return False
 
     def _stop_proxies(self) -> None:
         for attr in ("gdb_proxy", "qmp_proxy"):
@@ -274,9 +289,11 @@ class DomainRuntime:
         if not m.running:
             return GuestState.SHUTOFF if m.proc.returncode == 0 else GuestState.CRASHED
         try:
-            status = str(m.qmp.cmd("query-status").get("status"))
+            with self.qmp_lock:
+                status = str(m.qmp.cmd("query-status").get("status"))
+                registers = str(m.qmp.cmd("human-monitor-command", **{"command-line": "info registers"})) \
+                    if status == "running" else ""
             if status == "running":
-                registers = str(m.qmp.cmd("human-monitor-command", **{"command-line": "info registers"}))
                 return GuestState.HALTED if vcpu_halted_for_good(registers) else GuestState.RUNNING
         except Exception as exc:  # noqa: BLE001 - QEMU is going away or does not answer
             log.info("key domain %d: QEMU does not answer query-status: %s", self.domain.keyid,
@@ -293,7 +310,9 @@ class DomainRuntime:
 
     def run(self) -> None:
         """Let the vCPU run (first entry, or after resume)."""
-        self._require_machine().resume()
+        m = self._require_machine()
+        with self.run_lock, self.qmp_lock:
+            m.resume()
 
     def _complete_cmdline(self, zero_page_gpa: int) -> None:
         """Append `` tsc_early_khz=<this processor's kHz>`` to the guest's command line in RAM.
@@ -373,7 +392,8 @@ class DomainRuntime:
             # nothing runs the vCPU between the pause and the scrub, or after it.
             self.exited = True
         try:
-            m.pause()
+            with self.qmp_lock:
+                m.pause()
             with self.rsp_lock:
                 regs = m.rsp.save_vcpu()
         except BaseException:
@@ -414,7 +434,8 @@ class DomainRuntime:
                 m.rsp.write_register(*_reg(name), value)
         with self.run_lock:
             self.exited = False
-        m.resume()
+            with self.qmp_lock:
+                m.resume()
         log.info("key domain %d resumed", self.domain.keyid)
 
     # -- teardown -------------------------------------------------------------------

@@ -455,16 +455,22 @@ class _Session:
         """Why the platform does not let the vCPU run now, or None."""
         return self.proxy.may_run() if self.proxy.may_run is not None else None
 
-    def send_run(self, packet: bytes) -> str | None:
+    def send_run(self, packet: bytes, only_if_paused: bool = False) -> str | None:
         """Send ``packet`` (a continue or step) upstream unless the platform refuses to run
         the vCPU now; returns the refusal.  The caller holds the upstream lock.
 
         The check and the send happen under the proxy's ``run_lock``, which the
-        platform holds while it marks a domain exited (before it pauses the vCPU),
-        so no continue slips in between the check and an exit.
+        platform holds while it marks a domain exited (before it pauses the vCPU)
+        and while it resumes one, so no continue slips in between the check and an
+        exit.  ``only_if_paused``: send nothing if QEMU runs the vCPU already
+        (``vcpu_paused``).
         """
-        with self.proxy.run_lock:
+        proxy = self.proxy
+        with proxy.run_lock:
             reason = self.run_refusal()
+            if reason is None and only_if_paused and proxy.vcpu_paused is not None \
+                    and not proxy.vcpu_paused():
+                return "the vCPU is running already"
             if reason is None:
                 self.rsp.discard_pending()
                 self.rsp.send_packet(packet)
@@ -549,8 +555,9 @@ class _Session:
                 self.breakpoints.clear()
                 if self.resume_at_end and not self.paused_by_callback:
                     # Never onto an exited vCPU: its registers are scrubbed; the platform's
-                    # resume (QMP cont) restores them and runs it.
-                    reason = self.send_run(b"c")
+                    # resume (QMP cont) restores them and runs it.  Nor onto one the
+                    # platform resumed meanwhile: a running stub stops on any packet.
+                    reason = self.send_run(b"c", only_if_paused=True)
                     if reason:
                         log.info("gdb endpoint of %s: not resuming the vCPU after the session: %s",
                                  self.proxy.domain, reason)
@@ -578,8 +585,11 @@ class GdbProxy:
     before every continue or step it sends, including the one that resumes the
     guest when a session ends, and holds ``run_lock`` from the question until the
     packet is sent (inside ``rsp_lock``).  The platform holds ``run_lock`` while it
-    marks the domain exited, before it pauses the vCPU, and never takes
-    ``rsp_lock`` while holding it.
+    marks the domain exited, before it pauses the vCPU, and while it resumes the
+    vCPU, and never takes ``rsp_lock`` while holding it.  ``vcpu_paused`` tells
+    whether QEMU has the vCPU stopped: the resume at a session's end is skipped
+    when it runs already (the platform resumed it meanwhile), because a running
+    gdbstub stops the vCPU on any packet.
     """
 
     handover_wait = RELEASE_TIMEOUT + 1.0   # a new client waits this long for the last session
@@ -587,7 +597,8 @@ class GdbProxy:
     def __init__(self, listen_path: str, rsp: RspClient, *, debug: bool, domain: str,
                  audit: AuditLog, on_stop: Callable[[], object] | None = None,
                  on_cont: Callable[[], object] | None = None, rsp_lock=None,
-                 may_run: Callable[[], str | None] | None = None, run_lock=None):
+                 may_run: Callable[[], str | None] | None = None, run_lock=None,
+                 vcpu_paused: Callable[[], bool] | None = None):
         self.listen_path = str(listen_path)
         self.rsp = rsp
         self.debug = debug
@@ -599,6 +610,8 @@ class GdbProxy:
         # Checked, together with sending the continue, under ``run_lock``.
         self.may_run = may_run
         self.run_lock = run_lock if run_lock is not None else threading.RLock()
+        # Whether QEMU has the vCPU stopped: asked before the resume at a session's end.
+        self.vcpu_paused = vcpu_paused
         self.rsp_lock = rsp_lock if rsp_lock is not None else threading.RLock()
         self._server: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
