@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from qemu_kd.common.errors import KdError
+from qemu_kd.common.errors import ConfigError, KdError
 from qemu_kd.common.log import configure as configure_logging
 from qemu_kd.common.rundirs import sweep_dead_dirs, take_over
 from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir, sweep_stale_entries
@@ -193,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
             accel = choose_accel("auto", ensure_guest().kernel).name
         if args.remove_dir:
-            take_over(args.remove_dir)
+            try:
+                take_over(args.remove_dir)
+            except OSError as exc:
+                raise ConfigError(f"cannot take over the directory {args.remove_dir}: {exc.strerror or exc}",
+                                  "give an existing private directory of the caller's") from None
         daemon = PlatformDaemon(Path(args.socket) if args.socket else default_socket(),
                                 Path(args.state) if args.state else platform_state_dir(),
                                 memory_size, accel, exit_when_idle=args.exit_when_idle)
