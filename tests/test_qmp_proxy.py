@@ -118,7 +118,7 @@ def test_hmp_is_an_allow_list_with_and_without_debug():
         for line in HMP_BYPASSES:
             v = hmp(pol, line)
             assert not v.allowed and v.audited and not v.run_control, (pol.debug, line)
-        for line in ("info status", " info\tversion ", "info uuid"):
+        for line in ("info status", " info\tversion ", "info uuid", "help", "help info"):
             v = hmp(pol, line)
             assert v.allowed and not v.audited and not v.run_control, line
         # stop/cont go through the platform's exit/resume, never to QEMU as they are.
@@ -553,7 +553,7 @@ def test_debug_commands_fail_closed_when_the_audit_log_cannot_be_written(tmp_pat
                          audit=AuditLog(tmp_path / "missing-dir" / "audit.log"))
         proxy.start()
         mon = connect(proxy.listen_path)
-        reply = mon.cmd_raw("human-monitor-command", {"command-line": "info status"})
+        reply = mon.cmd_raw("human-monitor-command", {"command-line": "info registers"})
         assert "is refused: cannot write the audit log" in reply["error"]["desc"]
         assert ret(mon, "query-status")["status"] == "prelaunch"     # not audited: passes
         mon.close()

@@ -3,7 +3,8 @@ and the gdb endpoint (gdb's ``monitor``, the ``qRcmd`` packet).
 
 HMP is an allow-list, like QMP: a command line passes only if it is one of the
 commands below (docs/debugging.md).  Everything else, including QEMU's
-one-letter aliases (``s`` for ``stop``, ``c`` for ``cont``, ``q`` for ``quit``)
+one-letter aliases (``s`` for ``stop``, ``c`` for ``cont``, ``q`` for ``quit``,
+``?`` for ``help``)
 and commands QEMU does not have, is refused.
 
 The command line is split the way QEMU's monitor splits it: the command name
@@ -30,6 +31,9 @@ DEBUG_INFO = HARMLESS_INFO | frozenset({
     "lapic", "pci", "chardev", "block", "memdev", "memory-devices", "memory_size_summary",
     "numa", "hotpluggable-cpus", "ramblock", "jit", "opcount", "iothreads",
 })
+# The monitor's own help (the command list; qmp-shell -H asks for it, and for ``info``
+# alone, at start): always, with or without arguments.
+HARMLESS_COMMANDS = frozenset({"help"})
 # Memory dumps (virtual and physical): DEBUG only, audited.
 DEBUG_DUMPS = frozenset({"x", "xp"})
 # Run control: carried through the platform's exit and resume, never to QEMU directly.
@@ -98,6 +102,8 @@ def judge_hmp(line: object, *, debug: bool, run_control: bool = True) -> HmpVerd
     has_args = bool(rest.strip(HMP_SPACE))
     if word == "info":
         sub, args = _next_word(rest)
+        if not sub and not args.strip(HMP_SPACE):
+            return HmpVerdict(HmpAction.HARMLESS, command)     # the list of subcommands
         if sub in HARMLESS_INFO and not args.strip(HMP_SPACE):
             return HmpVerdict(HmpAction.HARMLESS, command)
         if sub in DEBUG_INFO:
@@ -105,6 +111,8 @@ def judge_hmp(line: object, *, debug: bool, run_control: bool = True) -> HmpVerd
                 return HmpVerdict(HmpAction.INSPECT, command)
             return HmpVerdict(HmpAction.REFUSED, command, needs_debug=True)
         return HmpVerdict(HmpAction.REFUSED, command)
+    if word in HARMLESS_COMMANDS:
+        return HmpVerdict(HmpAction.HARMLESS, command)
     if word in DEBUG_DUMPS:
         if debug:
             return HmpVerdict(HmpAction.INSPECT, command)
