@@ -25,6 +25,10 @@ def _isolated_state(tmp_path_factory):
     os.environ["QEMU_KD_STATE"] = str(state)
     os.environ["QEMU_KD_RUNTIME"] = runtime
     yield state
+    from leftovers import stop_registered_platforms
+
+    # A test that failed half-way may have left a kept domain's platform running.
+    stop_registered_platforms(Path(runtime))
     shutil.rmtree(runtime, ignore_errors=True)
     for name, value in saved.items():
         if value is None:

@@ -55,3 +55,28 @@ def files_containing(roots: list[Path], needles: list[bytes]) -> list[str]:
                     continue
                 hits += [f"{path}: {needle.decode()}" for needle in needles if needle in data]
     return hits
+
+
+def stop_registered_platforms(runtime: Path, timeout: float = 20.0) -> list[int]:
+    """SIGTERM every live platform daemon registered under ``runtime`` (a test's own runtime
+    directory) and wait for it, so a failed test never leaves a kept domain running."""
+    import json
+    import signal
+    import time
+
+    pids = []
+    for entry in sorted((Path(runtime) / "platforms").glob("*.json")):
+        try:
+            pid = int(json.loads(entry.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return pids

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from leftovers import stop_registered_platforms
 from qemu_kd.channel.console import QueryFilter, strip_queries
 from qemu_kd.cli.domains import no_domains_line, relay_console
 from qemu_kd.cli.run import format_run, in_order, surviving_files
@@ -307,4 +308,5 @@ def test_run_keep_report_console_destroy_json(guest_artifacts):
     finally:
         if name is not None:
             qemu_kd("destroy", name, env=env)
+        stop_registered_platforms(Path(runtime))
         shutil.rmtree(runtime, ignore_errors=True)
