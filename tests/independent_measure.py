@@ -100,9 +100,28 @@ def cmdline_space(cmdline_size: int) -> int:
     return min(CMDLINE_SPACE_MAX, cmdline_size + 1)
 
 
+SPACES = b"\t\n\x0b\x0c\r \xa0"
+
+
+def words_of(line: bytes) -> list[bytes]:
+    """§11.1: split at the space bytes outside double quotes; a quote stays in its word."""
+    words, current, in_quotes = [], b"", False
+    for i in range(len(line)):
+        byte = line[i:i + 1]
+        if byte in SPACES and not in_quotes:
+            if current:
+                words.append(current)
+            current = b""
+            continue
+        if byte == b'"':
+            in_quotes = not in_quotes
+        current += byte
+    return words + [current] if current else words
+
+
 def sets_tsc_early_khz(line: bytes) -> bool:
-    """A word of the line (split at ASCII whitespace) starts with tsc_early_khz=."""
-    return any(word.startswith(TSC_WORD) for word in line.split())
+    """A word of the line, less one leading quote, starts with tsc_early_khz=."""
+    return any((w[1:] if w.startswith(b'"') else w).startswith(TSC_WORD) for w in words_of(line))
 
 
 # --------------------------------------------------------------------------
@@ -194,6 +213,8 @@ def build_boot_image(kernel: bytes, initrd: bytes, cmdline: str, memory_size: in
     if len(line) > limit:
         raise SpecError(f"command line needs {len(line)} bytes, {limit} available")
     pm_kernel = kernel[header.kernel_offset:]
+    if not pm_kernel:
+        raise SpecError("no protected-mode kernel after the setup sectors")
     kernel_end = KERNEL_GPA + max(len(pm_kernel), header.init_size)
     if initrd:
         top = min(memory_size, header.initrd_addr_max + 1)

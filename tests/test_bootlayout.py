@@ -258,3 +258,24 @@ def test_completion_refuses_what_does_not_fit():
     for bad in (0, -1, bl.TSC_KHZ_MAX + 1, True):
         with pytest.raises(GuestImageError, match="TSC frequency"):
             bl.complete_cmdline(guest_ram(lay), lay.mem_size, lay.vcpu.rsi, bad)
+
+
+@pytest.mark.parametrize("line, sets", [
+    ("console=ttyS0 tsc_early_khz=5", True),
+    ('console=ttyS0 "tsc_early_khz=5"', True),           # the kernel drops the opening quote
+    ('x="a tsc_early_khz=5"', False),                    # part of x's value
+    ('x="a" tsc_early_khz=5', True),                     # the quote closed before the space
+    ("a\xa0tsc_early_khz=5", True),                      # 0xA0 is a space to the kernel
+    ("a\x1ctsc_early_khz=5", False),
+    ("notsc_early_khz=5 tsc_early_khz", False),
+])
+def test_tsc_early_khz_is_found_as_the_kernel_parses_words(line, sets):
+    assert bl.has_tsc_param(line) is sets
+    assert (bl.with_tsc_khz(line, 7) == line) is sets
+
+
+def test_a_kernel_without_a_protected_mode_part_is_refused():
+    kernel = fake_bzimage()
+    with pytest.raises(GuestImageError, match="no protected-mode kernel"):
+        bl.build_boot_layout(kernel[:bl.SetupHeader.unpack(kernel).kernel_offset], b"", "console=ttyS0",
+                             64 << 20)

@@ -232,6 +232,9 @@ PROBES = {
     "tsc_early_khz after CR": (patched(*SPACE_255), "a" * 230 + "\rtsc_early_khz=1"),
     "tsc_early_khz after 0x1C": (patched(*SPACE_255), "a" * 230 + "\x1ctsc_early_khz=1"),
     "tsc_early_khz after NBSP": (patched(*SPACE_255), "a" * 230 + "\xa0tsc_early_khz=1"),
+    "tsc_early_khz inside a quoted value": (patched(*SPACE_255), "a" * 210 + ' x="b tsc_early_khz=1"'),
+    "tsc_early_khz quoted as a whole": (patched(*SPACE_255), "a" * 220 + ' "tsc_early_khz=1"'),
+    "no protected-mode kernel": (unhex(BASE["kernel_hex"])[:5 * 512], "console=ttyS0"),
     "initrd_addr_max not page aligned": (patched(0x22C, "<I", 0x37FFFFE), "console=ttyS0"),
     # kernel_end = 0x100000 + init_size meets initrd_gpa 0x3FFD000 exactly, then passes it
     "init_size up to the initrd": (patched(0x260, "<I", 0x3EFD000), "console=ttyS0"),

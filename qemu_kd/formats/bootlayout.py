@@ -207,10 +207,38 @@ def cmdline_space(cmdline_size: int) -> int:
     return min(CMDLINE_MAX, cmdline_size + 1) if cmdline_size else CMDLINE_MAX
 
 
+#: Bytes the kernel's command-line parser treats as spaces (its ctype table: TAB, LF, VT, FF,
+#: CR, space and the Latin-1 no-break space 0xA0).
+CMDLINE_SPACES = frozenset(b"\t\n\x0b\x0c\r \xa0")
+
+
+def cmdline_words(cmdline: str | bytes) -> list[bytes]:
+    """The command line's words as the kernel splits them.
+
+    Words end at a space byte outside double quotes; a double quote toggles
+    quoting, so ``x="a b"`` is one word.
+    """
+    data = cmdline if isinstance(cmdline, bytes) else cmdline.encode()
+    words, word, quoted = [], bytearray(), False
+    for byte in data:
+        if byte in CMDLINE_SPACES and not quoted:
+            if word:
+                words.append(bytes(word))
+                word.clear()
+            continue
+        if byte == 0x22:
+            quoted = not quoted
+        word.append(byte)
+    if word:
+        words.append(bytes(word))
+    return words
+
+
 def has_tsc_param(cmdline: str | bytes) -> bool:
-    """Whether the command line already sets ``tsc_early_khz``."""
-    words = cmdline.split() if isinstance(cmdline, bytes) else cmdline.encode().split()
-    return any(word.startswith(TSC_PARAM.encode() + b"=") for word in words)
+    """Whether the command line already sets ``tsc_early_khz`` (as a parameter of its own,
+    possibly quoted: ``"tsc_early_khz=N"``; not inside another parameter's quoted value)."""
+    prefix = TSC_PARAM.encode() + b"="
+    return any(word.removeprefix(b'"').startswith(prefix) for word in cmdline_words(cmdline))
 
 
 def _tsc_suffix(tsc_khz: int) -> bytes:
@@ -339,6 +367,9 @@ def build_boot_layout(kernel: bytes, initrd: bytes, cmdline: str, mem_size: int,
                               "shorten the command line")
 
     pm_kernel = kernel[hdr.kernel_offset:]
+    if not pm_kernel:
+        raise GuestImageError(f"kernel image ends inside its {hdr.setup_sects} setup sectors: "
+                              "it has no protected-mode kernel", "pass a complete Linux bzImage")
     kernel_end = KERNEL_GPA + max(len(pm_kernel), hdr.init_size)
 
     # The initrd goes as high as allowed, below any reserved range above it.
