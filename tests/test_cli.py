@@ -124,6 +124,18 @@ def test_missing_guest_file_is_a_usage_error(tmp_path):
     assert f"kernel {tmp_path / 'nope'} does not exist" in one_line_error(res)
 
 
+def test_a_failed_protected_run_keeps_the_platform_log(tmp_path):
+    """The run directory goes, but the platform's log that an error points to stays."""
+    (tmp_path / "k").write_bytes(b"not a kernel")
+    (tmp_path / "i").write_bytes(b"")
+    res = qemu_kd("run", "-q", "--accel", "tcg", "--kernel", tmp_path / "k", "--initrd", tmp_path / "i")
+    line = one_line_error(res)
+    assert res.returncode == 1 and "to be a bzImage" in line
+    saved = Path(re.search(r"the platform's log is kept in (\S+?)\)?$", line).group(1))
+    assert saved.is_file() and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert "platform serving its host port" in saved.read_text()
+
+
 def test_guest_memory_limits_are_the_boot_layouts():
     assert parse_guest_memory("64M") == GUEST_MEMORY_MIN and parse_guest_memory("3G") == GUEST_MEMORY_MAX
     assert parse_guest_memory("258M") == 258 << 20

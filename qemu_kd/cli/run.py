@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from qemu_kd.qemu.accel import choose_accel
-from qemu_kd.common.errors import ConfigError, GuestImageError
+from qemu_kd.common.errors import ConfigError, GuestImageError, KdError
 from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
 from qemu_kd.qemu.machine import MachineSpec
 
@@ -205,6 +205,11 @@ def run_protected(opts: ProtectedOptions) -> dict:
         else:
             with timer.phase("shutdown"):
                 host.call("destroy")
+    except KdError as exc:
+        saved = keep_platform_log(workdir / "platform.log")
+        if saved is not None:
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + f"the platform's log is kept in {saved}"
+        raise
     finally:
         if host is not None:
             host.stop()
@@ -217,6 +222,27 @@ def run_protected(opts: ProtectedOptions) -> dict:
     out["timings"] = {k: round(v, 4) for k, v in timer.phases.items()}
     out["boot_to_ready_s"] = round(sum(timer.phases.get(p, 0.0) for p in PROTECTED_BOOT_PHASES), 4)
     return out
+
+
+def keep_platform_log(log: Path) -> Path | None:
+    """Copy a failed run's platform log (in the run directory, about to be removed) to the
+    log directory, mode 0600; its new path, or None when there is no log."""
+    import os
+    import time
+
+    from qemu_kd.common.files import write_file_atomic
+    from qemu_kd.qemu.machine import log_dir
+
+    try:
+        data = log.read_bytes()
+    except OSError:
+        return None
+    saved = log_dir() / f"platform-{os.getpid()}-{int(time.time())}.log"
+    try:
+        write_file_atomic(saved, data, mode=0o600)
+    except OSError:
+        return None
+    return saved
 
 
 def in_order(timings: dict[str, float], order: tuple[str, ...]) -> dict[str, float]:
