@@ -33,6 +33,7 @@ def test_daemon_serves_registers_and_cleans_up(runtime, tmp_path):
         assert sock == tmp_path / "p.sock" and oct(sock.stat().st_mode & 0o777) == "0o600"
         (entry,) = running_platforms()
         assert entry["pid"] == proc.pid and entry["socket"] == str(sock) and entry["accel"] == "tcg"
+        assert oct((runtime / "platforms" / f"{proc.pid}.json").stat().st_mode & 0o777) == "0o600"
         with HostPortClient(sock) as client:
             info = client.platform_info()
             assert info.memory_size == 64 << 20 and info.accelerator == "none"

@@ -96,10 +96,14 @@ class PlatformDaemon:
             self.platform.close()
             self.platform = None
             raise
+        entry = json.dumps({"pid": os.getpid(), "socket": str(self.socket_path),
+                            "state": str(self.pstate), "accel": self.accel,
+                            "memory_size": self.memory_size, "started": time.time()})
         tmp = self.registry_entry.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "socket": str(self.socket_path),
-                                   "state": str(self.pstate), "accel": self.accel,
-                                   "memory_size": self.memory_size, "started": time.time()}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(entry)
         os.replace(tmp, self.registry_entry)
 
     def wait(self) -> None:
