@@ -697,6 +697,35 @@ class TestWithDebug:
         assert f"Z 0,{addr:x},1" in actions and "g" in actions
         assert any(a.startswith(f"m {addr:x},") for a in actions)
 
+    def test_real_gdb_detach_after_a_qmp_stop_keeps_the_guest(self, debugdom):
+        """gdb attaches, the host stops the domain through QMP (an exit: registers sealed and
+        scrubbed), gdb's monitor aliases are refused, gdb detaches: the scrubbed vCPU is not
+        run, and after cont the guest answers."""
+        gdb = Gdb()
+        mon = QEMUMonitorProtocol(debugdom.endpoints["qmp"])
+        mon.connect()
+        try:
+            assert gdb.mi(f"-target-select remote {debugdom.endpoints['gdb']}")["message"] == "connected"
+            gdb.stopped()
+            assert ok(mon, "stop") == {}
+            assert domain_status(debugdom)["guest_state"] == "exited"
+            for line in ("s", "o 0x80 0", "system_reset"):
+                res = gdb.mi(f'-interpreter-exec console "monitor {line}"')
+                assert res["message"] == "error", (line, res)
+            assert domain_status(debugdom)["guest_state"] == "exited"
+            assert gdb.mi("-target-detach")["message"] == "done"
+            gdb.close()
+            gdb = None
+            status = domain_status(debugdom)
+            assert (status["state"], status["guest_state"]) == ("EXITED", "exited")
+            assert ok(mon, "cont") == {}
+        finally:
+            if gdb is not None:
+                gdb.close()
+            mon.close()
+        assert ping(debugdom) and session_works(debugdom)
+        assert b"Kernel panic" not in Path(debugdom.endpoints["console_log"]).read_bytes()
+
     def test_debug_commands_work_are_audited_and_find_the_canary(self, debugdom, tmp_path):
         canary = debugdom.canary
         memory = debugdom.debug_memory()
