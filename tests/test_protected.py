@@ -236,6 +236,18 @@ def test_a_guest_that_powers_off_is_halted_and_a_quit_qemu_is_shutoff(guest_arti
         assert listed["guest_state"] == "shutoff" and "LAUNCHED (shutoff)" in line
 
 
+def test_a_guest_kernel_panic_is_crashed_and_a_reboot_is_shutoff(guest_artifacts, tmp_path):
+    """A panic resets the guest at once (panic=-1) and QEMU ends with status 0, as on a
+    reboot: the platform tells the two apart by the panic's last words on the console."""
+    for trigger, wanted in (("echo c > /proc/sysrq-trigger", "crashed"), ("reboot -f", "shutoff")):
+        with protected_domain(tmp_path / wanted, guest_artifacts) as dom:
+            dom.session().exec(shell=f"setsid sh -c 'sleep 1; {trigger}' </dev/null >/dev/null 2>&1 &")
+            status = guest_state_becomes(dom, wanted)
+            assert (status["guest_state"], status["running"]) == (wanted, False), trigger
+            panicked = b"Kernel panic" in Path(dom.endpoints["console_log"]).read_bytes()
+            assert panicked is (wanted == "crashed")
+
+
 def qemu_children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():

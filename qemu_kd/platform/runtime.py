@@ -287,7 +287,7 @@ class DomainRuntime:
         if m is None or m.proc is None:
             return GuestState.SHUTOFF
         if not m.running:
-            return GuestState.SHUTOFF if m.proc.returncode == 0 else GuestState.CRASHED
+            return self._ended_state(m)
         try:
             with self.qmp_lock:
                 status = str(m.qmp.cmd("query-status").get("status"))
@@ -300,13 +300,26 @@ class DomainRuntime:
                      type(exc).__name__)
             if m.running:
                 return GuestState.CRASHED
-            return GuestState.SHUTOFF if m.proc.returncode == 0 else GuestState.CRASHED
+            return self._ended_state(m)
         if status in QEMU_SHUTOFF:
             return GuestState.SHUTOFF
         if status in QEMU_CRASHED:
             return GuestState.CRASHED
         with self.run_lock:
             return GuestState.EXITED if self.exited else GuestState.PAUSED
+
+    @staticmethod
+    def _ended_state(m: QemuMachine) -> str:
+        """``shutoff`` or ``crashed`` for a QEMU that has ended.
+
+        QEMU runs with ``-no-reboot`` and the guest with ``panic=-1``: a kernel
+        panic resets the guest at once and QEMU exits with status 0, as it does
+        for a plain reboot.  The panic's last words on the (host-visible)
+        console tell the two apart.
+        """
+        if m.proc.returncode != 0:
+            return GuestState.CRASHED
+        return GuestState.CRASHED if console_shows_panic(m.console_log) else GuestState.SHUTOFF
 
     def run(self) -> None:
         """Let the vCPU run (first entry, or after resume)."""
@@ -473,6 +486,24 @@ class GuestState:
 
 
 # QEMU run states (query-status) that end the guest.
+#: How much of the console log's end is searched for a kernel panic.
+PANIC_TAIL = 64 * 1024
+PANIC_MARK = b"Kernel panic - not syncing"
+
+
+def console_shows_panic(console_log: Path | None) -> bool:
+    """Whether the last lines of a console log are a kernel panic's."""
+    if console_log is None:
+        return False
+    try:
+        with open(console_log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - PANIC_TAIL))
+            return PANIC_MARK in f.read()
+    except OSError:
+        return False
+
+
 QEMU_SHUTOFF = frozenset({"shutdown"})
 QEMU_CRASHED = frozenset({"guest-panicked", "internal-error", "io-error"})
 _RFLAGS_IF = 1 << 9
