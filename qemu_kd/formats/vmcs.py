@@ -101,6 +101,7 @@ VMCS_FIELDS: tuple[VmcsField, ...] = tuple(
         ("exposed_register_mask", 0x2202, False),  # qemu-kd: GPRs shown to the host on exit
         ("policy", 0x2204, False),                 # qemu-kd: packed Policy as u64
         ("host_forced_exit", 0x4200, False),       # qemu-kd: 1 = host may force an exit
+        ("exit_interval_ms", 0x4202, False),       # qemu-kd: host-forced exit every N ms (0 = off)
     ])
     + _area(HOST_AREA, [
         ("host_cr0", 0x6C00, False),
@@ -139,6 +140,9 @@ _HEADER = struct.Struct("<II8x")
 TENANT_CONTROLS = ("exposed_register_mask", "host_forced_exit", "policy")
 # Control fields the host chooses: never measured (bound by verify-ept and the XTS tweak).
 HOST_CHOSEN_CONTROLS = ("ept_pointer", "save_area_hpa")
+# Control fields a running guest may let the host change (docs/protocol.md): never measured,
+# 0 at launch, changed only through a control update the guest agreed to.
+GUEST_APPROVED_CONTROLS = ("exit_interval_ms",)
 
 GUEST_STATE_MAGIC = b"KDGS"
 GUEST_STATE_VERSION = 1
@@ -190,6 +194,7 @@ class Vmcs:
     save_area_hpa: int = 0
     exposed_register_mask: int = 0
     host_forced_exit: bool = True
+    exit_interval_ms: int = 0
     policy: Policy = field(default_factory=Policy)
     vmcs_link_pointer: int = VMCS_LINK_POINTER_NONE
     host_cr0: int = 0
