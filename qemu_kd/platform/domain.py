@@ -485,6 +485,31 @@ class KeyDomain:
         walk, _stray = self._walk(self.read_vmcs().ept_pointer)
         return self._mapping_arrays(walk)
 
+    def replace_guest_mapping(self, gpas: np.ndarray, hpas: np.ndarray) -> None:
+        """A control update changed the EPT of the running domain: its mapping is now (gpas, hpas).
+
+        The guest pages it records follow: pages no longer mapped are dropped,
+        a moved page keeps its gpa, type, perms and host-verifiable flag at its
+        new hpa, and a newly accepted page is a ZERO page with full perms.
+        """
+        gpas = np.asarray(gpas, dtype=np.uint64)
+        hpas = np.asarray(hpas, dtype=np.uint64)
+        pages = self.pages()
+        guest = np.isin(pages.types, [int(t) for t in GUEST_TYPES])
+        control = PageBatch(*(getattr(pages, n)[~guest] for n in ("hpas", "gpas", "types", "perms",
+                                                                 "verifiable")))
+        old_gpas = pages.gpas[guest]
+        order = np.argsort(old_gpas)
+        at = np.minimum(np.searchsorted(old_gpas[order], gpas), max(old_gpas.size - 1, 0))
+        known = old_gpas[order][at] == gpas if old_gpas.size else np.zeros(gpas.size, dtype=bool)
+        src = order[at]
+        types = np.where(known, pages.types[guest][src] if old_gpas.size else 0, int(PageType.ZERO))
+        perms = np.where(known, pages.perms[guest][src] if old_gpas.size else 0, EPT_PERMS)
+        verifiable = known & (pages.verifiable[guest][src] if old_gpas.size else known)
+        self._pages.chunks = [control, PageBatch(hpas, gpas, types, perms, verifiable)]
+        self._pages.guest_gpas = set(gpas.tolist())
+        self._mapping = (gpas, hpas)
+
     def _walk(self, eptp: int) -> tuple[EptWalk, list[int]]:
         ept_hpas = self._memory.pages_owned_by(self.keyid, PageState.PRIVATE, PageType.EPT)
         tables: dict[int, bytes] = {}

@@ -360,6 +360,18 @@ class PhysicalMemory:
         self._fillers.pop(keyid, None)
         return int(idx.size)
 
+    def release_pages(self, hpas: HpaList, keyid: int) -> int:
+        """Scrub and free some of ``keyid``'s pages (a control update gave them back); all or none."""
+        _check_keyid(keyid)
+        idx = self.page_indices(hpas)
+        ok = (self._keyid[idx] == keyid) & (self._state[idx] != PageState.FREE)
+        if not ok.all():
+            hpa, owner = self._first_mismatch(idx, ok)
+            raise OwnershipError(f"hpa 0x{hpa:x} is {owner}, not a page of KeyID {keyid}")
+        self._scrub(idx)
+        self._set(idx, PageState.FREE, 0, 0)
+        return int(idx.size)
+
     def defer_fill(self, hpas: HpaList, keyid: int, filler: Callable[[np.ndarray], None]) -> None:
         """Produce the content of ``keyid``'s pages at ``hpas`` lazily.
 
