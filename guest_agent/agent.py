@@ -31,7 +31,7 @@ GUEST_PORT_TIMEOUT = 20.0
 POLICY_DEBUG = 1 << 0          # policy flag bit 0: DEBUG (see the policy format)
 
 #: What a protected guest serves to the host on the shared channel.
-HOST_COMMANDS = frozenset({"ping", "attest", "session", "poweroff"})
+HOST_COMMANDS = frozenset({"ping", "attest", "session", "poweroff", "control"})
 #: Served to the host as well when no platform protects the guest (a plain run).
 UNPROTECTED_COMMANDS = frozenset({"exec"})
 
@@ -139,6 +139,7 @@ class Agent:
         self._handshake = None
         self._session = None
         self._auth_key: bytes | None = None
+        self._controls = None           # guest_agent.controls.Controls, made on first use
 
     # -- the platform (guest port) ---------------------------------------------------
     def platform_call(self, cmd: str, timeout: float | None = None, **args) -> dict:
@@ -228,6 +229,16 @@ class Agent:
     def do_poweroff(self, req: dict) -> dict:
         self.running = False
         return {"poweroff": True}
+
+    def do_control(self, req: dict) -> dict:
+        """A host request to change this guest's VMCS or EPT: the guest's verdict (controls.py)."""
+        if not self.protected:
+            raise PermissionError("control requests need a platform: this guest is not protected")
+        if self._controls is None:
+            from .controls import Controls
+
+            self._controls = Controls(self.platform_call)
+        return self._controls.handle(req)
 
     # -- tenant session requests ---------------------------------------------------
     def session_request(self, plain: bytes) -> bytes:

@@ -1,6 +1,6 @@
 """The guest's control policy: which host-requested VMCS/EPT changes its agent accepts.
 
-The policy is a JSON file in the guest image (``/etc/qemu-kd/control-policy.json``),
+The policy is a JSON file in the guest image (``/etc/kd-control-policy.json``),
 so it is part of the launch measurement: a tenant who attests the image knows
 the rules its guest enforces.  The guest agent reads it at start
 (``guest_agent.controls``, which cannot import this module and parses the same
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 
 from qemu_kd.formats.errors import FieldValueError, VersionError
 
-POLICY_PATH = "etc/qemu-kd/control-policy.json"
+POLICY_PATH = "etc/kd-control-policy.json"
 CONTROL_POLICY_VERSION = 1
 
 

@@ -10,9 +10,10 @@ from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 from qemu_kd.common.errors import GuestImageError
+from qemu_kd.formats.controlpolicy import DEFAULT as DEFAULT_CONTROL_POLICY, POLICY_PATH as CONTROL_POLICY_PATH
 
 #: Bump whenever the recipe below changes what ends up in the image.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 
 #: Every file in the initramfs gets this mtime (2023-01-01T00:00:00Z).
 SOURCE_DATE_EPOCH = 1672531200
@@ -122,6 +123,9 @@ ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
     "etc/group": "root:x:0:\n",
     "etc/hostname": f"{HOSTNAME}\n",
+    # The guest's control policy (measured with the image): what host-requested
+    # VMCS/EPT changes its agent accepts (docs/protocol.md).
+    CONTROL_POLICY_PATH: DEFAULT_CONTROL_POLICY.pack().decode(),
 }
 
 # --- pruning -------------------------------------------------------------

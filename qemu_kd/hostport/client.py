@@ -298,3 +298,34 @@ class HostPortClient:
     def debug_read(self, keyid: int, gpa: int, length: int) -> bytes:
         """Plaintext guest memory: refused unless the domain's measured policy has DEBUG (audited)."""
         return self._call("debug-read", {"keyid": keyid, "gpa": gpa, "length": length})[1]
+
+    # -- control updates the guest made (docs/protocol.md) ------------------------------
+
+    def controls_stage(self, keyid: int, update: bytes) -> dict:
+        """Hand the platform a control update the guest returned; it is checked and kept for
+        verification.  Result: version, base_version, ops (counts), digest (hash-kd after install)."""
+        return self._call("controls-stage", {"keyid": keyid}, bytes(update))[0]
+
+    def staged_hash_kd(self, keyid: int) -> bytes:
+        """hash-kd of the host-verifiable pages as the staged update would leave them."""
+        return bytes.fromhex(self._call("hash-kd", {"keyid": keyid, "staged": True})[0]["digest"])
+
+    def staged_vmread(self, keyid: int, encoding: int) -> int:
+        """vmread of the staged VMCS (the installed one if the update carries none)."""
+        return int(self._call("vmread", {"keyid": keyid, "encoding": encoding, "staged": True})[0]["value"])
+
+    def staged_verify_ept(self, keyid: int) -> dict:
+        """verify-ept of the staged EPT: verdict_ok, reasons, mapping_digest, mapped_pages, changes, ops."""
+        return self._call("verify-ept", {"keyid": keyid, "staged": True})[0]
+
+    def controls_install(self, keyid: int, version: int) -> dict:
+        """Install the staged update ``version``; the platform checks it again and applies it."""
+        return self._call("controls-install", {"keyid": keyid, "version": version})[0]
+
+    def controls_status(self, keyid: int) -> dict:
+        """Installed version, mapped memory, exit interval and interval exits of a running domain."""
+        return self._call("controls-status", {"keyid": keyid})[0]
+
+    def controls_release(self, keyid: int, hpas: Iterable[int]) -> int:
+        """Give back pages allocated for a running domain that no update took (scrubbed, FREE)."""
+        return int(self._call("controls-release", {"keyid": keyid}, pack_u64_array(hpas))[0]["released"])

@@ -47,6 +47,7 @@ COMMANDS = (
     "write-phys-pages", "create-kd", "add-pages", "add-zero-pages", "hash-kd", "vmread",
     "verify-ept", "measure-kd", "launch", "run", "exit", "resume", "destroy-kd",
     "domain-status", "list-domains", "debug-read",
+    "controls-stage", "controls-install", "controls-status", "controls-release",
 )
 
 # ----------------------------------------------------------------------------- errors
@@ -529,19 +530,21 @@ class PlatformInfo:
     memory_size: int
     page_size: int
     integrity_events: int
+    free_pages: int = 0          # the host's free pool: FREE pages of physical memory
 
     def pack(self) -> dict:
         return {"chain_pem": self.chain_pem.decode("ascii"), "keyid_bits": self.keyid_bits,
                 "free_keyids": list(self.free_keyids), "accelerator": self.accelerator,
                 "memory_size": self.memory_size, "page_size": self.page_size,
-                "integrity_events": self.integrity_events}
+                "integrity_events": self.integrity_events, "free_pages": self.free_pages}
 
     @classmethod
     def unpack(cls, obj: dict) -> "PlatformInfo":
         try:
             return cls(obj["chain_pem"].encode("ascii"), int(obj["keyid_bits"]),
                        [int(k) for k in obj["free_keyids"]], str(obj["accelerator"]),
-                       int(obj["memory_size"]), int(obj["page_size"]), int(obj["integrity_events"]))
+                       int(obj["memory_size"]), int(obj["page_size"]), int(obj["integrity_events"]),
+                       int(obj.get("free_pages", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise HostPortProtocolError(f"malformed platform-info result: {exc!r}") from None
 

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 #: Leaf bits a gpa gets back when accepted, unless it had others before it was unmapped.
 DEFAULT_LEAF_BITS = EPT_PERMS | MEMTYPE_WB << EPT_MEMTYPE_SHIFT
 LIVE = (DomainState.LAUNCHED, DomainState.EXITED)
+#: How many installed versions the guest can look back on (controls-info).
+HISTORY = 256
 #: Operations a guest may ask the platform to seal.
 OP_NAMES = {"unmap": Op.UNMAP, "accept": Op.ACCEPT, "move": Op.MOVE}
 
@@ -102,6 +104,7 @@ class _State:
     interval: "_IntervalTimer | None" = None
     interval_exits: int = 0
     installs: int = 0
+    history: list[int] = field(default_factory=list)           # the last installed versions
 
 
 class _IntervalTimer:
@@ -178,7 +181,8 @@ class ControlPlane:
             domain, runtime, state = self._live(keyid, "controls-info")
             vmcs = domain.read_vmcs()
             mapped = int(np.count_nonzero(runtime.gpa_to_hpa != UNMAPPED))
-            return {"keyid": keyid, "installed_version": state.installed, "memory_size": runtime.mem_size,
+            return {"keyid": keyid, "installed_version": state.installed,
+                    "installed_versions": list(state.history), "memory_size": runtime.mem_size,
                     "mapped_pages": mapped, "shared_gpas": sorted(state.shared),
                     "exit_interval_ms": vmcs.exit_interval_ms, "host_forced_exit": vmcs.host_forced_exit,
                     "exposed_register_mask": vmcs.exposed_register_mask}
@@ -509,6 +513,7 @@ class ControlPlane:
             result = self._apply(domain, runtime, state, checked)
             state.installed = checked.update.version
             state.installs += 1
+            state.history = [*state.history[-(HISTORY - 1):], state.installed]
             log.info("key domain %d: installed control update %d", keyid, state.installed)
             return {"version": state.installed, **result}
 
@@ -551,6 +556,15 @@ class ControlPlane:
             self._apply_interval(keyid, state, checked.vmcs.exit_interval_ms)
         return {"unmapped": len(by_op[Op.UNMAP]), "accepted": len(by_op[Op.ACCEPT]),
                 "moved": len(by_op[Op.MOVE]), "free_pages": memory.count_free()}
+
+    def release(self, keyid: int, hpas) -> int:
+        """controls-release: give back pages the host offered but no update took (still HOST)."""
+        with self.platform.lock:
+            domain, _runtime, _state = self._live(keyid, "controls-release")
+            memory = self.platform.memory
+            for hpa in hpas:
+                self._require_offered(int(hpa), keyid, memory)
+            return memory.release_pages(np.asarray(hpas, dtype=np.uint64), keyid)
 
     # -------------------------------------------------------- exit interval
 

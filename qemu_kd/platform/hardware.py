@@ -39,6 +39,7 @@ from qemu_kd.hostport.protocol import PlatformInfo
 from qemu_kd.formats.addresses import KEYID_BITS, MAX_KEYID, PAGE_SIZE
 from qemu_kd.common.rundirs import make_private_dir
 from qemu_kd.platform.physmem import DEFAULT_MEMORY_SIZE, AddressError, PhysicalMemory
+from qemu_kd.platform.controls import ControlPlane
 
 ACCELERATOR_NONE = "none"
 DEFAULT_QEMU_ACCEL = "tcg"
@@ -107,6 +108,8 @@ class Platform:
         # thread that forked it (PR_SET_PDEATHSIG), and connection threads come and go.
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-launcher")
         self._closed = False
+        # Guest-verified VMCS/EPT changes of running domains (docs/protocol.md).
+        self.controls = ControlPlane(self)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -155,7 +158,7 @@ class Platform:
                 chain_pem=self.identity.chain_pem(), keyid_bits=KEYID_BITS,
                 free_keyids=self.keyids.free_keyids(), accelerator=self.accelerator,
                 memory_size=self.memory.size, page_size=PAGE_SIZE,
-                integrity_events=self.memory.integrity_events)
+                integrity_events=self.memory.integrity_events, free_pages=self.memory.count_free())
 
     def alloc(self, npages: int | None = None, hpas: Iterable[int] | None = None,
               keyid: int | None = None) -> Allocation:
@@ -184,9 +187,12 @@ class Platform:
         if not isinstance(keyid, int) or not self.keyids.is_reserved(keyid):
             raise DomainNotFoundError(f"KeyID {keyid!r} is not reserved", "alloc without a KeyID first")
         domain = self.domains.get(keyid)
-        if domain is not None and domain.state not in (DomainState.CREATED, DomainState.BUILDING):
+        # A running domain's pages stay HOST until the guest accepts them through a control
+        # update (balloon in, relocation); a verified one is locked as verified.
+        if domain is not None and domain.state not in (DomainState.CREATED, DomainState.BUILDING,
+                                                       DomainState.LAUNCHED, DomainState.EXITED):
             raise DomainStateError(f"key domain {keyid} is {domain.state.value}: alloc can add pages only "
-                                   "while it is CREATED or BUILDING")
+                                   "while it is CREATED, BUILDING, LAUNCHED or EXITED")
 
     def free(self, keyid: int) -> int:
         """Give back an unused reservation: scrub and free its pages, release the KeyID."""
@@ -280,6 +286,7 @@ class Platform:
         """destroy-kd: stop the guest, scrub and free the domain's pages, forget its key, free the KeyID."""
         with self.lock:
             domain = self.domain(keyid)
+            self.controls.forget(keyid)
             try:
                 if domain.on_destroy is not None:
                     domain.on_destroy()
@@ -319,6 +326,9 @@ class Platform:
                 runtime.stop()
                 raise
             self.runtimes[keyid] = runtime
+            guest_port = getattr(runtime, "guest_port", None)
+            if guest_port is not None:
+                guest_port.handlers.update(self.controls.guest_port_handlers(keyid))
             domain.mark_launched()
             self.accelerator = self.qemu_accel
             return self._host_endpoints(runtime)

@@ -51,6 +51,7 @@ from qemu_kd.platform.runtime import LaunchError, SaveAreaError
 from qemu_kd.formats.measurement import MeasurementError
 from qemu_kd.platform.physmem import AddressError, OwnershipError
 from qemu_kd.platform.hardware import MAX_DEBUG_READ, HostExitRefused, Platform
+from qemu_kd.platform.controls import UpdateRefused
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def error_code(exc: BaseException) -> str:
         (HostPortError, None),
         (KeyIdExhaustedError, "keyid-exhausted"),
         (DomainNotFoundError, "not-found"),
-        ((GuestStateFieldError, SecretPageError, HostExitRefused), "refused"),
+        ((GuestStateFieldError, SecretPageError, HostExitRefused, UpdateRefused), "refused"),
         (DomainStateError, "state"),
         (KeyUnwrapError, "unwrap-failed"),
         ((DomainVerifyError, MeasurementError, SaveAreaError), "verify-failed"),
@@ -174,6 +175,10 @@ class HostPortServer:
             "domain-status": self._domain_status,
             "list-domains": self._list_domains,
             "debug-read": self._debug_read,
+            "controls-stage": self._controls_stage,
+            "controls-install": self._controls_install,
+            "controls-status": self._controls_status,
+            "controls-release": self._controls_release,
         }
         self.frames_refused = 0
         self.connections_refused = 0
@@ -464,16 +469,22 @@ class HostPortServer:
 
     def _hash_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        if args.get("staged"):
+            return {"digest": self.platform.controls.staged_hash(keyid).hex()}, b""
         hpas = unpack_u64_array(payload, "hash-kd hpa list").tolist() if args.get("selected") else None
         return {"digest": self.platform.hash_kd(keyid, hpas).hex()}, b""
 
     def _vmread(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         keyid = arg_int(args, "keyid", minimum=1, maximum=255)
         encoding = arg_int(args, "encoding", maximum=0xFFFFFFFF)
+        if args.get("staged"):
+            return {"value": self.platform.controls.staged_vmread(keyid, encoding)}, b""
         return {"value": self.platform.vmread(keyid, encoding)}, b""
 
     def _verify_ept(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        if args.get("staged"):
+            return self.platform.controls.staged_verify_ept(keyid), b""
         allocation = unpack_u64_array(payload, "host allocation")
         v = self.platform.verify_ept(keyid, allocation)
         return EptVerdict(v.ok, v.reasons, v.mapping_digest, v.mapped_pages, v.table_pages).pack(), b""
@@ -509,6 +520,24 @@ class HostPortServer:
         gpa = arg_int(args, "gpa")
         length = arg_int(args, "length", maximum=min(MAX_DATA, MAX_DEBUG_READ))
         return {"length": length}, self.platform.debug_read(keyid, gpa, length)
+
+    # ------------------------------------------------ control updates (docs/protocol.md)
+
+    def _controls_stage(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return self.platform.controls.stage(keyid, bytes(payload)), b""
+
+    def _controls_install(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        return self.platform.controls.install(keyid, arg_int(args, "version", minimum=1)), b""
+
+    def _controls_release(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        hpas = unpack_u64_array(payload, "offered hpas")
+        return {"released": self.platform.controls.release(keyid, hpas)}, b""
+
+    def _controls_status(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        return self.platform.controls.status(arg_int(args, "keyid", minimum=1, maximum=255)), b""
 
 
 def serve(platform: Platform, socket_path: Path | str) -> HostPortServer:

@@ -52,6 +52,8 @@ from qemu_kd.formats.vcpu import GPR_NAMES
 from qemu_kd.formats.addresses import PAGE_SIZE
 
 MiB = 1 << 20
+#: gpa_to_hpa entry of a gpa that maps no page (a control update ballooned it out).
+UNMAPPED = np.uint64((1 << 64) - 1)
 SAVE_MAGIC = b"KDSA"
 SAVE_VERSION = 1
 SAVE_REGS = (*GPR_NAMES, "rip", "rflags")
@@ -379,6 +381,32 @@ class DomainRuntime:
         key = self.identity.sealing_key(self.domain.measurement.digest, self.domain.policy.pack(), label)
         return {"key": key.hex()}
 
+    # -- control updates (platform.controls) ----------------------------------------
+    def _ram_pages(self) -> np.ndarray:
+        return np.frombuffer(self._require_machine().map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+    def guest_pages(self, gpas: np.ndarray) -> np.ndarray:
+        """Plaintext copy of guest pages, shape (n, 4096)."""
+        return self._ram_pages()[(np.asarray(gpas, dtype=np.uint64) // PAGE_SIZE).astype(np.int64)].copy()
+
+    def unmap_guest_pages(self, gpas: np.ndarray) -> None:
+        """Balloon out: the gpas map no page any more; their contents in guest RAM are scrubbed."""
+        idx = (np.asarray(gpas, dtype=np.uint64) // PAGE_SIZE).astype(np.int64)
+        self._ram_pages()[idx] = 0
+        self._snapshot[idx] = 0
+        self.gpa_to_hpa[idx] = UNMAPPED
+
+    def map_guest_pages(self, gpas: np.ndarray, hpas: np.ndarray, plain: np.ndarray | None) -> None:
+        """The gpas now live at ``hpas``: with ``plain`` (relocation, already encrypted there by the
+        caller) their contents stay; without it they are accepted as zeros."""
+        idx = (np.asarray(gpas, dtype=np.uint64) // PAGE_SIZE).astype(np.int64)
+        if plain is None:
+            self._ram_pages()[idx] = 0
+            self._snapshot[idx] = 0
+        else:
+            self._snapshot[idx] = plain
+        self.gpa_to_hpa[idx] = np.asarray(hpas, dtype=np.uint64)
+
     # -- shadow ---------------------------------------------------------------------
     def sync_shadow(self) -> int:
         """Re-encrypt into DRAM the guest pages changed since the last sync; returns how many."""
@@ -387,6 +415,8 @@ class DomainRuntime:
         ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         changed = np.flatnonzero(
             (ram.view(np.uint64) != self._snapshot.view(np.uint64)).any(axis=1))
+        # A gpa a control update unmapped has no page any more: nothing to encrypt into.
+        changed = changed[self.gpa_to_hpa[changed] != UNMAPPED]
         if changed.size:
             plain = ram[changed].copy()
             self.domain.encrypt_into_dram(self.gpa_to_hpa[changed], plain)
