@@ -21,7 +21,7 @@ import threading
 import time
 import tty
 
-from . import __version__, session
+from . import __version__, hypercall, session
 from .protocol import (MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply,
                        request)
 
@@ -136,28 +136,41 @@ class Agent:
         self.protected = True       # until the platform says otherwise: fail closed
         self.debug = False
         self._port_ids = itertools.count(1)
+        # One request at a time on the guest port: the tenant session and local
+        # programs (the hypercall socket) both use it.
+        self._port_lock = threading.Lock()
         self._handshake = None
         self._session = None
         self._auth_key: bytes | None = None
         self._controls = None           # guest_agent.controls.Controls, made on first use
 
     # -- the platform (guest port) ---------------------------------------------------
-    def platform_call(self, cmd: str, timeout: float | None = None, **args) -> dict:
+    def platform_call(self, cmd: str, answer_within: float | None = None, **args) -> dict:
         """One request to the platform on the guest port (stands for a processor instruction)."""
         if self.guest_port is None:
             raise RuntimeError("this guest has no guest port")
-        req_id = next(self._port_ids)
-        self.guest_port.send(request(req_id, cmd, **args))
-        while True:
-            try:
-                msg = self.guest_port.receive(GUEST_PORT_TIMEOUT if timeout is None else timeout)
-            except TimeoutError:
-                raise RuntimeError("no platform answered on the guest port") from None
-            if msg.get("id") != req_id:
-                continue
-            if not msg.get("ok"):
-                raise RuntimeError(f"platform refused {cmd}: {msg.get('error')}")
-            return msg.get("result", {})
+        with self._port_lock:
+            req_id = next(self._port_ids)
+            self.guest_port.send(request(req_id, cmd, **args))
+            while True:
+                try:
+                    msg = self.guest_port.receive(GUEST_PORT_TIMEOUT if answer_within is None
+                                                  else answer_within)
+                except TimeoutError:
+                    raise RuntimeError("no platform answered on the guest port") from None
+                if msg.get("id") != req_id:
+                    continue
+                if not msg.get("ok"):
+                    raise RuntimeError(f"platform refused {cmd}: {msg.get('error')}")
+                return msg.get("result", {})
+
+    def hypercall(self, msg: dict) -> dict:
+        """A hypercall through the platform (``leaf``, ``regs``, ``expose``, ``timeout``)."""
+        checked = hypercall.request(msg.get("leaf"), msg.get("regs") or {}, msg.get("expose"),
+                                    msg.get("timeout", hypercall.DEFAULT_TIMEOUT))
+        # The guest's clock stands still while the platform waits for the host.
+        return self.platform_call("hypercall", answer_within=checked["timeout"] + GUEST_PORT_TIMEOUT,
+                                  **{k: v for k, v in checked.items() if k != "op" and v is not None})
 
     def learn_identity(self) -> None:
         """Ask the platform what this guest is: protected or not, and its measured policy."""
@@ -302,6 +315,9 @@ class Agent:
             raise ValueError("report needs 'report_data': 64 bytes as 128 hex digits")
         return self.platform_call("report", report_data=data.hex())
 
+    def tenant_hypercall(self, msg: dict) -> dict:
+        return self.hypercall(msg)
+
     def tenant_ping(self, msg: dict) -> dict:
         return {"pong": True, **self.identity}
 
@@ -436,6 +452,58 @@ def console_policy(allow_shell: bool) -> None:
         os.close(fd)
 
 
+def serve_local_api(agent: Agent, path: str = hypercall.AGENT_SOCKET) -> threading.Thread | None:
+    """Serve guest programs (``kd-hypercall``, ``guest_agent.hypercall.call``) on a local socket.
+
+    Root only (the directory is 0700); one JSON request line per connection,
+    one answer line.  Only ``hypercall`` is served.
+    """
+    import socket
+
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(8)
+    except OSError as exc:
+        print(f"qemu-kd-guest: no local agent socket: {exc}", file=sys.stderr)
+        return None
+
+    def answer(conn) -> None:
+        with conn:
+            try:
+                conn.settimeout(10)
+                data = bytearray()
+                while b"\n" not in data and len(data) <= MAX_LINE:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                msg = json.loads(bytes(data).split(b"\n", 1)[0])
+                if not isinstance(msg, dict) or msg.get("op") != "hypercall":
+                    raise ValueError("the local agent socket serves only 'hypercall'")
+                out = {"ok": True, "result": agent.hypercall(msg)}
+            except Exception as exc:  # noqa: BLE001 - every failure is an answer
+                out = {"ok": False, "error": str(exc)}
+            try:
+                conn.settimeout(None)
+                conn.sendall(json.dumps(out).encode() + b"\n")
+            except OSError:
+                pass
+
+    def loop() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, name="local-api", daemon=True)
+    thread.start()
+    return thread
+
+
 def _console_shells() -> None:
     while True:
         subprocess.run(["setsid", "cttyhack", "sh"], check=False)
@@ -452,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         gport = None
     agent = Agent(LineChannel(open_port(port)), gport)
     agent.learn_identity()
+    if gport is not None:
+        serve_local_api(agent)
     console_policy(allow_shell=agent.debug or not agent.protected)
     agent.serve()
     if not agent.running:

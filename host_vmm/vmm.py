@@ -23,6 +23,7 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
+from host_vmm.hypercalls import HypercallResponder
 
 # Intel VMCS encodings of the control fields the host checks.
 VMCS_EPT_POINTER = 0x201A
@@ -71,8 +72,12 @@ class Check:
 class HostVmm:
     """One host VMM driving one key domain on a platform."""
 
-    def __init__(self, platform_socket: str, timeout: float = 120.0):
+    def __init__(self, platform_socket: str, timeout: float = 120.0, answer_hypercalls: bool = True):
         self.client = HostPortClient(platform_socket, timeout=timeout)
+        # The hypercall responder's own connection (next-exit blocks while it waits).
+        self.responder_client_factory = lambda: HostPortClient(platform_socket, timeout=timeout)
+        self.answer_hypercalls = answer_hypercalls
+        self.responder: HypercallResponder | None = None
         self.layout: HostLayout | None = None
         self.bundle: Bundle | None = None
         self.endpoints: dict | None = None
@@ -206,6 +211,9 @@ class HostVmm:
         t0 = time.perf_counter()
         self.endpoints = self.client.launch(self.keyid)
         self.launched = True
+        if self.answer_hypercalls:
+            self.responder = HypercallResponder(self.responder_client_factory, self.keyid)
+            self.responder.start()
         sock = connect_shared_channel(self.endpoints.get("shared"))
         log = self.endpoints.get("console_log")
         self.agent = AgentClient(sock, diagnose=diagnose or (
@@ -219,6 +227,7 @@ class HostVmm:
     # -- teardown -------------------------------------------------------------------
     def detach(self) -> None:
         """Let go of a running domain without stopping it (close the shared channel and the port)."""
+        self._stop_responder()
         if self.agent is not None:
             try:
                 self.agent.sock.close()
@@ -228,11 +237,17 @@ class HostVmm:
         self.detached = True
         self.client.close()
 
+    def _stop_responder(self) -> None:
+        if self.responder is not None:
+            self.responder.stop()
+            self.responder = None
+
     def destroy(self) -> None:
         """Power the guest off if it runs, then destroy the domain (or free the reservation)."""
         if self.destroyed:
             return
         self.destroyed = True
+        self._stop_responder()
         if self.agent is not None:
             try:
                 self.agent.poweroff(timeout=5)

@@ -19,6 +19,7 @@ from qemu_kd.formats.layout import plan
 from qemu_kd.qemu.launch import full_cmdline
 from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
 from qemu_kd.formats.policy import Policy
+from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.tenant.session import TenantSession, attest
 from qemu_kd.tenant.seal import seal
 
@@ -166,11 +167,14 @@ def in_process_platform(socket_path: Path, pstate: Path, memory_size: int):
 
 @contextmanager
 def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int = 256 * MiB,
-                     ready_timeout: float = 120.0, in_process: bool = False):
+                     ready_timeout: float = 120.0, in_process: bool = False, exposed_register_mask: int = 0):
     """Platform daemon, host VMM, seal, load, verify, launch; torn down on exit.
 
     ``in_process``: the platform runs in this process instead of a daemon
     (``ProtectedDomain.platform`` is then the Platform; ``platform_proc`` is None).
+    ``exposed_register_mask``: the VMCS's hypercall register mask the tenant seals.
+    The host VMM answers ECHO and HOST_TIME hypercalls on a connection of its own,
+    recorded like the others.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -185,20 +189,29 @@ def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int
                                                  memory_size=mem_size + 64 * MiB)
             stack.callback(stop_platform_process, proc)
         yield from _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size,
-                             ready_timeout)
+                             ready_timeout, exposed_register_mask)
 
 
-def _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size, ready_timeout):
+def _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size, ready_timeout,
+              exposed_register_mask=0):
     received: list = []
     vmm = None
     try:
         vmm = HostVmm(str(psock))
         vmm.client._sock = RecordingSocket(vmm.client._sock, received)
+
+        def recorded_client():
+            client = HostPortClient(str(psock), timeout=120)
+            client._sock = RecordingSocket(client._sock, received)
+            return client
+
+        vmm.responder_client_factory = recorded_client
         layout = vmm.allocate(mem_size)
         policy = Policy.make(debug=debug)
         root_pem = (pstate / "root-ca.crt").read_bytes()
         bundle, secret = seal(guest.kernel.read_bytes(), guest.initrd.read_bytes(), full_cmdline(),
-                               mem_size, policy, layout, root_pem)
+                               mem_size, policy, layout, root_pem,
+                               exposed_register_mask=exposed_register_mask)
         vmm.load(bundle)
         vmm.launch(ready_timeout)
         vmm.agent.sock = RecordingSocket(vmm.agent.sock, received)

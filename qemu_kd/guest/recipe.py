@@ -118,6 +118,11 @@ while true; do
 done
 """
 
+#: Guest commands (mode 0755): small wrappers around guest_agent modules.
+GUEST_COMMANDS = {
+    "usr/bin/kd-hypercall": '#!/bin/sh\nexec python3 -I -m guest_agent.hypercall "$@"\n',
+}
+
 #: Minimal account files so ``id``, ``whoami`` and ``~`` work.
 ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",

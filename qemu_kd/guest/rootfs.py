@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from qemu_kd.common.errors import GuestImageError
-from qemu_kd.guest.recipe import ALWAYS_KEPT_SONAMES, DLOPENED_FILES, ETC_FILES, IMPORT_CHECK, MULTIARCH, PYTHON, SONAME_PACKAGES, SOURCE_DATE_EPOCH, STDLIB_DIR, is_pruned
+from qemu_kd.guest.recipe import ALWAYS_KEPT_SONAMES, DLOPENED_FILES, ETC_FILES, GUEST_COMMANDS, IMPORT_CHECK, MULTIARCH, PYTHON, SONAME_PACKAGES, SOURCE_DATE_EPOCH, STDLIB_DIR, is_pruned
 from qemu_kd.guest.packages import run_tool
 
 
@@ -343,6 +343,9 @@ def build_initramfs_tree(staging: Path, debs: Mapping[str, Path], root_names: It
     for rel, text in ETC_FILES.items():
         (staging / rel).write_text(text)
         os.chmod(staging / rel, 0o644)
+    for rel, text in GUEST_COMMANDS.items():
+        (staging / rel).write_text(text)
+        os.chmod(staging / rel, 0o755)
     agent_root = staging / "usr/lib/python3/dist-packages/guest_agent"
     for rel, data in sorted(agent_files.items()):
         target = agent_root / rel

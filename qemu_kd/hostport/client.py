@@ -281,6 +281,23 @@ class HostPortClient:
         """Resume an exited domain from its save area."""
         self._call("resume", {"keyid": keyid})
 
+    def next_exit(self, keyid: int, after: int = 0, wait: float = 0.0) -> dict | None:
+        """The first exit record with a sequence number above ``after``, waiting up to ``wait`` s.
+
+        A record is a dict: ``seq``, ``keyid``, ``reason`` (host, hypercall,
+        interval), ``pending``, and for a hypercall ``leaf``, ``leaf_name``,
+        ``exposed`` and ``inputs`` (the exposed registers only).  None when no
+        exit came in time.
+        """
+        result = self._call("next-exit", {"keyid": keyid, "after": after, "wait": wait})[0]
+        return result.get("exit")
+
+    def hypercall_reply(self, keyid: int, seq: int, outputs: dict[str, int] | None = None,
+                        status: int = 0) -> None:
+        """Answer hypercall exit ``seq``: write exposed output registers; the guest resumes."""
+        self._call("hypercall-reply", {"keyid": keyid, "seq": seq, "outputs": dict(outputs or {}),
+                                       "status": status})
+
     def destroy_kd(self, keyid: int) -> int:
         return int(self._call("destroy-kd", {"keyid": keyid})[0]["freed_pages"])
 

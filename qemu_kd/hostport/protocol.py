@@ -47,8 +47,11 @@ COMMANDS = (
     "write-phys-pages", "create-kd", "add-pages", "add-zero-pages", "hash-kd", "vmread",
     "verify-ept", "measure-kd", "launch", "run", "exit", "resume", "destroy-kd",
     "domain-status", "list-domains", "debug-read",
+    "next-exit", "hypercall-reply",
     "controls-stage", "controls-install", "controls-status", "controls-release",
 )
+#: Longest wait a next-exit request may ask for (seconds).
+MAX_EXIT_WAIT = 60.0
 
 # ----------------------------------------------------------------------------- errors
 

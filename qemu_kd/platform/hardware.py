@@ -326,6 +326,12 @@ class Platform:
                 runtime.stop()
                 raise
             self.runtimes[keyid] = runtime
+            if hasattr(runtime, "exit_hooks"):
+                from qemu_kd.platform.exits import ExitHooks
+
+                runtime.exit_hooks = ExitHooks(
+                    exit=lambda reason, **kw: self.guest_exit(keyid, reason, **kw),
+                    resume=lambda seq: self.guest_resume(keyid, seq))
             guest_port = getattr(runtime, "guest_port", None)
             if guest_port is not None:
                 guest_port.handlers.update(self.controls.guest_port_handlers(keyid))
@@ -368,6 +374,42 @@ class Platform:
             domain, runtime = self._runtime(keyid, "resume", [DomainState.EXITED])
             runtime.resume()
             domain.mark_launched()
+
+    # ------------------------------------------- guest-initiated exits, hypercalls
+
+    def guest_exit(self, keyid: int, reason: str, **details):
+        """An exit the guest (a hypercall) or the platform itself (an exit interval) makes.
+
+        Unlike the host's ``exit`` it needs no host-forced-exit control.
+        Returns the exit record the host will see.
+        """
+        with self.lock:
+            domain, runtime = self._runtime(keyid, "exit", [DomainState.LAUNCHED])
+            record = runtime.exit(reason=reason, **details)
+            domain.mark_exited()
+            return record
+
+    def guest_resume(self, keyid: int, seq: int):
+        """Resume exit ``seq`` (a hypercall's own resume); returns the verified save-area record."""
+        with self.lock:
+            domain, runtime = self._runtime(keyid, "resume", [DomainState.EXITED])
+            area = runtime.resume(seq=seq)
+            domain.mark_launched()
+            return area
+
+    def next_exit(self, keyid: int, after: int = 0, wait: float = 0.0) -> tuple[dict | None, int]:
+        """next-exit: the first exit record after ``after`` (waiting up to ``wait`` s), and the last seq."""
+        with self.lock:
+            _, runtime = self._runtime(keyid, "next-exit", [DomainState.LAUNCHED, DomainState.EXITED])
+            exits = runtime.exits
+        # Waited for outside the platform lock: the exit being waited for needs it.
+        return exits.next_after(after, wait), exits.last_seq
+
+    def hypercall_reply(self, keyid: int, reply) -> None:
+        """hypercall-reply: the host's outputs for the waiting hypercall (exposed registers only)."""
+        with self.lock:
+            _, runtime = self._runtime(keyid, "hypercall-reply", [DomainState.EXITED])
+            runtime.exits.answer(reply)
 
     def debug_read(self, keyid: int, gpa: int, length: int) -> bytes:
         """debug-read: plaintext guest memory, only for a domain whose measured policy has DEBUG.

@@ -43,9 +43,10 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import claim_socket_path
 from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
-    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
+    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_EXIT_WAIT, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
 )
 from qemu_kd.formats.addresses import PAGE_SIZE
+from qemu_kd.formats.hypercall import HypercallReply, check_registers
 from qemu_kd.formats.keywrap import KeyUnwrapError
 from qemu_kd.platform.runtime import LaunchError, SaveAreaError
 from qemu_kd.formats.measurement import MeasurementError
@@ -175,6 +176,8 @@ class HostPortServer:
             "domain-status": self._domain_status,
             "list-domains": self._list_domains,
             "debug-read": self._debug_read,
+            "next-exit": self._next_exit,
+            "hypercall-reply": self._hypercall_reply,
             "controls-stage": self._controls_stage,
             "controls-install": self._controls_install,
             "controls-status": self._controls_status,
@@ -520,6 +523,23 @@ class HostPortServer:
         gpa = arg_int(args, "gpa")
         length = arg_int(args, "length", maximum=min(MAX_DATA, MAX_DEBUG_READ))
         return {"length": length}, self.platform.debug_read(keyid, gpa, length)
+
+    def _next_exit(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        after = arg_int(args, "after", default=0)
+        wait = args.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_EXIT_WAIT:
+            raise HostPortBadRequestError(f"argument 'wait' must be 0..{MAX_EXIT_WAIT:g} seconds")
+        record, last = self.platform.next_exit(keyid, after, float(wait))
+        return {"exit": record, "last_seq": last}, b""
+
+    def _hypercall_reply(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        reply = HypercallReply(seq=arg_int(args, "seq", minimum=1),
+                               outputs=check_registers(args.get("outputs", {}), "hypercall-reply outputs"),
+                               status=arg_int(args, "status", default=0))
+        self.platform.hypercall_reply(keyid, reply)
+        return {"keyid": keyid, "seq": reply.seq}, b""
 
     # ------------------------------------------------ control updates (docs/protocol.md)
 

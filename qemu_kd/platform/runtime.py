@@ -19,21 +19,21 @@ encrypted shadow current: :meth:`sync_shadow` re-encrypts only the pages
 changed since the last sync, and the platform calls it before any host read
 of the domain's private pages.
 
-Exit / resume: exit pauses the vCPU, seals its registers into the protected
-save area (MEE-encrypted at the save-area hpa, with an HMAC under a key only
-the platform holds) and scrubs them in QEMU; resume checks the HMAC and
-restores them.  A tampered save area is refused.
+Exit / resume: exit pauses the vCPU, seals its whole state (every register
+QEMU's gdbstub describes) into the protected save area (MEE-encrypted at the
+save-area hpa, with an HMAC under a key only the platform holds), scrubs it in
+QEMU and publishes an exit record for the host; resume checks the HMAC and
+restores the state in launch order.  A tampered save area is refused.  A
+hypercall (guest-port op ``hypercall``) is such an exit: the host sees only the
+exposed registers and answers with ``hypercall-reply`` (:mod:`.exits`).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import logging
 import os
 import re
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +48,29 @@ from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.launch import host_tsc_khz
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.measurement import PageType
-from qemu_kd.formats.vcpu import GPR_NAMES
 from qemu_kd.formats.addresses import PAGE_SIZE
+from qemu_kd.formats.errors import FieldValueError
+from qemu_kd.formats.hypercall import MAX_LEAF, ExitRecord, check_registers, narrow_mask
+from qemu_kd.formats.savearea import HypercallFrame, SaveArea
+from qemu_kd.formats.vmcs import X86_GPR_ORDER, exposed_registers
+from qemu_kd.platform.exits import (
+    ExitHooks,
+    ExitLog,
+    ExitStateError,
+    SaveAreaError,
+    VcpuSealer,
+    open_save_area,
+    seal_save_area,
+)
 
 MiB = 1 << 20
 #: gpa_to_hpa entry of a gpa that maps no page (a control update ballooned it out).
 UNMAPPED = np.uint64((1 << 64) - 1)
-SAVE_MAGIC = b"KDSA"
-SAVE_VERSION = 1
-SAVE_REGS = (*GPR_NAMES, "rip", "rflags")
+#: How long a hypercall waits for the host by default, and at most (seconds).
+HYPERCALL_TIMEOUT = 10.0
+MAX_HYPERCALL_TIMEOUT = 600.0
+
+__all__ = ["DomainRuntime", "Endpoints", "GuestState", "LaunchError", "SaveAreaError", "vm_entry_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +79,8 @@ class LaunchError(KdError):
     """A VM-entry check failed or the domain could not be started."""
 
 
-class SaveAreaError(KdError):
-    """The protected save area does not verify (tampered or never written)."""
+class HypercallError(KdError):
+    """A hypercall the platform refuses, or one the host did not answer."""
 
 
 @dataclass
@@ -125,6 +139,14 @@ class DomainRuntime:
         self._snapshot: np.ndarray | None = None
         self._save_mac_key = os.urandom(48)
         self._save_hpa: int | None = None
+        # Exit records and the hypercall waiting for the host (next-exit, hypercall-reply).
+        self.exits = ExitLog(domain.keyid)
+        # Set by the platform so guest-initiated exits move the domain's state too.
+        self.exit_hooks: ExitHooks | None = None
+        self._exit_seq = 0
+        self._exit_reason: str | None = None
+        self._entered = threading.Event()   # set while the vCPU is not exited
+        self._entered.set()
         # Held by anyone who talks to QEMU's gdbstub: this runtime and the gdb proxy.
         self.rsp_lock = threading.RLock()
         # Held while ``exited`` is set or cleared, and by the gdb proxy from its check of
@@ -178,11 +200,17 @@ class DomainRuntime:
                 ram[idx] = plain
                 self._snapshot[idx] = plain
             self._complete_cmdline(vmcs.guest.rsi)
+            unsealable = VcpuSealer(self.machine.rsp).check_target()
+            if unsealable:
+                raise LaunchError(f"key domain {self.domain.keyid}: QEMU's vCPU registers cannot all be "
+                                  "sealed on exit: " + "; ".join(unsealable),
+                                  "use the QEMU version the platform supports")
             self.machine.rsp.load_vcpu(vmcs.guest)
             port = self.machine.connect_serial("guestport")
             self.guest_port = GuestPortServer(port, {"info": self._info, "report": self._report,
                                                      "derive-key": self._derive_key,
-                                                     "tenant-key": self._tenant_key})
+                                                     "tenant-key": self._tenant_key,
+                                                     "hypercall": self._hypercall})
             self.guest_port.start()
         except BaseException as exc:
             # A platform error's message goes to the host anyway; of anything else, only the type.
@@ -425,61 +453,115 @@ class DomainRuntime:
         return int(changed.size)
 
     # -- exit / resume --------------------------------------------------------------
-    def exit(self) -> None:
-        """Pause the vCPU, seal its registers into the save area and scrub them in QEMU."""
+    def exit(self, reason: str = "host", hypercall: HypercallFrame | None = None,
+             timeout: float | None = None) -> ExitRecord | None:
+        """Pause the vCPU, seal its whole state into the save area, scrub it in QEMU.
+
+        ``reason`` is ``host``, ``hypercall`` (with the call's register file) or
+        ``interval``.  Publishes and returns the host's exit record (None when
+        the vCPU was already exited).
+        """
         m = self._require_machine()
         with self.run_lock:
             if self.exited:
-                return
+                return None
             # Marked before the pause: from here on the gdb proxy sends no continue, so
             # nothing runs the vCPU between the pause and the scrub, or after it.
             self.exited = True
+            self._entered.clear()
         try:
             with self.qmp_lock:
                 m.pause()
             with self.rsp_lock:
-                regs = m.rsp.save_vcpu()
+                regs = VcpuSealer(m.rsp).capture()
         except BaseException:
             with self.run_lock:
                 self.exited = False     # nothing was sealed or scrubbed
+                self._entered.set()
             raise
-        body = SAVE_MAGIC + struct.pack("<HH", SAVE_VERSION, len(SAVE_REGS)) + b"".join(
-            struct.pack("<Q", getattr(regs, name)) for name in SAVE_REGS)
-        mac = hmac.new(self._save_mac_key, body, hashlib.sha384).digest()
-        page = (body + mac).ljust(PAGE_SIZE, b"\0")
+        seq = self.exits.next_seq()
+        area = SaveArea(seq=seq, reason=reason, keyid=self.domain.keyid, registers=regs, hypercall=hypercall)
+        page = seal_save_area(area, self._save_mac_key, self._save_hpa)
         self.domain.encrypt_into_dram(np.array([self._save_hpa], dtype=np.uint64), page)
+        self._exit_seq, self._exit_reason = seq, reason
         with self.rsp_lock:
-            for name in SAVE_REGS:
-                if name not in ("rflags",):
-                    m.rsp.write_register(*_reg(name), 0)
+            VcpuSealer(m.rsp).scrub()
         self.sync_shadow()
-        log.info("key domain %d exited: registers sealed in the save area", self.domain.keyid)
+        record = ExitRecord(seq=seq, keyid=self.domain.keyid, reason=reason)
+        if hypercall is not None:
+            exposed = exposed_registers(hypercall.mask)
+            record = ExitRecord(seq=seq, keyid=self.domain.keyid, reason=reason, leaf=hypercall.leaf,
+                                exposed=exposed, inputs={n: hypercall.regs.get(n, 0) for n in exposed},
+                                timeout=timeout)
+        self.exits.publish(record)
+        log.info("key domain %d exited (%s, exit %d): vCPU state sealed in the save area",
+                 self.domain.keyid, reason, seq)
+        return record
 
-    def resume(self) -> None:
-        """Verify the save area and restore the registers, then run."""
+    def resume(self, seq: int | None = None) -> SaveArea | None:
+        """Verify the save area and restore the whole vCPU state, then run.
+
+        A hypercall exit is resumed only by its own hypercall (``seq``); the host
+        answers it with hypercall-reply.  Returns the verified save-area record.
+        """
         m = self._require_machine()
         if not self.exited:
-            return
+            return None
+        if self._exit_reason == "hypercall" and seq != self._exit_seq:
+            raise ExitStateError(f"key domain {self.domain.keyid} is in hypercall exit {self._exit_seq}: "
+                                 "it resumes when the host answers or the guest's timeout ends",
+                                 "answer it with hypercall-reply")
         page = self.domain.decrypt_pages(np.array([self._save_hpa], dtype=np.uint64))
-        n = len(SAVE_REGS)
-        body_len = 8 + 8 * n
-        body, mac = page[:body_len], page[body_len:body_len + 48]
-        if (body[:4] != SAVE_MAGIC or
-                not hmac.compare_digest(mac, hmac.new(self._save_mac_key, body,
-                                                      hashlib.sha384).digest())):
+        try:
+            area = open_save_area(page, self._save_mac_key, self.domain.keyid, self._save_hpa,
+                                  self._exit_seq)
+        except SaveAreaError:
             log.warning("key domain %d: the protected save area does not verify; resume refused",
                         self.domain.keyid)
-            raise SaveAreaError(f"protected save area of key domain {self.domain.keyid} does not "
-                                "verify (tampered)", "destroy the domain")
-        values = struct.unpack_from(f"<{n}Q", body, 8)
+            raise
         with self.rsp_lock:
-            for name, value in zip(SAVE_REGS, values):
-                m.rsp.write_register(*_reg(name), value)
+            VcpuSealer(m.rsp).restore(area.registers)
         with self.run_lock:
             self.exited = False
+            self._exit_reason = None
+            self._entered.set()
             with self.qmp_lock:
                 m.resume()
-        log.info("key domain %d resumed", self.domain.keyid)
+        log.info("key domain %d resumed (exit %d)", self.domain.keyid, area.seq)
+        return area
+
+    # -- hypercalls (guest port) ----------------------------------------------------
+    def _hypercall(self, req: dict) -> dict:
+        """A guest's hypercall: a real exit, the host's reply, resume, the outputs."""
+        leaf = req.get("leaf")
+        if isinstance(leaf, bool) or not isinstance(leaf, int) or not 0 <= leaf <= MAX_LEAF:
+            raise FieldValueError(f"hypercall leaf must be 0..{MAX_LEAF:#x}")
+        regs = check_registers(req.get("regs", {}), "hypercall regs")
+        timeout = req.get("timeout", HYPERCALL_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout <= MAX_HYPERCALL_TIMEOUT:
+            raise FieldValueError(f"hypercall timeout must be 0..{MAX_HYPERCALL_TIMEOUT:g} seconds")
+        mask = narrow_mask(self.domain.read_vmcs().exposed_register_mask, req.get("expose"))
+        frame = HypercallFrame(leaf, mask, {name: regs.get(name, 0) for name in X86_GPR_ORDER})
+        # Bytes sent just before a host-forced exit arrive while the vCPU is exited:
+        # the call waits for the resume (within its timeout).
+        if not self._entered.wait(timeout):
+            raise HypercallError("the domain stayed exited by the host; the hypercall was not made")
+        hooks = self.exit_hooks or ExitHooks(exit=self.exit, resume=lambda seq: self.resume(seq))
+        record = hooks.exit("hypercall", hypercall=frame, timeout=float(timeout))
+        if record is None:
+            raise HypercallError("the domain was exited by the host; the hypercall was not made")
+        reply = self.exits.await_reply(record.seq, float(timeout))
+        if self.exits.closed:
+            raise HypercallError("the domain is being destroyed")
+        area = hooks.resume(record.seq)
+        if reply is None:
+            raise HypercallError(f"host did not answer hypercall {record.seq} (leaf {leaf:#x}) within "
+                                 f"{timeout:g} s; the guest resumed without outputs")
+        restored = dict(area.hypercall.regs) if area is not None and area.hypercall else dict(frame.regs)
+        restored.update(reply.outputs)
+        return {"seq": record.seq, "leaf": leaf, "status": reply.status, "exposed": record.exposed,
+                "outputs": dict(reply.outputs), "regs": restored}
 
     # -- teardown -------------------------------------------------------------------
     def _require_machine(self) -> QemuMachine:
@@ -493,6 +575,7 @@ class DomainRuntime:
         if self.machine is not None:
             log.info("key domain %d: stopping its QEMU and scrubbing its memory", self.domain.keyid)
         self._stop_proxies()
+        self.exits.close()
         if self.guest_port is not None:
             self.guest_port.stop()
             self.guest_port = None
@@ -552,8 +635,3 @@ def vcpu_halted_for_good(info_registers: str) -> bool:
     except ValueError:
         return False
 
-
-def _reg(name: str) -> tuple[int, int]:
-    from qemu_kd.formats.vcpu import GDB_REGS
-
-    return GDB_REGS[name]

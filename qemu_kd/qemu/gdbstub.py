@@ -248,17 +248,25 @@ class RspClient:
             return reply
 
     # -- commands -----------------------------------------------------------------
-    def target_xml(self) -> bytes:
+    def target_xml(self, annex: str = "target.xml") -> bytes:
+        """A target-description document (``target.xml`` or one it includes)."""
         out = bytearray()
         offset = 0
         while True:
-            reply = self.request(f"qXfer:features:read:target.xml:{offset:x},ffb".encode())
+            reply = self.request(f"qXfer:features:read:{annex}:{offset:x},ffb".encode())
             if not reply or reply[:1] not in (b"m", b"l"):
-                raise RspError(f"gdbstub refused to send target.xml: {reply!r}")
+                raise RspError(f"gdbstub refused to send {annex}: {reply[:32]!r}")
             out += reply[1:]
             offset += len(reply) - 1
             if reply[:1] == b"l":
                 return bytes(out)
+
+    def read_all_registers(self) -> bytes:
+        """Every register at once (the ``g`` packet), as raw bytes in gdb order."""
+        reply = self.request(b"g")
+        if not reply or reply.startswith(b"E") or len(reply) % 2:
+            raise RspError(f"gdbstub refused to read the registers: {reply[:8]!r}")
+        return bytes.fromhex(reply.decode())
 
     def read_register(self, number: int) -> int:
         reply = self.request(f"p{number:x}".encode())

@@ -51,10 +51,12 @@ def guest_pages(kernel: bytes, initrd: bytes, cmdline: str,
     return layout.pages(), layout.vcpu
 
 
-def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_area_hpa: int = 0) -> Vmcs:
-    """The VMCS the tenant seals: boot vCPU, host-forced exits allowed, no register exposed."""
+def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_area_hpa: int = 0,
+                exposed_register_mask: int = 0) -> Vmcs:
+    """The VMCS the tenant seals: boot vCPU, host-forced exits allowed, and the registers a
+    hypercall may show the host (none unless the tenant chooses some; measured)."""
     return Vmcs(guest=vcpu, ept_pointer=ept_pointer, save_area_hpa=save_area_hpa,
-                exposed_register_mask=0, host_forced_exit=True, policy=policy)
+                exposed_register_mask=exposed_register_mask, host_forced_exit=True, policy=policy)
 
 
 def measure_pages(image: dict[int, bytes], memory_size: int, guest_state: bytes, policy: Policy) -> bytes:
@@ -77,8 +79,10 @@ def check_image_fits(image: dict[int, bytes], memory_size: int) -> None:
                         "give the guest more memory")
 
 
-def measure(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy) -> bytes:
+def measure(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
+            exposed_register_mask: int = 0) -> bytes:
     """The expected 48-byte launch measurement (no platform, layout or key involved)."""
     image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
     check_image_fits(image, memory_size)
-    return measure_pages(image, memory_size, tenant_vmcs(vcpu, policy).guest_state_bytes(), policy)
+    vmcs = tenant_vmcs(vcpu, policy, exposed_register_mask=exposed_register_mask)
+    return measure_pages(image, memory_size, vmcs.guest_state_bytes(), policy)

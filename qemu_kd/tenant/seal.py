@@ -144,8 +144,12 @@ def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: list[int], plaintext
 
 
 def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
-         layout: HostLayout, root_cert: x509.Certificate | bytes) -> tuple[Bundle, TenantSecret]:
+         layout: HostLayout, root_cert: x509.Certificate | bytes, *,
+         exposed_register_mask: int = 0) -> tuple[Bundle, TenantSecret]:
     """Seal the guest for ``layout`` on the platform certified by ``root_cert``.
+
+    ``exposed_register_mask``: the general registers a hypercall may show the
+    host (VMCS control 0x2202, measured; the guest can only narrow it).
 
     Raises ChainError if the layout's chain does not lead to ``root_cert``,
     LayoutError/LayoutSizeError if the layout does not fit the guest.
@@ -165,7 +169,8 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
     guest_hpas = np.array(where.guest, dtype=np.uint64)
     perms = np.full(n_guest, GUEST_PERMS, dtype=np.uint64)
     eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, where.ept)
-    vmcs = tenant_vmcs(vcpu, policy, ept_pointer=eptp, save_area_hpa=where.save)
+    vmcs = tenant_vmcs(vcpu, policy, ept_pointer=eptp, save_area_hpa=where.save,
+                       exposed_register_mask=exposed_register_mask)
     vmcs_page = vmcs.pack()
 
     measurement = measure_pages(image, memory_size, vmcs.guest_state_bytes(), policy)
