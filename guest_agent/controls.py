@@ -46,6 +46,8 @@ PAGE = 4096
 VMCS_EXPOSED_MASK = 0x2202
 VMCS_EXIT_INTERVAL = 0x4202
 _CLASS_GUEST = 2
+#: Seconds the platform may take to seal (the update crosses the guest port, a serial line).
+SEAL_TIMEOUT = 600.0
 
 _PROT_RW = 0x1 | 0x2
 _MAP_PRIVATE_ANON = 0x02 | 0x20
@@ -80,6 +82,21 @@ def load_policy(path: str = POLICY_FILE) -> dict:
             raise ValueError(f"control policy {path}: {name} has a bad value")
         policy[name] = value
     return policy
+
+
+def runs(op: str, gpas: list[int], hpas: list[int] | None = None) -> list[list]:
+    """[op, gpa, count] (or [op, gpa, count, hpa]) entries for pages that step together."""
+    out: list[list] = []
+    for i, gpa in enumerate(gpas):
+        hpa = None if hpas is None else hpas[i]
+        if out:
+            last = out[-1]
+            step = last[2] * PAGE
+            if last[1] + step == gpa and (hpa is None or last[3] + step == hpa):
+                last[2] += 1
+                continue
+        out.append([op, gpa, 1] if hpa is None else [op, gpa, 1, hpa])
+    return out
 
 
 class Region:
@@ -169,7 +186,9 @@ class Controls:
     def _seal(self, info: dict, ops=None, vmcs=None) -> dict:
         version = max(int(info["installed_version"]), self.last_sealed) + 1
         try:
-            sealed = self.platform_call("controls-seal", version=version, ops=ops or [], vmcs=vmcs or {})
+            # The second argument is how long to wait for the platform's answer.
+            sealed = self.platform_call("controls-seal", SEAL_TIMEOUT, version=version,
+                                        ops=ops or [], vmcs=vmcs or {})
         except RuntimeError as exc:
             reason = str(exc).rpartition("controls-seal: ")[2]
             raise Refused(f"the platform will not seal it: {reason}") from None
@@ -219,7 +238,7 @@ class Controls:
         self._prepare_balloon()
         region = Region(self._libc, n)
         try:
-            sealed = self._seal(info, ops=[["unmap", gpa] for gpa in region.gpas])
+            sealed = self._seal(info, ops=runs("unmap", region.gpas))
         except Refused:
             region.release_all()
             raise
@@ -253,7 +272,7 @@ class Controls:
         if len(free) < len(hpas):
             raise Refused(f"{len(hpas)} pages offered, but the guest has only {len(free)} ballooned out")
         gpas = free[:len(hpas)]
-        sealed = self._seal(info, ops=[["accept", g, h] for g, h in zip(gpas, hpas)])
+        sealed = self._seal(info, ops=runs("accept", gpas, hpas))
         self.pending_in[sealed["version"]] = gpas
         return {**sealed, "pages": len(gpas)}
 
@@ -270,7 +289,7 @@ class Controls:
         for gpa, _hpa in moves:
             if gpa in out:
                 raise Refused(f"gpa {gpa:#x} is ballooned out: there is nothing to move")
-        sealed = self._seal(info, ops=[["move", g, h] for g, h in moves])
+        sealed = self._seal(info, ops=runs("move", [g for g, _ in moves], [h for _, h in moves]))
         return {**sealed, "pages": len(moves)}
 
     def op_vmwrite(self, req: dict, info: dict) -> dict:

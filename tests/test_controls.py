@@ -133,7 +133,8 @@ def seal(d, ops=(), vmcs=None, version=None):
     """What the guest agent asks of the platform once it has agreed (guest port controls-seal)."""
     info = d.plane.guest_info(d.keyid)
     version = info["installed_version"] + 1 if version is None else version
-    answer = d.plane.seal(d.keyid, {"version": version, "ops": [list(o) for o in ops], "vmcs": vmcs or {}})
+    runs = [[o[0], o[1], 1, *o[2:]] for o in ops]
+    answer = d.plane.seal(d.keyid, {"version": version, "ops": runs, "vmcs": vmcs or {}})
     return base64.b64decode(answer["update"])
 
 
@@ -188,6 +189,7 @@ def test_balloon_out_frees_the_pages_and_scrubs_them(domain):
     verdict = d.client.staged_verify_ept(d.keyid)
     assert verdict["verdict_ok"], verdict["reasons"]
     assert verdict["changes"] == [{"gpa": g, "old_hpa": h} for g, h in zip(gpas, hpas)]
+    assert verdict["ops"] == [{"op": "unmap", "gpa": 0x3000, "count": 2, "old_hpa": hpas[0]}]   # one run
     assert d.client.staged_hash_kd(d.keyid).hex() == staged["digest"]
     installed = d.client.controls_install(d.keyid, 1)
     assert installed["unmapped"] == 2
@@ -360,7 +362,7 @@ class GuestSide:
     """guest_agent.controls.Controls with its platform calls answered by the plane."""
 
     def __init__(self, d, policy_path="/nonexistent"):
-        def call(cmd, **args):
+        def call(cmd, _wait=None, **args):
             try:
                 if cmd == "controls-info":
                     return d.plane.guest_info(d.keyid)

@@ -18,8 +18,10 @@ Wire format (all little-endian)::
     0x18  u64 base version     (the installed version it was built on)
     0x20  u32 number of control pages (n_pages)
     0x24  u32 reserved (0)
-    0x28  n_ops   x 32 bytes   operations: u8 op, u8 perms, u16 reserved, u32 reserved,
-                               u64 gpa, u64 old hpa, u64 new hpa (NO_HPA when unused)
+    0x28  n_ops   x 32 bytes   operations: u8 op, u8 perms, u16 reserved, u32 count (>= 1),
+                               u64 gpa, u64 old hpa, u64 new hpa (NO_HPA when unused); one
+                               entry covers ``count`` pages: gpa + i*4096 from old hpa +
+                               i*4096 to new hpa + i*4096
           n_pages x 16 bytes   pages: u64 hpa, u8 type (3 VMCS, 4 EPT), 7 bytes reserved
           n_pages x 4096       the pages' ciphertext, encrypted under the domain key for
                                data physical address KeyID << 40 | hpa (as in DRAM)
@@ -54,6 +56,7 @@ NO_HPA = (1 << 64) - 1
 #: At most this many operations and control pages in one update.
 MAX_OPS = 1 << 18
 MAX_PAGES = 1024
+MAX_OP_PAGES = 1 << 20
 _HEADER = struct.Struct("<4sHHIIQQII")
 _OP = struct.Struct("<BBHIQQQ")
 _PAGE = struct.Struct("<QB7x")
@@ -73,22 +76,51 @@ class Op(enum.IntEnum):
 
 @dataclass(frozen=True)
 class PageOp:
+    """One operation on ``count`` consecutive guest pages (and consecutive hpas)."""
+
     op: Op
     gpa: int
     old_hpa: int = NO_HPA
     new_hpa: int = NO_HPA
+    count: int = 1
     perms: int = 0
 
     def pack(self) -> bytes:
-        return _OP.pack(int(self.op), self.perms, 0, 0, self.gpa, self.old_hpa, self.new_hpa)
+        return _OP.pack(int(self.op), self.perms, 0, self.count, self.gpa, self.old_hpa, self.new_hpa)
+
+    def pages(self) -> list[tuple[Op, int, int, int]]:
+        """(op, gpa, old hpa, new hpa) of every page it covers."""
+        step = [i * PAGE_SIZE for i in range(self.count)]
+        return [(self.op, self.gpa + d, self.old_hpa if self.old_hpa == NO_HPA else self.old_hpa + d,
+                 self.new_hpa if self.new_hpa == NO_HPA else self.new_hpa + d) for d in step]
 
     def as_json(self) -> dict:
-        out = {"op": self.op.name.lower(), "gpa": self.gpa}
+        out = {"op": self.op.name.lower(), "gpa": self.gpa, "count": self.count}
         if self.old_hpa != NO_HPA:
             out["old_hpa"] = self.old_hpa
         if self.new_hpa != NO_HPA:
             out["new_hpa"] = self.new_hpa
         return out
+
+
+def compress(pages: list[tuple[Op, int, int, int]]) -> list[PageOp]:
+    """Runs of (op, gpa, old hpa, new hpa) pages where all three step by one page, in order."""
+    ops: list[PageOp] = []
+    for op, gpa, old, new in pages:
+        if ops:
+            last = ops[-1]
+            d = last.count * PAGE_SIZE
+            if (last.op == op and last.gpa + d == gpa
+                    and (old == NO_HPA) == (last.old_hpa == NO_HPA) and (new == NO_HPA) == (last.new_hpa == NO_HPA)
+                    and (old == NO_HPA or last.old_hpa + d == old) and (new == NO_HPA or last.new_hpa + d == new)):
+                ops[-1] = PageOp(op, last.gpa, last.old_hpa, last.new_hpa, last.count + 1)
+                continue
+        ops.append(PageOp(op, gpa, old, new))
+    return ops
+
+
+def expand(ops: list[PageOp]) -> list[tuple[Op, int, int, int]]:
+    return [page for op in ops for page in op.pages()]
 
 
 @dataclass(frozen=True)
@@ -148,17 +180,19 @@ class ControlUpdate:
         pos = _HEADER.size
         ops = []
         for _ in range(n_ops):
-            code, perms, r1, r2, gpa, old, new = _OP.unpack_from(data, pos)
+            code, perms, r1, count, gpa, old, new = _OP.unpack_from(data, pos)
             pos += _OP.size
-            if r1 or r2:
-                raise ReservedBitsError("control update: an operation's reserved fields are not zero")
+            if r1:
+                raise ReservedBitsError("control update: an operation's reserved field is not zero")
+            if not 1 <= count <= MAX_OP_PAGES or gpa + count * PAGE_SIZE > 1 << 48:
+                raise FieldValueError(f"control update: an operation covers {count} pages from gpa 0x{gpa:x}")
             try:
                 op = Op(code)
             except ValueError:
                 raise FieldValueError(f"control update: unknown operation {code}") from None
             if gpa % PAGE_SIZE or (old != NO_HPA and old % PAGE_SIZE) or (new != NO_HPA and new % PAGE_SIZE):
                 raise FieldValueError(f"control update: {op.name} of gpa 0x{gpa:x} names an unaligned address")
-            ops.append(PageOp(op, gpa, old, new, perms))
+            ops.append(PageOp(op, gpa, old, new, count, perms))
         heads = []
         for _ in range(n_pages):
             hpa, page_type = _PAGE.unpack_from(data, pos)
@@ -179,7 +213,7 @@ class ControlUpdate:
         """The host-visible description (no page contents)."""
         counts: dict[str, int] = {}
         for op in self.ops:
-            counts[op.op.name.lower()] = counts.get(op.op.name.lower(), 0) + 1
+            counts[op.op.name.lower()] = counts.get(op.op.name.lower(), 0) + op.count
         return {"keyid": self.keyid, "version": self.version, "base_version": self.base_version,
                 "ops": counts, "vmcs_pages": sum(p.page_type == PAGE_TYPE_VMCS for p in self.pages),
                 "ept_pages": sum(p.page_type == PAGE_TYPE_EPT for p in self.pages)}

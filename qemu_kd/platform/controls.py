@@ -39,6 +39,7 @@ import numpy as np
 
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
 from qemu_kd.formats.ctlupdate import (
+    MAX_OP_PAGES,
     NO_HPA,
     PAGE_TYPE_EPT,
     PAGE_TYPE_VMCS,
@@ -46,6 +47,8 @@ from qemu_kd.formats.ctlupdate import (
     ControlUpdate,
     Op,
     PageOp,
+    compress,
+    expand,
 )
 from qemu_kd.formats.ept import ADDRESS_MASK, EPT_PERMS, EPT_MEMTYPE_SHIFT, MEMTYPE_WB, Eptp, walk_ept
 from qemu_kd.formats.errors import FormatError
@@ -210,7 +213,8 @@ class ControlPlane:
                     pages.append(self._encrypt(domain, hpa, PAGE_TYPE_EPT, changed[hpa]))
             if not pages:
                 raise UpdateRefused("the update changes nothing")
-            update = ControlUpdate(keyid, version, state.installed, ops, pages)
+            update = ControlUpdate(keyid, version, state.installed,
+                                   compress([(o.op, o.gpa, o.old_hpa, o.new_hpa) for o in ops]), pages)
             update.tag = self._tag(state, update.body())
             log.info("key domain %d: sealed control update %d (%s)", keyid, version, update.summary()["ops"])
             return {"update": base64.b64encode(update.pack()).decode(), "version": version,
@@ -223,18 +227,13 @@ class ControlPlane:
 
     def _seal_ops(self, domain, runtime, state: _State, raw_ops) -> list[PageOp]:
         if not isinstance(raw_ops, list):
-            raise UpdateRefused("'ops' must be a list of [op, gpa, hpa] entries")
+            raise UpdateRefused("'ops' must be a list of [op, gpa, count] / [op, gpa, count, hpa] entries")
         memory, keyid = self.platform.memory, domain.keyid
         g2h = runtime.gpa_to_hpa
         seen_gpas: set[int] = set()
         seen_hpas: set[int] = set()
         ops: list[PageOp] = []
-        for entry in raw_ops:
-            if not (isinstance(entry, list) and len(entry) in (2, 3) and entry[0] in OP_NAMES
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in entry[1:])):
-                raise UpdateRefused(f"operation {entry!r} is not [op, gpa] or [op, gpa, hpa]")
-            op, gpa = OP_NAMES[entry[0]], entry[1]
-            hpa = entry[2] if len(entry) == 3 else None
+        for op, gpa, hpa in _run_pages(raw_ops):
             if gpa < 0 or gpa % PAGE_SIZE or gpa >= runtime.mem_size:
                 raise UpdateRefused(f"gpa {gpa:#x} is not a page of this domain's guest memory")
             if gpa in seen_gpas:
@@ -389,12 +388,13 @@ class ControlPlane:
 
     def _check_ept(self, domain, runtime, state: _State, update: ControlUpdate, plain: dict[int, bytes]):
         memory, keyid = self.platform.memory, domain.keyid
+        per_page = _per_page(update)
         tables = self._ept_tables(domain)
         ept_updates = {h: p for h, p in plain.items() if h != domain.vmcs_hpa}
         tables.update(ept_updates)
         old_gpas, old_hpas = domain.guest_mapping()
         if not ept_updates:
-            if any(op.op not in (Op.SHARE, Op.UNSHARE) for op in update.ops):
+            if any(op.op not in (Op.SHARE, Op.UNSHARE) for op in per_page):
                 raise UpdateIntegrityError("the update's operations change the EPT, but it carries no EPT page")
             perms = np.full(old_gpas.size, EPT_PERMS, dtype=np.uint64)
             changes = []
@@ -407,7 +407,7 @@ class ControlPlane:
             hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=n)
             perms = np.fromiter((m.perms for m in walk.mappings), dtype=np.uint64, count=n)
             changes = _diff(old_gpas, old_hpas, gpas, hpas)
-            expected = sorted((op.gpa, op.old_hpa, op.new_hpa) for op in update.ops
+            expected = sorted((op.gpa, op.old_hpa, op.new_hpa) for op in per_page
                               if op.op in (Op.UNMAP, Op.ACCEPT, Op.MOVE))
             got = sorted((c["gpa"], c.get("old_hpa", NO_HPA), c.get("new_hpa", NO_HPA)) for c in changes)
             if got != expected:
@@ -416,7 +416,7 @@ class ControlPlane:
             if np.unique(hpas).size != hpas.size:
                 raise UpdateIntegrityError("the update's EPT maps one hpa at two gpas (alias)")
             old_gpas, old_hpas = gpas, hpas
-        for op in update.ops:
+        for op in per_page:
             if op.op in (Op.SHARE, Op.UNSHARE):
                 raise UpdateRefused("private/shared conversion is not supported by this platform")
             if op.op in (Op.ACCEPT, Op.MOVE):
@@ -478,7 +478,7 @@ class ControlPlane:
             reasons = []
             idx = (checked.new_hpas // np.uint64(PAGE_SIZE)).astype(np.int64)
             states, owners, types = memory.owner_arrays(idx)
-            offered = {op.new_hpa for op in checked.update.ops if op.op in (Op.ACCEPT, Op.MOVE)}
+            offered = {op.new_hpa for op in _per_page(checked.update) if op.op in (Op.ACCEPT, Op.MOVE)}
             for j in np.flatnonzero(owners != domain.keyid).tolist()[:16]:
                 reasons.append(f"foreign: gpa {int(checked.new_gpas[j]):#x} maps hpa "
                                f"{int(checked.new_hpas[j]):#x} of KeyID {int(owners[j])}")
@@ -525,7 +525,7 @@ class ControlPlane:
             memory.write_pages(np.array([p.hpa for p in update.pages], dtype=np.uint64),
                                b"".join(p.ciphertext for p in update.pages))
         by_op: dict[Op, list[PageOp]] = {op: [] for op in Op}
-        for op in update.ops:
+        for op in _per_page(update):
             by_op[op.op].append(op)
         if by_op[Op.UNMAP]:
             gpas = np.array([o.gpa for o in by_op[Op.UNMAP]], dtype=np.uint64)
@@ -637,3 +637,23 @@ def _diff(old_gpas, old_hpas, new_gpas, new_hpas) -> list[dict]:
         out.append(change)
     return out
 
+
+def _per_page(update: ControlUpdate) -> list[PageOp]:
+    """The update's operations, one page each."""
+    return [PageOp(op, gpa, old, new) for op, gpa, old, new in expand(update.ops)]
+
+
+def _run_pages(raw_ops):
+    """(op, gpa, new hpa or None) per page of the guest's [op, gpa, count(, hpa)] runs."""
+    total = 0
+    for entry in raw_ops:
+        if not (isinstance(entry, list) and len(entry) in (3, 4) and entry[0] in OP_NAMES
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in entry[1:])):
+            raise UpdateRefused(f"operation {entry!r} is not [op, gpa, count] or [op, gpa, count, hpa]")
+        op, gpa, count = OP_NAMES[entry[0]], entry[1], entry[2]
+        total += count
+        if count < 1 or total > MAX_OP_PAGES:
+            raise UpdateRefused(f"operation {entry!r}: the update may cover 1..{MAX_OP_PAGES} pages")
+        hpa = entry[3] if len(entry) == 4 else None
+        for i in range(count):
+            yield op, gpa + i * PAGE_SIZE, None if hpa is None else hpa + i * PAGE_SIZE

@@ -1,0 +1,167 @@
+"""Guest-verified control changes on a real protected guest (sealed without DEBUG).
+
+One domain serves the whole module (a protected boot costs seconds of TCG).
+Every request goes the real way: the host VMM asks the guest agent on the
+shared channel, the agent checks its measured policy and has the platform seal
+the update, the host stages, verifies and installs it.  Each refusal is
+followed by a check that the guest still answers.
+"""
+
+import base64
+import hashlib
+import os
+
+import pytest
+
+from host_vmm.controls import ControlHost, ControlOutcome
+from qemu_kd.formats.ctlupdate import ControlUpdate
+from qemu_kd.hostport.protocol import HostPortRefusedError, HostPortVerifyError
+
+from protected import count_hits, protected_domain
+
+pytestmark = pytest.mark.qemu
+
+MiB = 1 << 20
+PAGE = 4096
+BALLOON = 64 * MiB // PAGE
+
+
+@pytest.fixture(scope="module")
+def canary():
+    return os.urandom(32)
+
+
+@pytest.fixture(scope="module")
+def dom(guest_artifacts, tmp_path_factory, canary):
+    with protected_domain(tmp_path_factory.mktemp("controls"), guest_artifacts) as d:
+        d.plant_secret(canary)
+        yield d
+
+
+@pytest.fixture(scope="module")
+def host(dom):
+    return ControlHost(dom.vmm.client, dom.vmm.agent, dom.keyid)
+
+
+def guest_answers(dom) -> None:
+    assert dom.vmm.agent.ping()
+    result = dom.session().exec(["sha256sum", "/run/secrets/canary"])
+    assert result["rc"] == 0, result
+
+
+def mem_free_kib(dom) -> int:
+    out = dom.session().exec(["cat", "/proc/meminfo"])["stdout"].decode()
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("MemFree:")))
+
+
+def ask(host, op, **args):
+    """The guest's raw answer to a control request (the host relays it unverified)."""
+    return host.agent.call("control", wait=600, op=op, keyid=host.keyid, **args)
+
+
+def test_balloon_out_and_in_by_64_mib(dom, host):
+    free0 = host.client.platform_info().free_pages
+    mem0 = mem_free_kib(dom)
+    out = host.balloon_out(BALLOON)
+    assert out.verdict == "accepted", out.as_json()
+    assert out.free_pages_after == free0 + BALLOON
+    assert host.status()["current_memory"] == 192 * MiB
+    assert mem_free_kib(dom) <= mem0 - 60 * 1024              # Linux gave the memory up
+    guest_answers(dom)
+
+    back = host.balloon_in(BALLOON)
+    assert back.verdict == "accepted", back.as_json()
+    assert back.free_pages_after == free0
+    assert host.status()["current_memory"] == 256 * MiB
+    assert mem_free_kib(dom) >= mem0 - 8 * 1024               # and has it back
+    guest_answers(dom)
+
+
+def test_a_request_against_the_policy_is_refused_with_its_reason(dom, host):
+    refused = host.balloon_out(200 * MiB // PAGE)
+    assert refused.verdict == "refused" and refused.refused_by == "guest"
+    assert "below the guest's memory floor of 128 MiB" in refused.reason
+    assert "floor of every 20 ms" in host.set_exit_interval(5).reason
+    assert "guest state" in host.vmwrite(0x681E, 0x1000).reason                  # RIP
+    assert "guest state" in host.vmwrite(0x6802, 0x1000).reason                  # CR3
+    assert "widen" in host.vmwrite(0x2202, 0xFFFF).reason                        # exposed registers
+    other = host.agent.call("control", wait=60, op="exit-interval", keyid=host.keyid + 1, ms=100)
+    assert other["verdict"] == "refused" and "names KeyID" in other["reason"]
+    assert host.status()["installed_version"] == host.status()["installs"]
+    guest_answers(dom)
+
+
+def test_exit_interval_forces_periodic_exits(dom, host):
+    import time
+
+    set_ = host.set_exit_interval(200)
+    assert set_.verdict == "accepted", set_.as_json()
+    assert host.client.vmread(host.keyid, 0x4202) == 200
+    deadline = time.monotonic() + 120
+    while host.status()["interval_exits"] < 3:
+        assert time.monotonic() < deadline, "no periodic exits"
+        time.sleep(0.2)
+    guest_answers(dom)
+    assert host.set_exit_interval(0).verdict == "accepted"
+    assert host.client.vmread(host.keyid, 0x4202) == 0
+
+
+def test_relocating_1_mib_keeps_the_guest_running(dom, host):
+    before = dom.session().exec(["sha256sum", "/bin/busybox"])["stdout"]
+    free0 = host.client.platform_info().free_pages
+    gpas = [16 * MiB + i * PAGE for i in range(MiB // PAGE)]        # the kernel's own text
+    moved = host.relocate(gpas)
+    assert moved.verdict == "accepted", moved.as_json()
+    assert moved.installed["moved"] == len(gpas)
+    assert host.client.platform_info().free_pages == free0          # as many taken as given back
+    guest_answers(dom)
+    assert dom.session().exec(["sha256sum", "/bin/busybox"])["stdout"] == before
+
+
+def sealed_update(host, pages=16):
+    """A fresh update the guest made (balloon out of ``pages`` pages), not yet installed."""
+    answer = ask(host, "balloon-out", pages=pages)
+    assert answer["verdict"] == "accepted", answer
+    return base64.b64decode(answer["update"]), answer["version"]
+
+
+def test_forged_replayed_and_modified_updates_are_refused(dom, host):
+    update, version = sealed_update(host)
+    parsed = ControlUpdate.unpack(update)
+
+    forged = bytearray(update)                         # host-forged EPT ciphertext
+    ept_at = len(update) - 48 - PAGE * len(parsed.pages) + 100
+    forged[ept_at] ^= 1
+    with pytest.raises(HostPortVerifyError, match="tag does not match"):
+        host.client.controls_stage(host.keyid, bytes(forged))
+    in_flight = bytearray(update)                      # the guest's reply changed on the way
+    in_flight[0x28 + 9] ^= 0x10
+    with pytest.raises(HostPortVerifyError, match="tag does not match"):
+        host.client.controls_stage(host.keyid, bytes(in_flight))
+    guest_answers(dom)
+
+    outcome = ControlOutcome("balloon-out", "refused")
+    assert host.install(update, lambda staged, verdict: (True, "ok"), outcome), outcome.as_json()
+    ask(host, "installed", version=version)
+    with pytest.raises(HostPortRefusedError, match="replayed"):
+        host.client.controls_stage(host.keyid, update)
+    guest_answers(dom)
+
+
+def test_other_domains_pages_are_refused(dom, host):
+    other = host.client.alloc(npages=4)                 # another KeyID's reservation
+    try:
+        answer = ask(host, "relocate", moves=[[16 * MiB, other.hpas[0]]])
+        assert answer["verdict"] == "refused"
+        assert f"not a page the host allocated to KeyID {host.keyid}" in answer["reason"]
+    finally:
+        host.client.free(other.keyid)
+    guest_answers(dom)
+
+
+def test_no_canary_in_requests_replies_or_updates(dom, host, canary):
+    host.set_exit_interval(0)
+    received = list(dom.received)
+    assert sum(len(chunk) for chunk in received) > 1 * MiB       # the updates went through here
+    assert count_hits(received, canary) == {}
+    assert count_hits(received, hashlib.sha256(canary).digest()) == {}
