@@ -8,7 +8,7 @@ pinned here (:data:`FULL_STATE`) and checked against QEMU's own description at
 launch (:func:`check_target_registers`), so no register can be left out
 unnoticed.
 
-Byte format (little-endian; docs/formats.md §13)::
+Byte format (little-endian; docs/formats.md §14)::
 
     0x00  4  magic "KDSA"
     0x04  u16 version (2)

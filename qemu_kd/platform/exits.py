@@ -13,7 +13,7 @@
 
 The runtime (:mod:`qemu_kd.platform.runtime`) drives these on ``exit`` and
 ``resume``; the platform (:mod:`qemu_kd.platform.hardware`) keeps the domain's
-state in step.  See docs/formats.md §13 and docs/hostport.md.
+state in step.  See docs/formats.md §14 and docs/hostport.md.
 """
 
 from __future__ import annotations
