@@ -82,11 +82,12 @@ class RamRuntime(DomainRuntime):
     def run(self):
         self.calls.append("run")
 
-    def exit(self, *args, **kwargs):
-        self.calls.append("exit")
+    def exit(self, reason="host", **kwargs):
+        self.calls.append(("exit", reason))
+        return SimpleNamespace(seq=len(self.calls))
 
-    def resume(self, *args, **kwargs):
-        self.calls.append("resume")
+    def resume(self, seq=None):
+        self.calls.append(("resume", seq))
 
     def stop(self):
         self.calls.append("stop")
@@ -252,7 +253,8 @@ def test_exit_interval_runs_and_stops(domain):
     while d.client.controls_status(d.keyid)["interval_exits"] < 3:
         assert time.monotonic() < deadline, "no periodic exits"
         time.sleep(0.01)
-    assert d.runtime.calls.count("exit") >= 3
+    exits = [c for c in d.runtime.calls if c[0] == "exit"]
+    assert len(exits) >= 3 and all(reason == "interval" for _, reason in exits)
     stage_and_install(d, seal(d, vmcs={hex(VMCS_INTERVAL): 0}))
     time.sleep(0.1)
     count = d.client.controls_status(d.keyid)["interval_exits"]

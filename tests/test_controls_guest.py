@@ -101,6 +101,10 @@ def test_exit_interval_forces_periodic_exits(dom, host):
     while host.status()["interval_exits"] < 3:
         assert time.monotonic() < deadline, "no periodic exits"
         time.sleep(0.2)
+    after, reasons = 0, set()
+    while (record := host.client.next_exit(host.keyid, after=after)) is not None:
+        after, reasons = record["seq"], reasons | {record["reason"]}
+    assert "interval" in reasons                         # the host sees them as exits
     guest_answers(dom)
     assert host.set_exit_interval(0).verdict == "accepted"
     assert host.client.vmread(host.keyid, 0x4202) == 0

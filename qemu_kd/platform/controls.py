@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qemu_kd.common.errors import KdError
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
 from qemu_kd.formats.ctlupdate import (
     MAX_OP_PAGES,
@@ -590,9 +591,13 @@ class ControlPlane:
             if domain.state != DomainState.LAUNCHED:
                 return True        # the host holds it exited; try again next period
             try:
-                self.platform.exit(keyid)
-                self.platform.resume(keyid)
-            except DomainError as exc:
+                # A platform-made exit: sealed, scrubbed and recorded (reason "interval") like any
+                # other; the host sees it with next-exit.  Bounded by the guest, so it needs no
+                # host-forced-exit control beyond the one the seal required.
+                record = self.platform.guest_exit(keyid, "interval")
+                if record is not None:
+                    self.platform.guest_resume(keyid, record.seq)
+            except KdError as exc:
                 log.warning("key domain %d: interval exit failed: %s", keyid, exc.message)
                 return False
             state.interval_exits += 1
