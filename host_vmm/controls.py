@@ -81,6 +81,7 @@ class ControlHost:
 
     def balloon_in(self, pages: int) -> ControlOutcome:
         """Offer ``pages`` fresh pages; the guest accepts them zeroed."""
+        free_before = self.client.platform_info().free_pages
         hpas = self.client.alloc(npages=pages, keyid=self.keyid).hpas
         offered = set(hpas)
 
@@ -90,13 +91,15 @@ class ControlHost:
                   and {c.get("new_hpa") for c in changes} == offered
                   and all("old_hpa" not in c for c in changes))
             return ok, f"{len(changes)} offered pages mapped" if ok else "the update maps other pages"
-        outcome = self._request("balloon-in", expect, hpas=list(hpas))
+        outcome = self._request("balloon-in", expect, free_before, hpas=list(hpas))
         if outcome.verdict != "accepted":
             self.client.controls_release(self.keyid, hpas)
+            self._finish(outcome)
         return outcome
 
     def relocate(self, gpas: list[int]) -> ControlOutcome:
         """Move the guest pages at ``gpas`` to fresh host pages; the old ones become FREE."""
+        free_before = self.client.platform_info().free_pages
         hpas = self.client.alloc(npages=len(gpas), keyid=self.keyid).hpas
         moves = [[g, h] for g, h in zip(gpas, hpas)]
         wanted = {g: h for g, h in moves}
@@ -107,9 +110,10 @@ class ControlHost:
                   and {c["gpa"]: c.get("new_hpa") for c in changes} == wanted
                   and all("old_hpa" in c for c in changes))
             return ok, f"{len(changes)} gpas moved" if ok else "the update moves other pages"
-        outcome = self._request("relocate", expect, moves=moves)
+        outcome = self._request("relocate", expect, free_before, moves=moves)
         if outcome.verdict != "accepted":
             self.client.controls_release(self.keyid, hpas)
+            self._finish(outcome)
         return outcome
 
     def set_exit_interval(self, ms: int) -> ControlOutcome:
@@ -127,17 +131,19 @@ class ControlHost:
         return self._request(op, expect, field=encoding, value=value)
 
     # -- the flow -----------------------------------------------------------------------
-    def _request(self, op: str, expect, **args) -> ControlOutcome:
+    def _request(self, op: str, expect, free_before: int | None = None, **args) -> ControlOutcome:
+        """Ask the guest; verify and install what it returns.  ``free_before``: the host's free
+        pool before it allocated the pages it offers (default: now)."""
         outcome = ControlOutcome(op=op, verdict="refused")
-        outcome.free_pages_before = self.client.platform_info().free_pages
+        outcome.free_pages_before = (self.client.platform_info().free_pages if free_before is None
+                                     else free_before)
         t0 = time.perf_counter()
         answer = self.agent.call("control", wait=self.guest_wait, op=op, keyid=self.keyid, **args)
         t1 = time.perf_counter()
         outcome.timings["guest"] = t1 - t0
         if answer.get("verdict") != "accepted":
             outcome.refused_by, outcome.reason = "guest", str(answer.get("reason"))
-            outcome.free_pages_after = outcome.free_pages_before
-            return outcome
+            return self._finish(outcome)
         outcome.version = int(answer["version"])
         try:
             update = base64.b64decode(answer["update"], validate=True)
@@ -148,14 +154,16 @@ class ControlHost:
             installed = self.install(update, expect, outcome)
         except HostPortError as exc:
             outcome.refused_by, outcome.reason = "platform", f"{exc.code}: {exc.message}"
-            outcome.free_pages_after = self.client.platform_info().free_pages
-            return outcome
+            return self._finish(outcome)
         outcome.timings["verify and install"] = time.perf_counter() - t1
         if installed:
             self.agent.call("control", wait=self.guest_wait, op="installed", keyid=self.keyid,
                             version=outcome.version)
             outcome.verdict = "accepted"
         outcome.timings["total"] = time.perf_counter() - t0
+        return self._finish(outcome)
+
+    def _finish(self, outcome: ControlOutcome) -> ControlOutcome:
         outcome.free_pages_after = self.client.platform_info().free_pages
         return outcome
 

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_domain_parsers(sub)
 
+    from qemu_kd.cli.controls import add_control_parsers
+
+    add_control_parsers(sub)
+
     from qemu_kd.cli.clean import add_clean_parser
 
     add_clean_parser(sub)
