@@ -211,10 +211,10 @@ class HostVmm:
         t0 = time.perf_counter()
         self.endpoints = self.client.launch(self.keyid)
         self.launched = True
+        sock = connect_shared_channel(self.endpoints.get("shared"))
         if self.answer_hypercalls:
             self.responder = HypercallResponder(self.responder_client_factory, self.keyid)
             self.responder.start()
-        sock = connect_shared_channel(self.endpoints.get("shared"))
         log = self.endpoints.get("console_log")
         self.agent = AgentClient(sock, diagnose=diagnose or (
             lambda: console_summary(Path(log)) if log else ""))
