@@ -73,7 +73,7 @@ def test_a_tenant_written_from_the_document_does_its_work(agent, tmp_path):
     assert ready["protected"] is True and ready["debug"] is False
 
     # The host-facing surface is as documented, and refusals are counted.
-    with pytest.raises(doc.ProtocolFailure, match="serves the host only attest, ping, poweroff, session"):
+    with pytest.raises(doc.ProtocolFailure, match="serves the host only attest, control, ping, poweroff, session"):
         channel.call("exec", argv=["id"])
     assert channel.call("ping") == {"pong": True, "refused": 1}
 
