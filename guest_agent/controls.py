@@ -4,7 +4,10 @@ The host asks on the shared channel (``control``); this module checks the
 request against the guest's control policy, a JSON file that is part of the
 measured image (:data:`POLICY_FILE`; docs/protocol.md lists the settings and
 their defaults), does the Linux side of the change and asks the platform on
-the guest port to seal the new control structures (``controls-seal``).  The
+the guest port to seal the new control structures (``controls-seal``):
+balloon out and in, relocation, sharing a buffer of its choosing with the host
+(and making it private again), and VMCS writes (the exit interval, a narrower
+exposed-register mask).  The
 answer to the host is the guest's verdict: ``accepted`` with the sealed
 update, or ``refused`` with the reason.  A refused request changes nothing.
 
@@ -25,6 +28,7 @@ them; and memory hot-unplug or CMA could still migrate locked pages.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import struct
@@ -163,6 +167,9 @@ class Controls:
         self.out: dict[int, Region] = {}               # gpa -> region: ballooned out, installed
         self.pending_out: dict[int, Region] = {}       # version -> region sealed for UNMAP
         self.pending_in: dict[int, list[int]] = {}     # version -> gpas sealed for ACCEPT
+        self.shared: list[Region] = []                 # buffers shared with the host, installed
+        self.pending_share: dict[int, Region] = {}     # version -> buffer sealed for SHARE
+        self.pending_unshare: dict[int, list[Region]] = {}  # version -> buffers sealed for UNSHARE
 
     # -- the request ---------------------------------------------------------------
     def handle(self, req: dict) -> dict:
@@ -214,6 +221,19 @@ class Controls:
                 self.out.update({gpa: region for i, gpa in enumerate(region.gpas) if region.live[i]})
             elif version <= current:         # can never be installed now
                 self.pending_out.pop(version).release_all()
+        for version in sorted(self.pending_share):
+            if version in installed:
+                self.shared.append(self.pending_share.pop(version))
+            elif version <= current:
+                self.pending_share.pop(version).release_all()
+        for version in sorted(self.pending_unshare):
+            regions = self.pending_unshare.pop(version) if version in installed or version <= current else None
+            if regions is not None:
+                for region in regions:
+                    if version in installed:
+                        region.release_all()        # private again, zeroed: back to Linux
+                    else:
+                        self.shared.append(region)  # the update died: still shared
         for version in sorted(self.pending_in):
             if version in installed:
                 gpas = set(self.pending_in.pop(version))
@@ -316,11 +336,52 @@ class Controls:
     def op_exit_interval(self, req: dict, info: dict) -> dict:
         return self.op_vmwrite({"field": VMCS_EXIT_INTERVAL, "value": req.get("ms")}, info)
 
+    def op_share(self, req: dict, info: dict) -> dict:
+        """Share a buffer of the guest's choosing with the host (its pages become plaintext to it)."""
+        if not self.policy["allow_share"]:
+            raise Refused("the guest's policy does not allow sharing memory with the host")
+        n = self._count(req, "pages")
+        busy = sum(r.npages for r in self.shared) + sum(r.npages for r in self.pending_share.values())
+        if busy + n > self.policy["max_shared_pages"]:
+            raise Refused(f"sharing {n} more pages would exceed the policy's {self.policy['max_shared_pages']} "
+                          f"shared pages ({busy} shared or being shared)")
+        self._prepare_balloon()
+        region = Region(self._libc, n)
+        # What the host will read there: a label per page, nothing else of the guest's.
+        for i, gpa in enumerate(region.gpas):
+            label = f"qemu-kd shared page keyid={info['keyid']} gpa={gpa:#x}\n".encode()
+            ctypes.memset(region.addr + i * PAGE, 0, PAGE)
+            ctypes.memmove(region.addr + i * PAGE, label, len(label))
+        try:
+            sealed = self._seal(info, ops=runs("share", region.gpas))
+        except Refused:
+            region.release_all()
+            raise
+        self.pending_share[sealed["version"]] = region
+        return {**sealed, "pages": n, "gpas": runs("share", region.gpas)}
+
+    def op_unshare(self, req: dict, info: dict) -> dict:
+        """Make every shared buffer private again (zeroed) and give it back to Linux."""
+        regions = list(self.shared)
+        if not regions:
+            raise Refused("nothing is shared")
+        gpas = [gpa for region in regions for gpa in region.gpas]
+        sealed = self._seal(info, ops=runs("unshare", gpas))
+        self.shared = []
+        self.pending_unshare[sealed["version"]] = regions
+        return {**sealed, "pages": len(gpas)}
+
     def op_installed(self, req: dict, info: dict) -> dict:
         """The host says it installed an update: settled already by the check against the platform."""
         return {"installed_version": int(info["installed_version"]), "ballooned_pages": len(self.out)}
 
     def op_status(self, req: dict, info: dict) -> dict:
+        shared = {}
+        if self.shared:     # what the guest sees in its first shared page (the host may have written it)
+            first = self.shared[0]
+            shared = {"shared_gpa": first.gpas[0],
+                      "shared_sha256": hashlib.sha256(ctypes.string_at(first.addr, PAGE)).hexdigest()}
         return {"policy": dict(self.policy), "installed_version": int(info["installed_version"]),
-                "ballooned_pages": len(self.out),
-                "pending": sorted([*self.pending_out, *self.pending_in])}
+                "ballooned_pages": len(self.out), "shared_pages": sum(r.npages for r in self.shared),
+                "pending": sorted([*self.pending_out, *self.pending_in, *self.pending_share,
+                                   *self.pending_unshare]), **shared}

@@ -50,6 +50,7 @@ class ControlOutcome:
     version: int | None = None
     summary: dict = field(default_factory=dict)
     checks: list[dict] = field(default_factory=list)
+    ops: list[dict] = field(default_factory=list)     # the update's page runs (gpa, hpas, count)
     installed: dict = field(default_factory=dict)
     free_pages_before: int | None = None
     free_pages_after: int | None = None
@@ -116,6 +117,20 @@ class ControlHost:
             self._finish(outcome)
         return outcome
 
+    def share(self, pages: int) -> ControlOutcome:
+        """Ask the guest to share a buffer of ``pages`` pages of its choosing (plaintext to the host)."""
+        def expect(staged, verdict):
+            ok = staged["ops"] == {"share": pages} and not verdict["changes"]
+            return ok, f"{pages} pages shared, mapping unchanged" if ok else "unexpected changes"
+        return self._request("share", expect, pages=pages)
+
+    def unshare(self) -> ControlOutcome:
+        """Ask the guest to make its shared buffers private again."""
+        def expect(staged, verdict):
+            ok = set(staged["ops"]) == {"unshare"} and not verdict["changes"]
+            return ok, "pages private again, mapping unchanged" if ok else "unexpected changes"
+        return self._request("unshare", expect)
+
     def set_exit_interval(self, ms: int) -> ControlOutcome:
         """Ask for a host-forced exit every ``ms`` milliseconds (0: none)."""
         return self.vmwrite(VMCS_EXIT_INTERVAL, ms, op="exit-interval")
@@ -172,6 +187,7 @@ class ControlHost:
         staged = self.client.controls_stage(self.keyid, update)
         outcome.summary = staged
         verdict = self.client.staged_verify_ept(self.keyid)
+        outcome.ops = verdict["ops"]
         checks = [("verify-ept", bool(verdict["verdict_ok"]),
                    "; ".join(verdict["reasons"]) or f"{verdict['mapped_pages']} pages mapped, all this domain's")]
         ok, detail = expect(staged, verdict)

@@ -403,3 +403,26 @@ def test_a_broken_policy_file_refuses_everything(domain, tmp_path):
     path.write_text("{not json")
     guest = GuestSide(domain, str(path))
     assert "control policy is unusable" in guest.ask("exit-interval", ms=50)["reason"]
+
+
+def test_a_shared_page_is_plaintext_both_ways_until_unshared(domain):
+    d = domain
+    gpa, hpa = 0x3000, d.guest.hpa_of[0x3000]
+    d.runtime.ram()[3][:5] = np.frombuffer(b"hello", dtype=np.uint8)
+    assert d.client.read_phys_pages([hpa])[:5] != b"hello"
+    staged, installed = stage_and_install(d, seal(d, [("share", gpa)]))
+    assert staged["ops"] == {"share": 1} and staged["ept_pages"] == 0 and installed["shared"] == 1
+    assert d.platform.memory.owner(hpa).state == PageState.SHARED
+    assert d.client.read_phys_pages([hpa])[:5] == b"hello"                 # the guest's bytes, plain
+    d.runtime.ram()[3][5:11] = np.frombuffer(b" world", dtype=np.uint8)     # the guest writes
+    assert d.client.read_phys_pages([hpa])[:11] == b"hello world"
+    d.client.write_phys_pages([hpa], b"from the host".ljust(PAGE, b"\0"))  # the host writes
+    assert d.runtime.ram()[3][:13].tobytes() == b"from the host"
+    with pytest.raises(UpdateRefused, match="is shared"):
+        seal(d, [("unmap", gpa)])
+    _staged, installed = stage_and_install(d, seal(d, [("unshare", gpa)]))
+    assert installed["unshared"] == 1
+    assert d.platform.memory.owner(hpa).state == PageState.PRIVATE
+    assert not d.runtime.ram()[3].any()                                     # dropped, accepted as zeros
+    assert d.client.read_phys_pages([hpa])[:13] != b"from the host"
+    assert d.platform.domain(d.keyid).decrypt_pages(np.array([hpa], dtype=np.uint64)) == bytes(PAGE)

@@ -163,6 +163,26 @@ def test_other_domains_pages_are_refused(dom, host):
     guest_answers(dom)
 
 
+def test_a_guest_chosen_buffer_is_shared_then_private_again(dom, host):
+    shared = host.share(4)
+    assert shared.verdict == "accepted", shared.as_json()
+    first = shared.ops[0]
+    gpa, hpa = first["gpa"], first["old_hpa"]
+    label = f"qemu-kd shared page keyid={host.keyid} gpa={gpa:#x}\n".encode()
+    assert host.client.read_phys_pages([hpa]).startswith(label)         # plaintext to the host
+    pattern = os.urandom(PAGE)
+    host.client.write_phys_pages([hpa], pattern)                        # and the host's bytes reach
+    status = ask(host, "status")                                        # the guest
+    assert (status["shared_gpa"], status["shared_pages"]) == (gpa, 4)
+    assert status["shared_sha256"] == hashlib.sha256(pattern).hexdigest()
+    back = host.unshare()
+    assert back.verdict == "accepted", back.as_json()
+    assert ask(host, "status")["shared_pages"] == 0
+    page = host.client.read_phys_pages([hpa])
+    assert page != pattern and not page.startswith(label)                # ciphertext again
+    guest_answers(dom)
+
+
 def run_cli(*argv):
     import subprocess
     import sys

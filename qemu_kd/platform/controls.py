@@ -18,8 +18,8 @@ guest:
 - ACCEPT (balloon in): the host's page becomes the gpa's PRIVATE page, zeroed;
 - MOVE (relocate): the gpa's contents are re-encrypted into the new hpa, the old
   page scrubbed and FREE;
-- SHARE / UNSHARE: the gpa's page becomes SHARED (plaintext to the host) or
-  PRIVATE again (zeroed);
+- SHARE / UNSHARE: the gpa's page becomes SHARED (its plaintext in DRAM, synced
+  with guest RAM both ways) or PRIVATE again (zeroed);
 - VMCS: ``exit_interval_ms`` starts, changes or stops the platform's periodic
   host-forced exit (reason ``interval``); ``exposed_register_mask`` may shrink.
 """
@@ -72,7 +72,8 @@ LIVE = (DomainState.LAUNCHED, DomainState.EXITED)
 #: How many installed versions the guest can look back on (controls-info).
 HISTORY = 256
 #: Operations a guest may ask the platform to seal.
-OP_NAMES = {"unmap": Op.UNMAP, "accept": Op.ACCEPT, "move": Op.MOVE}
+OP_NAMES = {"unmap": Op.UNMAP, "accept": Op.ACCEPT, "move": Op.MOVE, "share": Op.SHARE,
+            "unshare": Op.UNSHARE}
 
 
 class UpdateRefused(DomainError):
@@ -212,7 +213,7 @@ class ControlPlane:
                 changed = self._edit_ept(domain, tables, state, ops)
                 for hpa in sorted(changed):
                     pages.append(self._encrypt(domain, hpa, PAGE_TYPE_EPT, changed[hpa]))
-            if not pages:
+            if not pages and not ops:
                 raise UpdateRefused("the update changes nothing")
             update = ControlUpdate(keyid, version, state.installed,
                                    compress([(o.op, o.gpa, o.old_hpa, o.new_hpa) for o in ops]), pages)
@@ -418,8 +419,6 @@ class ControlPlane:
                 raise UpdateIntegrityError("the update's EPT maps one hpa at two gpas (alias)")
             old_gpas, old_hpas = gpas, hpas
         for op in per_page:
-            if op.op in (Op.SHARE, Op.UNSHARE):
-                raise UpdateRefused("private/shared conversion is not supported by this platform")
             if op.op in (Op.ACCEPT, Op.MOVE):
                 self._require_offered(op.new_hpa, keyid, memory)
             if op.op in (Op.UNMAP, Op.MOVE, Op.SHARE, Op.UNSHARE):
@@ -552,11 +551,24 @@ class ControlPlane:
             domain.encrypt_into_dram(news, plain)
             runtime.map_guest_pages(gpas, news, plain)
             memory.release_pages(olds, keyid)
+        for op, shared in ((Op.SHARE, True), (Op.UNSHARE, False)):
+            if by_op[op]:
+                gpas = np.array([o.gpa for o in by_op[op]], dtype=np.uint64)
+                hpas = np.array([o.old_hpa for o in by_op[op]], dtype=np.uint64)
+                memory.convert_pages(hpas, keyid, shared)
+                if shared:
+                    domain.store_shared(hpas, runtime.guest_pages(gpas))
+                    state.shared.update(gpas.tolist())
+                else:
+                    domain.encrypt_into_dram(hpas, bytes(PAGE_SIZE * hpas.size))
+                    state.shared.difference_update(gpas.tolist())
+                runtime.share_guest_pages(gpas, shared)
         domain.replace_guest_mapping(checked.new_gpas, checked.new_hpas)
         if checked.vmcs is not None:
             self._apply_interval(keyid, state, checked.vmcs.exit_interval_ms)
         return {"unmapped": len(by_op[Op.UNMAP]), "accepted": len(by_op[Op.ACCEPT]),
-                "moved": len(by_op[Op.MOVE]), "free_pages": memory.count_free()}
+                "moved": len(by_op[Op.MOVE]), "shared": len(by_op[Op.SHARE]),
+                "unshared": len(by_op[Op.UNSHARE]), "free_pages": memory.count_free()}
 
     def release(self, keyid: int, hpas) -> int:
         """controls-release: give back pages the host offered but no update took (still HOST)."""

@@ -291,6 +291,14 @@ class KeyDomain:
         hpas = np.asarray(hpas, dtype=np.uint64)
         self._memory.write_pages(hpas, self.mee.encrypt_pages(plaintext, self._dpas(hpas)))
 
+    def store_shared(self, hpas: np.ndarray, plaintext: bytes | np.ndarray) -> None:
+        """Store plaintext into the domain's SHARED pages (what the host sees there)."""
+        self._memory.write_pages(np.asarray(hpas, dtype=np.uint64), plaintext)
+
+    def load_shared(self, hpas: np.ndarray) -> np.ndarray:
+        """The plaintext DRAM holds for the domain's SHARED pages (the host may have written it)."""
+        return self._memory.read_pages(np.asarray(hpas, dtype=np.uint64))
+
     def _fill_encrypted_zeros(self, hpas: np.ndarray) -> None:
         zeros = bytes(min(hpas.size, BATCH_PAGES) * PAGE_SIZE)
         for start in range(0, hpas.size, BATCH_PAGES):

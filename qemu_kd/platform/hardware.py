@@ -219,6 +219,7 @@ class Platform:
         with self.lock:
             self._check_open()
             self.memory.host_write(dpa, data)
+            self._sync_shadows(self.memory.private_keyids(dpa, len(data)))   # shared pages reach the guest
 
     def read_phys_pages(self, dpas: Sequence[int] | np.ndarray) -> bytes:
         """Whole pages at KeyID-0 addresses, concatenated in the order given."""
@@ -231,6 +232,7 @@ class Platform:
         with self.lock:
             self._check_open()
             self.memory.host_write_pages(dpas, data)
+            self._sync_shadows(self.memory.private_keyids(dpas=dpas))        # shared pages reach the guest
 
     def _sync_shadows(self, keyids: set[int]) -> None:
         """Bring the encrypted shadow of the running domains a host read touches up to date."""

@@ -277,7 +277,8 @@ class PhysicalMemory:
 
     def private_keyids(self, dpa: int | None = None, length: int = 0,
                        dpas: HpaList | None = None) -> set[int]:
-        """KeyIDs owning PRIVATE pages in a byte range or a page list (empty if the input is invalid)."""
+        """KeyIDs owning PRIVATE or SHARED pages in a byte range or a page list (empty if the input
+        is invalid): the running domains whose guest RAM a host access must be synced with."""
         try:
             if dpas is not None:
                 idx = self._host_page_dpas(dpas)
@@ -285,8 +286,8 @@ class PhysicalMemory:
                 idx = self._range_pages(self._host_dpa(dpa, "address"), length)
         except PhysicalMemoryError:
             return set()
-        private = self._state[idx] == PageState.PRIVATE
-        return set(np.unique(self._keyid[idx][private]).tolist())
+        guest = (self._state[idx] == PageState.PRIVATE) | (self._state[idx] == PageState.SHARED)
+        return set(np.unique(self._keyid[idx][guest]).tolist())
 
     def count_free(self) -> int:
         return int(np.count_nonzero(self._state == PageState.FREE))
@@ -359,6 +360,23 @@ class PhysicalMemory:
         self._write_locked[keyid] = False
         self._fillers.pop(keyid, None)
         return int(idx.size)
+
+    def convert_pages(self, hpas: HpaList, keyid: int, shared: bool) -> None:
+        """PRIVATE(keyid) -> SHARED(keyid), or back (as a ZERO page), for every page or none.
+
+        DRAM is left as it is: the caller stores the plaintext (shared) or the
+        encrypted zeros (private again)."""
+        _check_keyid(keyid)
+        idx = self.page_indices(hpas)
+        want = PageState.PRIVATE if shared else PageState.SHARED
+        ok = (self._state[idx] == want) & (self._keyid[idx] == keyid)
+        if not ok.all():
+            hpa, owner = self._first_mismatch(idx, ok)
+            raise OwnershipError(f"hpa 0x{hpa:x} is {owner}, not {want.name} of KeyID {keyid}")
+        if shared:
+            self._set(idx, PageState.SHARED, keyid, 0)
+        else:
+            self._set(idx, PageState.PRIVATE, keyid, PageType.ZERO)
 
     def release_pages(self, hpas: HpaList, keyid: int) -> int:
         """Scrub and free some of ``keyid``'s pages (a control update gave them back); all or none."""

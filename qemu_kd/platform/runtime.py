@@ -424,6 +424,32 @@ class DomainRuntime:
         self._snapshot[idx] = 0
         self.gpa_to_hpa[idx] = UNMAPPED
 
+    #: Page numbers (gpa / 4096) of guest pages shared with the host (replaced, never changed in place).
+    shared_pages: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    def share_guest_pages(self, gpas: np.ndarray, shared: bool) -> None:
+        """The gpas are now shared with the host (their DRAM pages hold plaintext), or private again
+        (their contents dropped: zeros, as a page converted back is accepted)."""
+        idx = (np.asarray(gpas, dtype=np.uint64) // PAGE_SIZE).astype(np.int64)
+        if shared:
+            self.shared_pages = np.union1d(self.shared_pages, idx)
+        else:
+            self.shared_pages = np.setdiff1d(self.shared_pages, idx)
+            self._ram_pages()[idx] = 0
+            self._snapshot[idx] = 0
+
+    def _pull_shared(self, ram: np.ndarray) -> None:
+        """What the host wrote into shared pages since the last sync reaches guest RAM (if both
+        wrote a page, the host's bytes win)."""
+        idx = self.shared_pages
+        if not idx.size:
+            return
+        dram = self.domain.load_shared(self.gpa_to_hpa[idx])
+        wrote = (dram.view(np.uint64) != self._snapshot[idx].view(np.uint64)).any(axis=1)
+        if wrote.any():
+            ram[idx[wrote]] = dram[wrote]
+            self._snapshot[idx[wrote]] = dram[wrote]
+
     def map_guest_pages(self, gpas: np.ndarray, hpas: np.ndarray, plain: np.ndarray | None) -> None:
         """The gpas now live at ``hpas``: with ``plain`` (relocation, already encrypted there by the
         caller) their contents stay; without it they are accepted as zeros."""
@@ -441,13 +467,18 @@ class DomainRuntime:
         if self.machine is None or self._snapshot is None or not self.machine.running:
             return 0
         ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self._pull_shared(ram)
         changed = np.flatnonzero(
             (ram.view(np.uint64) != self._snapshot.view(np.uint64)).any(axis=1))
         # A gpa a control update unmapped has no page any more: nothing to encrypt into.
         changed = changed[self.gpa_to_hpa[changed] != UNMAPPED]
         if changed.size:
             plain = ram[changed].copy()
-            self.domain.encrypt_into_dram(self.gpa_to_hpa[changed], plain)
+            shared = np.isin(changed, self.shared_pages)
+            if shared.any():     # shared with the host: stored as plaintext
+                self.domain.store_shared(self.gpa_to_hpa[changed[shared]], plain[shared])
+            if not shared.all():
+                self.domain.encrypt_into_dram(self.gpa_to_hpa[changed[~shared]], plain[~shared])
             self._snapshot[changed] = plain
         self.pages_synced += int(changed.size)
         return int(changed.size)
