@@ -138,6 +138,12 @@ def test_forged_replayed_and_modified_updates_are_refused(dom, host):
     forged[ept_at] ^= 1
     with pytest.raises(HostPortVerifyError, match="tag does not match"):
         host.client.controls_stage(host.keyid, bytes(forged))
+    vmcs_update = ControlUpdate.unpack(base64.b64decode(ask(host, "exit-interval", ms=500)["update"]))
+    assert [p.page_type for p in vmcs_update.pages] == [3]
+    forged_vmcs = bytearray(vmcs_update.pack())        # host-forged VMCS ciphertext
+    forged_vmcs[-48 - PAGE + 0x38] ^= 0xFF             # where exit_interval_ms lies (in plaintext)
+    with pytest.raises(HostPortVerifyError, match="tag does not match"):
+        host.client.controls_stage(host.keyid, bytes(forged_vmcs))
     in_flight = bytearray(update)                      # the guest's reply changed on the way
     in_flight[0x28 + 9] ^= 0x10
     with pytest.raises(HostPortVerifyError, match="tag does not match"):
