@@ -51,7 +51,15 @@ from qemu_kd.formats.ctlupdate import (
     compress,
     expand,
 )
-from qemu_kd.formats.ept import ADDRESS_MASK, EPT_PERMS, EPT_MEMTYPE_SHIFT, MEMTYPE_WB, Eptp, walk_ept
+from qemu_kd.formats.ept import (
+    ADDRESS_MASK,
+    EPT_MEMTYPE_SHIFT,
+    EPT_PERMS,
+    MEMTYPE_WB,
+    Eptp,
+    mapping_digest_arrays,
+    walk_ept,
+)
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.formats.measurement import PageType, host_verifiable_digest
 from qemu_kd.formats.vmcs import GUEST_APPROVED_CONTROLS, Vmcs, field_class, vmcs_field
@@ -60,6 +68,7 @@ from qemu_kd.platform.domain import (
     DomainState,
     DomainStateError,
     DomainVerifyError,
+    GuestStateFieldError,
 )
 from qemu_kd.platform.physmem import PageState
 from qemu_kd.platform.runtime import UNMAPPED
@@ -123,7 +132,7 @@ class _IntervalTimer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.ms / 1000):
-            if not self.plane.interval_exit(self.keyid):
+            if not self.plane.interval_exit(self.keyid, self):
                 return
 
     @property
@@ -170,7 +179,7 @@ class ControlPlane:
 
     @staticmethod
     def _ept_tables(domain) -> dict[int, bytes]:
-        hpas = self_ept_hpas(domain)
+        hpas = domain_ept_hpas(domain)
         plain = domain.decrypt_pages(hpas) if hpas.size else b""
         return {int(h): plain[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, h in enumerate(hpas)}
 
@@ -357,7 +366,7 @@ class ControlPlane:
                                 f"the installed version is {state.installed}", "ask the guest again")
         plain: dict[int, bytes] = {}
         vmcs = None
-        ept_hpas = set(self_ept_hpas(domain).tolist())
+        ept_hpas = set(domain_ept_hpas(domain).tolist())
         for page in update.pages:
             if page.hpa in plain:
                 raise UpdateIntegrityError(f"control update carries hpa {page.hpa:#x} twice")
@@ -465,8 +474,6 @@ class ControlPlane:
             checked, domain = self._staged(keyid, "vmread")
             f = vmcs_field(encoding)
             if field_class(encoding) == "guest":
-                from qemu_kd.platform.domain import GuestStateFieldError
-
                 raise GuestStateFieldError(f"vmread of guest-state field {f.name} ({encoding:#06x}) refused")
             return (checked.vmcs or domain.read_vmcs()).read_field(encoding)
 
@@ -491,8 +498,6 @@ class ControlPlane:
                                f"{int(checked.new_hpas[j]):#x}, not a guest page of this domain")
             if np.unique(checked.new_hpas).size != checked.new_hpas.size:
                 reasons.append("alias: one hpa is mapped at two gpas")
-            from qemu_kd.formats.ept import mapping_digest_arrays
-
             return {"verdict_ok": not reasons, "reasons": reasons,
                     "mapping_digest": mapping_digest_arrays(checked.new_gpas, checked.new_hpas,
                                                             checked.new_perms).hex(),
@@ -590,11 +595,12 @@ class ControlPlane:
         if ms:
             state.interval = _IntervalTimer(self, keyid, ms)
 
-    def interval_exit(self, keyid: int) -> bool:
-        """One periodic exit and resume; False once the domain is gone (the timer then ends)."""
+    def interval_exit(self, keyid: int, timer: _IntervalTimer) -> bool:
+        """One periodic exit and resume; False once ``timer`` is no longer the domain's (the
+        domain is gone, or its interval changed), and the timer then ends."""
         with self.platform.lock:
             state = self._states.get(keyid)
-            if state is None or state.interval is None or state.interval.stopped:
+            if state is None or state.interval is not timer or timer.stopped:
                 return False
             try:
                 domain = self.platform.domain(keyid)
@@ -631,7 +637,7 @@ class ControlPlane:
                     "free_pages": self.platform.memory.count_free()}
 
 
-def self_ept_hpas(domain) -> np.ndarray:
+def domain_ept_hpas(domain) -> np.ndarray:
     """The domain's EPT pages (hpas, ascending)."""
     pages = domain.pages()
     return np.sort(pages.hpas[pages.types == int(PageType.EPT)])
