@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,10 @@ def test_platform_serve_bad_option_is_a_usage_error():
     (["run", "--plain", "--mem", "32M"], "argument --mem: guest memory size 32 MiB is not supported"),
     (["run", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["run", "--accel", "hvf"], "argument --accel: invalid choice: 'hvf'"),
-    (["run", "--plain", "--keep"], "--debug and --keep apply to protected domains"),
+    (["run", "--plain", "--keep"], "--debug, --keep and --expose apply to protected domains"),
+    (["run", "--plain", "--expose", "rax"], "--debug, --keep and --expose apply to protected domains"),
+    (["run", "--expose", "rax,xmm0"], "'xmm0' is not a general-purpose register"),
+    (["tenant", "measure", "--expose", "eax"], "'eax' is not a general-purpose register"),
     (["host", "layout", "--platform", "p.sock", "--out", "l.json", "--mem", "4G"],
      "argument --mem: guest memory size 4 GiB is not supported"),
     (["tenant", "measure", "--mem", "100G"], "argument --mem: guest memory size 100 GiB is not supported"),
@@ -278,6 +282,33 @@ def test_run_json_phases_stderr_and_endpoints(guest_artifacts):
     for name in ("qmp", "gdb", "console", "shared", "audit_log"):
         assert endpoints.get(name) is None, (name, endpoints)
     assert Path(endpoints["console_log"]).is_file() and endpoints["console_log"] == out["console_log"]
+
+
+def test_expose_is_measured(guest_artifacts):
+    """The exposed-register mask is part of the measured VMCS: measure sees it."""
+    def measured(*extra):
+        res = qemu_kd("tenant", "measure", "--json", *extra)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["measurement"]
+
+    default = measured()
+    assert measured("--expose", "none") == default
+    assert measured("--expose", "rax,rbx") == measured("--expose", "rbx, RAX") != default
+
+
+@pytest.mark.qemu
+def test_run_with_exposed_registers_answers_host_time(guest_artifacts):
+    """A guest sealed with rax exposed gets the host's time through HOST_TIME, and the
+    measurement the tenant checked (with the mask) is the one attested."""
+    cmd = "kd-hypercall HOST_TIME --json"
+    res = qemu_kd("run", "--json", "-q", "--expose", "rax,rbx", "--cmd", cmd, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["measurement"] == out["expected_measurement"]
+    call = json.loads(out["exec"]["stdout"])
+    host_ns = int(call["outputs"]["rax"], 0) if isinstance(call["outputs"]["rax"], str) \
+        else call["outputs"]["rax"]
+    assert abs(host_ns / 1e9 - time.time()) < 600, call
 
 
 @pytest.mark.qemu

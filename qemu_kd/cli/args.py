@@ -46,3 +46,19 @@ def wait_seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not 0 or more seconds (inf waits without limit)")
     return value
+
+
+def exposed_registers(text: str) -> int:
+    """``--expose``: general registers a hypercall may show the host, e.g. ``rax,rbx,rcx``
+    (``none``: nothing; ``all``: the 16 general registers); the VMCS mask value."""
+    from qemu_kd.formats.vmcs import X86_GPR_ORDER, exposed_register_mask
+
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names in ([], ["none"]):
+        return 0
+    if names == ["all"]:
+        names = list(X86_GPR_ORDER)
+    try:
+        return exposed_register_mask(names)
+    except KdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -22,11 +22,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     opts = ProtectedOptions(cmd=args.cmd, mem_size=args.mem, accel=args.accel,
                             ready_timeout=args.timeout, progress=not args.quiet,
                             kernel=args.kernel, initrd=args.initrd, debug=args.debug,
-                            keep=args.keep)
+                            keep=args.keep, exposed_register_mask=args.expose)
     if args.plain:
-        if args.debug or args.keep:
-            raise ConfigError("--debug and --keep apply to protected domains",
-                              "drop --plain, or drop --debug/--keep")
+        if args.debug or args.keep or args.expose:
+            raise ConfigError("--debug, --keep and --expose apply to protected domains",
+                              "drop --plain, or drop --debug/--keep/--expose")
         result = run_plain(opts)
     else:
         result = run_protected(opts)
@@ -93,7 +93,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qemu_kd.cli.args import guest_memory, positive_seconds
+    from qemu_kd.cli.args import exposed_registers, guest_memory, positive_seconds
 
     parser = argparse.ArgumentParser(
         prog="qemu-kd",
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boot without key-domain protection (for comparison)")
     run.add_argument("--debug", action="store_true",
                      help="seal with the DEBUG policy (host may read guest memory, audited)")
+    run.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
+                     help="general registers the guest's hypercalls may show the host (the "
+                          "VMCS's measured mask), e.g. rax,rbx,rcx; all or none (default none)")
     run.add_argument("--keep", action="store_true",
                      help="leave the domain running and print how to reach it")
     run.add_argument("--cmd", default="uname -a", help="shell command to run in the guest")

@@ -101,6 +101,7 @@ PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
 class ProtectedOptions(RunOptions):
     debug: bool = False
     keep: bool = False
+    exposed_register_mask: int = 0
 
 
 def run_protected(opts: ProtectedOptions) -> dict:
@@ -142,10 +143,12 @@ def run_protected(opts: ProtectedOptions) -> dict:
             layout = HostLayout.unpack(host.call("allocate", memory_size=opts.mem_size)["layout"].encode())
         with timer.phase("seal"):
             root_pem = (pstate / "root-ca.crt").read_bytes()
-            bundle, secret = seal(kernel, initrd, cmdline, opts.mem_size, policy, layout, root_pem)
+            bundle, secret = seal(kernel, initrd, cmdline, opts.mem_size, policy, layout, root_pem,
+                                  exposed_register_mask=opts.exposed_register_mask)
             bundle_path = workdir / "guest.kd"
             bundle.write(bundle_path)
-        expected = measure(kernel, initrd, cmdline, opts.mem_size, policy)
+        expected = measure(kernel, initrd, cmdline, opts.mem_size, policy,
+                           exposed_register_mask=opts.exposed_register_mask)
         with timer.phase("load"):
             host.call("load", bundle=str(bundle_path))
         with timer.phase("verify"):

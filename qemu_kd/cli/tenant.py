@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from qemu_kd.cli.args import guest_memory
+from qemu_kd.cli.args import exposed_registers, guest_memory
 from qemu_kd.common.errors import ConfigError, KdError
 
 EXIT_OK = 0
@@ -145,7 +145,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     memory_size = args.mem
     kernel, initrd, cmdline = _guest_inputs(args)
     policy = _policy_from_debug(args)
-    digest = measure(kernel, initrd, cmdline, memory_size, policy)
+    digest = measure(kernel, initrd, cmdline, memory_size, policy,
+                     exposed_register_mask=args.expose)
     if args.json:
         print(json.dumps({"measurement": digest.hex(), "policy": policy.pack().hex(),
                           "debug": policy.debug, "memory_size": memory_size, "cmdline": cmdline}, indent=2))
@@ -165,7 +166,8 @@ def _cmd_seal(args: argparse.Namespace) -> int:
     verify_chain(layout.platform_chain_pem, root)    # fail before building or reading the guest
     kernel, initrd, cmdline = _guest_inputs(args)
     policy = _policy_from_debug(args)
-    bundle, secret = seal(kernel, initrd, cmdline, memory_size, policy, layout, root)
+    bundle, secret = seal(kernel, initrd, cmdline, memory_size, policy, layout, root,
+                          exposed_register_mask=args.expose)
     bundle.write(Path(args.out))
     secret.write(Path(args.secret))
     platform = "EMULATED platform" if secret.platform_emulated else "platform"
@@ -217,6 +219,9 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
                    help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")
     p.add_argument("--debug", action="store_true",
                    help="seal with the DEBUG policy (the host may read guest memory and registers)")
+    p.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
+                   help="general registers a hypercall may show the host (the VMCS's measured "
+                        "exposed-register mask), e.g. rax,rbx,rcx; all or none (default none)")
 
 
 def add_tenant_parser(subparsers) -> argparse.ArgumentParser:
