@@ -10,9 +10,7 @@ calls would; tests/test_controls_guest.py drives real guests.
 import base64
 import dataclasses
 import os
-import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,13 +25,13 @@ from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import (HostPortRefusedError, HostPortStateError, HostPortVerifyError)
 from qemu_kd.platform.controls import UpdateRefused
 from qemu_kd.platform.hardware import Platform
-from qemu_kd.platform.hostport_server import HostPortServer
 from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.platform.physmem import PageState
 from qemu_kd.platform.runtime import UNMAPPED, DomainRuntime, Endpoints
 
 from test_domain import guest_page_count, seal_guest
 from test_hostport import host_loads
+from serving import serving
 
 PAGE = 4096
 N_IMAGE, N_ZERO = 3, 13
@@ -101,15 +99,8 @@ def identity():
 @pytest.fixture
 def served(identity, tmp_path):
     platform = Platform(identity, 16 << 20, tmp_path / "platform", qemu_accel="tcg", runtime_factory=RamRuntime)
-    with tempfile.TemporaryDirectory(prefix="kd-") as sockdir:
-        path = Path(sockdir) / "host.sock"
-        server = HostPortServer(platform, path).start()
-        try:
-            with HostPortClient(path, timeout=10) as client:
-                yield platform, client
-        finally:
-            server.close()
-            platform.close()
+    with serving(platform) as (path, _server), HostPortClient(path, timeout=10) as client:
+        yield platform, client
 
 
 def launched(platform, client, identity):

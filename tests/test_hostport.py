@@ -59,6 +59,7 @@ from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.vmcs import VMCS_FIELDS
 
 from test_domain import ENC_EPT_POINTER, ENC_GUEST_RIP, MEMORY, PAGE, RW, guest_page_count, seal_guest
+from serving import serving
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +71,8 @@ def identity():
 def served(identity, tmp_path):
     """(platform, socket path) with a running server; everything removed afterwards."""
     platform = Platform(identity, MEMORY, tmp_path / "platform")
-    with tempfile.TemporaryDirectory(prefix="kd-") as sockdir:   # short path for AF_UNIX
-        path = Path(sockdir) / "host.sock"
-        server = HostPortServer(platform, path, frame_timeout=5).start()
-        try:
-            yield platform, path, server
-        finally:
-            server.close()
-            platform.close()
+    with serving(platform, frame_timeout=5) as (path, server):
+        yield platform, path, server
 
 
 @pytest.fixture
@@ -397,15 +392,8 @@ def launchable(identity, tmp_path):
     FakeRuntime.made = []
     FakeRuntime.fail_next_launch = FakeRuntime.fail_next_resume = False
     platform = Platform(identity, MEMORY, tmp_path / "platform", qemu_accel="tcg", runtime_factory=FakeRuntime)
-    with tempfile.TemporaryDirectory(prefix="kd-") as sockdir:
-        path = Path(sockdir) / "host.sock"
-        server = HostPortServer(platform, path).start()
-        try:
-            with HostPortClient(path, timeout=10) as c:
-                yield platform, c
-        finally:
-            server.close()
-            platform.close()
+    with serving(platform) as (path, _server), HostPortClient(path, timeout=10) as c:
+        yield platform, c
 
 
 def test_measure_launch_run_exit_resume_destroy(launchable, identity):

@@ -7,8 +7,6 @@ No QEMU is needed: every case is refused before the domain would start.
 
 import dataclasses
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from qemu_kd.platform.attestation import sign_report
 from qemu_kd.formats.bundle import PageRecord
 from qemu_kd.formats.ept import EPT_PERMS, EptEntry, build_ept_arrays, mapping_digest_arrays
 from qemu_kd.hostport.protocol import HostPortUnwrapError
-from qemu_kd.platform.hostport_server import HostPortServer
 from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.formats.layout import plan
 from qemu_kd.formats.measurement import PageType, host_verifiable_digest
@@ -31,6 +28,7 @@ from qemu_kd.tenant.measure import measure
 from qemu_kd.tenant.seal import seal
 
 from synthetic import fake_bzimage
+from serving import serving
 
 MiB = 1 << 20
 MEM = 64 * MiB
@@ -49,12 +47,8 @@ def root():
 def served(root, tmp_path_factory):
     identity = PlatformIdentity.create_throwaway(root)
     platform = Platform(identity, 512 * MiB, tmp_path_factory.mktemp("platform"))
-    with tempfile.TemporaryDirectory(prefix="kd-") as sockdir:
-        path = Path(sockdir) / "host.sock"
-        server = HostPortServer(platform, path, frame_timeout=5).start()
+    with serving(platform, frame_timeout=5) as (path, _server):
         yield platform, str(path), identity
-        server.close()
-        platform.close()
 
 
 @pytest.fixture
