@@ -318,6 +318,19 @@ class Agent:
     def tenant_hypercall(self, msg: dict) -> dict:
         return self.hypercall(msg)
 
+    # -- guest programs (the local socket; guest_agent.attest_api) ------------------
+    def local_report(self, msg: dict) -> dict:
+        """A report over the program's 64-byte report_data, with the platform's certificate chain."""
+        result = self.tenant_report(msg)
+        chain = self.platform_call("certificates").get("chain_pem")
+        if not isinstance(chain, str):
+            raise RuntimeError("the platform gave no certificate chain")
+        return {**result, "chain_pem": chain}
+
+    def local_ops(self) -> dict:
+        """What the local socket serves to programs in the guest, by ``op``."""
+        return {"hypercall": self.hypercall, "report": self.local_report, "derive-key": self.tenant_derive_key}
+
     def tenant_ping(self, msg: dict) -> dict:
         return {"pong": True, **self.identity}
 
@@ -453,10 +466,11 @@ def console_policy(allow_shell: bool) -> None:
 
 
 def serve_local_api(agent: Agent, path: str = hypercall.AGENT_SOCKET) -> threading.Thread | None:
-    """Serve guest programs (``kd-hypercall``, ``guest_agent.hypercall.call``) on a local socket.
+    """Serve guest programs (``kd-hypercall``, ``kd-report``, ``kd-derive-key``) on a local socket.
 
     Root only (the directory is 0700); one JSON request line per connection,
-    one answer line.  Only ``hypercall`` is served.
+    one answer line.  Served: :meth:`Agent.local_ops` (``hypercall``,
+    ``report``, ``derive-key``; client in :mod:`guest_agent.local_api`).
     """
     import socket
 
@@ -483,9 +497,11 @@ def serve_local_api(agent: Agent, path: str = hypercall.AGENT_SOCKET) -> threadi
                         break
                     data += chunk
                 msg = json.loads(bytes(data).split(b"\n", 1)[0])
-                if not isinstance(msg, dict) or msg.get("op") != "hypercall":
-                    raise ValueError("the local agent socket serves only 'hypercall'")
-                out = {"ok": True, "result": agent.hypercall(msg)}
+                ops = agent.local_ops()
+                handler = ops.get(msg.get("op")) if isinstance(msg, dict) else None
+                if handler is None:
+                    raise ValueError(f"the local agent socket serves only {', '.join(sorted(ops))}")
+                out = {"ok": True, "result": handler(msg)}
             except Exception as exc:  # noqa: BLE001 - every failure is an answer
                 out = {"ok": False, "error": str(exc)}
             try:

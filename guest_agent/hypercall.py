@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
+
+from .local_api import AGENT_SOCKET, LocalApiError, ask
 
 #: Leaf numbers; the platform's table (qemu_kd.formats.hypercall.LEAVES) must agree.
 LEAVES = {"ECHO": 0x0001, "HOST_TIME": 0x0002, "MEMORY_REQUEST": 0x0010, "SHARE_NOTIFY": 0x0011}
@@ -32,12 +33,10 @@ LEAF_NAMES = {number: name for name, number in LEAVES.items()}
 #: The general registers in x86 encoding order (bit i of a mask is register i).
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-AGENT_SOCKET = "/run/qemu-kd/agent.sock"
 DEFAULT_TIMEOUT = 10.0
-MAX_REPLY = 1 << 20
 
 
-class HypercallFailed(Exception):
+class HypercallFailed(LocalApiError):
     """The agent or the platform refused the hypercall, or the host did not answer."""
 
 
@@ -102,29 +101,7 @@ def call(leaf: str | int, regs: dict | None = None, expose: list[str] | None = N
 
     Raises HypercallFailed with the platform's or the agent's reason.
     """
-    msg = request(leaf, regs, expose, timeout)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout + 60)
-        try:
-            sock.connect(socket_path)
-            sock.sendall(json.dumps(msg).encode() + b"\n")
-            data = bytearray()
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > MAX_REPLY:
-                    raise HypercallFailed("the agent's answer is too long")
-        except OSError as exc:
-            raise HypercallFailed(f"cannot reach the agent at {socket_path}: {exc}") from None
-    try:
-        answer = json.loads(bytes(data))
-    except ValueError:
-        raise HypercallFailed("the agent's answer is not JSON") from None
-    if not answer.get("ok"):
-        raise HypercallFailed(str(answer.get("error", "the hypercall failed")))
-    return answer["result"]
+    return ask(request(leaf, regs, expose, timeout), timeout + 60, socket_path, HypercallFailed)
 
 
 def format_result(result: dict) -> str:

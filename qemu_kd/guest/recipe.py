@@ -13,7 +13,7 @@ from qemu_kd.common.errors import GuestImageError
 from qemu_kd.formats.controlpolicy import DEFAULT as DEFAULT_CONTROL_POLICY, POLICY_PATH as CONTROL_POLICY_PATH
 
 #: Bump whenever the recipe below changes what ends up in the image.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 #: Every file in the initramfs gets this mtime (2023-01-01T00:00:00Z).
 SOURCE_DATE_EPOCH = 1672531200
@@ -121,6 +121,8 @@ done
 #: Guest commands (mode 0755): small wrappers around guest_agent modules.
 GUEST_COMMANDS = {
     "usr/bin/kd-hypercall": '#!/bin/sh\nexec python3 -I -m guest_agent.hypercall "$@"\n',
+    "usr/bin/kd-report": '#!/bin/sh\nexec python3 -I -m guest_agent.attest_api report "$@"\n',
+    "usr/bin/kd-derive-key": '#!/bin/sh\nexec python3 -I -m guest_agent.attest_api derive-key "$@"\n',
 }
 
 #: Minimal account files so ``id``, ``whoami`` and ``~`` work.

@@ -210,6 +210,7 @@ class DomainRuntime:
             self.guest_port = GuestPortServer(port, {"info": self._info, "report": self._report,
                                                      "derive-key": self._derive_key,
                                                      "tenant-key": self._tenant_key,
+                                                     "certificates": self._certificates,
                                                      "hypercall": self._hypercall})
             self.guest_port.start()
         except BaseException as exc:
@@ -400,6 +401,10 @@ class DomainRuntime:
                              measurement=self.domain.measurement.digest, report_data=data,
                              host_data=self.domain.host_data, keyid=self.domain.keyid)
         return {"report": base64.b64encode(report.pack()).decode()}
+
+    def _certificates(self, req: dict) -> dict:
+        """The platform's certificate chain (public), so a guest can hand it out with its reports."""
+        return {"chain_pem": self.identity.chain_pem().decode()}
 
     def _derive_key(self, req: dict) -> dict:
         """A sealing key from the platform's sealing root (never from its key-agreement key)."""
