@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 
-MAX_LINE = 16 << 20  # 2 x MAX_OUTPUT with worst-case JSON escaping fits
-MAX_OUTPUT = 1 << 20  # bytes of stdout/stderr an exec reply carries
+MAX_LINE = 64 << 20  # 2 x MAX_OUTPUT with worst-case JSON escaping (6 bytes a byte) fits
+MAX_OUTPUT = 4 << 20  # bytes of stdout/stderr an exec reply carries; more is cut and marked truncated
 
 
 class ProtocolError(ValueError):

@@ -27,6 +27,7 @@ import pytest
 from leftovers import stop_registered_platforms
 from qemu_kd.channel.console import QueryFilter, strip_queries
 from qemu_kd.cli.domains import no_domains_line, relay_console
+from qemu_kd.cli.outcome import HARNESS_EXIT
 from qemu_kd.cli.run import format_run, in_order, surviving_files
 from qemu_kd.common.units import GUEST_MEMORY_MAX, GUEST_MEMORY_MIN, parse_guest_memory
 
@@ -117,14 +118,15 @@ def test_usage_errors_exit_2(argv, message, tmp_path):
            "QEMU_KD_RUNTIME": str(tmp_path / "rt")}
     res = qemu_kd(*argv, env=env)
     line = one_line_error(res)
-    assert res.returncode == 2, res.stderr
+    # run is the exception: its own failures exit 125, its guest command's status being its own.
+    assert res.returncode == (HARNESS_EXIT if argv[0] == "run" else 2), res.stderr
     assert message in line
     assert res.stdout == ""
 
 
 def test_missing_guest_file_is_a_usage_error(tmp_path):
     res = qemu_kd("run", "-q", "--kernel", tmp_path / "nope", "--initrd", tmp_path / "nope.img")
-    assert res.returncode == 2
+    assert res.returncode == HARNESS_EXIT
     assert f"kernel {tmp_path / 'nope'} does not exist" in one_line_error(res)
 
 
@@ -134,7 +136,7 @@ def test_a_failed_protected_run_keeps_the_platform_log(tmp_path):
     (tmp_path / "i").write_bytes(b"")
     res = qemu_kd("run", "-q", "--accel", "tcg", "--kernel", tmp_path / "k", "--initrd", tmp_path / "i")
     line = one_line_error(res)
-    assert res.returncode == 1 and "to be a bzImage" in line
+    assert res.returncode == HARNESS_EXIT and "to be a bzImage" in line
     saved = Path(re.search(r"the platform's log is kept in (\S+?)\)?$", line).group(1))
     assert saved.is_file() and stat.S_IMODE(saved.stat().st_mode) == 0o600
     assert "platform serving its host port" in saved.read_text()
@@ -163,7 +165,7 @@ def test_explicit_kvm_that_cannot_run_says_why(tmp_path):
     env.pop("QEMU_KD_ACCEL", None)
     res = qemu_kd("run", "-q", "--accel", "kvm", "--kernel", kernel, "--initrd", initrd, env=env)
     line = one_line_error(res)
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == HARNESS_EXIT, res.stderr
     assert line.startswith("qemu-kd: error: KVM was requested but is not usable: ")
     assert "--accel tcg" in line
     if os.access("/dev/kvm", os.R_OK | os.W_OK):

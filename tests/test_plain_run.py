@@ -123,7 +123,7 @@ def test_killing_qemu_mid_boot_gives_clear_error_and_no_leftovers(guest_artifact
 
 def test_guest_never_ready_times_out_with_console_tail(guest_artifacts):
     res = qemu_kd("run", "--plain", "-q", "--timeout", "1")
-    assert res.returncode == 1
+    assert res.returncode == 125     # qemu-kd's own failure, not the guest command's
     assert "Traceback" not in res.stderr
     assert res.stderr.startswith("qemu-kd: error: guest agent did not answer with 'ready' in time")
     assert "console" in res.stderr
@@ -133,7 +133,7 @@ def test_guest_never_ready_times_out_with_console_tail(guest_artifacts):
 def test_missing_kernel_is_a_clear_error(tmp_path):
     res = qemu_kd("run", "--plain", "-q", "--kernel", str(tmp_path / "nope"),
                   "--initrd", str(tmp_path / "nope.img"))
-    assert res.returncode == 2
+    assert res.returncode == 125
     assert res.stderr.strip().splitlines()[0].startswith("qemu-kd: error: kernel")
     assert "does not exist" in res.stderr and "Traceback" not in res.stderr
 
@@ -143,6 +143,6 @@ def test_qemu_not_installed_is_a_clear_error(guest_artifacts):
     env["QEMU_KD_QEMU"] = "qemu-system-x86_64-not-installed"
     env["QEMU_KD_ACCEL"] = "tcg"
     res = qemu_kd("run", "--plain", "-q", env=env)
-    assert res.returncode == 2
+    assert res.returncode == 125
     assert "not installed" in res.stderr and "apt-get install qemu-system-x86" in res.stderr
     assert "Traceback" not in res.stderr

@@ -99,8 +99,10 @@ class AgentClient:
     def ping(self, timeout: float = 10.0) -> bool:
         return bool(self.call("ping", wait=timeout).get("pong"))
 
-    def exec(self, argv: list[str], timeout: float = 60.0, **extra) -> dict:
-        return self.call("exec", wait=timeout + 10, argv=argv, timeout=timeout, **extra)
+    def exec(self, argv: list[str], timeout: float | None = 60.0, **extra) -> dict:
+        """Run ``argv`` in the guest; ``timeout`` None lets it run until it ends."""
+        wait = 24 * 3600.0 if timeout is None else timeout + 10
+        return self.call("exec", wait=wait, argv=argv, timeout=timeout, **extra)
 
     def poweroff(self, timeout: float = 10.0) -> None:
         self.call("poweroff", wait=timeout)

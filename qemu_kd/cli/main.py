@@ -18,11 +18,13 @@ from qemu_kd.common.errors import KdError
 def _cmd_run(args: argparse.Namespace) -> int:
     from qemu_kd.common.errors import ConfigError
     from qemu_kd.cli.run import ProtectedOptions, format_run, run_plain, run_protected
+    from qemu_kd.cli.guest_files import additions_from_args
 
     opts = ProtectedOptions(cmd=args.cmd, mem_size=args.mem, accel=args.accel,
                             ready_timeout=args.timeout, progress=not args.quiet,
                             kernel=args.kernel, initrd=args.initrd, debug=args.debug,
-                            keep=args.keep, exposed_register_mask=args.expose)
+                            keep=args.keep, exposed_register_mask=args.expose,
+                            cmd_timeout=args.cmd_timeout, additions=additions_from_args(args))
     if args.plain:
         if args.debug or args.keep or args.expose:
             raise ConfigError("--debug, --keep and --expose apply to protected domains",
@@ -48,7 +50,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  QMP:      qemu-kd qmp-shell {name}   ({result['endpoints']['qmp']})")
             print(f"  gdb:      qemu-kd gdb {name}         ({result['endpoints']['gdb']})")
             print(f"  end it:   qemu-kd destroy {name}")
-    return 0 if result["exec"]["rc"] == 0 else 1
+    from qemu_kd.cli.outcome import guest_exit_status
+
+    return guest_exit_status(result["exec"])
 
 
 def _cmd_platform_serve(args: argparse.Namespace) -> int:
@@ -77,10 +81,16 @@ def _cmd_host_layout(args: argparse.Namespace) -> int:
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
-    from qemu_kd.guest.cache import ensure_guest
-    from qemu_kd.cli.run import progress_printer
+    from pathlib import Path
 
-    art = ensure_guest(force=args.force, progress=progress_printer(True))
+    from qemu_kd.cli.guest_files import additions_from_args
+    from qemu_kd.cli.run import progress_printer
+    from qemu_kd.guest.additions import ensure_custom_guest, export_guest
+
+    art = ensure_custom_guest(additions_from_args(args), force=args.force,
+                              progress=progress_printer(True))
+    if args.out:
+        art = export_guest(art, Path(args.out))
     info = {"kernel": str(art.kernel), "initrd": str(art.initrd), "manifest": str(art.manifest),
             "kernel_release": art.kernel_release,
             "kernel_package_version": art.kernel_package_version}
@@ -94,8 +104,9 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qemu_kd.cli.args import exposed_registers, guest_memory, positive_seconds
+    from qemu_kd.cli.guest_files import add_addition_options
 
-    parser = argparse.ArgumentParser(
+    parser = KdArgumentParser(
         prog="qemu-kd",
         description="Key-domain protected VMs emulated around real QEMU guests.")
     parser.add_argument("--version", action="version", version=f"qemu-kd {__version__}")
@@ -119,17 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accelerator (auto probes KVM and falls back to TCG)")
     run.add_argument("--timeout", type=positive_seconds, default=120.0,
                      help="seconds to wait for the guest agent (default 120)")
+    run.add_argument("--cmd-timeout", type=positive_seconds, default=None, metavar="S",
+                     help="kill the guest command after S seconds (exit 124; default: no limit)")
     run.add_argument("--kernel", help="a bzImage to boot instead of the default guest's")
     run.add_argument("--initrd", help="the initramfs to go with --kernel")
+    add_addition_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, harness_exit=True)
+    run.harness_exit = True
 
     guest = sub.add_parser("guest", help="the default guest kernel and image")
     gsub = guest.add_subparsers(dest="guest_command", metavar="ACTION")
     gsub.required = True
     build = gsub.add_parser("build", help="obtain the kernel and build the initramfs (cached)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    add_addition_options(build)
+    build.add_argument("--out", metavar="DIR",
+                       help="also copy bzImage, initramfs.cpio.lz4 and manifest.json into DIR")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     build.set_defaults(func=_cmd_guest_build)
 
@@ -172,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class KdArgumentParser(argparse.ArgumentParser):
+    """argparse, except that the commands which run guest commands (``harness_exit``) raise
+    their usage errors, so that they exit with qemu-kd's own code and ``--json`` reports them."""
+
+    harness_exit = False
+
+    def error(self, message: str):
+        if self.harness_exit:
+            from qemu_kd.cli.outcome import CommandLineError
+
+            self.print_usage(sys.stderr)
+            raise CommandLineError(message)
+        super().error(message)
+
+
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
     raise KeyboardInterrupt
 
@@ -185,14 +218,34 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if "passthrough" in args:
         args.passthrough = unknown
     elif unknown:
+        if getattr(args, "harness_exit", False):
+            from qemu_kd.cli.outcome import CommandLineError
+
+            raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)}")
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qemu_kd.cli.outcome import CommandLineError, report_failure
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parse_args(parser, argv)
+    try:
+        args = parse_args(parser, argv)
+    except CommandLineError as exc:   # run/exec: qemu-kd's own code, and --json still reports
+        return report_failure(exc, as_json="--json" in argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if getattr(args, "harness_exit", False):
+        try:
+            return args.func(args)
+        except (KdError, KeyboardInterrupt) as exc:
+            return report_failure(exc, as_json=args.json)
+        except Exception as exc:  # noqa: BLE001 - a bug: its traceback, and still one JSON object
+            import traceback
+
+            traceback.print_exc()
+            return report_failure(exc, as_json=args.json)
     try:
         return args.func(args)
     except KdError as exc:

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from guest_agent.protocol import MAX_OUTPUT
+
 from qemu_kd.qemu.accel import choose_accel
 from qemu_kd.common.errors import ConfigError, GuestImageError, KdError
+from qemu_kd.guest.additions import GuestAdditions
 from qemu_kd.qemu.launch import PhaseTimer, boot_plain, full_cmdline
 from qemu_kd.qemu.machine import MachineSpec
 
@@ -30,10 +33,11 @@ class RunOptions:
     mem_size: int = 256 * MiB
     accel: str = "auto"
     ready_timeout: float = 120.0
-    cmd_timeout: float = 60.0
+    cmd_timeout: float | None = None     # None: the guest command runs until it ends
     progress: bool = True
     kernel: str | None = None
     initrd: str | None = None
+    additions: GuestAdditions | None = None   # --add/--overlay on the default guest
 
 
 def read_guest_file(path, what: str) -> bytes:
@@ -51,14 +55,17 @@ def read_guest_file(path, what: str) -> bytes:
 def guest_inputs(opts: "RunOptions", show) -> tuple[bytes, bytes, Path, str | None]:
     """Kernel and initrd bytes: the user's, or the default guest's (built if needed)."""
     if opts.kernel or opts.initrd:
+        if opts.additions:
+            raise ConfigError("--add and --overlay build on the default guest, not on --kernel/--initrd",
+                              "drop --kernel and --initrd, or add the files to your own initrd")
         if not (opts.kernel and opts.initrd):
             raise ConfigError("--kernel and --initrd go together",
                               "pass both, or neither for the default guest")
         return (read_guest_file(opts.kernel, "kernel"), read_guest_file(opts.initrd, "initrd"),
                 Path(opts.kernel), None)
-    from qemu_kd.guest.cache import ensure_guest
+    from qemu_kd.guest.additions import ensure_custom_guest
 
-    art = ensure_guest(progress=show)
+    art = ensure_custom_guest(opts.additions or GuestAdditions(), progress=show)
     return (read_guest_file(art.kernel, "kernel"), read_guest_file(art.initrd, "initrd"),
             art.kernel, art.kernel_release)
 
@@ -87,7 +94,10 @@ def run_plain(opts: RunOptions) -> dict:
         "kernel_release": ready.get("kernel"),
         "agent_version": ready.get("version"),
         "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
-                 "stdout": result["stdout"], "stderr": result["stderr"]},
+                 "timeout": opts.cmd_timeout, "output_cap": MAX_OUTPUT,
+                 "stdout": result["stdout"], "stderr": result["stderr"],
+                 "timed_out": result.get("timed_out", False),
+                 "truncated": result.get("truncated", False)},
         "timings": {k: round(v, 4) for k, v in timer.phases.items()},
         "boot_to_ready_s": round(sum(timer.phases.get(p, 0.0) for p in BOOT_PHASES), 4),
         "console_log": console_log,
@@ -190,6 +200,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
             "host_verification": {c["name"]: {"ok": c["ok"], "detail": c["detail"]}
                                   for c in checks},
             "exec": {"argv": ["/bin/sh", "-c", opts.cmd], "rc": result["rc"],
+                 "timeout": opts.cmd_timeout, "output_cap": MAX_OUTPUT,
                      "stdout": result["stdout"].decode("utf-8", errors="replace"),
                      "stderr": result["stderr"].decode("utf-8", errors="replace"),
                      "timed_out": result["timed_out"], "truncated": result["truncated"]},
@@ -286,7 +297,11 @@ def format_run(result: dict) -> str:
                 format_table([(name, ("ok  " if c["ok"] else "FAIL") + "  " + c["detail"])
                               for name, c in result["host_verification"].items()],
                              ("host check", "result"), align="<"), ""]
-    out += [f"$ {result['exec']['argv'][-1]}   (exit status {result['exec']['rc']})",
-            result["exec"]["stdout"].rstrip()]
+    ran = result["exec"]
+    notes = ([f"timed out after {ran['timeout']:g} s, killed"] if ran.get("timed_out") else []) + \
+        ([f"output truncated to {ran.get('output_cap', 0) >> 20} MiB per stream"]
+         if ran.get("truncated") else [])
+    out += [f"$ {ran['argv'][-1]}   (exit status {ran['rc']}{''.join('; ' + n for n in notes)})",
+            ran["stdout"].rstrip()]
     out.append(f"console log: {result['console_log']}")
     return "\n".join(out)
