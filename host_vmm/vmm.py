@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qemu_kd.channel.agent_client import AgentClient
 from qemu_kd.formats.bundle import Bundle
-from qemu_kd.channel.console import console_summary
+from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import HostPortError
@@ -222,6 +222,7 @@ class HostVmm:
         self.client.run(self.keyid)
         self.agent.wait_ready(ready_timeout)
         self.timings = {"launch": t1 - t0, "kernel to agent ready": time.perf_counter() - t1}
+        check_initramfs_unpacked(Path(log) if log else None)
         return self.endpoints
 
     # -- teardown -------------------------------------------------------------------

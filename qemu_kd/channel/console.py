@@ -21,7 +21,7 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from qemu_kd.common.errors import GuestError
+from qemu_kd.common.errors import GuestError, GuestImageError
 
 
 #: Terminal queries and reports: device status (``CSI 5n``, ``CSI 6n``, ``CSI ?6n``),
@@ -80,6 +80,29 @@ def console_summary(path: Path | None, lines: int = 3) -> str:
     if not tail:
         return ""
     return f"last console lines: {' | '.join(tail)} (full log: {path})"
+
+
+#: What the kernel prints when an initramfs archive does not unpack (the boot goes on
+#: with whatever was unpacked before it, so the guest may still come up).
+INITRAMFS_FAILED = b"Initramfs unpacking failed"
+
+
+def check_initramfs_unpacked(path: Path | None) -> None:
+    """Raise :class:`GuestImageError` if the console log shows the initramfs did not unpack."""
+    if path is None:
+        return
+    try:
+        text = path.read_bytes()
+    except OSError:
+        return
+    at = text.find(INITRAMFS_FAILED)
+    if at < 0:
+        return
+    line = text[at:].split(b"\n", 1)[0].decode(errors="replace").strip()
+    raise GuestImageError(f"the guest kernel could not unpack the initrd: {line}",
+                          "an archive appended to the initramfs is corrupt or in a format the "
+                          "kernel cannot read; add files with 'qemu-kd guest build --add/--overlay'; "
+                          f"console log: {path}")
 
 
 class Console:

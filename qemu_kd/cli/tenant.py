@@ -110,11 +110,14 @@ def _read_root(path: str):
 
 def _guest_inputs(args: argparse.Namespace) -> tuple[bytes, bytes, str]:
     """Kernel, initrd and cmdline from the options, defaulting to the built guest."""
-    kernel_path, initrd_path = args.kernel, args.initrd
-    if kernel_path is None or initrd_path is None:
-        from qemu_kd.guest.cache import ensure_guest
+    from qemu_kd.cli.guest_files import additions_from_args
 
-        art = ensure_guest()
+    kernel_path, initrd_path = args.kernel, args.initrd
+    additions = additions_from_args(args)
+    if kernel_path is None or initrd_path is None:
+        from qemu_kd.guest.additions import ensure_custom_guest
+
+        art = ensure_custom_guest(additions)
         kernel_path = kernel_path or art.kernel
         initrd_path = initrd_path or art.initrd
         _note(f"guest: kernel {kernel_path}, initrd {initrd_path}")
@@ -222,6 +225,9 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
                    help="general registers a hypercall may show the host (the VMCS's measured "
                         "exposed-register mask), e.g. rax,rbx,rcx; all or none (default none)")
+    from qemu_kd.cli.guest_files import add_addition_options
+
+    add_addition_options(p)
 
 
 def add_tenant_parser(subparsers) -> argparse.ArgumentParser:

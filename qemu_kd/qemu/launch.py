@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from qemu_kd.channel.agent_client import AgentClient
 from qemu_kd.formats.bootlayout import build_boot_layout, with_tsc_khz
-from qemu_kd.channel.console import console_summary
+from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import GuestError, KdError
 from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
@@ -111,7 +111,9 @@ class RunningGuest:
             sock = self.machine.connect_serial("shared")
             self.agent = AgentClient(sock, diagnose=self.diagnose)
             self.machine.resume()
-            return self.agent.wait_ready(ready_timeout)
+            ready = self.agent.wait_ready(ready_timeout)
+        check_initramfs_unpacked(self.machine.console_log)
+        return ready
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Ask the agent to power off; QEMU leaves on the guest's reboot (-no-reboot)."""
