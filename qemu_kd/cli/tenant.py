@@ -116,8 +116,9 @@ def _guest_inputs(args: argparse.Namespace) -> tuple[bytes, bytes, str]:
     additions = additions_from_args(args)
     if kernel_path is None or initrd_path is None:
         from qemu_kd.guest.additions import ensure_custom_guest
+        from qemu_kd.guest.cache import ensure_guest
 
-        art = ensure_custom_guest(additions)
+        art = ensure_custom_guest(additions) if additions else ensure_guest()
         kernel_path = kernel_path or art.kernel
         initrd_path = initrd_path or art.initrd
         _note(f"guest: kernel {kernel_path}, initrd {initrd_path}")
