@@ -114,3 +114,68 @@ def test_plain_run_command_timeout_kills_and_reports(guest_artifacts):
     ran = json.loads(res.stdout)["exec"]
     assert ran["timed_out"] is True and ran["truncated"] is False and ran["timeout"] == 3.0
     assert ran["stdout"] == "started\n"
+
+
+@pytest.mark.qemu
+def test_exec_in_a_kept_domain_runs_as_the_tenant(guest_artifacts, tmp_path):
+    import stat
+
+    from leftovers import stop_registered_platforms
+    from qemu_kd.cli.kept import record_path
+
+    env = {**os.environ, "QEMU_KD_RUNTIME": str(tmp_path / "rt")}
+    name = None
+    try:
+        run = qemu_kd("run", "--keep", "--json", "-q", "--cmd", "true", env=env, timeout=600)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        pid, keyid = out["kept"]["platform_pid"], out["keyid"]
+        name = f"{pid}:kd{keyid}"
+        record = record_path(pid, keyid)
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+
+        ran = qemu_kd("exec", name, "--", "sh", "-c", "echo out-$((6*7)); echo err >&2; exit 4",
+                      env=env, timeout=300)
+        assert ran.returncode == 4, ran.stderr
+        assert ran.stdout == "out-42\n" and ran.stderr == "err\n"
+
+        slow = qemu_kd("exec", "--json", "--cmd-timeout", "2", name, "--", "sleep", "600",
+                       env=env, timeout=300)
+        assert slow.returncode == TIMED_OUT_EXIT, slow.stderr
+        info = json.loads(slow.stdout)
+        assert info["attested"] and info["measurement"] == out["measurement"]
+        assert info["exec"]["timed_out"] is True
+
+        assert qemu_kd("destroy", name, env=env).returncode == 0
+        name = None
+        assert not record.exists()
+        gone = qemu_kd("exec", "--json", f"{pid}:kd{keyid}", "--", "true", env=env)
+        assert gone.returncode == HARNESS_EXIT
+        assert json.loads(gone.stdout)["error"]["code"] == "DomainLookupError"
+    finally:
+        if name is not None:
+            qemu_kd("destroy", name, env=env)
+        stop_registered_platforms(tmp_path / "rt")
+
+
+def test_exec_needs_a_command_and_a_kept_domain(tmp_path):
+    env = no_qemu_env(tmp_path)
+    res = qemu_kd("exec", "--json", "kd1", "--", env=env)
+    assert res.returncode == HARNESS_EXIT and "exec needs a command" in one_line_error(res)
+    assert json.loads(res.stdout)["error"]["code"] == "CommandLineError"
+    res = qemu_kd("exec", "--cmd-timeout", "-1", "kd1", "--", "true", env=env)
+    assert res.returncode == HARNESS_EXIT and "--cmd-timeout" in one_line_error(res)
+
+
+def test_records_of_dead_platforms_are_swept(tmp_path, monkeypatch):
+    from qemu_kd.cli import kept
+
+    monkeypatch.setattr(kept, "tenants_dir", lambda: tmp_path)
+    live, dead = tmp_path / f"{os.getpid()}-1.json", tmp_path / "999999999-2.json"
+    live.write_text("{}")
+    dead.write_text("{}")
+    assert kept.sweep_dead_records() == [dead]
+    assert live.exists() and not dead.exists()
+    with pytest.raises(kept.KeptRecordError, match="only domains kept by"):
+        monkeypatch.setattr(kept, "record_path", lambda pid, keyid: tmp_path / "none.json")
+        kept.KeptTenant.load(1, 1, "kd1")

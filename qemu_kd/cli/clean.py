@@ -23,7 +23,9 @@ from qemu_kd.hostport.registry import default_socket, sweep_stale_entries
 
 def sweep_leftovers() -> list[Path]:
     """Remove every leftover of dead qemu-kd processes; what was removed."""
-    removed = sweep_stale_entries() + sweep_dead_dirs()
+    from qemu_kd.cli.kept import sweep_dead_records
+
+    removed = sweep_stale_entries() + sweep_dead_dirs() + sweep_dead_records()
     sock = default_socket()
     if sock.exists():
         try:

@@ -427,6 +427,9 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     dom = resolve(args.domain)
     with HostPortClient(dom.platform_socket, timeout=120.0, client_name="qemu-kd destroy") as client:
         freed = client.destroy_kd(dom.keyid)
+    from qemu_kd.cli.kept import remove_record
+
+    remove_record(dom.platform_pid, dom.keyid)
     if args.json:
         print(json.dumps({"name": dom.name, "qualified_name": dom.qualified, "keyid": dom.keyid,
                           "platform": {"pid": dom.platform_pid, "socket": dom.platform_socket},

@@ -49,6 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  console:  qemu-kd console {name}")
             print(f"  QMP:      qemu-kd qmp-shell {name}   ({result['endpoints']['qmp']})")
             print(f"  gdb:      qemu-kd gdb {name}         ({result['endpoints']['gdb']})")
+            print(f"  exec:     qemu-kd exec {name} -- CMD...")
             print(f"  end it:   qemu-kd destroy {name}")
     from qemu_kd.cli.outcome import guest_exit_status
 
@@ -158,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qemu_kd.cli.domains import add_domain_parsers
 
     add_domain_parsers(sub)
+
+    from qemu_kd.cli.exec import add_exec_parser
+
+    add_exec_parser(sub)
 
     from qemu_kd.cli.controls import add_control_parsers
 

@@ -214,6 +214,9 @@ def run_protected(opts: ProtectedOptions) -> dict:
             host.call("detach")
             hand_over_platform(platform)
             keep = True
+            from qemu_kd.cli.kept import KeptTenant
+
+            KeptTenant(platform.pid, secret, layout.platform_chain_pem).save()
             out["kept"] = {"platform_pid": platform.pid, "platform_socket": str(psock),
                            "name": f"kd{layout.keyid}"}
         else:
