@@ -10,7 +10,7 @@ command     arguments                                    result
 allocate    memory_size, host_data (hex, optional)       layout (JSON text)
 load        bundle (path of the bundle file)             {}
 verify      —                                            checks: [{name, ok, detail}]
-launch      ready_timeout                                endpoints, checks, ready
+launch      ready_timeout, name (optional)               endpoints, checks, ready, name
 agent       agent_cmd, args, wait                        the guest agent's result
 status      —                                            domain status from the platform
 detach      —                                            {} (domain left running; service ends)
@@ -58,9 +58,13 @@ class HostVmmService:
         return {"checks": [c.as_dict() for c in self.vmm.verify()]}
 
     def do_launch(self, req: dict) -> dict:
-        endpoints = self.vmm.launch(float(req.get("ready_timeout", 120)))
+        name = req.get("name")
+        endpoints = self.vmm.launch(float(req.get("ready_timeout", 120)),
+                                    name=None if name is None else str(name))
+        status = self.vmm.client.domain_status(self.vmm.keyid)
         return {"endpoints": endpoints, "checks": [c.as_dict() for c in self.vmm.checks],
-                "ready": self.vmm.agent.ready, "timings": self.vmm.timings}
+                "ready": self.vmm.agent.ready, "timings": self.vmm.timings,
+                "name": status.get("name")}
 
     def do_agent(self, req: dict) -> dict:
         if self.vmm.agent is None:

@@ -196,8 +196,11 @@ class HostVmm:
         return checks
 
     # -- launch ---------------------------------------------------------------------
-    def launch(self, ready_timeout: float = 120.0, diagnose=None) -> dict:
+    def launch(self, ready_timeout: float = 120.0, diagnose=None, name: str | None = None) -> dict:
         """Launch (checks must have passed), attach the shared channel, run, wait for the agent.
+
+        ``name`` labels the domain (unique among the machine's live domains; by default the
+        platform picks the next free ``kdN``).
 
         The checks of an earlier :meth:`verify` stand: once verify-ept passed, the platform
         write-locks the domain's pages, so nothing they looked at can change.
@@ -209,7 +212,7 @@ class HostVmm:
                 "refusing to launch: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
                 "the bundle, the layout or the platform's pages do not match")
         t0 = time.perf_counter()
-        self.endpoints = self.client.launch(self.keyid)
+        self.endpoints = self.client.launch(self.keyid, name)
         self.launched = True
         sock = connect_shared_channel(self.endpoints.get("shared"))
         if self.answer_hypercalls:

@@ -85,11 +85,13 @@ def ref(pid: int, keyid: int, *, state="LAUNCHED", debug=False, running=True, en
 
 
 def test_domain_names():
-    assert parse_domain_name("kd3") == (None, 3)
-    assert parse_domain_name("3") == (None, 3)
-    assert parse_domain_name(" 4242:kd12 ") == (4242, 12)
-    assert parse_domain_name("4242:7") == (4242, 7)
-    for bad in ("", "kd", "kdx", "vm1", "1:2:3", "kd-1", ":kd1"):
+    assert parse_domain_name("kd3") == (None, "kd3", 3)
+    assert parse_domain_name("3") == (None, "3", 3)
+    assert parse_domain_name(" 4242:kd12 ") == (4242, "kd12", 12)
+    assert parse_domain_name("4242:7") == (4242, "7", 7)
+    assert parse_domain_name("web") == (None, "web", None)
+    assert parse_domain_name("4242:kd-1") == (4242, "kd-1", None)
+    for bad in ("", "1:2:3", ":kd1", "-x", "a b", "x" * 33, "web/1"):
         with pytest.raises(ConfigError, match="is not a domain name"):
             parse_domain_name(bad)
 
@@ -152,7 +154,7 @@ def test_ls_and_lookup_with_no_or_a_silent_platform(tmp_path, monkeypatch, capsy
     assert rc == 0 and json.loads(out) == []
     rc, _, err = run_cli(["qmp-shell", "kd1"], capsys)
     assert rc == 1 and err.count("\n") == 1 and "no key domain kd1" in err and "qemu-kd ls" in err
-    rc, _, err = run_cli(["destroy", "nonsense"], capsys)
+    rc, _, err = run_cli(["destroy", "no/such"], capsys)
     assert rc == 2 and "is not a domain name" in err
     # A registered daemon that is alive but does not serve: a warning, not a crash.
     silent = socket.socket(socket.AF_UNIX)

@@ -329,7 +329,7 @@ def test_host_vmm_closes_the_shared_channel_socket_when_connect_fails(make_serve
     try:
         vmm.layout = SimpleNamespace(keyid=1)
         vmm.checks = [Check("all", True, "")]
-        monkeypatch.setattr(vmm.client, "launch", lambda keyid: {"shared": str(sockdir / "gone.sock")})
+        monkeypatch.setattr(vmm.client, "launch", lambda keyid, name=None: {"shared": str(sockdir / "gone.sock")})
         fds = open_fds()
         with pytest.raises(KdError, match="cannot connect to the domain's shared channel"):
             vmm.launch()

@@ -62,3 +62,13 @@ def exposed_registers(text: str) -> int:
         return exposed_register_mask(names)
     except KdError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def domain_name(text: str) -> str:
+    """``run --name``: a domain name (see hostport.names.check_name)."""
+    from qemu_kd.hostport.names import check_name
+
+    try:
+        return check_name(text)
+    except KdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -146,7 +146,7 @@ def _cmd_exit_interval(args: argparse.Namespace) -> int:
 
 def add_control_parsers(sub) -> None:
     """Register ``setmem``, ``relocate`` and ``exit-interval`` on ``sub``."""
-    name_help = "the domain: kdN, N, or PID:kdN when several platforms have a kdN"
+    name_help = "the domain: its name (run --name, or kdN), N for KeyID N, or PID:NAME"
     setmem = sub.add_parser("setmem", help="change a running domain's memory (the guest agrees or refuses)",
                             description="Balloon a running domain to SIZE of guest memory, like virsh "
                                         "setmem: below its current size the guest gives pages back to the "

@@ -7,9 +7,10 @@ platform hands out: the filtering QMP and gdb proxies and the console.  They
 are host tools: they see exactly what the host may see, nothing more.
 
 Domain names
-    ``kdN`` (the platform's name for KeyID N), just ``N``, or ``PID:kdN``
-    (``PID:N``) to pick the domain of one platform daemon when several of them
-    have a ``kdN``.
+    A domain's name (``run --name``, or the ``kdN`` the platform picked; names
+    are unique across the platforms of the machine), ``kdN`` or just ``N`` for
+    KeyID N, and ``PID:NAME`` (``PID:kdN``, ``PID:N``) to pick the domain of one
+    platform daemon.  An exact name match wins over a KeyID.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ LIVE_STATES = ("LAUNCHED", "EXITED")
 #: Ctrl-] ends an interactive console session, as in ``virsh console`` and telnet.
 ESCAPE = 0x1D
 HOST_PORT_TIMEOUT = 10.0
-_NAME_RE = re.compile(r"^(?:(?P<pid>\d+):)?(?:kd)?(?P<keyid>\d+)$")
+_SELECTOR_RE = re.compile(r"^(?:(?P<pid>\d+):)?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})$")
+_KEYID_RE = re.compile(r"^(?:kd)?(?P<keyid>\d+)$")
+MiB = 1 << 20
 
 
 class DomainLookupError(KdError):
@@ -105,9 +108,24 @@ class DomainRef:
             return f"{self.state} (QEMU gone)"
         return self.state
 
+    @property
+    def memory(self) -> int | None:
+        """Guest memory in bytes (None before launch, or from older platforms)."""
+        size = self.status.get("memory")
+        return size if isinstance(size, int) else None
+
+    @property
+    def uptime(self) -> float | None:
+        """Seconds since launch (None before launch, or from older platforms)."""
+        up = self.status.get("uptime")
+        return float(up) if isinstance(up, (int, float)) else None
+
     def as_json(self) -> dict:
+        memory = self.memory
         return {"name": self.name, "qualified_name": self.qualified, "keyid": self.keyid,
                 "state": self.state, "guest_state": self.guest_state, "running": self.running,
+                "memory": memory, "memory_mib": memory // MiB if memory is not None else None,
+                "vcpus": self.status.get("vcpus", 1), "uptime": self.uptime,
                 "policy": self.status.get("policy"), "measurement": self.status.get("measurement"),
                 "host_data": self.status.get("host_data"),
                 "integrity_events": self.status.get("integrity_events"),
@@ -164,33 +182,41 @@ def _unreachable_note(found: Survey) -> str:
     return f"; platform {pids} did not answer"
 
 
-def parse_domain_name(text: str) -> tuple[int | None, int]:
-    """``kdN``, ``N``, ``PID:kdN`` or ``PID:N`` as (platform pid or None, KeyID)."""
-    match = _NAME_RE.match(text.strip())
+def parse_domain_name(text: str) -> tuple[int | None, str, int | None]:
+    """``NAME``, ``kdN``, ``N`` or any of them after ``PID:``, as (platform pid or None,
+    the name, the KeyID it reads as or None)."""
+    match = _SELECTOR_RE.match(text.strip())
     if not match:
         raise ConfigError(f"{text!r} is not a domain name",
-                          "use kdN, N or PID:kdN; `qemu-kd ls` lists the domains")
-    pid = match.group("pid")
-    return (int(pid) if pid is not None else None), int(match.group("keyid"))
+                          "use NAME, kdN, N or PID:NAME; `qemu-kd ls` lists the domains")
+    pid, name = match.group("pid"), match.group("name")
+    keyid = _KEYID_RE.match(name)
+    return ((int(pid) if pid is not None else None), name,
+            int(keyid.group("keyid")) if keyid else None)
 
 
 def resolve(text: str, found: Survey | None = None) -> DomainRef:
-    """The one domain ``text`` names (DomainLookupError when none or several match)."""
-    pid, keyid = parse_domain_name(text)
+    """The one domain ``text`` names (DomainLookupError when none or several match).
+
+    A domain whose name is ``text`` wins; otherwise ``kdN``/``N`` picks KeyID N.
+    """
+    pid, name, keyid = parse_domain_name(text)
     found = survey() if found is None else found
-    matches = [d for d in found.domains
-               if d.keyid == keyid and (pid is None or d.platform_pid == pid)]
+    here = [d for d in found.domains if pid is None or d.platform_pid == pid]
+    matches = [d for d in here if d.name == name]
+    if not matches and keyid is not None:
+        matches = [d for d in here if d.keyid == keyid]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         choices = ", ".join(d.qualified for d in matches)
-        raise DomainLookupError(f"kd{keyid} is on several platforms: {choices}",
+        raise DomainLookupError(f"{name} is on several platforms: {choices}",
                                 "name one of them as PID:kdN")
     where = f" on platform {pid}" if pid is not None else ""
     if pid is not None and all(int(info["pid"]) != pid for info in _platforms()):
         raise DomainLookupError(f"no platform daemon with pid {pid} is running",
                                 "run `qemu-kd ls` to see the running domains")
-    raise DomainLookupError(f"no key domain kd{keyid}{where}{_unreachable_note(found)}",
+    raise DomainLookupError(f"no key domain {name}{where}{_unreachable_note(found)}",
                             "run `qemu-kd ls` to see the running domains")
 
 
@@ -444,7 +470,7 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
 
 def add_domain_parsers(sub) -> None:
     """Register ``ls``, ``qmp-shell``, ``gdb``, ``console`` and ``destroy`` on ``sub``."""
-    name_help = "the domain: kdN, N, or PID:kdN when several platforms have a kdN"
+    name_help = "the domain: its name (run --name, or kdN), N for KeyID N, or PID:NAME"
 
     ls = sub.add_parser("ls", help="list the running key domains of every platform daemon")
     ls.add_argument("--json", action="store_true", help="print a JSON list")

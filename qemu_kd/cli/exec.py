@@ -90,6 +90,6 @@ def add_exec_parser(sub) -> None:
     ex.add_argument("--cmd-timeout", type=positive_seconds, default=None, metavar="S",
                     help="kill the command after S seconds (exit 124; default: no limit)")
     ex.add_argument("--json", action="store_true", help="print one JSON object")
-    ex.add_argument("domain", help="the domain: kdN, N, or PID:kdN")
+    ex.add_argument("domain", help="the domain: its name (run --name, or kdN), N, or PID:NAME")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- and the command and its arguments")
     ex.set_defaults(func=_cmd_exec, harness_exit=True)

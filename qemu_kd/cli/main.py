@@ -23,12 +23,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     opts = ProtectedOptions(cmd=args.cmd, mem_size=args.mem, accel=args.accel,
                             ready_timeout=args.timeout, progress=not args.quiet,
                             kernel=args.kernel, initrd=args.initrd, debug=args.debug,
-                            keep=args.keep, exposed_register_mask=args.expose,
+                            keep=args.keep, exposed_register_mask=args.expose, name=args.name,
                             cmd_timeout=args.cmd_timeout, additions=additions_from_args(args))
     if args.plain:
-        if args.debug or args.keep or args.expose:
-            raise ConfigError("--debug, --keep and --expose apply to protected domains",
-                              "drop --plain, or drop --debug/--keep/--expose")
+        if args.debug or args.keep or args.expose or args.name:
+            raise ConfigError("--debug, --keep, --expose and --name apply to protected domains",
+                              "drop --plain, or drop --debug/--keep/--expose/--name")
         result = run_plain(opts)
     else:
         result = run_protected(opts)
@@ -104,7 +104,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qemu_kd.cli.args import exposed_registers, guest_memory, positive_seconds
+    from qemu_kd.cli.args import domain_name, exposed_registers, guest_memory, positive_seconds
     from qemu_kd.cli.guest_files import add_addition_options
 
     parser = KdArgumentParser(
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "VMCS's measured mask), e.g. rax,rbx,rcx; all or none (default none)")
     run.add_argument("--keep", action="store_true",
                      help="leave the domain running and print how to reach it")
+    run.add_argument("--name", type=domain_name, default=None,
+                     help="name the domain (1-32 of A-Z a-z 0-9 _ . -, unique among the live "
+                          "domains of every platform; default: the next free kdN)")
     run.add_argument("--cmd", default="uname -a", help="shell command to run in the guest")
     run.add_argument("--mem", default="256M", type=guest_memory,
                      help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")

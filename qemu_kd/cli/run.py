@@ -112,6 +112,7 @@ class ProtectedOptions(RunOptions):
     debug: bool = False
     keep: bool = False
     exposed_register_mask: int = 0
+    name: str | None = None     # the domain's name; None: the platform picks the next free kdN
 
 
 def run_protected(opts: ProtectedOptions) -> dict:
@@ -164,7 +165,8 @@ def run_protected(opts: ProtectedOptions) -> dict:
         with timer.phase("verify"):
             checks = host.call("verify")["checks"]
         show("launch and boot to agent ready")
-        launched = host.call("launch", ready_timeout=opts.ready_timeout)
+        launched = host.call("launch", ready_timeout=opts.ready_timeout, name=opts.name)
+        name = launched.get("name") or f"kd{layout.keyid}"
         # The host VMM timed these phases; they ran between verify and attest.
         timer.phases.update(in_order(launched.get("timings", {}), PROTECTED_BOOT_PHASES))
         with timer.phase("attest"):
@@ -186,6 +188,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
             "kernel_release": launched["ready"].get("kernel"),
             "agent_version": launched["ready"].get("version"),
             "keyid": layout.keyid,
+            "name": name,
             "measurement": report.measurement.hex(),
             "expected_measurement": expected.hex(),
             "policy": {"debug": policy.debug, "hex": policy.pack().hex()},
@@ -218,7 +221,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
 
             KeptTenant(platform.pid, secret, layout.platform_chain_pem).save()
             out["kept"] = {"platform_pid": platform.pid, "platform_socket": str(psock),
-                           "name": f"kd{layout.keyid}"}
+                           "name": name}
         else:
             with timer.phase("shutdown"):
                 host.call("destroy")

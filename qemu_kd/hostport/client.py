@@ -262,9 +262,13 @@ class HostPortClient:
         """The launch measurement (48 bytes) of a verified domain, to compare with the bundle's."""
         return bytes.fromhex(self._call("measure-kd", {"keyid": keyid})[0]["measurement"])
 
-    def launch(self, keyid: int) -> dict[str, str]:
-        """Launch a verified domain (vCPU left paused); returns its host-visible endpoints."""
-        endpoints = self._call("launch", {"keyid": keyid})[0]["endpoints"]
+    def launch(self, keyid: int, name: str | None = None) -> dict[str, str]:
+        """Launch a verified domain (vCPU left paused) named ``name`` (default: the next free
+        ``kdN``); returns its host-visible endpoints."""
+        args: dict = {"keyid": keyid}
+        if name is not None:
+            args["name"] = name
+        endpoints = self._call("launch", args)[0]["endpoints"]
         if not isinstance(endpoints, dict):
             raise HostPortProtocolError("launch result has no endpoints object")
         return {str(k): str(v) for k, v in endpoints.items()}

@@ -142,12 +142,17 @@ class HostPortConnectionError(HostPortError):
     code = "connection"
 
 
+class HostPortNameTakenError(HostPortError):
+    """launch with a domain name a live domain (on any platform of the machine) already has."""
+    code = "name-taken"
+
+
 ERROR_CLASSES: dict[str, type[HostPortError]] = {
     cls.code: cls for cls in (
         HostPortOwnershipError, HostPortAddressError, HostPortStateError, HostPortNotFoundError,
         HostPortBadRequestError, HostPortKeyIdExhaustedError, HostPortUnwrapError, HostPortVerifyError,
         HostPortRefusedError, HostPortLaunchError, HostPortProtocolError, HostPortUnknownCommandError,
-        HostPortInternalError, HostPortBusyError,
+        HostPortInternalError, HostPortBusyError, HostPortNameTakenError,
         HostPortConnectionError,
     )
 }

@@ -38,8 +38,11 @@ def _entry_pid(entry: Path) -> int | None:
 
 
 def sweep_stale_entries() -> list[Path]:
-    """Remove the entries (finished or half-written) of processes that are gone; those removed."""
-    removed = []
+    """Remove the entries (finished or half-written) of processes that are gone, and the domain
+    names they claimed (:mod:`qemu_kd.hostport.names`); those removed."""
+    from qemu_kd.hostport.names import sweep_stale_claims
+
+    removed = sweep_stale_claims(registry_dir())
     for entry in sorted(registry_dir().iterdir()):
         pid = _entry_pid(entry)
         if pid is not None and entry.suffix in (".json", ".tmp") and not pid_alive(pid):

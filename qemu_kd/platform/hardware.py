@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from qemu_kd.platform.domain import (
     SecretPageError,
 )
 from qemu_kd.common.errors import KdError
+from qemu_kd.hostport.names import NameClaims, check_name
 from qemu_kd.hostport.protocol import PlatformInfo
 from qemu_kd.formats.addresses import KEYID_BITS, MAX_KEYID, PAGE_SIZE
 from qemu_kd.common.rundirs import make_private_dir
@@ -80,7 +82,8 @@ class Platform:
 
     def __init__(self, identity, memory_size: int = DEFAULT_MEMORY_SIZE, workdir: Path | str | None = None,
                  *, qemu_accel: str = DEFAULT_QEMU_ACCEL,
-                 runtime_factory: Callable[..., object] | None = None):
+                 runtime_factory: Callable[..., object] | None = None,
+                 names_dir: Path | str | None = None):
         """``workdir``: a private directory for the DRAM file (created 0700 if missing;
         the file is unlinked once mapped) and audit logs; by default a fresh one under
         the runtime directory, removed on close.
@@ -88,6 +91,9 @@ class Platform:
         ``qemu_accel`` is the accelerator launched domains run with (the caller
         probes it); ``runtime_factory(domain, identity, accel, name)`` makes the
         object that runs a launched domain (default: ``kd_runtime.DomainRuntime``).
+
+        ``names_dir`` is where launched domains' names are claimed, shared by every
+        platform of the machine (default: the platform registry's directory).
         """
         self._own_workdir = workdir is None
         if workdir is None:
@@ -102,6 +108,14 @@ class Platform:
         self.keyids = KeyIdAllocator(MAX_KEYID)
         self.domains: dict[int, KeyDomain] = {}
         self.runtimes: dict[int, object] = {}
+        # Launched domains' names (unique across platforms) and launch times (for uptime).
+        self.domain_names: dict[int, str] = {}
+        self.launched_at: dict[int, float] = {}
+        if names_dir is None:
+            from qemu_kd.hostport.registry import registry_dir
+
+            names_dir = registry_dir()
+        self.name_claims = NameClaims(Path(names_dir), owner=str(workdir))
         self.qemu_accel = qemu_accel
         self._runtime_factory = runtime_factory or _default_runtime
         # QEMU processes are started from this one long-lived thread: QEMU dies with the
@@ -294,6 +308,10 @@ class Platform:
                     domain.on_destroy()
             finally:
                 self.runtimes.pop(keyid, None)
+                self.launched_at.pop(keyid, None)
+                name = self.domain_names.pop(keyid, None)
+                if name is not None:
+                    self.name_claims.release(name)
                 freed = domain.destroy()
                 del self.domains[keyid]
                 self.keyids.release(keyid)
@@ -308,17 +326,29 @@ class Platform:
         with self.lock:
             return self.domain(keyid).launch_measurement()
 
-    def launch(self, keyid: int) -> dict[str, str]:
+    def launch(self, keyid: int, name: str | None = None) -> dict[str, str]:
         """launch: measure, start QEMU, decrypt into guest RAM, load the vCPU (left paused).
 
+        ``name`` is the host's label for the domain (hostport/names.py): unique among
+        the live domains of every platform; by default the next free ``kdN``.
         Returns the host-visible endpoints (shared channel, console).
         """
         with self.lock:
             domain = self.domain(keyid)
             domain.require_state("launch", [DomainState.VERIFIED])
             domain.launch_measurement()
-            runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, f"kd{keyid}")
-            self._launcher.submit(runtime.launch).result()
+            if name is None:
+                name = self.name_claims.claim_default(keyid)
+            else:
+                self.name_claims.claim(check_name(name), keyid)
+            try:
+                runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, name)
+                self._launcher.submit(runtime.launch).result()
+            except BaseException:
+                self.name_claims.release(name)
+                raise
+            self.domain_names[keyid] = name
+            self.launched_at[keyid] = time.monotonic()
             try:
                 start_proxies = getattr(runtime, "start_proxies", None)
                 if start_proxies is not None:
@@ -426,7 +456,7 @@ class Platform:
             allowed = domain.policy.debug
             audit = getattr(runtime, "audit", None)
             if audit is not None:
-                audit.record(domain=f"kd{keyid}", endpoint="hostport",
+                audit.record(domain=self.domain_names.get(keyid, f"kd{keyid}"), endpoint="hostport",
                              action=f"debug-read gpa {gpa:#x} length {length}", allowed=allowed,
                              debug=allowed)
             if not allowed:
@@ -445,10 +475,14 @@ class Platform:
             measurement = getattr(domain, "measurement", None)
             return {
                 "keyid": keyid,
-                "name": f"kd{keyid}",
+                "name": self.domain_names.get(keyid, f"kd{keyid}"),
                 "state": domain.state.value,
                 "guest_state": guest,
                 "running": guest in GUEST_LIVE_STATES,
+                "memory": self._guest_memory(runtime),
+                "vcpus": 1,
+                "uptime": (round(time.monotonic() - self.launched_at[keyid], 3)
+                           if keyid in self.launched_at else None),
                 "policy": {"debug": domain.policy.debug, "hex": domain.policy.pack().hex()},
                 "measurement": measurement.digest.hex() if measurement is not None else None,
                 "host_data": domain.host_data.hex(),
@@ -456,6 +490,12 @@ class Platform:
                 "integrity_events": self.memory.integrity_events,
                 "endpoints": self._host_endpoints(runtime) if runtime is not None and qemu_up else {},
             }
+
+    @staticmethod
+    def _guest_memory(runtime) -> int | None:
+        """The launched guest's memory size in bytes, None before launch."""
+        size = getattr(runtime, "mem_size", None)
+        return size if isinstance(size, int) and size > 0 else None
 
     @staticmethod
     def _guest_state(runtime, qemu_up: bool) -> str | None:

@@ -45,6 +45,7 @@ from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
     COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_EXIT_WAIT, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
 )
+from qemu_kd.hostport.names import check_name
 from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.formats.hypercall import HypercallReply, check_registers
 from qemu_kd.formats.keywrap import KeyUnwrapError
@@ -498,7 +499,13 @@ class HostPortServer:
 
     def _launch(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         keyid = arg_int(args, "keyid", minimum=1, maximum=255)
-        return {"endpoints": self.platform.launch(keyid)}, b""
+        name = args.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise HostPortBadRequestError("launch: name must be a string")
+            check_name(name)
+        endpoints = self.platform.launch(keyid, name)
+        return {"endpoints": endpoints, "name": self.platform.domain_names.get(keyid)}, b""
 
     @staticmethod
     def _keyid_command(method: Callable[[int], None]) -> Handler:
