@@ -109,7 +109,7 @@ def test_platform_serve_bad_option_is_a_usage_error():
     (["tenant", "seal", "--mem", "1M", "--layout", "l", "--root", "r", "--out", "o", "--secret", "s"],
      "argument --mem: guest memory size 1 MiB is not supported"),
     (["console", "kd1", "--linger", "-1"], "argument --linger: -1 is not 0 or more seconds"),
-    (["destroy", "vm1"], "'vm1' is not a domain name"),
+    (["destroy", "vm/1"], "'vm/1' is not a domain name"),
     (["ls", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_usage_errors_exit_2(argv, message, tmp_path):

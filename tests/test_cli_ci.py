@@ -59,7 +59,7 @@ def test_a_missing_kernel_exits_125_with_one_json_object(tmp_path):
 
 
 def test_other_commands_keep_their_codes(tmp_path):
-    res = qemu_kd("destroy", "vm1", env=no_qemu_env(tmp_path))
+    res = qemu_kd("destroy", "vm/1", env=no_qemu_env(tmp_path))
     assert res.returncode == 2
 
 

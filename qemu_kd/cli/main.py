@@ -26,9 +26,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             keep=args.keep, exposed_register_mask=args.expose, name=args.name,
                             cmd_timeout=args.cmd_timeout, additions=additions_from_args(args))
     if args.plain:
-        if args.debug or args.keep or args.expose or args.name:
-            raise ConfigError("--debug, --keep, --expose and --name apply to protected domains",
-                              "drop --plain, or drop --debug/--keep/--expose/--name")
+        if args.debug or args.keep or args.expose:
+            raise ConfigError("--debug, --keep and --expose apply to protected domains",
+                              "drop --plain, or drop --debug/--keep/--expose")
+        if args.name:
+            raise ConfigError("--name names a protected domain", "drop --plain, or drop --name")
         result = run_plain(opts)
     else:
         result = run_protected(opts)
