@@ -78,6 +78,9 @@ class AgentClient:
     def call(self, cmd: str, wait: float = 30.0, **args) -> dict:
         req_id = next(self._ids)
         try:
+            # A large request (a file chunk) drains only as fast as the guest reads it: the
+            # send gets the whole wait, not the short timeout left from the last read.
+            self.sock.settimeout(wait)
             self.sock.sendall(encode(request(req_id, cmd, **args)))
         except OSError as exc:
             raise self._fail(f"cannot send {cmd!r} to the guest agent: {exc}") from None
