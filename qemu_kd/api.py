@@ -1,0 +1,614 @@
+"""The Python API: a platform as a context manager, and the domains it launches.
+
+::
+
+    import qemu_kd
+
+    with qemu_kd.Platform() as platform:
+        guest = platform.launch()                  # protected; plain=True for an unprotected one
+        result = guest.exec("uname -r")
+        assert result.rc == 0
+        report = guest.attest(b"my nonce")         # verified against the expected measurement
+
+A protected domain goes the whole way a tenant goes: the platform daemon runs
+the hardware, an untrusted host VMM process lays the domain out, the tenant
+seals the image, the host loads and launches it, and the tenant attests the
+guest and opens its session.  Every ``exec``, ``put_file`` and ``get_file``
+then travels inside that session.  A plain domain is a QEMU guest without the
+platform, driven through the guest agent directly (for comparison).
+
+``docs/api.md`` documents this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from qemu_kd.common.errors import ConfigError, GuestError, KdError
+
+if TYPE_CHECKING:
+    from qemu_kd.formats.report import AttestationReport
+    from qemu_kd.guest.additions import GuestAdditions
+
+MiB = 1 << 20
+#: Platform memory beyond the guest's own (EPT, VMCS and the other pages a domain needs).
+DOMAIN_OVERHEAD = 64 * MiB
+REPORT_DATA_SIZE = 64
+#: A plain domain's files move in pieces of this size (its agent caps each output at 1 MiB).
+PLAIN_FILE_CHUNK = 512 * 1024
+
+
+class NotProtectedError(KdError):
+    """An operation only a protected domain offers was asked of a plain one."""
+
+
+class DomainGoneError(KdError):
+    """The domain was destroyed."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A finished guest command.
+
+    ``rc`` is the exit status (negative: killed by that signal); ``timed_out``
+    says it ran past its timeout and was killed; ``truncated`` says an output
+    stream hit the agent's cap and was cut.
+    """
+
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """It exited with status 0 in time."""
+        return self.rc == 0 and not self.timed_out
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    """A report over the caller's nonce: the raw report, the platform's certificate chain
+    (PEM) and the verified view (signature, chain, measurement, policy and report_data
+    all checked)."""
+
+    report: bytes
+    chain_pem: bytes
+    verified: "AttestationReport"
+    report_data: bytes
+
+
+def report_data_for_nonce(nonce: bytes) -> bytes:
+    """The 64-byte report_data for ``nonce``: the nonce itself, zero-padded, when it fits;
+    otherwise its SHA-512."""
+    if len(nonce) <= REPORT_DATA_SIZE:
+        return nonce.ljust(REPORT_DATA_SIZE, b"\0")
+    return hashlib.sha512(nonce).digest()
+
+
+def guest_memory(memory: int | str) -> int:
+    """A guest memory size (``"256M"``, ``"1G"`` or bytes), checked."""
+    from qemu_kd.common.units import check_guest_memory, parse_size
+
+    return check_guest_memory(parse_size(memory) if isinstance(memory, str) else int(memory))
+
+
+def _as_argv(command: str | Iterable[str]) -> list[str]:
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    argv = [str(a) for a in command]
+    if not argv:
+        raise ConfigError("exec needs a command", "pass a shell string or a non-empty argv list")
+    return argv
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}",
+                          "pass an existing file, or neither kernel nor initrd for the default guest") from None
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """The kernel and initrd a domain boots."""
+
+    kernel: bytes
+    initrd: bytes
+    kernel_path: Path
+
+
+def resolve_image(kernel: str | Path | None, initrd: str | Path | None,
+                  additions: "GuestAdditions | None") -> GuestImage:
+    """Your own kernel and initrd, or the default guest (with ``additions``), built if needed."""
+    if kernel is not None or initrd is not None:
+        if additions:
+            raise ConfigError("additions build on the default guest, not on your own kernel and initrd",
+                              "add the files to your own initrd, or drop kernel and initrd")
+        if kernel is None or initrd is None:
+            raise ConfigError("kernel and initrd go together", "pass both, or neither for the default guest")
+        return GuestImage(_read(kernel, "kernel"), _read(initrd, "initrd"), Path(kernel))
+    from qemu_kd.guest.additions import GuestAdditions, ensure_custom_guest
+
+    art = ensure_custom_guest(additions or GuestAdditions())
+    return GuestImage(_read(art.kernel, "kernel"), _read(art.initrd, "initrd"), Path(art.kernel))
+
+
+# -- domains -------------------------------------------------------------------------------------
+
+class Domain:
+    """A running guest.  ``exec``, ``put_file`` and ``get_file`` work in both modes; a
+    protected domain runs them through the tenant's attested session."""
+
+    #: ``"protected"`` or ``"plain"``.
+    mode: str = ""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._gone = False
+
+    @property
+    def protected(self) -> bool:
+        return self.mode == "protected"
+
+    # The operations each mode provides.
+    def _exec(self, argv: list[str], stdin: bytes, timeout: float | None,
+              env: dict[str, str] | None) -> dict:
+        raise NotImplementedError
+
+    def _put(self, path: str, data: bytes, mode: int) -> None:
+        raise NotImplementedError
+
+    def _get(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def endpoints(self) -> dict[str, str | None]:
+        """Socket and log paths: ``console``, ``console_log``, ``qmp``, ``gdb``, ``audit_log``."""
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        if self._gone:
+            raise DomainGoneError(f"domain {self.name} was destroyed", "launch a new one")
+
+    # -- the public operations ---------------------------------------------------------------
+    def exec(self, command: str | Iterable[str], *, stdin: bytes | str | None = None,
+             timeout: float | None = None, env: dict[str, str] | None = None) -> ExecResult:
+        """Run ``command`` (a shell string, or an argv list) in the guest and wait for it.
+
+        ``timeout`` (seconds; None: no limit) kills it when it runs longer; the result
+        then has ``timed_out``.  Output beyond the agent's cap is cut (``truncated``).
+        """
+        self._check()
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        raw = self._exec(_as_argv(command), data, timeout, env)
+        return ExecResult(int(raw["rc"]), raw["stdout"], raw["stderr"],
+                          bool(raw.get("timed_out", False)), bool(raw.get("truncated", False)))
+
+    def put_file(self, path: str, data: bytes | str | Path, mode: int = 0o644) -> int:
+        """Write ``data`` (bytes, or the contents of a host file given as a Path) to ``path`` in
+        the guest with ``mode``; the number of bytes written."""
+        self._check()
+        if isinstance(data, Path):
+            data = _read(data, "file")
+        elif isinstance(data, str):
+            data = data.encode()
+        self._put(path, data, mode)
+        return len(data)
+
+    def get_file(self, path: str) -> bytes:
+        """The contents of ``path`` in the guest."""
+        self._check()
+        return self._get(path)
+
+    def attest(self, nonce: bytes) -> AttestationResult:
+        """A report over ``nonce`` (see :func:`report_data_for_nonce`), verified."""
+        raise NotProtectedError(f"{self.name} is a plain domain: no platform signs a report for it",
+                                "launch it with plain=False to attest it")
+
+    def qmp(self) -> Any:
+        """A connected ``qemu.qmp.legacy.QEMUMonitorProtocol`` client on the domain's QMP endpoint
+        (the platform's filtering proxy for a protected domain).  Close it when done."""
+        self._check()
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        path = self.endpoints.get("qmp")
+        if not path:
+            raise GuestError(f"{self.name} has no QMP endpoint")
+        mon = QEMUMonitorProtocol(path)
+        mon.connect()
+        return mon
+
+    def gdb(self, gdb: str = "gdb") -> Any:
+        """A ``pygdbmi`` ``GdbController`` with gdb attached to the domain's gdb endpoint (the
+        platform's filtering proxy) in asynchronous mode.  Call ``exit()`` on it when done."""
+        self._check()
+        path = self.endpoints.get("gdb")
+        if not path:
+            raise GuestError(f"{self.name} has no gdb endpoint",
+                             "a plain domain's gdbstub serves the harness itself")
+        if shutil.which(gdb) is None:
+            raise ConfigError(f"{gdb} is not installed", "install gdb (Debian: apt-get install gdb)")
+        from pygdbmi.gdbcontroller import GdbController
+
+        ctl = GdbController(command=[gdb, "--nx", "--quiet", "--interpreter=mi3"])
+        for command in ("-gdb-set mi-async on", "-gdb-set architecture i386:x86-64",
+                        f"-target-select remote {path}"):
+            records = ctl.write(command, timeout_sec=30, raise_error_on_timeout=False)
+            errors = [r for r in records if r.get("type") == "result" and r.get("message") == "error"]
+            if errors:
+                ctl.exit()
+                raise GuestError(f"gdb refused {command!r}: {errors[0].get('payload')}")
+        return ctl
+
+    def console(self, timeout: float = 30.0) -> Any:
+        """A ``pexpect`` spawn on the guest's serial console (ttyS0).  A root shell answers there
+        only in a plain or a DEBUG domain.  Close it when done."""
+        self._check()
+        import pexpect
+
+        path = self.endpoints.get("console")
+        if not path:
+            raise GuestError(f"{self.name} has no console endpoint")
+        python = shutil.which("python3") or "python3"
+        bridge = ("import socket,sys,os,select\n"
+                  "s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1])\n"
+                  "while True:\n"
+                  " r,_,_=select.select([s,0],[],[])\n"
+                  " if s in r:\n"
+                  "  d=s.recv(65536)\n"
+                  "  if not d: break\n"
+                  "  os.write(1,d)\n"
+                  " if 0 in r:\n"
+                  "  d=os.read(0,65536)\n"
+                  "  if not d: break\n"
+                  "  s.sendall(d)\n")
+        return pexpect.spawn(python, ["-c", bridge, path], timeout=timeout, echo=False)
+
+    def console_text(self) -> str:
+        """The console output so far (the console log)."""
+        log = self.endpoints.get("console_log")
+        try:
+            return Path(log).read_text(errors="replace") if log else ""
+        except OSError:
+            return ""
+
+    def audit_text(self) -> str:
+        """The platform's audit log of the domain's QMP and gdb endpoints so far ("" when plain)."""
+        log = self.endpoints.get("audit_log")
+        try:
+            return Path(log).read_text(errors="replace") if log else ""
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        """Stop the guest and free its resources (idempotent)."""
+        if self._gone:
+            return
+        self._gone = True
+        self._shutdown()
+
+    def __enter__(self) -> "Domain":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.mode}{' destroyed' if self._gone else ''}>"
+
+
+class PlainDomain(Domain):
+    """An unprotected QEMU guest, driven through its agent on the shared channel."""
+
+    mode = "plain"
+
+    def __init__(self, name: str, guest: Any):
+        super().__init__(name)
+        self._guest = guest
+        self.ready: dict = guest.agent.ready or {}
+
+    @property
+    def endpoints(self) -> dict[str, str | None]:
+        m = self._guest.machine
+        if self._gone or m.sockdir is None:
+            return {"console_log": str(m.console_log) if m.console_log else None}
+        return {"console": m.socket_path("console"), "qmp": m.socket_path("qmp-host"), "gdb": None,
+                "console_log": str(m.console_log) if m.console_log else None, "audit_log": None}
+
+    def _exec(self, argv, stdin, timeout, env):
+        import base64
+
+        extra: dict = {"stdin": stdin.decode("utf-8", errors="surrogateescape")} if stdin else {}
+        if env:
+            extra["env"] = dict(env)
+        raw = self._guest.agent.exec(argv, timeout=timeout, **extra)
+        out = dict(raw)
+        for stream in ("stdout", "stderr"):
+            value = raw.get(stream, "")
+            out[stream] = value.encode() if isinstance(value, str) else base64.b64decode(value)
+        return out
+
+    def _put(self, path, data, mode):
+        # The plain agent has no file operations: the file goes in as the stdin of a shell,
+        # in pieces that stay well inside the agent's limits.
+        import base64
+
+        for start in range(0, max(len(data), 1), PLAIN_FILE_CHUNK):
+            redirect = ">>" if start else ">"
+            result = self._exec(["/bin/sh", "-c", f'base64 -d {redirect} "$1" && chmod "$2" "$1"', "sh",
+                                 path, f"{mode:o}"],
+                                base64.b64encode(data[start:start + PLAIN_FILE_CHUNK]), None, None)
+            if result["rc"] != 0:
+                raise GuestError(f"cannot write {path} in {self.name}: "
+                                 f"{result['stderr'].decode(errors='replace').strip()}")
+
+    def _get(self, path):
+        import base64
+
+        out = bytearray()
+        while True:
+            block = len(out) // PLAIN_FILE_CHUNK
+            result = self._exec(["/bin/sh", "-c", f'dd if="$1" bs={PLAIN_FILE_CHUNK} skip={block} count=1 '
+                                 '2>/dev/null | base64', "sh", path], b"", None, None)
+            if result["rc"] != 0 or (not out and self._exec(["test", "-r", path], b"", None, None)["rc"]):
+                raise GuestError(f"cannot read {path} in {self.name}: "
+                                 f"{result['stderr'].decode(errors='replace').strip() or 'no such file'}")
+            chunk = base64.b64decode(result["stdout"])
+            out += chunk
+            if len(chunk) < PLAIN_FILE_CHUNK:
+                return bytes(out)
+
+    def _shutdown(self):
+        self._guest.shutdown()
+
+
+class ProtectedDomain(Domain):
+    """A key-domain protected guest: launched by the host VMM, attested by the tenant."""
+
+    mode = "protected"
+
+    def __init__(self, name: str, host: Any, session: Any, *, keyid: int, endpoints: dict,
+                 expected: bytes, policy: Any, root_pem: bytes, layout: Any):
+        super().__init__(name)
+        self._host = host
+        self.session = session
+        self.keyid = keyid
+        self._endpoints = dict(endpoints)
+        self.measurement = expected
+        self.policy = policy
+        self._root_pem = root_pem
+        self._layout = layout
+
+    @property
+    def endpoints(self) -> dict[str, str | None]:
+        if self._gone:
+            return {name: path if path and Path(path).is_file() else None
+                    for name, path in self._endpoints.items()}
+        return dict(self._endpoints)
+
+    def _exec(self, argv, stdin, timeout, env):
+        return self.session.exec(argv, stdin=stdin, timeout=timeout, env=env)
+
+    def _put(self, path, data, mode):
+        self.session.put_file(path, data, mode)
+
+    def _get(self, path):
+        return self.session.get_file(path)
+
+    def attest(self, nonce: bytes) -> AttestationResult:
+        """Ask the guest (inside the session) for a report over ``nonce`` and verify it: the
+        platform's signature and chain, the measurement, the policy, host_data and that the
+        report_data is :func:`report_data_for_nonce` of ``nonce``."""
+        self._check()
+        from qemu_kd.tenant.verify import check_report
+
+        data = report_data_for_nonce(bytes(nonce))
+        raw = self.session.report(data)
+        chain = self._layout.platform_chain_pem
+        verified = check_report(raw, self._root_pem, chain, measurement=self.measurement,
+                                policy=self.policy, report_data=data, host_data=self._layout.host_data,
+                                allow_emulated=True)
+        return AttestationResult(raw, chain, verified, data)
+
+    def _shutdown(self):
+        try:
+            self._host.call("destroy")
+        except KdError:
+            pass   # the platform tears it down when the host VMM goes
+        finally:
+            self._host.stop()
+
+
+# -- the platform --------------------------------------------------------------------------------
+
+class Platform:
+    """The emulated platform: a platform daemon this object starts (and stops on exit), or one
+    already serving on ``socket``.
+
+    ``memory`` is the platform's DRAM (every domain's memory plus 64 MiB each must fit);
+    ``accel`` is ``"tcg"``, ``"kvm"`` or ``"auto"`` (KVM when it boots the guest).
+    """
+
+    def __init__(self, *, socket: str | Path | None = None, memory: int | str = "1G",
+                 accel: str = "auto", start_timeout: float = 60.0):
+        from qemu_kd.common.units import parse_size
+
+        self.memory = parse_size(memory) if isinstance(memory, str) else int(memory)
+        self._requested_accel = accel
+        self.accel: str | None = None
+        self.socket: Path | None = Path(socket) if socket else None
+        self._attached = socket is not None
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen | None = None
+        self.workdir: Path | None = None
+        self.domains: list[Domain] = []
+        self._count = 0
+
+    @property
+    def state_dir(self) -> Path:
+        from qemu_kd.hostport.registry import platform_state_dir
+
+        return platform_state_dir()
+
+    @property
+    def log_path(self) -> Path | None:
+        """The daemon's log (a platform this object started)."""
+        return self.workdir / "platform.log" if self.workdir else None
+
+    def _choose_accel(self, kernel_path: Path) -> str:
+        if self.accel is None:
+            from qemu_kd.qemu.accel import choose_accel
+
+            self.accel = choose_accel(self._requested_accel, kernel_path).name
+        return self.accel
+
+    def start(self) -> "Platform":
+        """Start the daemon (or check the one to attach to); idempotent."""
+        if self._proc is not None or (self._attached and self.workdir is not None):
+            return self
+        from qemu_kd.common.rundirs import make_private_dir
+        from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
+
+        find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
+        self.workdir = make_private_dir("run")
+        if self._attached:
+            assert self.socket is not None
+            if not self.socket.exists():
+                raise ConfigError(f"no platform serves on {self.socket}",
+                                  "start one with `qemu-kd platform serve`, or omit socket=")
+            return self
+        from qemu_kd.hostport.spawn import start_platform_process
+
+        image = resolve_image(None, None, None)
+        try:
+            self._proc, self.socket = start_platform_process(
+                self.workdir / "platform.sock", self.state_dir, accel=self._choose_accel(image.kernel_path),
+                memory_size=self.memory, timeout=self._start_timeout)
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            raise
+        return self
+
+    def launch(self, *, plain: bool = False, memory: int | str = "256M", debug: bool = False,
+               cmdline_extra: str = "", additions: "GuestAdditions | None" = None,
+               kernel: str | Path | None = None, initrd: str | Path | None = None,
+               ready_timeout: float = 120.0, name: str | None = None) -> Domain:
+        """Boot a guest and return it once its agent is ready (and, protected, attested).
+
+        ``plain`` boots it without protection (no platform, no attestation) for comparison.
+        ``debug`` seals the DEBUG policy (debug reads, a console shell, gdb stepping).
+        ``cmdline_extra`` is appended to the kernel command line (and measured), e.g.
+        ``"nokaslr"``.  ``additions`` adds your files to the default image; ``kernel`` and
+        ``initrd`` replace it.  A guest that is not ready within ``ready_timeout`` seconds is
+        an error (a :class:`~qemu_kd.common.errors.KdError`), never a hang.
+        """
+        self.start()
+        size = guest_memory(memory)
+        image = resolve_image(kernel, initrd, additions)
+        from qemu_kd.qemu.launch import full_cmdline
+
+        cmdline = full_cmdline(cmdline_extra)
+        self._count += 1
+        name = name or f"{'plain' if plain else 'kd'}-{os.getpid()}-{self._count}"
+        if plain:
+            dom: Domain = self._launch_plain(name, image, cmdline, size, ready_timeout)
+        else:
+            dom = self._launch_protected(name, image, cmdline, size, debug, ready_timeout)
+        self.domains.append(dom)
+        return dom
+
+    def _launch_plain(self, name: str, image: GuestImage, cmdline: str, size: int,
+                      ready_timeout: float) -> PlainDomain:
+        from qemu_kd.qemu.launch import PhaseTimer, boot_plain
+        from qemu_kd.qemu.machine import MachineSpec, log_dir
+
+        spec = MachineSpec(mem_size=size, accel=self._choose_accel(image.kernel_path), name=name)
+        console_log = log_dir() / f"{name}-console.log"
+        guest = boot_plain(image.kernel, image.initrd, cmdline, spec, PhaseTimer(),
+                           ready_timeout=ready_timeout, console_log=console_log)
+        return PlainDomain(name, guest)
+
+    def _launch_protected(self, name: str, image: GuestImage, cmdline: str, size: int, debug: bool,
+                          ready_timeout: float) -> ProtectedDomain:
+        from host_vmm.process import HostVmmProcess
+
+        from qemu_kd.formats.layout import HostLayout
+        from qemu_kd.formats.policy import Policy
+        from qemu_kd.tenant.measure import measure
+        from qemu_kd.tenant.seal import seal
+        from qemu_kd.tenant.session import TenantSession, attest
+
+        assert self.workdir is not None and self.socket is not None
+        policy = Policy.make(debug=debug)
+        host = HostVmmProcess(str(self.socket), str(self.workdir / f"{name}-vmm.sock"))
+        try:
+            layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
+            root_pem = (self.state_dir / "root-ca.crt").read_bytes()
+            bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem)
+            bundle_path = self.workdir / f"{name}.kd"
+            bundle.write(bundle_path)
+            expected = measure(image.kernel, image.initrd, cmdline, size, policy)
+            host.call("load", bundle=str(bundle_path))
+            bundle_path.unlink()
+            host.call("verify")
+            launched = host.call("launch", ready_timeout=ready_timeout, timeout=ready_timeout + 120)
+
+            def relay(cmd: str, wait: float = 60.0, **args: Any) -> dict:
+                return host.agent(cmd, wait=wait, **args)
+
+            attestation = attest(relay, root_pem=root_pem, chain_pem=layout.platform_chain_pem,
+                                 measurement=expected, policy=policy, host_data=layout.host_data)
+            session = TenantSession(relay, attestation, secret.key)
+        except BaseException:
+            try:
+                host.call("destroy", timeout=60)
+            except (KdError, OSError):
+                pass
+            host.stop()
+            raise
+        return ProtectedDomain(name, host, session, keyid=layout.keyid, endpoints=launched["endpoints"],
+                               expected=expected, policy=policy, root_pem=root_pem, layout=layout)
+
+    def close(self) -> None:
+        """Destroy every domain launched here, then stop the daemon this object started."""
+        for dom in list(self.domains):
+            try:
+                dom.destroy()
+            except KdError:
+                pass
+        self.domains.clear()
+        if self._proc is not None:
+            from qemu_kd.hostport.spawn import stop_platform_process
+
+            stop_platform_process(self._proc)
+            self._proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def __enter__(self) -> "Platform":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
