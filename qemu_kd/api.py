@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -206,12 +207,18 @@ class Domain:
 
     def put_file(self, path: str, data: bytes | str | Path, mode: int = 0o644) -> int:
         """Write ``data`` (bytes, or the contents of a host file given as a Path) to ``path`` in
-        the guest with ``mode``; the number of bytes written."""
+        the guest with ``mode``, creating missing parent directories; the number of bytes written."""
         self._check()
         if isinstance(data, Path):
             data = _read(data, "file")
         elif isinstance(data, str):
             data = data.encode()
+        parent = posixpath.dirname(path)
+        if parent not in ("", "/"):
+            made = self._exec(["mkdir", "-p", parent], b"", None, None)
+            if made["rc"] != 0:
+                raise GuestError(f"cannot create {parent} in {self.name}: "
+                                 f"{made['stderr'].decode(errors='replace').strip()}")
         self._put(path, data, mode)
         return len(data)
 

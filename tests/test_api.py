@@ -111,9 +111,9 @@ def test_exec_timeout_is_reported(domain):
 @pytest.mark.qemu
 def test_files_round_trip(domain):
     data = os.urandom(900 * 1024 + 17)   # more than one output cap in base64: pieces when plain
-    assert domain.put_file("/tmp/blob", data, mode=0o700) == len(data)
-    assert domain.get_file("/tmp/blob") == data
-    assert domain.exec("stat -c %a /tmp/blob").stdout == b"700\n"
+    assert domain.put_file("/tmp/new/dir/blob", data, mode=0o700) == len(data)
+    assert domain.get_file("/tmp/new/dir/blob") == data
+    assert domain.exec("stat -c %a /tmp/new/dir/blob").stdout == b"700\n"
 
 
 @pytest.mark.qemu
