@@ -92,6 +92,18 @@ class AttestationResult:
     chain_pem: bytes
     verified: "AttestationReport"
     report_data: bytes
+    #: The platform's root certificate (PEM) the chain was checked against.
+    root_pem: bytes = b""
+
+    def verify_report_argv(self, report_path: str | Path, root_path: str | Path,
+                           chain_path: str | Path) -> list[str]:
+        """The ``qemu-kd tenant verify-report`` arguments that check this report again, once
+        ``report``, ``root_pem`` and ``chain_pem`` are written to those paths."""
+        v = self.verified
+        return ["tenant", "verify-report", "--report", str(report_path), "--root", str(root_path),
+                "--chain", str(chain_path), "--report-data", self.report_data.hex(),
+                "--measurement", v.measurement.hex(), "--policy", v.policy.pack().hex(),
+                "--host-data", v.host_data.hex(), "--allow-emulated"]
 
 
 def report_data_for_nonce(nonce: bytes) -> bytes:
@@ -435,7 +447,7 @@ class ProtectedDomain(Domain):
         verified = check_report(raw, self._root_pem, chain, measurement=self.measurement,
                                 policy=self.policy, report_data=data, host_data=self._layout.host_data,
                                 allow_emulated=True)
-        return AttestationResult(raw, chain, verified, data)
+        return AttestationResult(raw, chain, verified, data, self._root_pem)
 
     def _shutdown(self):
         try:

@@ -142,6 +142,20 @@ def test_protected_attestation_over_the_callers_nonce(protected, platform):
 
 
 @pytest.mark.qemu
+def test_attestation_verifies_with_the_cli(protected, tmp_path):
+    nonce = os.urandom(32)
+    att = protected.attest(nonce)
+    paths = [tmp_path / "report.bin", tmp_path / "root.pem", tmp_path / "chain.pem"]
+    for path, data in zip(paths, (att.report, att.root_pem, att.chain_pem)):
+        path.write_bytes(data)
+    argv = [sys.executable, "-m", "qemu_kd.cli.main", *att.verify_report_argv(*paths)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    other = [a if a != att.report_data.hex() else report_data_for_nonce(b"x").hex() for a in argv]
+    assert subprocess.run(other, capture_output=True).returncode == 7   # report_data mismatch
+
+
+@pytest.mark.qemu
 def test_protected_endpoints_are_the_platforms(protected):
     ep = protected.endpoints
     assert {"console", "console_log", "qmp", "gdb", "audit_log"} <= set(ep)

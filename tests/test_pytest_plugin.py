@@ -91,7 +91,9 @@ def test_fails(kd_guest):
 
 
 @pytest.mark.qemu
-def test_the_example_project_passes_in_both_modes():
-    done = run_pytest(REPO / "examples" / "hello-guest", "--kd-mode", "both")
+def test_the_example_project_passes_in_both_modes_with_two_workers():
+    """Under pytest-xdist each worker has its own platform daemon and domain names."""
+    pytest.importorskip("xdist")
+    done = run_pytest(REPO / "examples" / "hello-guest", "--kd-mode", "both", "-n", "2")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "11 passed, 1 skipped" in done.stdout
+    assert "12 passed, 2 skipped" in done.stdout

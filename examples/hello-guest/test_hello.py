@@ -1,6 +1,9 @@
 """Tests of hello.py in a qemu-kd guest: run `pytest --kd-mode both` here."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,15 @@ def test_attestation_over_my_nonce(hello):
     assert att.verified.report_data[:32] == nonce
     assert att.verified.measurement == hello.measurement
     assert b"BEGIN CERTIFICATE" in att.chain_pem and len(att.report) > 0
+
+
+def test_attestation_checks_out_with_the_cli(hello, tmp_path):
+    if not hello.protected:
+        pytest.skip("a plain guest runs on no platform that could attest it")
+    att = hello.attest(b"my own nonce")
+    files = [tmp_path / "report.bin", tmp_path / "root.pem", tmp_path / "chain.pem"]
+    for path, data in zip(files, (att.report, att.root_pem, att.chain_pem)):
+        path.write_bytes(data)
+    qemu_kd_cli = shutil.which("qemu-kd") or str(Path(sys.executable).with_name("qemu-kd"))
+    done = subprocess.run([qemu_kd_cli, *att.verify_report_argv(*files)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
