@@ -45,6 +45,8 @@ def test_contracts_hold():
     ("qemu_kd/formats/layout.py", "import qemu_kd.cli.run", "only downwards"),
     ("qemu_kd/platform/daemon.py", "import qemu_kd.cli.main", "only downwards"),
     ("qemu_kd/qemu/launch.py", "import qemu_kd.platform.runtime", "Only the platform imports the platform"),
+    ("qemu_kd/api.py", "import qemu_kd.cli.run", "only downwards"),
+    ("qemu_kd/api.py", "import qemu_kd.platform.hardware", "Only the platform imports the platform"),
 ])
 def test_a_forbidden_import_breaks_the_contracts(tmp_path, module, line, contract):
     tree = copy_tree(tmp_path)
