@@ -97,3 +97,30 @@ def test_the_example_project_passes_in_both_modes_with_two_workers():
     done = run_pytest(REPO / "examples" / "hello-guest", "--kd-mode", "both", "-n", "2")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "12 passed, 2 skipped" in done.stdout
+
+
+class FakeRequest:
+    """What launch_options reads of a pytest FixtureRequest."""
+
+    def __init__(self, options: dict, marker=None, param=None):
+        self.config = type("Config", (), {"getoption": staticmethod(lambda name: options[name])})()
+        self.node = type("Node", (), {"get_closest_marker": staticmethod(lambda name: marker)})()
+        if param is not None:
+            self.param = param
+
+
+OPTIONS = {"kd_mode": "protected", "kd_memory": "256M", "kd_debug": False, "kd_ready_timeout": 120.0}
+
+
+def test_launch_options_from_the_command_line_and_the_marker():
+    from qemu_kd.pytest_plugin import launch_options
+
+    assert launch_options(FakeRequest(OPTIONS)) == {"plain": False, "memory": "256M", "debug": False,
+                                                    "ready_timeout": 120.0}
+    assert launch_options(FakeRequest({**OPTIONS, "kd_mode": "both"}, param="plain"))["plain"] is True
+    marker = pytest.mark.kd(memory="512M", debug=True, cmdline="nokaslr", image=("k", "i")).mark
+    opts = launch_options(FakeRequest(OPTIONS, marker))
+    assert (opts["memory"], opts["debug"], opts["cmdline_extra"], opts["kernel"], opts["initrd"]) == \
+        ("512M", True, "nokaslr", "k", "i")
+    with pytest.raises(pytest.UsageError, match="mark.kd takes"):
+        launch_options(FakeRequest(OPTIONS, pytest.mark.kd(mem="1G").mark))
