@@ -91,6 +91,24 @@ def test_fails(kd_guest):
 
 
 @pytest.mark.qemu
+def test_attesting_a_plain_guest_skips_the_test(tmp_path):
+    proj = project(tmp_path, """
+import qemu_kd
+
+def test_attest(kd_guest):
+    assert kd_guest.attest(b"nonce").verified.report_data[:5] == b"nonce"
+
+def test_attest_outside_the_fixture(kd_platform):
+    guest = kd_platform.launch(plain=True)
+    guest.attest(b"nonce")
+""")
+    done = run_pytest(proj, "--kd-mode", "both")
+    assert "1 failed, 1 passed, 1 skipped" in done.stdout, done.stdout
+    assert "SKIPPED" in done.stdout and "qemu-kd: plain-" in done.stdout and "is a plain domain" in done.stdout
+    assert "FAILED test_user.py::test_attest_outside_the_fixture" in done.stdout
+
+
+@pytest.mark.qemu
 def test_the_example_project_passes_in_both_modes_with_two_workers():
     """Under pytest-xdist each worker has its own platform daemon and domain names."""
     pytest.importorskip("xdist")
