@@ -540,7 +540,9 @@ class Platform:
         ``cmdline_extra`` is appended to the kernel command line (and measured), e.g.
         ``"nokaslr"``.  ``additions`` adds your files to the default image; ``kernel`` and
         ``initrd`` replace it.  A guest that is not ready within ``ready_timeout`` seconds is
-        an error (a :class:`~qemu_kd.common.errors.KdError`), never a hang.
+        an error (a :class:`~qemu_kd.common.errors.KdError`), never a hang.  ``name`` names a
+        protected domain on the platform (as ``qemu-kd ls`` shows it; unique across the
+        machine's platforms; by default the next free ``kdN``); a plain one is named here.
         """
         self.start()
         size = guest_memory(memory)
@@ -549,9 +551,9 @@ class Platform:
 
         cmdline = full_cmdline(cmdline_extra)
         self._count += 1
-        name = name or f"{'plain' if plain else 'kd'}-{os.getpid()}-{self._count}"
         if plain:
-            dom: Domain = self._launch_plain(name, image, cmdline, size, ready_timeout)
+            dom: Domain = self._launch_plain(name or f"plain-{os.getpid()}-{self._count}", image,
+                                             cmdline, size, ready_timeout)
         else:
             dom = self._launch_protected(name, image, cmdline, size, debug, ready_timeout)
         self.domains.append(dom)
@@ -568,8 +570,8 @@ class Platform:
                            ready_timeout=ready_timeout, console_log=console_log)
         return PlainDomain(name, guest)
 
-    def _launch_protected(self, name: str, image: GuestImage, cmdline: str, size: int, debug: bool,
-                          ready_timeout: float) -> ProtectedDomain:
+    def _launch_protected(self, name: str | None, image: GuestImage, cmdline: str, size: int,
+                          debug: bool, ready_timeout: float) -> ProtectedDomain:
         from host_vmm.process import HostVmmProcess
 
         from qemu_kd.formats.layout import HostLayout
@@ -580,18 +582,19 @@ class Platform:
 
         assert self.workdir is not None and self.socket is not None
         policy = Policy.make(debug=debug)
-        host = HostVmmProcess(str(self.socket), str(self.workdir / f"{name}-vmm.sock"))
+        host = HostVmmProcess(str(self.socket), str(self.workdir / f"vmm-{self._count}.sock"))
         try:
             layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
             root_pem = (self.state_dir / "root-ca.crt").read_bytes()
             bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem)
-            bundle_path = self.workdir / f"{name}.kd"
+            bundle_path = self.workdir / f"guest-{self._count}.kd"
             bundle.write(bundle_path)
             expected = measure(image.kernel, image.initrd, cmdline, size, policy)
             host.call("load", bundle=str(bundle_path))
             bundle_path.unlink()
             host.call("verify")
-            launched = host.call("launch", ready_timeout=ready_timeout, timeout=ready_timeout + 120)
+            named = {"name": name} if name is not None else {}
+            launched = host.call("launch", ready_timeout=ready_timeout, timeout=ready_timeout + 120, **named)
 
             def relay(cmd: str, wait: float = 60.0, **args: Any) -> dict:
                 return host.agent(cmd, wait=wait, **args)
@@ -606,7 +609,7 @@ class Platform:
                 pass
             host.stop()
             raise
-        return ProtectedDomain(name, host, session, keyid=layout.keyid, endpoints=launched["endpoints"],
+        return ProtectedDomain(launched.get("name") or name or f"kd{layout.keyid}", host, session, keyid=layout.keyid, endpoints=launched["endpoints"],
                                expected=expected, policy=policy, root_pem=root_pem, layout=layout)
 
     def close(self) -> None:

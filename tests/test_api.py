@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -174,6 +175,17 @@ def test_plain_domain_has_no_attestation_and_a_console_shell(plain):
         con.expect("CONSOLE42")
     finally:
         con.close()
+
+
+@pytest.mark.qemu
+def test_protected_domains_have_the_platforms_names(protected, platform):
+    assert re.fullmatch(r"kd\d+", protected.name)
+    named = platform.launch(name=f"api-{os.getpid()}")
+    try:
+        assert named.name == f"api-{os.getpid()}"
+        assert named.exec("true").ok
+    finally:
+        named.destroy()
 
 
 @pytest.mark.qemu
