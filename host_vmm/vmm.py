@@ -11,12 +11,11 @@ mismatch, but it can never *read* the guest.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qemu_kd.channel.agent_client import AgentClient
+from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
 from qemu_kd.formats.bundle import Bundle
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
@@ -40,21 +39,6 @@ class BundleLayoutError(KdError):
     """The bundle was sealed for another layout than the one this host allocated."""
 
     exit_code = 3
-
-
-def connect_shared_channel(path: str | None) -> socket.socket:
-    """A connection to a launched domain's shared channel; the socket is closed if it fails."""
-    if not path:
-        raise KdError("the platform named no shared channel for the launched domain",
-                      "destroy the domain and check the platform's log")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise KdError(f"cannot connect to the domain's shared channel {path}: {exc.strerror or exc}",
-                      "the domain is launched but unreachable; destroy it and check the platform's log") from None
-    return sock
 
 
 @dataclass

@@ -16,6 +16,24 @@ from guest_agent.protocol import MAX_LINE, ProtocolError, decode, encode, reques
 from qemu_kd.common.errors import GuestError
 
 
+
+UNREACHABLE_HINT = "the domain is launched but unreachable; destroy it and check the platform's log"
+
+
+def connect_shared_channel(path: str | None, hint: str = UNREACHABLE_HINT) -> socket.socket:
+    """A connection to a launched domain's shared channel; the socket is closed if it fails."""
+    if not path:
+        raise GuestError("the platform named no shared channel for the launched domain",
+                         "destroy the domain and check the platform's log")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise GuestError(f"cannot connect to the domain's shared channel {path}: {exc.strerror or exc}",
+                         hint) from None
+    return sock
+
 class AgentClient:
     """Talks to ``guest_agent`` over a connected stream socket."""
 

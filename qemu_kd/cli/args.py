@@ -72,3 +72,11 @@ def domain_name(text: str) -> str:
         return check_name(text)
     except KdError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_expose_option(parser: argparse.ArgumentParser) -> None:
+    """``--expose REGS`` (see :func:`exposed_registers`), for the commands that seal or measure."""
+    parser.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
+                        help="general registers the guest's hypercalls may show the host (the "
+                             "VMCS's measured exposed-register mask), e.g. rax,rbx,rcx; all or "
+                             "none (default none)")

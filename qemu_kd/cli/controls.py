@@ -63,8 +63,7 @@ def milliseconds_arg(text: str) -> int:
 def control_host(name: str, command: str):
     """The domain and a ControlHost on its host port and shared channel."""
     from host_vmm.controls import ControlHost
-    from host_vmm.vmm import connect_shared_channel
-    from qemu_kd.channel.agent_client import AgentClient
+    from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
     from qemu_kd.cli.domains import require_endpoint, resolve
     from qemu_kd.hostport.client import HostPortClient
 

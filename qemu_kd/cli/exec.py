@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 
-from qemu_kd.common.errors import GuestError
 
 
 def exec_in_domain(name: str, argv: list[str], timeout: float | None) -> dict:
     """Attest the kept domain ``name``, open its session and run ``argv``; the result."""
-    from qemu_kd.channel.agent_client import AgentClient
+    from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
     from qemu_kd.cli.domains import require_endpoint, resolve
     from qemu_kd.cli.kept import KeptTenant
     from qemu_kd.hostport.registry import platform_state_dir
@@ -27,13 +25,7 @@ def exec_in_domain(name: str, argv: list[str], timeout: float | None) -> dict:
     dom = resolve(name)
     shared = require_endpoint(dom, "shared")
     kept = KeptTenant.load(dom.platform_pid, dom.keyid, dom.qualified)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(shared)
-    except OSError as exc:
-        sock.close()
-        raise GuestError(f"cannot reach the shared channel of {dom.name}: {exc.strerror or exc}",
-                         "another client may hold it; run `qemu-kd ls`") from None
+    sock = connect_shared_channel(shared, "another client may hold it; run `qemu-kd ls`")
     client = AgentClient(sock)
     try:
         def relay(cmd: str, wait: float = 60.0, **args) -> dict:

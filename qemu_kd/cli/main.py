@@ -106,7 +106,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qemu_kd.cli.args import domain_name, exposed_registers, guest_memory, positive_seconds
+    from qemu_kd.cli.args import add_expose_option, domain_name, guest_memory, positive_seconds
     from qemu_kd.cli.guest_files import add_addition_options
 
     parser = KdArgumentParser(
@@ -121,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boot without key-domain protection (for comparison)")
     run.add_argument("--debug", action="store_true",
                      help="seal with the DEBUG policy (host may read guest memory, audited)")
-    run.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
-                     help="general registers the guest's hypercalls may show the host (the "
-                          "VMCS's measured mask), e.g. rax,rbx,rcx; all or none (default none)")
+    add_expose_option(run)
     run.add_argument("--keep", action="store_true",
                      help="leave the domain running and print how to reach it")
     run.add_argument("--name", type=domain_name, default=None,

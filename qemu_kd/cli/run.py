@@ -70,13 +70,19 @@ def guest_inputs(opts: "RunOptions", show) -> tuple[bytes, bytes, Path, str | No
             art.kernel, art.kernel_release)
 
 
-def run_plain(opts: RunOptions) -> dict:
-    """Boot the default guest without protection and run ``opts.cmd`` through the agent."""
+def prepare_run(opts: RunOptions):
+    """What every run starts with: the progress printer, the guest's kernel and initrd,
+    the accelerator (announced) and the phase timer."""
     show = progress_printer(opts.progress)
     kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
     accel = choose_accel(opts.accel, kernel_path)
     show(f"accelerator: {accel.name} ({accel.reason})")
-    timer = PhaseTimer(progress=show)
+    return show, kernel, initrd, accel, PhaseTimer(progress=show)
+
+
+def run_plain(opts: RunOptions) -> dict:
+    """Boot the default guest without protection and run ``opts.cmd`` through the agent."""
+    show, kernel, initrd, accel, timer = prepare_run(opts)
     spec = MachineSpec(mem_size=opts.mem_size, accel=accel.name, name="plain")
     guest = boot_plain(kernel, initrd, full_cmdline(), spec, timer,
                        ready_timeout=opts.ready_timeout)
@@ -131,11 +137,7 @@ def run_protected(opts: ProtectedOptions) -> dict:
     from qemu_kd.tenant.measure import measure
     from qemu_kd.tenant.seal import seal
 
-    show = progress_printer(opts.progress)
-    kernel, initrd, kernel_path, _release = guest_inputs(opts, show)
-    accel = choose_accel(opts.accel, kernel_path)
-    show(f"accelerator: {accel.name} ({accel.reason})")
-    timer = PhaseTimer(progress=show)
+    show, kernel, initrd, accel, timer = prepare_run(opts)
     cmdline = full_cmdline()
     policy = Policy.make(debug=opts.debug)
     pstate = platform_state_dir()

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from qemu_kd.cli.args import exposed_registers, guest_memory
+from qemu_kd.cli.args import add_expose_option, guest_memory
 from qemu_kd.common.errors import ConfigError, KdError
 
 EXIT_OK = 0
@@ -223,9 +223,7 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
                    help="guest memory size: a multiple of 2M from 64M to 3G (default 256M)")
     p.add_argument("--debug", action="store_true",
                    help="seal with the DEBUG policy (the host may read guest memory and registers)")
-    p.add_argument("--expose", default="none", type=exposed_registers, metavar="REGS",
-                   help="general registers a hypercall may show the host (the VMCS's measured "
-                        "exposed-register mask), e.g. rax,rbx,rcx; all or none (default none)")
+    add_expose_option(p)
     from qemu_kd.cli.guest_files import add_addition_options
 
     add_addition_options(p)
