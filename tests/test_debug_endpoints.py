@@ -132,8 +132,8 @@ def test_endpoints_of_domains_without_a_guest_are_one_line_errors(tmp_path):
 def test_table_names_duplicates_by_platform():
     text = format_domains([ref(100, 1), ref(200, 1, debug=True), ref(200, 2, running=False)])
     lines = text.splitlines()
-    assert lines[0].split() == ["NAME", "KEYID", "STATE", "POLICY", "PLATFORM", "QMP", "GDB",
-                                "CONSOLE"]
+    assert lines[0].split() == ["NAME", "KEYID", "STATE", "POLICY", "PLATFORM", "MEMORY", "UPTIME",
+                                "QMP", "GDB", "CONSOLE"]
     assert lines[1].split()[:5] == ["100:kd1", "1", "LAUNCHED", "no-debug", "100"]
     assert lines[2].split()[:5] == ["200:kd1", "1", "LAUNCHED", "debug", "200"]
     assert lines[3].startswith("kd2 ") and "(QEMU gone)" in lines[3] and lines[3].endswith("-")

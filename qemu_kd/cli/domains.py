@@ -237,14 +237,40 @@ def require_endpoint(dom: DomainRef, name: str) -> str:
 
 # -- ls ----------------------------------------------------------------------------------------
 
+def short_size(size: int | None) -> str:
+    """``256M``, ``1G`` (``-`` when unknown), as the MEMORY column shows a guest's memory."""
+    if size is None:
+        return "-"
+    if size and size % (1 << 30) == 0:
+        return f"{size >> 30}G"
+    return f"{size // MiB}M" if size % MiB == 0 else f"{size}B"
+
+
+def short_duration(seconds: float | None) -> str:
+    """``42s``, ``1m05s``, ``2h03m``, ``3d04h`` (``-`` when unknown), as the UPTIME column shows it."""
+    if seconds is None:
+        return "-"
+    whole = max(int(seconds), 0)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def format_domains(domains: list[DomainRef]) -> str:
     names = [d.name for d in domains]
-    headers = ("NAME", "KEYID", "STATE", "POLICY", "PLATFORM", "QMP", "GDB", "CONSOLE")
+    headers = ("NAME", "KEYID", "STATE", "POLICY", "PLATFORM", "MEMORY", "UPTIME", "QMP", "GDB",
+               "CONSOLE")
     rows = []
     for d in domains:
         ep = d.endpoints
         rows.append((d.qualified if names.count(d.name) > 1 else d.name, str(d.keyid),
                      d.shown_state(), "debug" if d.debug else "no-debug", str(d.platform_pid),
+                     short_size(d.memory), short_duration(d.uptime),
                      ep.get("qmp") or "-", ep.get("gdb") or "-", ep.get("console") or "-"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
