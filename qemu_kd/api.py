@@ -29,7 +29,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from qemu_kd.common.errors import ConfigError, GuestError, KdError
 
@@ -43,6 +43,10 @@ DOMAIN_OVERHEAD = 64 * MiB
 REPORT_DATA_SIZE = 64
 #: A plain domain's files move in pieces of this size (its agent caps each output at 1 MiB).
 PLAIN_FILE_CHUNK = 512 * 1024
+#: The phases of a protected launch the host VMM times and reports (they run between verify and attest).
+PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
+#: The phases of a plain launch from QEMU's start to the agent's ready.
+PLAIN_BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
 
 
 class NotProtectedError(KdError):
@@ -121,6 +125,42 @@ def guest_memory(memory: int | str) -> int:
     return check_guest_memory(parse_size(memory) if isinstance(memory, str) else int(memory))
 
 
+def in_order(timings: dict[str, float], order: tuple[str, ...]) -> dict[str, float]:
+    """``timings`` with the phases named in ``order`` first, in that order (the order they ran)."""
+    known = {name: timings[name] for name in order if name in timings}
+    return {**known, **{name: secs for name, secs in timings.items() if name not in known}}
+
+
+def surviving_files(endpoints: dict) -> dict:
+    """The endpoints of a domain that is gone: its sockets are null, and so is any log
+    that went with it; files that outlive it (the console log) keep their path."""
+    return {name: path if path and Path(path).is_file() else None
+            for name, path in endpoints.items()}
+
+
+def keep_platform_log(exc: KdError, log: Path | None) -> Path | None:
+    """Copy a platform daemon's log (in a private directory about to be removed) to the log
+    directory, mode 0600, and name the copy in ``exc``'s hint; the copy, or None without a log."""
+    import time
+
+    from qemu_kd.common.files import write_file_atomic
+    from qemu_kd.qemu.machine import log_dir
+
+    if log is None:
+        return None
+    try:
+        data = log.read_bytes()
+    except OSError:
+        return None
+    saved = log_dir() / f"platform-{os.getpid()}-{int(time.time())}.log"
+    try:
+        write_file_atomic(saved, data, mode=0o600)
+    except OSError:
+        return None
+    exc.hint = (f"{exc.hint}; " if exc.hint else "") + f"the platform's log is kept in {saved}"
+    return saved
+
+
 def _as_argv(command: str | Iterable[str]) -> list[str]:
     if isinstance(command, str):
         return ["/bin/sh", "-c", command]
@@ -175,6 +215,9 @@ class Domain:
     def __init__(self, name: str):
         self.name = name
         self._gone = False
+        #: Seconds per launch phase, in the order they ran (``Platform(progress=...)`` names each
+        #: phase as it starts).
+        self.timings: dict[str, float] = {}
 
     @property
     def protected(self) -> bool:
@@ -407,7 +450,9 @@ class ProtectedDomain(Domain):
     mode = "protected"
 
     def __init__(self, name: str, host: Any, session: Any, *, keyid: int, endpoints: dict,
-                 expected: bytes, policy: Any, root_pem: bytes, layout: Any):
+                 expected: bytes, policy: Any, root_pem: bytes, layout: Any,
+                 secret: Any = None, ready: dict | None = None,
+                 host_verification: dict | None = None, exposed_register_mask: int = 0):
         super().__init__(name)
         self._host = host
         self.session = session
@@ -417,13 +462,50 @@ class ProtectedDomain(Domain):
         self.policy = policy
         self._root_pem = root_pem
         self._layout = layout
+        #: The tenant secret (the domain key, measurement, policy, host_data): what a later
+        #: session with this domain needs (``qemu-kd exec`` keeps it for a kept domain).
+        self.secret = secret
+        #: The agent's ready message (``kernel``: the guest kernel's release, ``version``).
+        self.ready: dict = dict(ready or {})
+        #: The host VMM's checks before launch: {check name: {"ok", "detail"}}.
+        self.host_verification: dict = dict(host_verification or {})
+        self.exposed_register_mask = exposed_register_mask
+        self._kept = False
+
+    @property
+    def attestation(self) -> Any:
+        """The attestation the launch verified (``qemu_kd.tenant.session.Attestation``: the report,
+        its raw bytes, the tenant's nonce, the agent's session public key and the chain)."""
+        return self.session.attestation
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The platform's certificate chain (PEM) the tenant checked."""
+        return self._layout.platform_chain_pem
 
     @property
     def endpoints(self) -> dict[str, str | None]:
-        if self._gone:
-            return {name: path if path and Path(path).is_file() else None
-                    for name, path in self._endpoints.items()}
+        if self._gone and not self._kept:
+            return surviving_files(self._endpoints)
         return dict(self._endpoints)
+
+    def _check(self) -> None:
+        if self._kept:
+            raise DomainGoneError(f"domain {self.name} was handed over to its platform",
+                                  f"reach it with qemu-kd exec {self.name}")
+        super()._check()
+
+    def status(self) -> dict:
+        """The host VMM's status of the domain (``integrity_events`` among it)."""
+        self._check()
+        return self._host.call("status")
+
+    def _release(self) -> None:
+        """The host VMM lets go of the domain (its shared channel included); it keeps running."""
+        self._check()
+        self._host.call("detach")
+        self._host.stop()
+        self._kept = self._gone = True
 
     def _exec(self, argv, stdin, timeout, env):
         return self.session.exec(argv, stdin=stdin, timeout=timeout, env=env)
@@ -466,21 +548,32 @@ class Platform:
 
     ``memory`` is the platform's DRAM (every domain's memory plus 64 MiB each must fit);
     ``accel`` is ``"tcg"``, ``"kvm"`` or ``"auto"`` (KVM when it boots the guest).
+    ``progress`` (a callable taking one line) hears the accelerator chosen and each phase of
+    a start and a launch as it begins.  ``detach`` starts the daemon in its own session, so that
+    :meth:`keep` can hand it a domain that outlives this process.
     """
 
     def __init__(self, *, socket: str | Path | None = None, memory: int | str = "1G",
-                 accel: str = "auto", start_timeout: float = 60.0):
+                 accel: str = "auto", start_timeout: float = 60.0,
+                 progress: Callable[[str], None] | None = None, detach: bool = False):
         from qemu_kd.common.units import parse_size
 
         self.memory = parse_size(memory) if isinstance(memory, str) else int(memory)
         self._requested_accel = accel
         self.accel: str | None = None
+        #: Why ``accel`` was chosen (the probe's finding, ``requested``, or the daemon's).
+        self.accel_reason: str | None = None
         self.socket: Path | None = Path(socket) if socket else None
         self._attached = socket is not None
         self._start_timeout = start_timeout
+        self._progress = progress
+        self._detach = detach
         self._proc: subprocess.Popen | None = None
+        self._pid: int | None = None
         self.workdir: Path | None = None
         self.domains: list[Domain] = []
+        #: Seconds the start took (``platform start``; empty when attached).
+        self.timings: dict[str, float] = {}
         self._count = 0
 
     @property
@@ -494,48 +587,91 @@ class Platform:
         """The daemon's log (a platform this object started)."""
         return self.workdir / "platform.log" if self.workdir else None
 
+    @property
+    def pid(self) -> int | None:
+        """The daemon's process id (an attached one's from the platform registry; None when it
+        is not registered there)."""
+        return self._pid
+
+    def _say(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress(message)
+
     def _choose_accel(self, kernel_path: Path) -> str:
         if self.accel is None:
             from qemu_kd.qemu.accel import choose_accel
 
-            self.accel = choose_accel(self._requested_accel, kernel_path).name
+            choice = choose_accel(self._requested_accel, kernel_path)
+            self.accel, self.accel_reason = choice.name, choice.reason
+            self._say(f"accelerator: {choice.name} ({choice.reason})")
         return self.accel
 
-    def start(self) -> "Platform":
-        """Start the daemon (or check the one to attach to); idempotent."""
+    def start(self, *, probe_kernel: str | Path | None = None) -> "Platform":
+        """Start the daemon (or check that the one to attach to answers); idempotent.
+
+        ``probe_kernel`` is the kernel ``accel="auto"`` and ``"kvm"`` boot to find out whether
+        KVM runs it (default: the default guest's).
+        """
         if self._proc is not None or (self._attached and self.workdir is not None):
             return self
         from qemu_kd.common.rundirs import make_private_dir
         from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
 
         find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
-        self.workdir = make_private_dir("run")
         if self._attached:
-            assert self.socket is not None
-            if not self.socket.exists():
-                raise ConfigError(f"no platform serves on {self.socket}",
-                                  "start one with `qemu-kd platform serve`, or omit socket=")
+            self._attach()
+            self.workdir = make_private_dir("run")
             return self
         from qemu_kd.hostport.spawn import start_platform_process
+        from qemu_kd.qemu.launch import PhaseTimer
 
-        image = resolve_image(None, None, None)
+        self.workdir = make_private_dir("run")
         try:
-            self._proc, self.socket = start_platform_process(
-                self.workdir / "platform.sock", self.state_dir, accel=self._choose_accel(image.kernel_path),
-                memory_size=self.memory, timeout=self._start_timeout)
-        except BaseException:
+            kernel = Path(probe_kernel) if probe_kernel else resolve_image(None, None, None).kernel_path
+            accel = self._choose_accel(kernel)
+            with PhaseTimer(self.timings, progress=self._progress).phase("platform start"):
+                self._proc, self.socket = start_platform_process(
+                    self.workdir / "platform.sock", self.state_dir, accel=accel, memory_size=self.memory,
+                    timeout=self._start_timeout, exit_when_idle=self._detach, detach=self._detach,
+                    remove_dir=self.workdir if self._detach else None)
+        except BaseException as exc:
+            if isinstance(exc, KdError):
+                keep_platform_log(exc, self.log_path)
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
             raise
+        self._pid = self._proc.pid
         return self
+
+    def _attach(self) -> None:
+        """Check that a daemon answers on ``socket``; learn its accelerator and pid."""
+        from qemu_kd.hostport.client import HostPortClient
+        from qemu_kd.hostport.registry import running_platforms
+
+        assert self.socket is not None
+        if not self.socket.exists():
+            raise ConfigError(f"no platform serves on {self.socket}",
+                              "start one with `qemu-kd platform serve`, or omit socket=")
+        client = HostPortClient(self.socket, timeout=self._start_timeout)
+        try:
+            info = client.platform_info()
+        finally:
+            client.close()
+        self.accel, self.accel_reason = info.accelerator, f"the platform daemon's on {self.socket}"
+        self._say(f"accelerator: {self.accel} ({self.accel_reason})")
+        here = os.path.realpath(self.socket)
+        self._pid = next((int(entry["pid"]) for entry in running_platforms()
+                          if os.path.realpath(str(entry["socket"])) == here), None)
 
     def launch(self, *, plain: bool = False, memory: int | str = "256M", debug: bool = False,
                cmdline_extra: str = "", additions: "GuestAdditions | None" = None,
                kernel: str | Path | None = None, initrd: str | Path | None = None,
-               ready_timeout: float = 120.0, name: str | None = None) -> Domain:
+               ready_timeout: float = 120.0, name: str | None = None,
+               exposed_register_mask: int = 0) -> Domain:
         """Boot a guest and return it once its agent is ready (and, protected, attested).
 
-        ``plain`` boots it without protection (no platform, no attestation) for comparison.
+        ``plain`` boots it without protection (no platform, no attestation) for comparison;
+        it does not need the daemon, and does not start one.
         ``debug`` seals the DEBUG policy (debug reads, a console shell, gdb stepping).
         ``cmdline_extra`` is appended to the kernel command line (and measured), e.g.
         ``"nokaslr"``.  ``additions`` adds your files to the default image; ``kernel`` and
@@ -543,8 +679,14 @@ class Platform:
         an error (a :class:`~qemu_kd.common.errors.KdError`), never a hang.  ``name`` names a
         protected domain on the platform (as ``qemu-kd ls`` shows it; unique across the
         machine's platforms; by default the next free ``kdN``); a plain one is named here.
+        ``exposed_register_mask`` (protected) is the VMCS's mask of the general registers the
+        guest's hypercalls may show the host (measured).
         """
-        self.start()
+        if plain and exposed_register_mask:
+            raise ConfigError("exposed registers apply to protected domains",
+                              "drop exposed_register_mask, or plain=True")
+        if not plain:
+            self.start()
         size = guest_memory(memory)
         image = resolve_image(kernel, initrd, additions)
         from qemu_kd.qemu.launch import full_cmdline
@@ -555,7 +697,8 @@ class Platform:
             dom: Domain = self._launch_plain(name or f"plain-{os.getpid()}-{self._count}", image,
                                              cmdline, size, ready_timeout)
         else:
-            dom = self._launch_protected(name, image, cmdline, size, debug, ready_timeout)
+            dom = self._launch_protected(name, image, cmdline, size, debug, ready_timeout,
+                                         exposed_register_mask)
         self.domains.append(dom)
         return dom
 
@@ -566,42 +709,59 @@ class Platform:
 
         spec = MachineSpec(mem_size=size, accel=self._choose_accel(image.kernel_path), name=name)
         console_log = log_dir() / f"{name}-console.log"
-        guest = boot_plain(image.kernel, image.initrd, cmdline, spec, PhaseTimer(),
+        timer = PhaseTimer(progress=self._progress)
+        guest = boot_plain(image.kernel, image.initrd, cmdline, spec, timer,
                            ready_timeout=ready_timeout, console_log=console_log)
-        return PlainDomain(name, guest)
+        dom = PlainDomain(name, guest)
+        dom.timings = dict(timer.phases)
+        timer.progress = None     # progress covers the launch; the guest's shutdown goes unannounced
+        return dom
 
     def _launch_protected(self, name: str | None, image: GuestImage, cmdline: str, size: int,
-                          debug: bool, ready_timeout: float) -> ProtectedDomain:
+                          debug: bool, ready_timeout: float, exposed_register_mask: int = 0) -> ProtectedDomain:
         from host_vmm.process import HostVmmProcess
 
         from qemu_kd.formats.layout import HostLayout
         from qemu_kd.formats.policy import Policy
+        from qemu_kd.qemu.launch import PhaseTimer
         from qemu_kd.tenant.measure import measure
         from qemu_kd.tenant.seal import seal
         from qemu_kd.tenant.session import TenantSession, attest
 
         assert self.workdir is not None and self.socket is not None
+        timer = PhaseTimer(progress=self._progress)
         policy = Policy.make(debug=debug)
+        mask = exposed_register_mask
         host = HostVmmProcess(str(self.socket), str(self.workdir / f"vmm-{self._count}.sock"))
         try:
-            layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
-            root_pem = (self.state_dir / "root-ca.crt").read_bytes()
-            bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem)
-            bundle_path = self.workdir / f"guest-{self._count}.kd"
-            bundle.write(bundle_path)
-            expected = measure(image.kernel, image.initrd, cmdline, size, policy)
-            host.call("load", bundle=str(bundle_path))
+            with timer.phase("layout"):
+                layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
+            with timer.phase("seal"):
+                root_pem = (self.state_dir / "root-ca.crt").read_bytes()
+                bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem,
+                                      exposed_register_mask=mask)
+                bundle_path = self.workdir / f"guest-{self._count}.kd"
+                bundle.write(bundle_path)
+            expected = measure(image.kernel, image.initrd, cmdline, size, policy, exposed_register_mask=mask)
+            with timer.phase("load"):
+                host.call("load", bundle=str(bundle_path))
             bundle_path.unlink()
-            host.call("verify")
+            with timer.phase("verify"):
+                checks = host.call("verify")["checks"]
+            self._say("launch and boot to agent ready")
             named = {"name": name} if name is not None else {}
             launched = host.call("launch", ready_timeout=ready_timeout, timeout=ready_timeout + 120, **named)
+            # The host VMM timed these phases; they ran between verify and attest.
+            timer.phases.update(in_order(launched.get("timings", {}), PROTECTED_BOOT_PHASES))
 
             def relay(cmd: str, wait: float = 60.0, **args: Any) -> dict:
                 return host.agent(cmd, wait=wait, **args)
 
-            attestation = attest(relay, root_pem=root_pem, chain_pem=layout.platform_chain_pem,
-                                 measurement=expected, policy=policy, host_data=layout.host_data)
-            session = TenantSession(relay, attestation, secret.key)
+            with timer.phase("attest"):
+                # The tenant's part: the host VMM relays these requests and frames, and reads none of it.
+                attestation = attest(relay, root_pem=root_pem, chain_pem=layout.platform_chain_pem,
+                                     measurement=expected, policy=policy, host_data=layout.host_data)
+                session = TenantSession(relay, attestation, secret.key)
         except BaseException:
             try:
                 host.call("destroy", timeout=60)
@@ -609,11 +769,40 @@ class Platform:
                 pass
             host.stop()
             raise
-        return ProtectedDomain(launched.get("name") or name or f"kd{layout.keyid}", host, session, keyid=layout.keyid, endpoints=launched["endpoints"],
-                               expected=expected, policy=policy, root_pem=root_pem, layout=layout)
+        dom = ProtectedDomain(launched.get("name") or name or f"kd{layout.keyid}", host, session,
+                              keyid=layout.keyid, endpoints=launched["endpoints"], expected=expected,
+                              policy=policy, root_pem=root_pem, layout=layout, secret=secret,
+                              ready=launched.get("ready"),
+                              host_verification={c["name"]: {"ok": c["ok"], "detail": c["detail"]}
+                                                 for c in checks},
+                              exposed_register_mask=mask)
+        dom.timings = dict(timer.phases)
+        return dom
+
+    def keep(self, domain: Domain) -> None:
+        """Leave ``domain`` running on the platform when this object closes and this process
+        ends: the host VMM lets go of it, and a daemon this object started (``detach=True``)
+        is handed over; it ends by itself once it has no domain left.  Reach the domain with
+        ``qemu-kd ls``, ``exec``, ``console``; end it with ``qemu-kd destroy``."""
+        if not isinstance(domain, ProtectedDomain):
+            raise NotProtectedError(f"{domain.name} is a plain domain: it ends with this process",
+                                    "launch it with plain=False to keep it")
+        if self._proc is not None and not self._detach:
+            raise ConfigError("this platform's daemon ends with this process, and its domains with it",
+                              "start it with Platform(detach=True), or attach to one with socket=")
+        domain._release()
+        if domain in self.domains:
+            self.domains.remove(domain)
+        if self._proc is not None:
+            from qemu_kd.hostport.spawn import hand_over_platform
+
+            hand_over_platform(self._proc)
+            self._proc = None
+            self.workdir = None      # the daemon removes it when it ends
 
     def close(self) -> None:
-        """Destroy every domain launched here, then stop the daemon this object started."""
+        """Destroy every domain launched here (and not kept), then stop the daemon this object
+        started (unless it was handed a domain to keep)."""
         for dom in list(self.domains):
             try:
                 dom.destroy()

@@ -28,7 +28,8 @@ from leftovers import stop_registered_platforms
 from qemu_kd.channel.console import QueryFilter, strip_queries
 from qemu_kd.cli.domains import no_domains_line, relay_console
 from qemu_kd.cli.outcome import HARNESS_EXIT
-from qemu_kd.cli.run import format_run, in_order, surviving_files
+from qemu_kd.api import in_order, surviving_files
+from qemu_kd.cli.run import format_run
 from qemu_kd.common.units import GUEST_MEMORY_MAX, GUEST_MEMORY_MIN, parse_guest_memory
 
 ROOT = Path(__file__).resolve().parent.parent

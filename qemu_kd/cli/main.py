@@ -24,13 +24,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             ready_timeout=args.timeout, progress=not args.quiet,
                             kernel=args.kernel, initrd=args.initrd, debug=args.debug,
                             keep=args.keep, exposed_register_mask=args.expose, name=args.name,
-                            cmd_timeout=args.cmd_timeout, additions=additions_from_args(args))
+                            cmd_timeout=args.cmd_timeout, additions=additions_from_args(args),
+                            platform=args.platform)
     if args.plain:
         if args.debug or args.keep or args.expose:
             raise ConfigError("--debug, --keep and --expose apply to protected domains",
                               "drop --plain, or drop --debug/--keep/--expose")
         if args.name:
             raise ConfigError("--name names a protected domain", "drop --plain, or drop --name")
+        if args.platform:
+            raise ConfigError("--platform runs a protected domain on that platform; a plain one "
+                              "needs none", "drop --plain, or drop --platform")
         result = run_plain(opts)
     else:
         result = run_protected(opts)
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_expose_option(run)
     run.add_argument("--keep", action="store_true",
                      help="leave the domain running and print how to reach it")
+    run.add_argument("--platform", metavar="SOCKET", default=None,
+                     help="run on the platform daemon already serving on SOCKET (qemu-kd platform "
+                          "serve) instead of starting one; it keeps running afterwards")
     run.add_argument("--name", type=domain_name, default=None,
                      help="name the domain (1-32 of A-Z a-z 0-9 _ . -, unique among the live "
                           "domains of every platform; default: the next free kdN)")
