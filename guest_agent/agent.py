@@ -24,6 +24,7 @@ import tty
 from . import __version__, hypercall, session
 from .protocol import (MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply,
                        request)
+from . import jobs
 
 SHARED_PORT = "/dev/ttyS1"
 GUEST_PORT = "/dev/ttyS2"
@@ -33,7 +34,7 @@ POLICY_DEBUG = 1 << 0          # policy flag bit 0: DEBUG (see the policy format
 #: What a protected guest serves to the host on the shared channel.
 HOST_COMMANDS = frozenset({"ping", "attest", "session", "poweroff", "control"})
 #: Served to the host as well when no platform protects the guest (a plain run).
-UNPROTECTED_COMMANDS = frozenset({"exec"})
+UNPROTECTED_COMMANDS = frozenset({"exec", "exec_start", "exec_poll", "exec_kill"})
 
 
 def open_port(path: str) -> int:
@@ -107,12 +108,10 @@ class LineChannel:
                     yield line
 
 
-def _clip(data: bytes, encoding: str) -> tuple[str, bool]:
-    truncated = len(data) > MAX_OUTPUT
-    data = data[:MAX_OUTPUT]
+def _encode_output(data: bytes, encoding: str) -> str:
     if encoding == "base64":
-        return base64.b64encode(data).decode(), truncated
-    return data.decode("utf-8", errors="replace"), truncated
+        return base64.b64encode(data).decode()
+    return data.decode("utf-8", errors="replace")
 
 
 class Agent:
@@ -143,6 +142,9 @@ class Agent:
         self._session = None
         self._auth_key: bytes | None = None
         self._controls = None           # guest_agent.controls.Controls, made on first use
+        # Background commands (guest_agent.jobs): the tenant's, and the host's when unprotected.
+        self._tenant_jobs = jobs.JobTable()
+        self._host_jobs = jobs.JobTable()
 
     # -- the platform (guest port) ---------------------------------------------------
     def platform_call(self, cmd: str, answer_within: float | None = None, **args) -> dict:
@@ -233,11 +235,26 @@ class Agent:
         answer = self.session_request(plain)
         return {"frame": base64.b64encode(self._session.seal(answer)).decode()}
 
-    def do_exec(self, req: dict) -> dict:
+    def _host_owns_guest(self, cmd: str) -> None:
         if self.protected:
-            raise PermissionError("exec is not served to the host on a protected guest; "
+            raise PermissionError(f"{cmd} is not served to the host on a protected guest; "
                                   "the tenant runs commands through its session")
+
+    def do_exec(self, req: dict) -> dict:
+        self._host_owns_guest("exec")
         return run_command(req)
+
+    def do_exec_start(self, req: dict) -> dict:
+        self._host_owns_guest("exec_start")
+        return start_job(self._host_jobs, req, tenant=False)
+
+    def do_exec_poll(self, req: dict) -> dict:
+        self._host_owns_guest("exec_poll")
+        return poll_job(self._host_jobs, req)
+
+    def do_exec_kill(self, req: dict) -> dict:
+        self._host_owns_guest("exec_kill")
+        return self._host_jobs.kill(req.get("job"))
 
     def do_poweroff(self, req: dict) -> dict:
         self.running = False
@@ -268,6 +285,15 @@ class Agent:
 
     def tenant_exec(self, msg: dict) -> dict:
         return run_command(msg, tenant=True)
+
+    def tenant_exec_start(self, msg: dict) -> dict:
+        return start_job(self._tenant_jobs, msg, tenant=True)
+
+    def tenant_exec_poll(self, msg: dict) -> dict:
+        return poll_job(self._tenant_jobs, msg)
+
+    def tenant_exec_kill(self, msg: dict) -> dict:
+        return self._tenant_jobs.kill(msg.get("job"))
 
     def tenant_put_file(self, msg: dict) -> dict:
         path = _str_arg(msg, "path")
@@ -371,40 +397,33 @@ class Agent:
 
 
 def run_command(req: dict, tenant: bool = False) -> dict:
-    """Run ``argv`` (or ``shell`` through /bin/sh) with optional stdin, env and timeout."""
-    argv = req.get("argv")
-    shell = req.get("shell")
-    if isinstance(shell, str) and argv is None:
-        argv = ["/bin/sh", "-c", shell]
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise ValueError("exec needs 'argv' (a non-empty list of strings) or 'shell' (a string)")
-    timeout = req.get("timeout", None if tenant else 60)
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ValueError("exec 'timeout' must be a positive number of seconds")
+    """Run ``argv`` (or ``shell`` through /bin/sh) with optional stdin, env and timeout, to its end.
+
+    The tenant's stdin is base64 and its commands have no default timeout; the
+    host's (unprotected guests) stdin is text and its commands time out after 60 s.
+    """
+    spec = jobs.CommandSpec.from_request(req, stdin_base64=tenant, default_timeout=None if tenant else 60)
     encoding = req.get("encoding", "base64" if tenant else "text")
     if encoding not in ("text", "base64"):
         raise ValueError("exec 'encoding' must be 'text' or 'base64'")
-    stdin = req.get("stdin", "")
-    if not isinstance(stdin, str):
-        raise ValueError("exec 'stdin' must be a string")
-    stdin_bytes = base64.b64decode(stdin, validate=True) if tenant else stdin.encode()
-    env = req.get("env")
-    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                              for k, v in env.items())):
-        raise ValueError("exec 'env' must map strings to strings")
-    full_env = {**os.environ, **env} if env else None
-    try:
-        proc = subprocess.run(argv, input=stdin_bytes, capture_output=True, timeout=timeout, env=full_env)
-    except FileNotFoundError:
-        return {"rc": 127, "stdout": "", "stderr": _clip(f"{argv[0]}: not found".encode(), encoding)[0],
-                "timed_out": False, "truncated": False}
-    except subprocess.TimeoutExpired as exc:
-        out, t1 = _clip(exc.stdout or b"", encoding)
-        err, t2 = _clip(exc.stderr or b"", encoding)
-        return {"rc": -9, "stdout": out, "stderr": err, "timed_out": True, "truncated": t1 or t2}
-    out, t1 = _clip(proc.stdout, encoding)
-    err, t2 = _clip(proc.stderr, encoding)
-    return {"rc": proc.returncode, "stdout": out, "stderr": err, "timed_out": False, "truncated": t1 or t2}
+    done = jobs.run(spec)
+    return {"rc": done.rc, "stdout": _encode_output(done.stdout, encoding),
+            "stderr": _encode_output(done.stderr, encoding), "timed_out": done.timed_out,
+            "truncated": done.truncated}
+
+
+def start_job(table: "jobs.JobTable", req: dict, tenant: bool) -> dict:
+    """``exec_start``: the command of ``exec`` as a background job (stdin always base64)."""
+    spec = jobs.CommandSpec.from_request(req, stdin_base64=True, default_timeout=None if tenant else 60)
+    return {"job": table.start(spec)}
+
+
+def poll_job(table: "jobs.JobTable", req: dict) -> dict:
+    """``exec_poll``: the job's output since the last poll, waiting up to ``max_wait`` seconds."""
+    wait = req.get("max_wait", jobs.MAX_POLL_WAIT)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+        raise ValueError("exec_poll 'max_wait' must be a number of seconds >= 0")
+    return table.poll(req.get("job"), float(wait))
 
 
 def _str_arg(req: dict, name: str) -> str:

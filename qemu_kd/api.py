@@ -86,6 +86,43 @@ class ExecResult:
         return self.stderr.decode("utf-8", errors="replace")
 
 
+class ExecStream:
+    """A guest command's output piece by piece, while it runs: iterate for ``(stream, data)``
+    pairs (``stream`` is ``"stdout"`` or ``"stderr"``, ``data`` the bytes that arrived).  Once
+    the iteration ends, ``result`` is the :class:`ExecResult` (the output in full).
+
+    Use it as a context manager: leaving early (a ``break``, an exception) kills the command.
+    """
+
+    def __init__(self, pieces: Any):
+        self._pieces = pieces
+        self._out = {"stdout": bytearray(), "stderr": bytearray()}
+        #: The finished command, once the iteration has ended.
+        self.result: ExecResult | None = None
+
+    def __iter__(self):
+        while self.result is None:
+            try:
+                name, data = next(self._pieces)
+            except StopIteration as stop:
+                end = stop.value
+                self.result = ExecResult(end["rc"], bytes(self._out["stdout"]), bytes(self._out["stderr"]),
+                                         end["timed_out"], end["truncated"])
+                return
+            self._out[name] += data
+            yield name, data
+
+    def close(self) -> None:
+        """Kill the command if it still runs (its output so far stays unread)."""
+        self._pieces.close()
+
+    def __enter__(self) -> "ExecStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class AttestationResult:
     """A report over the caller's nonce: the raw report, the platform's certificate chain
@@ -228,6 +265,12 @@ class Domain:
               env: dict[str, str] | None) -> dict:
         raise NotImplementedError
 
+    def _exec_output(self, argv: list[str], stdin: bytes, timeout: float | None,
+                     env: dict[str, str] | None) -> Any:
+        """The command as a background job in the guest: a generator of ``(stream, data)``
+        that returns ``rc``, ``timed_out`` and ``truncated`` (qemu_kd.channel.exec_job)."""
+        raise NotImplementedError
+
     def _put(self, path: str, data: bytes, mode: int) -> None:
         raise NotImplementedError
 
@@ -248,17 +291,30 @@ class Domain:
 
     # -- the public operations ---------------------------------------------------------------
     def exec(self, command: str | Iterable[str], *, stdin: bytes | str | None = None,
-             timeout: float | None = None, env: dict[str, str] | None = None) -> ExecResult:
+             timeout: float | None = None, env: dict[str, str] | None = None,
+             on_output: Callable[[str, bytes], None] | None = None) -> ExecResult:
         """Run ``command`` (a shell string, or an argv list) in the guest and wait for it.
 
         ``timeout`` (seconds; None: no limit) kills it when it runs longer; the result
         then has ``timed_out``.  Output beyond the agent's cap is cut (``truncated``).
+        ``on_output(stream, data)`` (``stream`` is ``"stdout"`` or ``"stderr"``) gets the
+        output as it arrives, while the command runs; the result is the same either way.
         """
+        with self.exec_stream(command, stdin=stdin, timeout=timeout, env=env) as stream:
+            for name, data in stream:
+                if on_output is not None:
+                    on_output(name, data)
+        assert stream.result is not None
+        return stream.result
+
+    def exec_stream(self, command: str | Iterable[str], *, stdin: bytes | str | None = None,
+                    timeout: float | None = None, env: dict[str, str] | None = None) -> ExecStream:
+        """Start ``command`` as :meth:`exec` does and return its output as it arrives, an
+        :class:`ExecStream` (``with domain.exec_stream(cmd) as s: for stream, data in s: ...``;
+        then ``s.result``)."""
         self._check()
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        raw = self._exec(_as_argv(command), data, timeout, env)
-        return ExecResult(int(raw["rc"]), raw["stdout"], raw["stderr"],
-                          bool(raw.get("timed_out", False)), bool(raw.get("truncated", False)))
+        return ExecStream(self._exec_output(_as_argv(command), data, timeout, env))
 
     def put_file(self, path: str, data: bytes | str | Path, mode: int = 0o644) -> int:
         """Write ``data`` (bytes, or the contents of a host file given as a Path) to ``path`` in
@@ -410,6 +466,11 @@ class PlainDomain(Domain):
             out[stream] = value.encode() if isinstance(value, str) else base64.b64decode(value)
         return out
 
+    def _exec_output(self, argv, stdin, timeout, env):
+        from qemu_kd.channel.exec_job import job_output, start_args
+
+        return job_output(self._guest.agent.call, start_args(argv, stdin=stdin, timeout=timeout, env=env))
+
     def _put(self, path, data, mode):
         # The plain agent has no file operations: the file goes in as the stdin of a shell,
         # in pieces that stay well inside the agent's limits.
@@ -509,6 +570,9 @@ class ProtectedDomain(Domain):
 
     def _exec(self, argv, stdin, timeout, env):
         return self.session.exec(argv, stdin=stdin, timeout=timeout, env=env)
+
+    def _exec_output(self, argv, stdin, timeout, env):
+        return self.session.exec_output(argv, stdin=stdin, timeout=timeout, env=env)
 
     def _put(self, path, data, mode):
         self.session.put_file(path, data, mode)

@@ -3,7 +3,9 @@
 It runs as the tenant: the domain's tenant record (written by ``run --keep``)
 gives the key and the expected measurement; ``exec`` attests the guest over a
 fresh nonce through the domain's shared channel, opens the tenant session and
-runs the command inside it.  Exit statuses are ``run``'s (docs/usage.md).
+runs the command inside it.  In text mode the command's output is printed as it
+arrives; ``--json`` prints one object at the end.  Exit statuses are ``run``'s
+(docs/usage.md).
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Callable
 
 
+def exec_in_domain(name: str, argv: list[str], timeout: float | None,
+                   on_output: Callable[[str, bytes], None] | None = None) -> dict:
+    """Attest the kept domain ``name``, open its session and run ``argv``; the result.
 
-def exec_in_domain(name: str, argv: list[str], timeout: float | None) -> dict:
-    """Attest the kept domain ``name``, open its session and run ``argv``; the result."""
+    ``on_output(stream, data)`` gets the command's output as it arrives."""
     from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
     from qemu_kd.cli.domains import require_endpoint, resolve
     from qemu_kd.cli.kept import KeptTenant
@@ -37,7 +42,7 @@ def exec_in_domain(name: str, argv: list[str], timeout: float | None) -> dict:
                              measurement=secret.measurement, policy=secret.policy,
                              host_data=secret.host_data)
         session = TenantSession(relay, attestation, secret.key)
-        result = session.exec(argv, timeout=timeout)
+        result = session.exec_stream(argv, timeout=timeout, on_output=on_output)
     finally:
         sock.close()
     return {"name": dom.name, "qualified_name": dom.qualified, "keyid": dom.keyid,
@@ -55,20 +60,25 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         raise CommandLineError("exec needs a command after the domain",
                                "qemu-kd exec kd1 -- uname -a")
-    out = exec_in_domain(args.domain, argv, args.cmd_timeout)
+    out = exec_in_domain(args.domain, argv, args.cmd_timeout, None if args.json else _print_output)
     ran = out["exec"]
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        sys.stdout.write(ran["stdout"])
-        sys.stdout.flush()
-        sys.stderr.write(ran["stderr"])
         if ran["timed_out"]:
             sys.stderr.write(f"qemu-kd: the command timed out after {args.cmd_timeout:g} s and was killed\n")
         if ran["truncated"]:
             sys.stderr.write("qemu-kd: the command's output was truncated\n")
         sys.stderr.flush()
     return guest_exit_status(ran)
+
+
+def _print_output(stream: str, data: bytes) -> None:
+    """Pass a piece of the command's output through to our own stdout or stderr, as it comes."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.flush()
+    out.buffer.write(data)
+    out.buffer.flush()
 
 
 def add_exec_parser(sub) -> None:

@@ -22,10 +22,11 @@ import base64
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 from guest_agent.session import SessionError, TenantHandshake, report_data_for
 
+from qemu_kd.channel.exec_job import OnOutput, job_output, run_job, start_args
 from qemu_kd.common.errors import GuestError, KdError
 from qemu_kd.crypto.authority import tenant_authority_key
 from qemu_kd.formats.policy import Policy
@@ -130,6 +131,22 @@ class TenantSession:
         result["stdout"] = base64.b64decode(result.get("stdout", ""))
         result["stderr"] = base64.b64decode(result.get("stderr", ""))
         return result
+
+    def exec_stream(self, argv: list[str] | None = None, *, shell: str | None = None, stdin: bytes = b"",
+                    timeout: float | None = None, env: dict[str, str] | None = None,
+                    on_output: OnOutput | None = None) -> dict:
+        """Run a command as a background job in the guest (``exec_start``, ``exec_poll``),
+        passing its output to ``on_output(stream, data)`` as it arrives; the result as
+        :meth:`exec` gives it.  The agent serves other requests while the command runs."""
+        return run_job(self.call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env),
+                       on_output)
+
+    def exec_output(self, argv: list[str] | None = None, *, shell: str | None = None, stdin: bytes = b"",
+                    timeout: float | None = None,
+                    env: dict[str, str] | None = None) -> Generator[tuple[str, bytes], None, dict]:
+        """The output of a background job as ``(stream, data)`` pieces while it runs; the
+        generator returns ``rc``, ``timed_out`` and ``truncated``.  Closing it early kills the job."""
+        return job_output(self.call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env))
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> int:
         for start in range(0, max(len(data), 1), FILE_CHUNK):
