@@ -32,7 +32,14 @@ def test_round_trip(debug):
     assert Policy.unpack(packed) == p
 
 
-@given(st.integers(min_value=1, max_value=31))
+def test_restorable_property_is_bit_1_and_measured_with_the_policy():
+    p = Policy.make(restorable=True)
+    assert p.restorable and not p.debug and p.pack() == struct.pack("<HHI", 1, 0, 2)
+    assert Policy.unpack(p.pack()) == p and not Policy.make(debug=True).restorable
+    assert Policy.make(debug=True, restorable=True).describe() == "debug,restorable"
+
+
+@given(st.integers(min_value=2, max_value=31))
 def test_unknown_flag_bits_rejected(bit):
     with pytest.raises(ReservedBitsError):
         Policy.unpack(struct.pack("<HHI", 1, 0, 1 << bit))

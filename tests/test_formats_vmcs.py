@@ -177,7 +177,7 @@ def test_negative_inputs():
     with pytest.raises(ReservedBitsError):
         Vmcs.unpack(bytes(bad))
     pol = vmcs_field(0x2204)
-    bad = bytearray(page); bad[pol.offset + 4] = 2         # undefined policy flag
+    bad = bytearray(page); bad[pol.offset + 4] = 4         # undefined policy flag
     with pytest.raises(ReservedBitsError):
         Vmcs.unpack(bytes(bad))
 

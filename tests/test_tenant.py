@@ -422,4 +422,4 @@ def test_policy_argument():
     assert not tenant_cli.parse_policy("no-debug").debug
     assert tenant_cli.parse_policy(Policy.make(debug=True).pack().hex()) == Policy.make(debug=True)
     with pytest.raises(tenant_cli.ConfigError):
-        tenant_cli.parse_policy("0100000002000000")       # undefined flag bit
+        tenant_cli.parse_policy("0100000004000000")       # undefined flag bit

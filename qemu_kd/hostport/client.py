@@ -273,6 +273,29 @@ class HostPortClient:
             raise HostPortProtocolError("launch result has no endpoints object")
         return {str(k): str(v) for k, v in endpoints.items()}
 
+    def snapshot_kd(self, keyid: int, path: str | Path) -> dict:
+        """Write an encrypted snapshot of the running domain to ``path`` (absolute; the platform
+        writes it).  Returns ``path``, ``domain_id`` (hex), ``version`` and ``size``
+        (docs/snapshots.md)."""
+        return self._call("snapshot-kd", {"keyid": keyid, "path": str(path)})[0]
+
+    def restore_kd(self, path: str | Path, name: str | None = None, *, domain_id: bytes | None = None,
+                   measurement: bytes | None = None) -> dict:
+        """Restore the snapshot at ``path`` as a new launched domain (vCPU paused until ``run``),
+        refused unless it is of ``domain_id`` / ``measurement`` when given.  Returns ``keyid``,
+        ``name``, ``endpoints`` (as launch's), ``domain_id`` and ``version``."""
+        args: dict = {"path": str(path)}
+        if name is not None:
+            args["name"] = name
+        if domain_id is not None:
+            args["domain_id"] = bytes(domain_id).hex()
+        if measurement is not None:
+            args["measurement"] = bytes(measurement).hex()
+        result = self._call("restore-kd", args)[0]
+        if not isinstance(result.get("endpoints"), dict):
+            raise HostPortProtocolError("restore-kd result has no endpoints object")
+        return result
+
     def run(self, keyid: int) -> None:
         """Let a launched domain's vCPU run."""
         self._call("run", {"keyid": keyid})

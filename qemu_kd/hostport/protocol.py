@@ -49,6 +49,7 @@ COMMANDS = (
     "domain-status", "list-domains", "debug-read",
     "next-exit", "hypercall-reply",
     "controls-stage", "controls-install", "controls-status", "controls-release",
+    "snapshot-kd", "restore-kd",
 )
 #: Longest wait a next-exit request may ask for (seconds).
 MAX_EXIT_WAIT = 60.0

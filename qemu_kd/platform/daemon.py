@@ -83,6 +83,7 @@ class PlatformDaemon:
     def start(self) -> None:
         from qemu_kd.platform.hostport_server import HostPortServer
         from qemu_kd.platform.hardware import Platform
+        from qemu_kd.platform.snapshot import SnapshotService
 
         swept = sweep_stale_entries() + sweep_dead_dirs()
         if swept:
@@ -91,7 +92,8 @@ class PlatformDaemon:
         _root, identity = load_identity(self.pstate)
         self.platform = Platform(identity, self.memory_size, qemu_accel=self.accel)
         try:
-            self.server = HostPortServer(self.platform, self.socket_path).start()
+            snapshots = SnapshotService(self.platform, self.pstate)
+            self.server = HostPortServer(self.platform, self.socket_path, snapshots=snapshots).start()
         except BaseException:
             self.platform.close()
             self.platform = None

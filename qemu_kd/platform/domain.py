@@ -233,6 +233,8 @@ class KeyDomain:
         self.measurement: LaunchMeasurement | None = None
         self._mapping: tuple[np.ndarray, np.ndarray] | None = None
         self._mee: MemoryEncryptionEngine | None = MemoryEncryptionEngine(bytes(key))
+        # Kept for snapshot-kd, which seals it into the snapshot (platform/snapshot.py).
+        self._key: bytes | None = bytes(key)
         # Given to the guest only, on the guest port: it authenticates the tenant's session.
         self.tenant_authority: bytes | None = tenant_authority_key(bytes(key))
         self._memory = memory
@@ -277,6 +279,12 @@ class KeyDomain:
         if self._mee is None:
             raise DomainStateError(f"key domain {self.keyid} is DESTROYED: its key is gone")
         return self._mee
+
+    def snapshot_key(self) -> bytes:
+        """The domain key, for the platform to seal into a snapshot (platform-internal)."""
+        if self._key is None:
+            raise DomainStateError(f"key domain {self.keyid} is DESTROYED: its key is gone")
+        return self._key
 
     def _dpas(self, hpas: np.ndarray) -> np.ndarray:
         return hpas.astype(np.uint64) | np.uint64(self.keyid << KEYID_SHIFT)
@@ -694,6 +702,7 @@ class KeyDomain:
             self._mee.close()
             self._mee = None
             self.tenant_authority = None
+        self._key = None
         self._pages = _PageTable()
         return freed
 

@@ -326,12 +326,14 @@ class Platform:
         with self.lock:
             return self.domain(keyid).launch_measurement()
 
-    def launch(self, keyid: int, name: str | None = None) -> dict[str, str]:
+    def launch(self, keyid: int, name: str | None = None, resume_from=None) -> dict[str, str]:
         """launch: measure, start QEMU, decrypt into guest RAM, load the vCPU (left paused).
 
         ``name`` is the host's label for the domain (hostport/names.py): unique among
         the live domains of every platform; by default the next free ``kdN``.
-        Returns the host-visible endpoints (shared channel, console).
+        Returns the host-visible endpoints (shared channel, console).  ``resume_from``
+        (``runtime.ResumeState``) is a restore's: the platform's snapshot module builds the
+        domain and launches it here to resume where its snapshot was taken.
         """
         with self.lock:
             domain = self.domain(keyid)
@@ -343,7 +345,8 @@ class Platform:
                 self.name_claims.claim(check_name(name), keyid)
             try:
                 runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, name)
-                self._launcher.submit(runtime.launch).result()
+                resume = () if resume_from is None else (resume_from,)
+                self._launcher.submit(runtime.launch, *resume).result()
             except BaseException:
                 self.name_claims.release(name)
                 raise

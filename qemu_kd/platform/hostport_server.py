@@ -54,6 +54,7 @@ from qemu_kd.formats.measurement import MeasurementError
 from qemu_kd.platform.physmem import AddressError, OwnershipError
 from qemu_kd.platform.hardware import MAX_DEBUG_READ, HostExitRefused, Platform
 from qemu_kd.platform.controls import UpdateRefused
+from qemu_kd.platform.snapshot import SnapshotRefused, SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def error_code(exc: BaseException) -> str:
         (HostPortError, None),
         (KeyIdExhaustedError, "keyid-exhausted"),
         (DomainNotFoundError, "not-found"),
-        ((GuestStateFieldError, SecretPageError, HostExitRefused, UpdateRefused), "refused"),
+        ((GuestStateFieldError, SecretPageError, HostExitRefused, UpdateRefused, SnapshotRefused),
+         "refused"),
         (DomainStateError, "state"),
         (KeyUnwrapError, "unwrap-failed"),
         ((DomainVerifyError, MeasurementError, SaveAreaError), "verify-failed"),
@@ -143,8 +145,11 @@ class HostPortServer:
     def __init__(self, platform: Platform, socket_path: Path | str, *,
                  frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_pending: int = DEFAULT_MAX_PENDING):
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 snapshots: SnapshotService | None = None):
+        """``snapshots`` serves snapshot-kd and restore-kd (without it they are refused)."""
         self.platform = platform
+        self.snapshots = snapshots
         self.socket_path = Path(socket_path)
         self.frame_timeout = frame_timeout
         self.max_connections = max_connections
@@ -183,6 +188,8 @@ class HostPortServer:
             "controls-install": self._controls_install,
             "controls-status": self._controls_status,
             "controls-release": self._controls_release,
+            "snapshot-kd": self._snapshot_kd,
+            "restore-kd": self._restore_kd,
         }
         self.frames_refused = 0
         self.connections_refused = 0
@@ -565,6 +572,41 @@ class HostPortServer:
 
     def _controls_status(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         return self.platform.controls.status(arg_int(args, "keyid", minimum=1, maximum=255)), b""
+
+    # -- snapshots (platform/snapshot.py, docs/snapshots.md) ------------------------------
+
+    def _snapshot_service(self, cmd: str) -> SnapshotService:
+        if self.snapshots is None:
+            raise KdError(f"{cmd}: this platform keeps no snapshot state",
+                          "serve it with the platform daemon (qemu-kd platform serve)")
+        return self.snapshots
+
+    @staticmethod
+    def _path_arg(args: dict, cmd: str) -> str:
+        path = args.get("path")
+        if not isinstance(path, str) or not path or "\0" in path or not os.path.isabs(path):
+            raise HostPortBadRequestError(f"{cmd}: path must be an absolute file path")
+        return path
+
+    def _snapshot_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        keyid = arg_int(args, "keyid", minimum=1, maximum=255)
+        taken = self._snapshot_service("snapshot-kd").take(keyid, self._path_arg(args, "snapshot-kd"))
+        return {"keyid": keyid, "path": taken.path, "domain_id": taken.domain_id.hex(),
+                "version": taken.version, "size": taken.size}, b""
+
+    def _restore_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+        path = self._path_arg(args, "restore-kd")
+        name = args.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise HostPortBadRequestError("restore-kd: name must be a string")
+            check_name(name)
+        domain_id = arg_hex(args, "domain_id", max_bytes=16, default=b"") or None
+        measurement = arg_hex(args, "measurement", max_bytes=48, default=b"") or None
+        restored = self._snapshot_service("restore-kd").restore(path, name, domain_id=domain_id,
+                                                                measurement=measurement)
+        return {"keyid": restored.keyid, "name": restored.name, "endpoints": restored.endpoints,
+                "domain_id": restored.domain_id.hex(), "version": restored.version}, b""
 
 
 def serve(platform: Platform, socket_path: Path | str) -> HostPortServer:

@@ -39,6 +39,7 @@ PLATFORM_SEALING_ROOT_FILE = "platform-sealing-root.key"
 SEALING_ROOT_SIZE = 48
 SEALING_KEY_SIZE = 32
 SEALING_LABEL = b"qemu-kd sealing key v1"
+SNAPSHOT_LABEL = b"qemu-kd snapshot key v1"
 
 ROOT_VALIDITY = datetime.timedelta(days=365 * 30)
 PLATFORM_VALIDITY = datetime.timedelta(days=365 * 20)
@@ -213,6 +214,18 @@ class PlatformIdentity:
         if len(measurement) != 48 or len(policy_bytes) != 8:
             raise ValueError("a sealing key needs the 48-byte measurement and the 8-byte policy")
         info = SEALING_LABEL + bytes(measurement) + bytes(policy_bytes) + bytes(label)
+        return HKDF(hashes.SHA384(), SEALING_KEY_SIZE, salt=None, info=info).derive(self._sealing_root)
+
+    def snapshot_key(self, measurement: bytes, policy_bytes: bytes, domain_id: bytes, purpose: bytes) -> bytes:
+        """A key for one domain's snapshots on this platform (platform/snapshot.py).
+
+        HKDF-SHA-384(ikm = sealing root, no salt, info = "qemu-kd snapshot key v1" || purpose
+        (8) || measurement (48) || policy (8) || domain id (16), length 32).  Its info never
+        equals a guest's sealing-key info, so no guest can ask for it on the guest port.
+        """
+        if len(measurement) != 48 or len(policy_bytes) != 8 or len(domain_id) != 16 or len(purpose) != 8:
+            raise ValueError("a snapshot key needs the measurement, policy, domain id and an 8-byte purpose")
+        info = SNAPSHOT_LABEL + bytes(purpose) + bytes(measurement) + bytes(policy_bytes) + bytes(domain_id)
         return HKDF(hashes.SHA384(), SEALING_KEY_SIZE, salt=None, info=info).derive(self._sealing_root)
 
     @property

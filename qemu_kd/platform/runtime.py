@@ -70,7 +70,8 @@ UNMAPPED = np.uint64((1 << 64) - 1)
 HYPERCALL_TIMEOUT = 10.0
 MAX_HYPERCALL_TIMEOUT = 600.0
 
-__all__ = ["DomainRuntime", "Endpoints", "GuestState", "LaunchError", "SaveAreaError", "vm_entry_checks"]
+__all__ = ["DomainRuntime", "Endpoints", "GuestState", "LaunchError", "ResumeState", "SaveAreaError",
+           "vm_entry_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,17 @@ def vm_entry_checks(vmcs, domain_policy, mem_size: int) -> list[str]:
     return reasons
 
 
+@dataclass
+class ResumeState:
+    """Where a restored domain resumes (platform/snapshot.py): instead of the VMCS's entry
+    state, the registers of the snapshot's exit, QEMU's device state and the TSC rate the
+    guest was started with."""
+
+    registers: dict[str, int]
+    devices: bytes
+    tsc_khz: int | None
+
+
 class DomainRuntime:
     """QEMU, guest RAM, shadow sync, guest port and exit/resume for one domain."""
 
@@ -161,8 +173,12 @@ class DomainRuntime:
         self.audit: AuditLog | None = None
 
     # -- launch ---------------------------------------------------------------------
-    def launch(self) -> Endpoints:
-        """VM-entry checks, start QEMU, decrypt the image, load the vCPU; leaves it paused."""
+    def launch(self, resume_from: ResumeState | None = None) -> Endpoints:
+        """VM-entry checks, start QEMU, decrypt the image, load the vCPU; leaves it paused.
+
+        ``resume_from`` (a restore): QEMU waits for its device state, the command line
+        stays as it is in memory, and the vCPU gets the snapshot's registers.
+        """
         vmcs = self.domain.read_vmcs()
         gpas, hpas = self.domain.guest_mapping()
         if not gpas.size:
@@ -183,7 +199,8 @@ class DomainRuntime:
         img_hpas = pages.hpas[image]
         hpa_to_gpa = dict(zip(hpas.tolist(), gpas.tolist()))
 
-        spec = MachineSpec(mem_size=self.mem_size, accel=self.accel, name=self.name)
+        spec = MachineSpec(mem_size=self.mem_size, accel=self.accel, name=self.name,
+                           incoming=resume_from is not None)
         self.machine = QemuMachine(spec, console_log=self.console_log)
         try:
             self.machine.start()
@@ -199,13 +216,20 @@ class DomainRuntime:
                                   count=chunk.size)
                 ram[idx] = plain
                 self._snapshot[idx] = plain
-            self._complete_cmdline(vmcs.guest.rsi)
+            if resume_from is None:
+                self._complete_cmdline(vmcs.guest.rsi)
+            else:
+                self.tsc_khz = resume_from.tsc_khz
             unsealable = VcpuSealer(self.machine.rsp).check_target()
             if unsealable:
                 raise LaunchError(f"key domain {self.domain.keyid}: QEMU's vCPU registers cannot all be "
                                   "sealed on exit: " + "; ".join(unsealable),
                                   "use the QEMU version the platform supports")
-            self.machine.rsp.load_vcpu(vmcs.guest)
+            if resume_from is None:
+                self.machine.rsp.load_vcpu(vmcs.guest)
+            else:
+                self.machine.load_device_state(resume_from.devices)
+                VcpuSealer(self.machine.rsp).restore(resume_from.registers)
             port = self.machine.connect_serial("guestport")
             self.guest_port = GuestPortServer(port, {"info": self._info, "report": self._report,
                                                      "derive-key": self._derive_key,
@@ -565,6 +589,23 @@ class DomainRuntime:
                 m.resume()
         log.info("key domain %d resumed (exit %d)", self.domain.keyid, area.seq)
         return area
+
+    # -- snapshot (platform/snapshot.py) --------------------------------------------
+    def sealed_vcpu(self) -> SaveArea:
+        """The verified save-area record of the current exit (the vCPU must be exited)."""
+        if not self.exited:
+            raise ExitStateError(f"key domain {self.domain.keyid} is not exited")
+        page = self.domain.decrypt_pages(np.array([self._save_hpa], dtype=np.uint64))
+        return open_save_area(page, self._save_mac_key, self.domain.keyid, self._save_hpa,
+                              self._exit_seq)
+
+    def device_state(self) -> bytes:
+        """QEMU's device state without guest RAM (the vCPU must be exited)."""
+        m = self._require_machine()
+        if not self.exited:
+            raise ExitStateError(f"key domain {self.domain.keyid} is not exited")
+        with self.qmp_lock:
+            return m.save_device_state()
 
     # -- hypercalls (guest port) ----------------------------------------------------
     def _hypercall(self, req: dict) -> dict:

@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ class MachineSpec:
     machine: str = "pc"
     qemu: str = field(default_factory=lambda: os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))
     extra_args: list[str] = field(default_factory=list)
+    #: Start waiting for a migration stream (``-incoming defer``; see :meth:`QemuMachine.load_device_state`).
+    incoming: bool = False
 
 
 class QemuMachine:
@@ -137,6 +140,8 @@ class QemuMachine:
             if name == "console" and self.console_log is not None:
                 chardev += f",logfile={self.console_log},logappend=off"
             args += ["-chardev", chardev, "-serial", f"chardev:{name}"]
+        if s.incoming:
+            args += ["-incoming", "defer"]
         return args + list(s.extra_args)
 
     def start(self, timeout: float = 15.0) -> None:
@@ -230,6 +235,104 @@ class QemuMachine:
     def resume(self) -> None:
         self.check_alive()
         self.qmp.cmd("cont")
+
+    # -- device state (QEMU's migration stream, without guest RAM) ----------------------
+    def _pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a descriptor over QMP (SCM_RIGHTS) under ``name``, for a ``fd:`` URI."""
+        self.qmp.send_fd_scm(fd)
+        self.qmp.cmd("getfd", fdname=name)
+
+    def _ignore_shared_ram(self) -> None:
+        # Guest RAM is the shared memfd backend: it stays out of the stream.
+        self.qmp.cmd("migrate-set-capabilities",
+                     capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    def _await_migration(self, deadline: float, doing: str) -> None:
+        while True:
+            self.check_alive(doing)
+            info = self.qmp.cmd("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"QEMU's migration stream failed while {doing}: "
+                                f"{info.get('error-desc', status)}", f"see {self.stderr_path}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"QEMU's migration stream did not finish while {doing}")
+            time.sleep(0.01)
+
+    def save_device_state(self, timeout: float = 60.0) -> bytes:
+        """QEMU's device state as its migration stream, guest RAM left out (x-ignore-shared).
+
+        The stream goes through a pipe to this process only; nothing is written to a
+        file.  The vCPU should be stopped; QEMU stays stopped (``postmigrate``) and
+        ``cont`` runs it again.
+        """
+        self.check_alive()
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        chunks: list[bytes] = []
+
+        def drain() -> None:
+            while True:
+                data = os.read(rfd, 1 << 16)
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = threading.Thread(target=drain, name="kd-devstate-out", daemon=True)
+        reader.start()
+        try:
+            try:
+                self._ignore_shared_ram()
+                self._pass_fd(wfd, "kd-devstate")
+            finally:
+                os.close(wfd)     # QEMU holds its own copy; EOF comes when it closes that
+            self.qmp.cmd("migrate", uri="fd:kd-devstate")
+            self._await_migration(time.monotonic() + timeout, "saving the device state")
+            reader.join(timeout)
+            if reader.is_alive():
+                raise QemuError("QEMU did not close its device-state stream")
+        finally:
+            if not reader.is_alive():
+                os.close(rfd)
+        return b"".join(chunks)
+
+    def load_device_state(self, stream: bytes, timeout: float = 60.0) -> None:
+        """Feed a stream from :meth:`save_device_state` to a machine started ``incoming``.
+
+        Guest RAM must already hold the guest's memory (it is not in the stream).
+        The machine stays paused (``-S``).
+        """
+        self.check_alive()
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        failed: list[BaseException] = []
+
+        def feed() -> None:
+            try:
+                view = memoryview(stream)
+                while view:
+                    written = os.write(wfd, view[:1 << 16])
+                    view = view[written:]
+            except OSError as exc:    # QEMU gave up reading (its error tells why)
+                failed.append(exc)
+            finally:
+                os.close(wfd)
+
+        writer = threading.Thread(target=feed, name="kd-devstate-in", daemon=True)
+        try:
+            try:
+                self._ignore_shared_ram()
+                self._pass_fd(rfd, "kd-devstate")
+            finally:
+                os.close(rfd)
+            writer.start()
+            self.qmp.cmd("migrate-incoming", uri="fd:kd-devstate")
+            self._await_migration(time.monotonic() + timeout, "loading the device state")
+        finally:
+            if writer.ident is None:
+                os.close(wfd)
+            else:
+                writer.join(timeout)
 
     def pause(self) -> None:
         self.check_alive()

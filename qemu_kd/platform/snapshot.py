@@ -1,0 +1,398 @@
+"""Encrypted snapshots of running key domains, and restoring them as new domains.
+
+``snapshot-kd`` (:meth:`SnapshotService.take`):
+
+1. The platform exits the domain: the vCPU's whole register file is sealed into
+   the protected save area and scrubbed in QEMU, and the encrypted shadow in
+   DRAM is brought up to date (``runtime.exit``).
+2. It reads what it needs: the verified save-area record, QEMU's device state
+   (its migration stream with guest RAM left out, through a pipe to the
+   platform only), the VMCS page, the guest page list, and the guest pages'
+   ciphertext exactly as DRAM holds it (encrypted by the MEE under the domain
+   key, tweaked by each page's data physical address).
+3. It resumes the domain, and writes the file (``formats/snapshot.py``):
+   everything but the ciphertext is sealed with AES-256-GCM under a key derived
+   from the platform's sealing root, and an HMAC-SHA-384 under a second such key
+   covers the whole file.
+
+``restore-kd`` (:meth:`SnapshotService.restore`) checks the file (platform,
+MAC, the domain the caller expects, rollback), then builds a new key domain
+with the same key, policy, host_data and measurement at a fresh KeyID and
+fresh pages: the guest pages are decrypted at their old addresses and
+encrypted at the new ones inside the platform, a new EPT maps them, and the
+VMCS points at it.  The platform verifies that EPT as verify-ept does and
+launches the domain with the snapshot's device state and registers
+(``runtime.ResumeState``).  Like launch, the vCPU waits for ``run``.
+
+Rollback (docs/snapshots.md): the platform keeps each domain's latest snapshot
+version in ``<state>/snapshots/<domain id>``.  A snapshot older than that is
+refused unless the domain's measured policy is RESTORABLE; restoring a
+non-restorable domain's snapshot makes the domain's version newer than it,
+so the same file restores once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from qemu_kd.common.errors import KdError
+from qemu_kd.common.files import write_file_atomic
+from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
+from qemu_kd.formats.ept import build_ept_arrays, ept_table_pages_needed
+from qemu_kd.formats.errors import FormatError
+from qemu_kd.formats.measurement import PageType
+from qemu_kd.formats.savearea import SaveArea
+from qemu_kd.formats.snapshot import (
+    HEADER_SIZE,
+    MAC_SIZE,
+    SECTION_DEVICES,
+    SECTION_DOMAIN,
+    SECTION_KINDS,
+    SECTION_MEMORY,
+    SECTION_PAGES,
+    SECTION_VCPU,
+    KIND_SEALED,
+    DomainSection,
+    PageList,
+    Snapshot,
+    SnapshotHeader,
+    sealed_aad,
+)
+from qemu_kd.formats.vmcs import Vmcs
+from qemu_kd.platform.domain import GUEST_TYPES, DomainState, KeyDomain, PageBatch
+
+log = logging.getLogger(__name__)
+
+#: Largest snapshot file restore-kd reads.
+MAX_SNAPSHOT_BYTES = 16 << 30
+#: Pages decrypted and encrypted again per step on restore.
+RESTORE_BATCH = 4096
+NONCE_SIZE = 12
+VERSIONS_DIR = "snapshots"
+
+
+class SnapshotError(KdError):
+    """A snapshot cannot be taken or written."""
+
+
+class SnapshotRefused(KdError):
+    """A snapshot file the platform will not restore (tampered, foreign or old)."""
+
+
+@dataclass(frozen=True)
+class RestoredMeasurement:
+    """The launch measurement a restored domain carries: the original's digest."""
+
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """snapshot-kd's answer."""
+
+    path: str
+    domain_id: bytes
+    version: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Restored:
+    """restore-kd's answer."""
+
+    keyid: int
+    name: str
+    endpoints: dict[str, str]
+    domain_id: bytes
+    version: int
+
+
+class VersionStore:
+    """Each domain's latest snapshot version, one small file per domain id (mode 0600)."""
+
+    def __init__(self, state_dir: Path):
+        self.directory = Path(state_dir) / VERSIONS_DIR
+
+    def _path(self, domain_id: bytes) -> Path:
+        return self.directory / domain_id.hex()
+
+    def latest(self, domain_id: bytes) -> int:
+        try:
+            return int(self._path(domain_id).read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"the platform's snapshot version record {self._path(domain_id)} is "
+                                f"unreadable: {exc}", "the platform refuses to guess it") from None
+
+    def advance(self, domain_id: bytes, version: int) -> None:
+        """Record ``version`` as the domain's latest (never goes back)."""
+        if version <= self.latest(domain_id):
+            return
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_file_atomic(self._path(domain_id), f"{version}\n".encode(), mode=0o600)
+
+
+class _Keys:
+    """The two keys of one domain's snapshots on this platform."""
+
+    def __init__(self, identity, header: SnapshotHeader):
+        args = (header.measurement, header.policy.pack(), header.domain_id)
+        self.seal = AESGCM(identity.snapshot_key(*args, b"sections"))
+        self._mac = identity.snapshot_key(*args, b"file-mac")
+
+    def mac(self, body: bytes) -> bytes:
+        return hmac.new(self._mac, body, hashlib.sha384).digest()
+
+
+class SnapshotService:
+    """snapshot-kd and restore-kd for one platform (``state_dir``: where versions are kept)."""
+
+    def __init__(self, platform, state_dir: Path | str):
+        self.platform = platform
+        self.versions = VersionStore(Path(state_dir))
+        # The domain id of each live domain that has one (taken or restored), by domain object.
+        self._domain_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ take
+
+    def take(self, keyid: int, path: str | Path) -> SnapshotTaken:
+        """Exit the running domain, capture it, resume it, write the snapshot to ``path``."""
+        path = _check_path(path)
+        p = self.platform
+        with p.lock:
+            domain, runtime = p._runtime(keyid, "snapshot-kd", [DomainState.LAUNCHED])
+            if getattr(runtime, "shared_pages", np.zeros(0)).size:
+                raise SnapshotError(f"key domain {keyid} shares pages with the host: snapshots of such "
+                                    "a domain are not supported")
+            runtime.exit(reason="host")
+            domain.mark_exited()
+            try:
+                area = runtime.sealed_vcpu()
+                devices = runtime.device_state()
+                captured = self._capture(domain, runtime)
+            finally:
+                runtime.resume()
+                domain.mark_launched()
+            domain_id = self._domain_ids.get(domain) or secrets.token_bytes(16)
+            version = self.versions.latest(domain_id) + 1
+            header = SnapshotHeader(p.identity.platform_id, domain_id, version, keyid,
+                                    domain.measurement.digest, domain.policy, domain.host_data)
+            keys = _Keys(p.identity, header)
+            sections = dict(captured)
+            sections[SECTION_VCPU] = area.pack_body()
+            sections[SECTION_DEVICES] = devices
+            snap = _seal(keys, header, sections)
+            body = snap.pack_body()
+            data = body + keys.mac(body)
+            self.versions.advance(domain_id, version)
+            self._domain_ids[domain] = domain_id
+        try:
+            write_file_atomic(path, data, mode=0o600)
+        except OSError as exc:
+            raise SnapshotError(f"cannot write the snapshot to {path}: {exc.strerror or exc}") from None
+        log.info("key domain %d: snapshot version %d written (%d MiB)", keyid, version, len(data) >> 20)
+        return SnapshotTaken(str(path), domain_id, version, len(data))
+
+    def _capture(self, domain: KeyDomain, runtime) -> dict[int, bytes]:
+        pages = domain.pages()
+        guest = np.isin(pages.types, [int(t) for t in GUEST_TYPES])
+        order = np.argsort(pages.gpas[guest], kind="stable")
+        gpas, hpas = pages.gpas[guest][order], pages.hpas[guest][order]
+        types, perms = pages.types[guest][order], pages.perms[guest][order]
+        listing = PageList(gpas.tolist(), hpas.tolist(), types.tolist(), perms.tolist())
+        # DRAM through the platform: the MEE's ciphertext of every guest page (the shadow
+        # is current: the exit synced it).
+        memory = self.platform.memory.read_pages(hpas).tobytes()
+        vmcs = domain.decrypt_pages(np.array([domain.vmcs_hpa], dtype=np.uint64))
+        section = DomainSection(domain.snapshot_key(), getattr(runtime, "tsc_khz", None), runtime.mem_size,
+                                int(runtime._save_hpa or 0), vmcs)
+        return {SECTION_DOMAIN: section.pack(), SECTION_PAGES: listing.pack(), SECTION_MEMORY: memory}
+
+    # --------------------------------------------------------------- restore
+
+    def restore(self, path: str | Path, name: str | None = None, *, domain_id: bytes | None = None,
+                measurement: bytes | None = None) -> Restored:
+        """Check the snapshot at ``path`` and launch it as a new domain named ``name``.
+
+        ``domain_id`` / ``measurement``: what the caller expects the snapshot to be of
+        (a snapshot of another domain is refused).
+        """
+        path = _check_path(path)
+        data = _read(path)
+        p = self.platform
+        header, snap = self._open(data, domain_id, measurement)
+        keys = _Keys(p.identity, header)
+        opened = {sid: _unseal(keys, snap, sid) if kind == KIND_SEALED else snap.sections[sid]
+                  for sid, kind in SECTION_KINDS.items()}
+        del data, snap
+        try:
+            dom = DomainSection.unpack(opened[SECTION_DOMAIN])
+            listing = PageList.unpack(opened[SECTION_PAGES])
+            area, _end = SaveArea.unpack_body(opened[SECTION_VCPU])
+            vmcs = Vmcs.unpack(dom.vmcs)
+        except FormatError as exc:
+            raise SnapshotRefused(f"snapshot {path} is malformed inside its sealed sections: "
+                                  f"{exc.message}") from None
+        if len(opened[SECTION_MEMORY]) != len(listing.gpas) * PAGE_SIZE:
+            raise SnapshotRefused(f"snapshot {path}: its memory section does not match its page list")
+        with p.lock:
+            p._check_open()
+            if not header.policy.restorable and header.version < self.versions.latest(header.domain_id):
+                raise SnapshotRefused(_older(path, header, self.versions.latest(header.domain_id)))
+            keyid, domain = self._build(header, dom, listing, vmcs, opened[SECTION_MEMORY])
+            from qemu_kd.platform.runtime import ResumeState
+
+            try:
+                endpoints = p.launch(keyid, name, resume_from=ResumeState(area.registers,
+                                                                          opened[SECTION_DEVICES],
+                                                                          dom.tsc_khz))
+            except BaseException:
+                p.destroy_kd(keyid)
+                raise
+            if not header.policy.restorable:
+                # This file is now older than the domain: it restores once.
+                self.versions.advance(header.domain_id, header.version + 1)
+            self._domain_ids[domain] = header.domain_id
+            log.info("snapshot version %d of domain %s restored as key domain %d", header.version,
+                     header.domain_id.hex(), keyid)
+            return Restored(keyid, p.domain_names.get(keyid, f"kd{keyid}"), endpoints, header.domain_id,
+                            header.version)
+
+    def _open(self, data: bytes, domain_id: bytes | None,
+              measurement: bytes | None) -> tuple[SnapshotHeader, Snapshot]:
+        """The verified snapshot in ``data``, or SnapshotRefused with the reason."""
+        p = self.platform
+        try:
+            header, _count = SnapshotHeader.unpack(data[:HEADER_SIZE])
+        except FormatError as exc:
+            raise SnapshotRefused(f"not a usable snapshot: {exc.message}", exc.hint) from None
+        if header.platform_id != p.identity.platform_id:
+            raise SnapshotRefused(f"snapshot was taken on another platform ({header.platform_id.hex()}; "
+                                  f"this is {p.identity.platform_id.hex()})",
+                                  "a snapshot restores only on the platform that took it")
+        if len(data) < HEADER_SIZE + MAC_SIZE:
+            raise SnapshotRefused("snapshot is truncated")
+        keys = _Keys(p.identity, header)
+        body = memoryview(data)[:-MAC_SIZE]
+        if not hmac.compare_digest(keys.mac(body), data[-MAC_SIZE:]):
+            raise SnapshotRefused("snapshot does not verify: its MAC is wrong (tampered or truncated)",
+                                  "take a new snapshot")
+        try:
+            snap = Snapshot.unpack_body(body)
+        except FormatError as exc:
+            raise SnapshotRefused(f"snapshot is malformed: {exc.message}") from None
+        if domain_id is not None and domain_id != header.domain_id:
+            raise SnapshotRefused(f"snapshot is of another domain (domain id {header.domain_id.hex()}, "
+                                  f"expected {domain_id.hex()})")
+        if measurement is not None and measurement != header.measurement:
+            raise SnapshotRefused(f"snapshot is of another domain (measurement "
+                                  f"{header.measurement.hex()[:16]}..., expected {measurement.hex()[:16]}...)")
+        return header, snap
+
+    def _build(self, header: SnapshotHeader, dom: DomainSection, listing: PageList, vmcs: Vmcs,
+               memory: bytes) -> tuple[int, KeyDomain]:
+        """A VERIFIED key domain holding the snapshot's pages at fresh hpas (caller holds the lock)."""
+        p = self.platform
+        gpas = np.asarray(listing.gpas, dtype=np.uint64)
+        old_hpas = np.asarray(listing.hpas, dtype=np.uint64)
+        perms = np.asarray(listing.perms, dtype=np.int64)
+        n_tables = ept_table_pages_needed(listing.gpas)
+        keyid = p.keyids.reserve()
+        domain = None
+        try:
+            hpas = p.memory.find_free(gpas.size + n_tables + 2)
+            p.memory.claim_for_host(hpas, keyid)
+            guest_hpas, table_hpas = hpas[:gpas.size], hpas[gpas.size:gpas.size + n_tables]
+            vmcs_hpa, save_hpa = int(hpas[-2]), int(hpas[-1])
+            domain = KeyDomain(keyid, dom.key, header.policy, header.host_data, p.memory)
+            old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
+            for start in range(0, gpas.size, RESTORE_BATCH):
+                sl = slice(start, start + RESTORE_BATCH)
+                chunk = memory[start * PAGE_SIZE:(start + RESTORE_BATCH) * PAGE_SIZE]
+                plain = domain.mee.decrypt_pages(chunk, old_dpas[sl])
+                domain.encrypt_into_dram(guest_hpas[sl], plain)
+            eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
+            order = np.array(sorted(tables), dtype=np.uint64)
+            domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
+            new_vmcs = replace(vmcs, ept_pointer=eptp, save_area_hpa=save_hpa)
+            domain.encrypt_into_dram(np.array([vmcs_hpa], dtype=np.uint64), new_vmcs.pack())
+            control = np.concatenate([[vmcs_hpa], order, [save_hpa]]).astype(np.uint64)
+            control_types = [int(PageType.VMCS)] + [int(PageType.EPT)] * order.size + [int(PageType.SAVE)]
+            # Every guest page comes back with contents: an IMAGE page (a never-touched
+            # ZERO page holds encrypted zeros, which it is).
+            batch = PageBatch(np.concatenate([control, guest_hpas]),
+                              np.concatenate([np.zeros(control.size, dtype=np.uint64), gpas]),
+                              np.concatenate([control_types, np.full(gpas.size, int(PageType.IMAGE))]),
+                              np.concatenate([np.zeros(control.size, dtype=np.int64), perms]),
+                              np.zeros(control.size + gpas.size, dtype=bool))
+            p.domains[keyid] = domain
+            domain.add_pages(batch)
+            verdict = domain.verify_ept(hpas)
+            if not verdict.ok:
+                raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
+            domain.measurement = RestoredMeasurement(header.measurement)
+            return keyid, domain
+        except BaseException:
+            if keyid in p.domains:
+                p.destroy_kd(keyid)
+            else:
+                p.memory.release_keyid(keyid)
+                p.keyids.release(keyid)
+            raise
+
+
+def _seal(keys: _Keys, header: SnapshotHeader, sections: dict[int, bytes]) -> Snapshot:
+    head = header.pack(len(SECTION_KINDS))
+    out = {}
+    for sid, data in sections.items():
+        if SECTION_KINDS[sid] == KIND_SEALED:
+            nonce = os.urandom(NONCE_SIZE)
+            out[sid] = nonce + keys.seal.encrypt(nonce, bytes(data), sealed_aad(head, sid))
+        else:
+            out[sid] = bytes(data)
+    return Snapshot(header, out)
+
+
+def _unseal(keys: _Keys, snap: Snapshot, sid: int) -> bytes:
+    data = snap.sections[sid]
+    head = snap.header.pack(len(SECTION_KINDS))
+    try:
+        return keys.seal.decrypt(data[:NONCE_SIZE], data[NONCE_SIZE:], sealed_aad(head, sid))
+    except (InvalidTag, ValueError):
+        raise SnapshotRefused("snapshot does not verify: a sealed section does not open (tampered)") from None
+
+
+def _older(path: Path, header: SnapshotHeader, latest: int) -> str:
+    return (f"snapshot {path} is older than the domain's latest (version {header.version}, latest "
+            f"{latest}); the domain's policy is not restorable")
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_absolute():
+        raise SnapshotError(f"snapshot path {str(path)!r} is not absolute",
+                            "the platform resolves no relative paths; pass an absolute one")
+    return path
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_SNAPSHOT_BYTES:
+                raise SnapshotRefused(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES >> 30} GiB")
+            return f.read()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read the snapshot {path}: {exc.strerror or exc}") from None
