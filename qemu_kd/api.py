@@ -418,6 +418,12 @@ class Domain:
         except OSError:
             return ""
 
+    def snapshot(self, path: str | Path) -> dict:
+        """Write an encrypted snapshot of this running domain to ``path`` (docs/snapshots.md);
+        only a protected domain has one."""
+        raise NotProtectedError(f"{self.name} is a plain domain: only protected domains have snapshots",
+                                "launch it with plain=False")
+
     def destroy(self) -> None:
         """Stop the guest and free its resources (idempotent)."""
         if self._gone:
@@ -595,6 +601,28 @@ class ProtectedDomain(Domain):
                                 allow_emulated=True)
         return AttestationResult(raw, chain, verified, data, self._root_pem)
 
+    #: The host port of the platform the domain runs on (set by Platform.launch and restore).
+    platform_socket: Path | None = None
+    #: The platform's id for the domain's snapshots (hex; set by snapshot and restore).
+    domain_id: str | None = None
+
+    def snapshot(self, path: str | Path) -> dict:
+        """Write an encrypted snapshot of the running domain to ``path``; the guest runs on.
+
+        The platform writes the file: guest memory as its memory-encryption engine encrypted it,
+        the vCPU and device state sealed to this platform (docs/snapshots.md).  Returns ``path``,
+        ``domain_id``, ``version`` and ``size``; :meth:`Platform.restore` brings it back.
+        """
+        self._check()
+        from qemu_kd.hostport.client import HostPortClient
+
+        if self.platform_socket is None:
+            raise ConfigError(f"{self.name} does not know its platform's host port")
+        with HostPortClient(self.platform_socket, timeout=None) as client:
+            taken = client.snapshot_kd(self.keyid, Path(path).resolve())
+        self.domain_id = taken["domain_id"]
+        return taken
+
     def _shutdown(self):
         try:
             self._host.call("destroy")
@@ -731,7 +759,7 @@ class Platform:
                cmdline_extra: str = "", additions: "GuestAdditions | None" = None,
                kernel: str | Path | None = None, initrd: str | Path | None = None,
                ready_timeout: float = 120.0, name: str | None = None,
-               exposed_register_mask: int = 0) -> Domain:
+               exposed_register_mask: int = 0, restorable: bool = False) -> Domain:
         """Boot a guest and return it once its agent is ready (and, protected, attested).
 
         ``plain`` boots it without protection (no platform, no attestation) for comparison;
@@ -745,6 +773,8 @@ class Platform:
         machine's platforms; by default the next free ``kdN``); a plain one is named here.
         ``exposed_register_mask`` (protected) is the VMCS's mask of the general registers the
         guest's hypercalls may show the host (measured).
+        ``restorable`` (protected) seals the RESTORABLE test policy: one snapshot of the domain
+        may be restored any number of times (docs/snapshots.md).
         """
         if plain and exposed_register_mask:
             raise ConfigError("exposed registers apply to protected domains",
@@ -762,7 +792,8 @@ class Platform:
                                              cmdline, size, ready_timeout)
         else:
             dom = self._launch_protected(name, image, cmdline, size, debug, ready_timeout,
-                                         exposed_register_mask)
+                                         exposed_register_mask, restorable=restorable)
+            dom.platform_socket = self.socket
         self.domains.append(dom)
         return dom
 
@@ -782,7 +813,8 @@ class Platform:
         return dom
 
     def _launch_protected(self, name: str | None, image: GuestImage, cmdline: str, size: int,
-                          debug: bool, ready_timeout: float, exposed_register_mask: int = 0) -> ProtectedDomain:
+                          debug: bool, ready_timeout: float, exposed_register_mask: int = 0,
+                          restorable: bool = False) -> ProtectedDomain:
         from host_vmm.process import HostVmmProcess
 
         from qemu_kd.formats.layout import HostLayout
@@ -794,7 +826,7 @@ class Platform:
 
         assert self.workdir is not None and self.socket is not None
         timer = PhaseTimer(progress=self._progress)
-        policy = Policy.make(debug=debug)
+        policy = Policy.make(debug=debug, restorable=restorable)
         mask = exposed_register_mask
         host = HostVmmProcess(str(self.socket), str(self.workdir / f"vmm-{self._count}.sock"))
         try:
@@ -843,6 +875,54 @@ class Platform:
         dom.timings = dict(timer.phases)
         return dom
 
+    def restore(self, path: str | Path, *, of: ProtectedDomain, name: str | None = None,
+                ready_timeout: float = 120.0) -> ProtectedDomain:
+        """Restore the snapshot at ``path`` (from :meth:`ProtectedDomain.snapshot`) as a new,
+        attested domain on this platform, named ``name`` (default: the next free ``kdN``).
+
+        ``of`` is the snapshotted domain (it may be destroyed by now): the tenant's secret,
+        measurement and policy come from it.  The platform refuses a snapshot of another domain,
+        from another platform, tampered, or older than the domain's latest (unless the policy is
+        restorable).  The tenant attests the restored guest over a fresh nonce before it opens
+        the session.  The restored guest shares every secret of the snapshot's moment with the
+        original and with every other restore of it (docs/snapshots.md).
+        """
+        from qemu_kd.hostport.client import HostPortClient
+        from qemu_kd.tenant.session import TenantSession, attest
+
+        if not isinstance(of, ProtectedDomain) or of.secret is None:
+            raise NotProtectedError("restore needs the protected domain the snapshot was taken of",
+                                    "pass of=<the ProtectedDomain>")
+        self.start()
+        assert self.socket is not None
+        client = HostPortClient(self.socket, timeout=None)
+        try:
+            restored = client.restore_kd(Path(path).resolve(), name,
+                                         domain_id=bytes.fromhex(of.domain_id) if of.domain_id else None,
+                                         measurement=of.measurement)
+        except BaseException:
+            client.close()
+            raise
+        host = _RestoredHost(client, restored["keyid"])
+        try:
+            host.attach(restored["endpoints"].get("shared"), ready_timeout)
+            attestation = attest(host.agent, root_pem=of._root_pem, chain_pem=of.chain_pem,
+                                 measurement=of.measurement, policy=of.policy,
+                                 host_data=of._layout.host_data)
+            session = TenantSession(host.agent, attestation, of.secret.key)
+        except BaseException:
+            host.call("destroy")
+            host.stop()
+            raise
+        dom = ProtectedDomain(restored["name"], host, session, keyid=restored["keyid"],
+                              endpoints=restored["endpoints"], expected=of.measurement, policy=of.policy,
+                              root_pem=of._root_pem, layout=of._layout, secret=of.secret,
+                              exposed_register_mask=of.exposed_register_mask)
+        dom.platform_socket = self.socket
+        dom.domain_id = restored["domain_id"]
+        self.domains.append(dom)
+        return dom
+
     def keep(self, domain: Domain) -> None:
         """Leave ``domain`` running on the platform when this object closes and this process
         ends: the host VMM lets go of it, and a daemon this object started (``detach=True``)
@@ -887,3 +967,42 @@ class Platform:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _RestoredHost:
+    """The host's side of a restored domain: the platform's host port and the domain's shared
+    channel (what the host VMM process is for a launched one)."""
+
+    def __init__(self, client: Any, keyid: int):
+        self.client = client
+        self.keyid = keyid
+        self._agent: Any = None
+        self._sock: Any = None
+
+    def attach(self, shared: str | None, ready_timeout: float) -> None:
+        """Connect the shared channel, let the vCPU run, and wait for the agent to answer."""
+        from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
+
+        self._sock = connect_shared_channel(shared)
+        self._agent = AgentClient(self._sock)
+        self.client.run(self.keyid)
+        self._agent.ping(timeout=ready_timeout)
+
+    def agent(self, cmd: str, wait: float = 60.0, **args: Any) -> dict:
+        args.pop("bulk", None)      # frames travel on the serial line here
+        return self._agent.call(cmd, wait=wait, **args)
+
+    def call(self, command: str, /, timeout: float = 300.0, **args: Any) -> dict:
+        if command == "destroy":
+            return {"freed_pages": self.client.destroy_kd(self.keyid)}
+        if command == "status":
+            return self.client.domain_status(self.keyid)
+        if command == "detach":
+            return {}
+        raise NotProtectedError(f"a restored domain's host has no {command}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.client.close()
