@@ -21,7 +21,7 @@ import threading
 import time
 import tty
 
-from . import __version__, hypercall, session
+from . import __version__, hypercall, session, window
 from .protocol import (MAX_LINE, MAX_OUTPUT, ProtocolError, decode, encode, error, event, reply,
                        request)
 from . import jobs
@@ -34,7 +34,7 @@ POLICY_DEBUG = 1 << 0          # policy flag bit 0: DEBUG (see the policy format
 #: What a protected guest serves to the host on the shared channel.
 HOST_COMMANDS = frozenset({"ping", "attest", "session", "poweroff", "control"})
 #: Served to the host as well when no platform protects the guest (a plain run).
-UNPROTECTED_COMMANDS = frozenset({"exec", "exec_start", "exec_poll", "exec_kill"})
+UNPROTECTED_COMMANDS = frozenset({"exec", "exec_start", "exec_poll", "exec_kill", "window", "put_file", "get_file"})
 
 
 def open_port(path: str) -> int:
@@ -145,6 +145,7 @@ class Agent:
         # Background commands (guest_agent.jobs): the tenant's, and the host's when unprotected.
         self._tenant_jobs = jobs.JobTable()
         self._host_jobs = jobs.JobTable()
+        self._plain_windows = window.PlainWindows()
 
     # -- the platform (guest port) ---------------------------------------------------
     def platform_call(self, cmd: str, answer_within: float | None = None, **args) -> dict:
@@ -214,13 +215,16 @@ class Agent:
 
     def do_session(self, req: dict) -> dict:
         """One opaque tenant-session frame in, one frame out."""
-        frame = req.get("frame")
-        try:
-            data = base64.b64decode(frame, validate=True) if isinstance(frame, str) else None
-        except ValueError:
-            data = None
-        if data is None:
-            raise ValueError("session needs 'frame': base64")
+        if "window" in req:     # the frame waits in a buffer shared with the host
+            data = window.read(self._shared_buffers(), req["window"])
+        else:
+            frame = req.get("frame")
+            try:
+                data = base64.b64decode(frame, validate=True) if isinstance(frame, str) else None
+            except ValueError:
+                data = None
+            if data is None:
+                raise ValueError("session needs 'frame' (base64) or 'window'")
         parsed = session.Frame.unpack(data)
         if parsed.type == session.OPEN:
             if self._handshake is None:
@@ -232,8 +236,11 @@ class Agent:
         if self._session is None:
             raise session.SessionError("no session is open")
         plain = self._session.open(data)
-        answer = self.session_request(plain)
-        return {"frame": base64.b64encode(self._session.seal(answer)).decode()}
+        sealed = self._session.seal(self.session_request(plain))
+        placed = window.answer(self._shared_buffers(), req.get("reply_window"), sealed)
+        if placed is not None:
+            return {"window": placed}
+        return {"frame": base64.b64encode(sealed).decode()}
 
     def _host_owns_guest(self, cmd: str) -> None:
         if self.protected:
@@ -296,18 +303,9 @@ class Agent:
         return self._tenant_jobs.kill(msg.get("job"))
 
     def tenant_put_file(self, msg: dict) -> dict:
-        path = _str_arg(msg, "path")
-        data = base64.b64decode(_str_arg(msg, "data"), validate=True)
-        mode = msg.get("mode", 0o644)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if msg.get("append") else os.O_TRUNC)
-        fd = os.open(path, flags, mode if isinstance(mode, int) else 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        return {"written": len(data), "path": path}
+        # Inline only: the whole session frame may have crossed a shared buffer, but its
+        # contents are the tenant's, never bytes the host left in one.
+        return self._put_file(msg, base64.b64decode(_str_arg(msg, "data"), validate=True))
 
     def tenant_get_file(self, msg: dict) -> dict:
         path = _str_arg(msg, "path")
@@ -320,6 +318,51 @@ class Agent:
             f.seek(offset)
             data = f.read(length)
         return {"data": base64.b64encode(data).decode(), "size": size, "offset": offset}
+
+    # -- bulk data (guest_agent.window) ----------------------------------------------
+    def _shared_buffers(self) -> list:
+        """The buffers this guest shares with its host (installed ``share`` controls, or ``window``)."""
+        if not self.protected:
+            return self._plain_windows.regions
+        return self._controls.shared if self._controls is not None else []
+
+    def _payload(self, msg: dict) -> bytes:
+        """A host request's bytes (unprotected guests): inline (``data``, base64) or in a
+        shared buffer (``window``)."""
+        if "window" in msg:
+            return window.read(self._shared_buffers(), msg["window"])
+        return base64.b64decode(_str_arg(msg, "data"), validate=True)
+
+    @staticmethod
+    def _put_file(msg: dict, data: bytes) -> dict:
+        from .secrets import write_file
+
+        path = _str_arg(msg, "path")
+        mode = msg.get("mode", 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if msg.get("append") else os.O_TRUNC)
+        mode = mode if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode <= 0o7777 else 0o644
+        write_file(path, data, flags, mode)
+        if not msg.get("append"):
+            os.chmod(path, mode)        # the mode asked for, whatever the umask or an older file had
+        return {"written": len(data), "path": path}
+
+    def do_window(self, req: dict) -> dict:
+        """(Unprotected guests only) lock a buffer of ``pages`` pages and share it with the host."""
+        return self._plain_windows.open(req)
+
+    def do_put_file(self, req: dict) -> dict:
+        """(Unprotected guests only) write a file from inline data or a shared buffer."""
+        return self._put_file(req, self._payload(req))
+
+    def do_get_file(self, req: dict) -> dict:
+        """(Unprotected guests only) read part of a file, into the ``reply_window`` if there is one."""
+        result = self.tenant_get_file(req)
+        data = base64.b64decode(result["data"])
+        placed = window.answer(self._shared_buffers(), req.get("reply_window"), data)
+        if placed is not None:
+            del result["data"]
+            result["window"] = placed
+        return result
 
     def tenant_put_secret(self, msg: dict) -> dict:
         from .secrets import write_secret

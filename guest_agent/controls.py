@@ -103,6 +103,21 @@ def runs(op: str, gpas: list[int], hpas: list[int] | None = None) -> list[list]:
     return out
 
 
+def pinning_libc():
+    """The C library set up for :class:`Region` (mmap returning a pointer); also tells Linux
+    never to migrate locked pages (``vm.compact_unevictable_allowed`` = 0)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    try:
+        with open("/proc/sys/vm/compact_unevictable_allowed", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+    return libc
+
+
 class Region:
     """Anonymous memory this process took from Linux and holds locked."""
 
@@ -267,16 +282,7 @@ class Controls:
 
     def _prepare_balloon(self) -> None:
         if self._libc is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_int, ctypes.c_long]
-            self._libc = libc
-        try:
-            with open("/proc/sys/vm/compact_unevictable_allowed", "w") as f:
-                f.write("0")
-        except OSError:
-            pass
+            self._libc = pinning_libc()
 
     def op_balloon_in(self, req: dict, info: dict) -> dict:
         if not self.policy["allow_balloon"]:

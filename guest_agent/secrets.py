@@ -17,7 +17,12 @@ def write_secret(path: str, data: bytes) -> None:
     if not real.startswith(ALLOWED_DIRS) or real != os.path.normpath(path):
         raise ValueError(f"secrets may only be written under {', '.join(ALLOWED_DIRS)}")
     os.makedirs(os.path.dirname(real), mode=0o700, exist_ok=True)
-    fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    write_file(real, data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+
+
+def write_file(path: str, data: bytes, flags: int, mode: int) -> None:
+    """Open ``path`` with ``flags`` (and ``mode`` if it is created) and write all of ``data``."""
+    fd = os.open(path, flags, mode)
     try:
         view = memoryview(data)
         while view:

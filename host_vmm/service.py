@@ -67,10 +67,7 @@ class HostVmmService:
                 "name": status.get("name")}
 
     def do_agent(self, req: dict) -> dict:
-        if self.vmm.agent is None:
-            raise KdError("the domain is not running", "launch it first")
-        args = req.get("args") or {}
-        return self.vmm.agent.call(str(req["agent_cmd"]), wait=float(req.get("wait", 60)), **args)
+        return self.vmm.relay(str(req["agent_cmd"]), float(req.get("wait", 60)), req.get("args") or {})
 
     def do_status(self, req: dict) -> dict:
         return self.vmm.client.domain_status(self.vmm.keyid)

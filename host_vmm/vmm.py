@@ -22,7 +22,9 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
+from host_vmm.controls import ControlHost
 from host_vmm.hypercalls import HypercallResponder
+from host_vmm.window import SessionRelay
 
 # Intel VMCS encodings of the control fields the host checks.
 VMCS_EPT_POINTER = 0x201A
@@ -71,6 +73,7 @@ class HostVmm:
         self.detached = False
         self.checks: list[Check] = []
         self.timings: dict[str, float] = {}
+        self.sessions = SessionRelay(lambda: ControlHost(self.client, self.agent, self.keyid))
 
     @property
     def keyid(self) -> int:
@@ -211,6 +214,14 @@ class HostVmm:
         self.timings = {"launch": t1 - t0, "kernel to agent ready": time.perf_counter() - t1}
         check_initramfs_unpacked(Path(log) if log else None)
         return self.endpoints
+
+    def relay(self, cmd: str, wait: float, args: dict) -> dict:
+        """One shared-channel request for the tenant (session frames may use the shared window)."""
+        if self.agent is None:
+            raise KdError("the domain is not running", "launch it first")
+        if cmd == "session":
+            return self.sessions.call(self.agent, wait, args)
+        return self.agent.call(cmd, wait=wait, **args)
 
     # -- teardown -------------------------------------------------------------------
     def detach(self) -> None:

@@ -41,8 +41,6 @@ MiB = 1 << 20
 #: Platform memory beyond the guest's own (EPT, VMCS and the other pages a domain needs).
 DOMAIN_OVERHEAD = 64 * MiB
 REPORT_DATA_SIZE = 64
-#: A plain domain's files move in pieces of this size (its agent caps each output at 1 MiB).
-PLAIN_FILE_CHUNK = 512 * 1024
 #: The phases of a protected launch the host VMM times and reports (they run between verify and attest).
 PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
 #: The phases of a plain launch from QEMU's start to the agent's ready.
@@ -450,6 +448,7 @@ class PlainDomain(Domain):
         super().__init__(name)
         self._guest = guest
         self.ready: dict = guest.agent.ready or {}
+        self._ram_window = None
 
     @property
     def endpoints(self) -> dict[str, str | None]:
@@ -477,35 +476,25 @@ class PlainDomain(Domain):
 
         return job_output(self._guest.agent.call, start_args(argv, stdin=stdin, timeout=timeout, env=env))
 
-    def _put(self, path, data, mode):
-        # The plain agent has no file operations: the file goes in as the stdin of a shell,
-        # in pieces that stay well inside the agent's limits.
-        import base64
+    def _window(self):
+        """The buffer the guest shares for file transfers (asked for on first use)."""
+        if self._ram_window is None:
+            from qemu_kd.channel.ram_window import RamWindow
 
-        for start in range(0, max(len(data), 1), PLAIN_FILE_CHUNK):
-            redirect = ">>" if start else ">"
-            result = self._exec(["/bin/sh", "-c", f'base64 -d {redirect} "$1" && chmod "$2" "$1"', "sh",
-                                 path, f"{mode:o}"],
-                                base64.b64encode(data[start:start + PLAIN_FILE_CHUNK]), None, None)
-            if result["rc"] != 0:
-                raise GuestError(f"cannot write {path} in {self.name}: "
-                                 f"{result['stderr'].decode(errors='replace').strip()}")
+            self._ram_window = RamWindow(self._guest.agent, self._guest.machine.map_ram())
+        return self._ram_window
+
+    def _put(self, path, data, mode):
+        try:
+            self._window().put_file(path, data, mode)
+        except GuestError as exc:
+            raise GuestError(f"cannot write {path} in {self.name}: {exc.message}") from None
 
     def _get(self, path):
-        import base64
-
-        out = bytearray()
-        while True:
-            block = len(out) // PLAIN_FILE_CHUNK
-            result = self._exec(["/bin/sh", "-c", f'dd if="$1" bs={PLAIN_FILE_CHUNK} skip={block} count=1 '
-                                 '2>/dev/null | base64', "sh", path], b"", None, None)
-            if result["rc"] != 0 or (not out and self._exec(["test", "-r", path], b"", None, None)["rc"]):
-                raise GuestError(f"cannot read {path} in {self.name}: "
-                                 f"{result['stderr'].decode(errors='replace').strip() or 'no such file'}")
-            chunk = base64.b64decode(result["stdout"])
-            out += chunk
-            if len(chunk) < PLAIN_FILE_CHUNK:
-                return bytes(out)
+        try:
+            return self._window().get_file(path)
+        except GuestError as exc:
+            raise GuestError(f"cannot read {path} in {self.name}: {exc.message}") from None
 
     def _shutdown(self):
         self._guest.shutdown()
