@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_exec_parser(sub)
 
+    from qemu_kd.cli.snapshot import add_snapshot_parsers
+
+    add_snapshot_parsers(sub)
+
     from qemu_kd.cli.controls import add_control_parsers
 
     add_control_parsers(sub)
