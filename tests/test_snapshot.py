@@ -1,0 +1,248 @@
+"""Encrypted snapshots and restore (docs/snapshots.md): the file holds no plaintext, tampered,
+foreign and old snapshots are refused with their reason and leave nothing behind, and a restored
+domain runs commands, attests and keeps time."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qemu_kd.api import Platform
+from qemu_kd.common.errors import KdError
+from qemu_kd.formats.errors import FormatError, MagicError
+from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.snapshot import (
+    HEADER_SIZE,
+    SECTION_KINDS,
+    SECTION_MEMORY,
+    Snapshot,
+    SnapshotHeader,
+)
+from qemu_kd.hostport.client import HostPortClient
+from qemu_kd.platform.snapshot import VersionStore
+
+QEMU_KD = [sys.executable, "-m", "qemu_kd.cli.main"]
+CANARY = "kd-snapshot-canary-" + "5e1f0c8a93d27b64" * 2
+
+
+# -- without QEMU ------------------------------------------------------------------------------
+
+def _header(**changes) -> SnapshotHeader:
+    fields = dict(platform_id=b"P" * 16, domain_id=b"D" * 16, version=3, keyid=7, measurement=b"M" * 48,
+                  policy=Policy.make(restorable=True), host_data=b"H" * 32)
+    fields.update(changes)
+    return SnapshotHeader(**fields)
+
+
+def test_snapshot_format_round_trips_and_refuses_damage():
+    snap = Snapshot(_header(), {sid: bytes([sid]) * (sid * 10) for sid in SECTION_KINDS})
+    body = snap.pack_body()
+    again = Snapshot.unpack_body(body)
+    assert again.header == snap.header and again.sections == snap.sections
+    assert body[:4] == b"KDSN" and SnapshotHeader.unpack(body[:HEADER_SIZE])[0].policy.restorable
+    with pytest.raises(FormatError, match="truncated"):
+        Snapshot.unpack_body(body[:-1])
+    with pytest.raises(FormatError, match="follow the last"):
+        Snapshot.unpack_body(body + b"\0")
+    with pytest.raises(MagicError):
+        Snapshot.unpack_body(b"XXXX" + body[4:])
+    with pytest.raises(FormatError, match="lacks its memory"):
+        Snapshot(_header(), {sid: b"" for sid in SECTION_KINDS if sid != SECTION_MEMORY}).pack_body()
+
+
+def test_version_store_only_moves_forward(tmp_path):
+    store = VersionStore(tmp_path)
+    assert store.latest(b"d" * 16) == 0
+    store.advance(b"d" * 16, 2)
+    store.advance(b"d" * 16, 1)
+    assert store.latest(b"d" * 16) == 2 and store.latest(b"e" * 16) == 0
+    assert oct((tmp_path / "snapshots" / (b"d" * 16).hex()).stat().st_mode & 0o777) == "0o600"
+
+
+# -- with QEMU ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plat():
+    with Platform(memory="3G") as platform:
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def guarded(plat):
+    """A domain without RESTORABLE, with the canary in its memory."""
+    dom = plat.launch(memory="256M")
+    result = dom.exec(["sh", "-c", f"echo {CANARY} > /tmp/canary && cat /tmp/canary"])
+    assert result.stdout_text.strip() == CANARY
+    return dom
+
+
+@pytest.fixture(scope="module")
+def restorable(plat):
+    return plat.launch(memory="256M", restorable=True)
+
+
+def _usage(plat) -> tuple:
+    """What a refused restore must leave as it was: domains, free pages and KeyIDs."""
+    with HostPortClient(plat.socket) as client:
+        info = client.platform_info()
+        names = sorted(d["name"] for d in client.list_domains())
+    return names, info.free_pages, tuple(info.free_keyids)
+
+
+def _refused(plat, path, of, match):
+    before = _usage(plat)
+    with pytest.raises(KdError, match=match) as caught:
+        plat.restore(path, of=of)
+    assert "\n" not in caught.value.message
+    assert _usage(plat) == before
+    return caught.value
+
+
+def _uptime(dom) -> float:
+    return float(dom.exec("cut -d' ' -f1 /proc/uptime").stdout_text.strip())
+
+
+def _clock(dom) -> int:
+    return int(dom.exec("date +%s").stdout_text.strip())
+
+
+@pytest.mark.qemu
+def test_the_snapshot_file_holds_no_plaintext_of_guest_memory(guarded, tmp_path):
+    path = tmp_path / "guarded.kdsnap"
+    taken = guarded.snapshot(path)
+    data = path.read_bytes()
+    assert taken["size"] == len(data) > 256 << 20
+    canary = CANARY.encode()
+    forms = [canary, canary.decode().encode("utf-16-le"), canary.decode().encode("utf-16-be"),
+             canary.hex().encode()]
+    # base64 of the canary at each of the three alignments it can have in a longer text
+    forms += [base64.b64encode(b"x" * shift + canary)[4 if shift else 0:][:32] for shift in range(3)]
+    assert [form for form in forms if form in data] == []
+    # and the domain key never appears in the clear either
+    assert guarded.secret.key not in data
+
+
+@pytest.mark.qemu
+def test_a_restored_domain_runs_commands_attests_and_keeps_time(plat, guarded, tmp_path):
+    path = tmp_path / "guarded.kdsnap"
+    uptime_before, clock_before = _uptime(guarded), _clock(guarded)
+    guarded.snapshot(path)
+    restored = plat.restore(path, of=guarded, name="restored-guarded")
+    try:
+        assert restored.name == "restored-guarded" and restored.keyid != guarded.keyid
+        result = restored.exec("cat /tmp/canary; echo $((6 * 7))")
+        assert result.ok and result.stdout_text.split() == [CANARY, "42"]
+        # the restored guest resumes where it was, and its clocks move on from there
+        first = _uptime(restored)
+        assert first >= uptime_before and _clock(restored) >= clock_before
+        time.sleep(1.5)
+        assert _uptime(restored) > first
+        # the tenant attests it over a fresh nonce: the original measurement and policy
+        attested = restored.attest(os.urandom(32))
+        assert attested.verified.measurement == guarded.measurement
+        # the original runs on, and the two are separate guests from here on
+        restored.exec("echo restored > /tmp/which")
+        assert guarded.exec("cat /tmp/which 2>/dev/null || echo original").stdout_text.strip() == "original"
+    finally:
+        restored.destroy()
+    # without RESTORABLE, a snapshot restores once
+    _refused(plat, path, guarded, "older than the domain's latest")
+
+
+@pytest.mark.qemu
+def test_an_older_snapshot_is_refused_without_the_restorable_policy(plat, guarded, tmp_path):
+    older, newer = tmp_path / "v1.kdsnap", tmp_path / "v2.kdsnap"
+    first = guarded.snapshot(older)
+    second = guarded.snapshot(newer)
+    assert second["version"] == first["version"] + 1 and second["domain_id"] == first["domain_id"]
+    _refused(plat, older, guarded, rf"older than the domain's latest \(version {first['version']}, "
+                                   rf"latest {second['version']}\)")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("where", ["header", "memory", "sealed", "mac"])
+def test_a_tampered_snapshot_is_refused(plat, guarded, tmp_path, where):
+    path = tmp_path / "guarded.kdsnap"
+    guarded.snapshot(path)
+    data = bytearray(path.read_bytes())
+    offset = {"header": 0x60,                          # inside the measurement
+              "memory": len(data) // 2,                # guest ciphertext
+              "sealed": HEADER_SIZE + 16 + 20,         # the domain section (key, VMCS)
+              "mac": len(data) - 1}[where]
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    _refused(plat, path, guarded, "snapshot does not verify: its MAC is wrong")
+
+
+@pytest.mark.qemu
+def test_another_domains_snapshot_is_refused(plat, guarded, restorable, tmp_path):
+    guarded.snapshot(tmp_path / "mine.kdsnap")       # the tenant knows its domain's id from here on
+    path = tmp_path / "other.kdsnap"
+    restorable.snapshot(path)
+    error = _refused(plat, path, guarded, "snapshot is of another domain")
+    assert restorable.domain_id in error.message
+
+
+@pytest.mark.qemu
+def test_a_snapshot_from_another_platform_is_refused(guarded, tmp_path, monkeypatch):
+    path = tmp_path / "guarded.kdsnap"
+    guarded.snapshot(path)
+    monkeypatch.setenv("QEMU_KD_STATE", str(tmp_path / "other-state"))
+    with Platform(memory="512M") as other:
+        _refused(other, path, guarded, "taken on another platform")
+
+
+@pytest.mark.qemu
+def test_a_restorable_snapshot_restores_three_working_guests(plat, restorable, tmp_path):
+    path = tmp_path / "restorable.kdsnap"
+    restorable.exec("echo before > /tmp/moment")
+    restorable.snapshot(path)
+    restorable.exec("echo after > /tmp/moment")
+    guests = []
+    try:
+        for i in range(3):
+            guests.append(plat.restore(path, of=restorable, name=f"again-{i}"))
+        for i, guest in enumerate(guests):
+            guest.exec(f"echo {i} > /tmp/mine")
+        for i, guest in enumerate(guests):
+            assert guest.exec("cat /tmp/moment /tmp/mine").stdout_text.split() == ["before", str(i)]
+            assert guest.attest(os.urandom(32)).verified.measurement == restorable.measurement
+    finally:
+        for guest in guests:
+            guest.destroy()
+    assert restorable.exec("cat /tmp/moment").stdout_text.strip() == "after"
+
+
+@pytest.mark.qemu
+def test_cli_snapshot_and_restore(plat, guarded, tmp_path):
+    env = dict(os.environ)
+    path = tmp_path / "cli.kdsnap"
+    out = subprocess.run([*QEMU_KD, "snapshot", guarded.name, str(path), "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    taken = json.loads(out.stdout)
+    assert taken["name"] == guarded.name and taken["path"] == str(path.resolve())
+    out = subprocess.run([*QEMU_KD, "restore", str(path), "--name", "cli-restored", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    restored = json.loads(out.stdout)
+    try:
+        assert restored["name"] == "cli-restored" and restored["domain_id"] == taken["domain_id"]
+        listed = json.loads(subprocess.run([*QEMU_KD, "ls", "--json"], env=env, capture_output=True,
+                                           text=True, timeout=60, check=True).stdout)
+        mine = [d for d in listed if d["name"] == "cli-restored"]
+        assert mine and mine[0]["guest_state"] == "running"
+        again = subprocess.run([*QEMU_KD, "restore", str(path)], env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert again.returncode != 0
+        assert again.stderr.strip().splitlines() == [
+            f"qemu-kd: error: snapshot {path.resolve()} is older than the domain's latest (version "
+            f"{taken['version']}, latest {taken['version'] + 1}); the domain's policy is not restorable"]
+    finally:
+        subprocess.run([*QEMU_KD, "destroy", "cli-restored"], env=env, capture_output=True, timeout=120)
