@@ -308,16 +308,8 @@ class Agent:
         return self._put_file(msg, base64.b64decode(_str_arg(msg, "data"), validate=True))
 
     def tenant_get_file(self, msg: dict) -> dict:
-        path = _str_arg(msg, "path")
-        offset = msg.get("offset", 0)
-        length = msg.get("length", MAX_OUTPUT)
-        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= MAX_OUTPUT:
-            raise ValueError(f"get_file needs 0 <= offset and 0 < length <= {MAX_OUTPUT}")
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(offset)
-            data = f.read(length)
-        return {"data": base64.b64encode(data).decode(), "size": size, "offset": offset}
+        data, result = _read_file(msg)
+        return {"data": base64.b64encode(data).decode(), **result}
 
     # -- bulk data (guest_agent.window) ----------------------------------------------
     def _shared_buffers(self) -> list:
@@ -356,13 +348,11 @@ class Agent:
 
     def do_get_file(self, req: dict) -> dict:
         """(Unprotected guests only) read part of a file, into the ``reply_window`` if there is one."""
-        result = self.tenant_get_file(req)
-        data = base64.b64decode(result["data"])
+        data, result = _read_file(req)
         placed = window.answer(self._shared_buffers(), req.get("reply_window"), data)
         if placed is not None:
-            del result["data"]
-            result["window"] = placed
-        return result
+            return {"window": placed, **result}
+        return {"data": base64.b64encode(data).decode(), **result}
 
     def tenant_put_secret(self, msg: dict) -> dict:
         from .secrets import write_secret
@@ -467,6 +457,20 @@ def poll_job(table: "jobs.JobTable", req: dict) -> dict:
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
         raise ValueError("exec_poll 'max_wait' must be a number of seconds >= 0")
     return table.poll(req.get("job"), float(wait))
+
+
+def _read_file(msg: dict) -> tuple[bytes, dict]:
+    """``get_file``: the bytes asked for, and the reply's ``size`` and ``offset``."""
+    path = _str_arg(msg, "path")
+    offset = msg.get("offset", 0)
+    length = msg.get("length", MAX_OUTPUT)
+    if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= MAX_OUTPUT:
+        raise ValueError(f"get_file needs 0 <= offset and 0 < length <= {MAX_OUTPUT}")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        data = f.read(length)
+    return data, {"size": size, "offset": offset}
 
 
 def _str_arg(req: dict, name: str) -> str:
