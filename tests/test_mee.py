@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.crypto.mee import (
-    CHUNK_PAGES, MeeError, MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units, data_physical_address,
+    CHUNK_PAGES, DEFAULT_MASK_CACHE_BYTES, MeeError, MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units,
+    data_physical_address,
 )
 from qemu_kd.formats.addresses import HPA_MASK, KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
 
@@ -218,6 +219,39 @@ def test_cache_wraps_around():
             for _ in range(2):  # the second round comes from the cache
                 assert engine.encrypt_pages(plain, dpas) == expected
             assert engine.cached_pages <= capacity
+
+
+def test_pages_seen_once_stay_out_of_a_full_cache():
+    # A pass over new pages (the first shadow sync) does no cache work once the cache is
+    # full; a page that comes back soon after joins it.
+    rng = np.random.default_rng(19)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=CHUNK_PAGES * PAGE_SIZE) as engine:
+        first = pages_at(3, 0, CHUNK_PAGES)
+        engine.encrypt_pages(bytes(CHUNK_PAGES * PAGE_SIZE), first)   # fills the unused slots
+        assert engine.cached_pages == CHUNK_PAGES
+        later = pages_at(3, 1 << 30, 2 * CHUNK_PAGES)
+        plain = rng.bytes(len(later) * PAGE_SIZE)
+        expected = reference(KEY, plain, later)
+        assert engine.encrypt_pages(plain, later) == expected
+        slots = engine._cache.slot_of
+        assert all(dpa in slots for dpa in first)     # nothing seen once displaced them
+        back = later[-CHUNK_PAGES:]
+        assert engine.encrypt_pages(plain[-CHUNK_PAGES * PAGE_SIZE:], back) == \
+            expected[-CHUNK_PAGES * PAGE_SIZE:]
+        assert all(dpa in slots for dpa in back) and not any(dpa in slots for dpa in first)
+
+
+def test_default_cache_is_bounded_well_under_the_guest():
+    # 32 MiB of pages encrypted twice: the engine holds its budget and scratch, no more.
+    pages = 8192
+    dpas = np.arange(pages, dtype=np.uint64) * PAGE_SIZE | np.uint64(7 << KEYID_SHIFT)
+    data = np.zeros(pages * PAGE_SIZE, dtype=np.uint8)
+    with MemoryEncryptionEngine(KEY) as engine:
+        for _ in range(2):
+            engine.encrypt_into(data, data, dpas)
+        assert engine.mask_cache_capacity_pages * PAGE_SIZE == DEFAULT_MASK_CACHE_BYTES <= 8 << 20
+        assert engine.cached_pages <= engine.mask_cache_capacity_pages
+        assert engine.memory_bytes() < DEFAULT_MASK_CACHE_BYTES + (8 << 20)
 
 
 def test_cache_size_zero_holds_no_masks():

@@ -20,22 +20,26 @@ The engine is vectorised; it never builds a cipher object per page:
   XORs.)
 * The delta masks of block ``j`` of every page, ``(T ^ R_p) * x**j`` in
   GF(2**128) (multiplying by ``x**j`` is linear), come from numpy over all
-  pages at once: uint64 (lo, hi) planes, the start of each 64-block group by
-  steps of ``x**64``, then doubling (blocks ``L..2L-1`` are blocks ``0..L-1``
-  times ``x**L``).
+  pages at once.  Masks eight blocks apart differ by ``* x**8``, a one-byte
+  shift plus a fold of the byte that falls out, so the masks of each residue
+  ``j % 8`` are 16-byte windows of one byte stream (``_MaskGenerator``).
 
 The engine keeps a bounded cache of delta masks, keyed by data physical
-address: 4096 bytes per cached page, that is 1 GiB (plus about 3 % for the
-index) per GiB of guest memory, never more than ``mask_cache_bytes`` per
-engine (64 MiB by default; 0 disables the cache).  When the cache is full the
-oldest entries are replaced first.  Requests with only a few pages to compute
-use one XTS cipher per page, which is cheaper than the vectorised set-up.
+address: 4096 bytes per cached page, never more than ``mask_cache_bytes`` per
+engine (8 MiB by default; 0 disables the cache).  A page joins the cache when
+it is encrypted again soon after (a small table of recently seen addresses
+tells), or while the cache still has slots it never used, so a pass over many
+pages seen once (the first shadow sync after boot) costs no cache work.  When
+the cache is full the oldest entries are replaced first.  Requests with only a
+few pages to compute use one XTS cipher per page, which is cheaper than the
+vectorised set-up.
 
 See docs/mee.md for the layout and the measured throughput.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from collections.abc import Sequence
@@ -52,7 +56,7 @@ KEY_SIZE = 64
 BLOCK_SIZE = 16
 BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK_SIZE
 WORDS_PER_PAGE = PAGE_SIZE // 8
-DEFAULT_MASK_CACHE_BYTES = 64 << 20
+DEFAULT_MASK_CACHE_BYTES = 8 << 20
 CHUNK_PAGES = 64
 # Shorter runs of consecutive cache slots are recomputed with the uncached pages.
 _MIN_DIRECT_RUN = 4
@@ -69,6 +73,11 @@ _MAX_UNIT_BLOCKS = 1 << 20
 _REFERENCE_TWEAK = bytes(16)
 # Never a data physical address (those are page-aligned).
 _EMPTY_SLOT = (1 << 64) - 1
+# The admission filter remembers this many addresses per cache slot (at least _MIN_SEEN).
+_SEEN_PER_SLOT = 4
+_MIN_SEEN = 1024
+# Fibonacci hashing of page numbers into the admission filter.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 class MeeError(KdError):
@@ -112,71 +121,132 @@ def _mul_xpow_planes(src_lo, src_hi, dst_lo, dst_hi, shift: int, tmp_a, tmp_b) -
         np.bitwise_xor(dst_lo, tmp_b, out=dst_lo)
 
 
-def _mul_x64_planes(src_lo, src_hi, dst_lo, dst_hi, tmp) -> None:
-    """``dst = src * x**64``: the low word moves up, the high word is reduced."""
-    np.copyto(dst_lo, src_hi)
-    for k in (1, 2, 7):
-        np.left_shift(src_hi, _U64(k), out=tmp)
-        np.bitwise_xor(dst_lo, tmp, out=dst_lo)
-    np.copyto(dst_hi, src_lo)
-    for k in (63, 62, 57):
-        np.right_shift(src_hi, _U64(k), out=tmp)
-        np.bitwise_xor(dst_hi, tmp, out=dst_hi)
+# The byte-wise step of the mask chain: multiplying a mask by x**8 shifts it up one byte and
+# folds the byte that falls out, t, back in as t * (x**7 + x**2 + x + 1), a 15-bit value.
+_FOLD = np.arange(256, dtype=np.uint32)
+_FOLD = _FOLD ^ (_FOLD << 1) ^ (_FOLD << 2) ^ (_FOLD << 7)
+# t -> low byte of the fold is a bijection of bytes; its inverse seeds each byte stream.
+_FOLD_LOW_INVERSE = np.empty(256, np.uint8)
+_FOLD_LOW_INVERSE[(_FOLD & 0xFF).astype(np.uint8)] = np.arange(256, dtype=np.uint8)
+_U8 = np.uint8
+# How many new stream bytes one step computes: a byte depends on the bytes 15 and 16 after it.
+_STREAM_STEP = 15
 
 
 class _MaskGenerator:
     """Computes XTS masks ``S_u * x**j`` (j < blocks) for up to ``units`` data units.
 
-    First the start of every 64-block group, ``S_u * x**(64*g)``, then the
-    blocks of all groups of all units together by doubling: rows ``L..2L-1``
-    are rows ``0..L-1`` times ``x**L``.  Every step is one contiguous numpy
-    operation over block-major uint64 planes; the last step writes the masks
-    interleaved (lo, hi) in data order.  Owns its scratch planes.
+    Masks of one residue ``r = j % 8`` follow each other by ``* x**8``: the mask
+    moves up one byte and the byte ``t`` that falls out comes back as
+    ``t * (x**7 + x**2 + x + 1)`` into its two lowest bytes.  So bytes 1..15 of
+    the masks ``j = r, r + 8, r + 16, ...`` are windows of a single byte stream
+    that grows by one byte per step, ``u_{k+1} = low(u_{k-15}) ^ high(u_{k-14})``
+    (``low``/``high``: the bytes of the fold), and byte 0 is the stream byte
+    before the window XOR ``high(u_{k-14})``.  The generator
+
+    1. computes ``S * x**r`` for r < 8 (shifts over uint64 planes);
+    2. grows the 8 byte streams of every unit, ``_STREAM_STEP`` bytes per numpy
+       call, position-major (row = stream position, column = 8 * unit + r), so
+       every call is one contiguous operation;
+    3. turns the streams stream-major: an 8 x 8 byte transpose of every block
+       of 8 positions and 8 residues (three SWAR stages over uint64 words),
+       then one copy of whole words;
+    4. copies every 16-byte window into place in one numpy copy (a ``V16`` view
+       of the streams with a stride of minus one byte), then XORs the
+       correction into byte 0 of every mask.
+
+    Owns its scratch arrays.
     """
 
     def __init__(self, blocks: int, units: int):
         self.blocks = blocks
         self.units = units
-        self.rows = min(blocks, 64)
-        self.groups = -(-blocks // 64)
-        columns = units * self.groups
-        self._lo = np.empty((self.rows, columns), _U64)
-        self._hi = np.empty((self.rows, columns), _U64)
-        half = max(1, self.rows // 2)
-        self._tmp_a = np.empty((half, columns), _U64)
-        self._tmp_b = np.empty((half, columns), _U64)
-        self._tmp_c = np.empty(units, _U64)
-        ragged = blocks > 64 and blocks % 64
-        self._ragged = np.empty((units, self.groups * 128), _U64) if ragged else None
+        self.steps = -(-blocks // 8)                   # masks per residue
+        self.groups = -(-(self.steps + 16) // 8)       # 8-byte words per stream
+        length = 8 * self.groups
+        self._first_lo = np.empty((8, units), _U64)    # S * x**r, residue-major
+        self._first_hi = np.empty((8, units), _U64)
+        self._tmp64 = np.empty((8, units), _U64)
+        self._tmp64b = np.empty((8, units), _U64)
+        self._stream = np.zeros((length, units, 8), _U8)            # position-major
+        self._swap = np.empty((self.groups, 4, units), _U64)
+        self._streams = np.empty((units, 8, self.groups), _U64)     # stream-major
+        self._fix = np.empty((self.steps, units, 8), _U8)
+        self._tmp8 = np.empty((_STREAM_STEP, units, 8), _U8)
+        whole = blocks == 8 * self.steps
+        self._full = None if whole else np.empty((units, 16 * self.steps), _U64)
 
     def scratch(self) -> tuple[np.ndarray, ...]:
-        arrays = (self._lo, self._hi, self._tmp_a, self._tmp_b, self._tmp_c, self._ragged)
+        arrays = (self._first_lo, self._first_hi, self._tmp64, self._tmp64b, self._stream,
+                  self._swap, self._streams, self._fix, self._tmp8, self._full)
         return tuple(a for a in arrays if a is not None)
 
     def generate(self, start_lo, start_hi, out) -> None:
         """Fill ``out`` (n x 2*blocks uint64, one unit per row) from the starting masks."""
         n = len(start_lo)
-        rows, groups = self.rows, self.groups
-        columns = n * groups
-        lo, hi = self._lo[:, :columns], self._hi[:, :columns]
-        group_lo, group_hi = lo[0].reshape(n, groups), hi[0].reshape(n, groups)
-        group_lo[:, 0] = start_lo
-        group_hi[:, 0] = start_hi
-        for g in range(1, groups):
-            _mul_x64_planes(group_lo[:, g - 1], group_hi[:, g - 1], group_lo[:, g], group_hi[:, g],
-                            self._tmp_c[:n])
+        steps = self.steps
+        lo, hi = self._first_lo[:, :n], self._first_hi[:, :n]
+        lo[0], hi[0] = start_lo, start_hi
         span = 1
-        while span < rows:
-            count = min(span, rows - span)
-            _mul_xpow_planes(lo[:count], hi[:count], lo[span:span + count], hi[span:span + count],
-                             span, self._tmp_a[:count, :columns], self._tmp_b[:count, :columns])
+        while span < 8:   # rows span..2*span-1 are rows 0..span-1 times x**span
+            _mul_xpow_planes(lo[:span], hi[:span], lo[span:2 * span], hi[span:2 * span], span,
+                             self._tmp64[:span, :n], self._tmp64b[:span, :n])
             span *= 2
-        target = out if self._ragged is None else self._ragged[:n]
-        words = target.reshape(n, groups, rows, 2)
-        np.copyto(words[..., 0], lo.reshape(rows, n, groups).transpose(1, 2, 0))
-        np.copyto(words[..., 1], hi.reshape(rows, n, groups).transpose(1, 2, 0))
-        if self._ragged is not None:
+        # Seed: positions steps..steps+14 hold bytes 1..15 of S * x**r, position steps+15 the
+        # byte whose fold gives byte 0.  Position p holds u_{steps - p}.
+        stream = self._stream[:, :n]
+        seed = stream[steps:steps + 16]
+        lo_bytes = lo.view(_U8).reshape(8, n, 8)
+        hi_bytes = hi.view(_U8).reshape(8, n, 8)
+        seed[:7] = lo_bytes[:, :, 1:].transpose(2, 1, 0)
+        seed[7:15] = hi_bytes.transpose(2, 1, 0)
+        np.take(_FOLD_LOW_INVERSE, lo_bytes[:, :, 0].T, out=seed[15])
+        fix = self._fix[:, :n]
+        end = steps
+        while end > 0:
+            begin = max(0, end - _STREAM_STEP)
+            older, old = stream[begin + 16:end + 16], stream[begin + 15:end + 15]
+            new, high, tmp = stream[begin:end], fix[begin:end], self._tmp8[:end - begin, :n]
+            # high(t) = t >> 7 ^ t >> 6 ^ t >> 1; low(t) = t ^ t << 1 ^ t << 2 ^ t << 7 (bytes)
+            np.right_shift(old, _U8(7), out=high)
+            for k in (6, 1):
+                np.right_shift(old, _U8(k), out=tmp)
+                np.bitwise_xor(high, tmp, out=high)
+            np.bitwise_xor(older, high, out=new)
+            for k in (1, 2, 7):
+                np.left_shift(older, _U8(k), out=tmp)
+                np.bitwise_xor(new, tmp, out=new)
+            end = begin
+        streams = self._streams[:n]
+        np.copyto(streams, self._transpose_blocks(n).transpose(2, 1, 0))
+        # Mask k of residue r is the 16 bytes from stream position steps - 1 - k.
+        length = 8 * self.groups
+        source = np.ndarray((n, steps, 8), dtype="V16", buffer=self._streams, offset=steps - 1,
+                            strides=(8 * length, -1, length))
+        target = out if self._full is None else self._full[:n]
+        target.view("V16").reshape(n, steps, 8)[...] = source
+        first_bytes = target.view(_U8).reshape(n, steps, 8, 16)[..., 0]
+        np.bitwise_xor(first_bytes, fix[::-1].transpose(1, 0, 2), out=first_bytes)
+        if self._full is not None:
             out[...] = target[:, :2 * self.blocks]
+
+    def _transpose_blocks(self, n: int) -> np.ndarray:
+        """Transpose the bytes of every 8 x 8 block (8 positions, a unit's 8 residues) in place;
+        returns the stream words as (group, residue, unit)."""
+        words = self._stream[:, :n].view(_U64).reshape(self.groups, 8, n)
+        # Row i of a block swaps its bytes with row i ^ h: byte blocks of h rows and h columns.
+        for half, keep in ((4, 0x00000000FFFFFFFF), (2, 0x0000FFFF0000FFFF), (1, 0x00FF00FF00FF00FF)):
+            pairs = words.reshape(self.groups, 8 // (2 * half), 2, half, n)
+            upper, lower = pairs[:, :, 0], pairs[:, :, 1]
+            t = self._swap[:, :, :n].reshape(self.groups, 8 // (2 * half), half, n)
+            bits = _U64(8 * half)
+            np.right_shift(upper, bits, out=t)
+            np.bitwise_xor(t, lower, out=t)
+            np.bitwise_and(t, _U64(keep), out=t)
+            np.bitwise_xor(lower, t, out=lower)
+            np.left_shift(t, bits, out=t)
+            np.bitwise_xor(upper, t, out=upper)
+        return words
 
 
 def _words_of(start_values: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -380,6 +450,34 @@ def _dpa_range_error(value: int) -> MeeError:
     )
 
 
+class _SeenFilter:
+    """Which pages were encrypted recently: a direct-mapped table of data physical addresses.
+
+    A page's masks are cached only when it comes back (see ``MemoryEncryptionEngine``), so
+    a pass over pages seen once, such as the first shadow sync after boot, costs no cache
+    work and leaves the cache to the pages that change often.  A newer address takes the
+    entry of an older one that hashes alike; a forgotten page just waits one more pass.
+    """
+
+    def __init__(self, capacity_pages: int):
+        wanted = max(_MIN_SEEN, _SEEN_PER_SLOT * capacity_pages)
+        entries = 1 << (wanted - 1).bit_length() if capacity_pages else 0   # a power of two
+        self._bits = _U64(64 - max(1, entries.bit_length() - 1))
+        self.table = np.full(entries, _EMPTY_SLOT, dtype=_U64)
+
+    def seen_then_note(self, addresses: np.ndarray) -> np.ndarray:
+        """Which of ``addresses`` were noted before; notes all of them."""
+        if not self.table.size:
+            return np.zeros(len(addresses), dtype=bool)
+        index = ((addresses >> _U64(12)) * _GOLDEN) >> self._bits
+        seen = self.table[index] == addresses
+        self.table[index] = addresses
+        return seen
+
+    def clear(self) -> None:
+        self.table = np.zeros(0, dtype=_U64)
+
+
 class _MaskCache:
     """Bounded map from data physical address to a slot of 4096 bytes of masks.
 
@@ -457,6 +555,7 @@ class MemoryEncryptionEngine:
         self._lock = threading.Lock()
         self._core: _XtsCore | None = _XtsCore(key, BLOCKS_PER_PAGE)
         self._cache = _MaskCache(capacity)
+        self._seen = _SeenFilter(capacity)
         self._generator = _MaskGenerator(BLOCKS_PER_PAGE, _BATCH_PAGES)
         self._reference_lo, self._reference_hi = _words_of(self._core.reference_starts(CHUNK_PAGES))
         self._reference = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
@@ -491,6 +590,7 @@ class MemoryEncryptionEngine:
             self._core.close()
             self._core = None
             self._cache.clear()
+            self._seen.clear()
             for buf in self._scratch():
                 buf.fill(0)
 
@@ -513,7 +613,8 @@ class MemoryEncryptionEngine:
     def memory_bytes(self) -> int:
         """Memory the engine holds now: touched cache slots, the cache index, scratch."""
         scratch = sum(buf.nbytes for buf in self._scratch())
-        return self._cache.touched * PAGE_SIZE + self._cache.index_bytes() + scratch
+        return (self._cache.touched * PAGE_SIZE + self._cache.index_bytes() + self._seen.table.nbytes
+                + scratch)
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
         return (self._reference, self._reference_lo, self._reference_hi, self._fresh, self._xbuf,
@@ -569,35 +670,33 @@ class MemoryEncryptionEngine:
         store; return the other pages as ``(first, last)`` ranges."""
         pages = len(dpa_list)
         cache = self._cache
-        if not cache.capacity:
+        if not cache.slot_of:
             return [(0, pages)]
-        lookup = cache.slot_of.get
+        slots = np.fromiter(map(cache.slot_of.get, dpa_list, itertools.repeat(-1, pages)),
+                            dtype=np.int64, count=pages)
+        hit = slots >= 0
+        if not hit.any():
+            return [(0, pages)]
+        # A run stays in consecutive slots and ends at a chunk boundary of the slots.
+        follows = np.zeros(pages, dtype=bool)
+        follows[1:] = hit[1:] & hit[:-1] & (slots[1:] == slots[:-1] + 1) & (slots[1:] % CHUNK_PAGES != 0)
+        breaks = np.flatnonzero(~follows)
+        starts = np.flatnonzero(hit & ~follows)
+        ends = np.append(breaks, pages)[np.searchsorted(breaks, starts, side="right")]
         loose: list[tuple[int, int]] = []
-
-        def add_loose(first: int, last: int) -> None:
-            if loose and loose[-1][1] == first:
-                first = loose.pop()[0]
-            loose.append((first, last))
-
+        done = 0
         core = self._core
-        index = 0
-        while index < pages:
-            slot = lookup(dpa_list[index])
-            if slot is None:
-                add_loose(index, index + 1)
-                index += 1
-                continue
-            # A run stays in consecutive slots and ends at a chunk boundary of the slots.
-            limit = min(CHUNK_PAGES - slot % CHUNK_PAGES, pages - index, cache.capacity - slot)
-            same = cache.dpa_in_slot[slot:slot + limit] == addresses[index:index + limit]
-            count = limit if same.all() else int(np.argmin(same))
-            end = index + count
-            if count >= _MIN_DIRECT_RUN:
-                core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src, dst, index, end,
-                           cache.store[slot:slot + count], self._xbuf)
-            else:
-                add_loose(index, end)
-            index = end
+        for first, last in zip(starts.tolist(), ends.tolist()):
+            if last - first < _MIN_DIRECT_RUN:
+                continue        # recomputed with the pages around it
+            if first > done:
+                loose.append((done, first))
+            slot = int(slots[first])
+            core.apply(core.bulk(encrypt, slot % CHUNK_PAGES), src, dst, first, last,
+                       cache.store[slot:slot + last - first], self._xbuf)
+            done = last
+        if done < pages:
+            loose.append((done, pages))
         return loose
 
     def _run_one_by_one(self, src, dst, dpa_list: list[int], first: int, last: int,
@@ -611,8 +710,9 @@ class MemoryEncryptionEngine:
 
     def _run_fresh(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int, last: int,
                    encrypt: bool, remember: bool) -> None:
-        """Pages ``first..last-1`` (at most a batch) with masks computed afresh; the
-        ones not cached yet are remembered if ``remember``."""
+        """Pages ``first..last-1`` (at most a batch) with masks computed afresh; if
+        ``remember``, the ones encrypted recently before (and not cached) join the cache,
+        or any of them while the cache still has slots it never used."""
         count = last - first
         fresh = self._fresh[:count]
         self._deltas_into(addresses[first:last], self._positions[:count], fresh)
@@ -622,14 +722,19 @@ class MemoryEncryptionEngine:
             end = min(start + CHUNK_PAGES, count)
             core.apply(context, src, dst, first + start, first + end, fresh[start:end], self._xbuf)
         if remember:
-            self._remember(dpa_list[first:last], fresh)
+            admit = self._seen.seen_then_note(addresses[first:last])
+            if self._cache.touched < self._cache.capacity:
+                admit[:] = True     # slots never used yet cost nothing to fill
+            if admit.any():
+                self._remember(dpa_list[first:last], admit, fresh)
 
-    def _remember(self, dpas: list[int], fresh: np.ndarray) -> None:
-        """Cache the masks of the pages in ``dpas`` that are not cached yet; row i of
-        ``fresh`` was made for reference position ``i % CHUNK_PAGES``."""
+    def _remember(self, dpas: list[int], admit: np.ndarray, fresh: np.ndarray) -> None:
+        """Cache the masks of the admitted pages in ``dpas`` that are not cached yet;
+        row i of ``fresh`` was made for reference position ``i % CHUNK_PAGES``."""
         cache = self._cache
         rows = {}
-        for row, dpa in enumerate(dpas):
+        for row in np.flatnonzero(admit).tolist():
+            dpa = dpas[row]
             if dpa not in cache.slot_of and dpa not in rows:
                 rows[dpa] = row
         if not rows:
