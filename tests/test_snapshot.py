@@ -65,6 +65,22 @@ def test_version_store_only_moves_forward(tmp_path):
     assert oct((tmp_path / "snapshots" / (b"d" * 16).hex()).stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_domain_with_installed_control_updates_is_not_snapshotted(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from qemu_kd.platform.snapshot import SnapshotError, SnapshotService
+
+    exited = []
+    runtime = SimpleNamespace(exit=lambda **kw: exited.append(kw))
+    platform = SimpleNamespace(
+        lock=threading.RLock(), _runtime=lambda keyid, cmd, states: (object(), runtime),
+        controls=SimpleNamespace(status=lambda keyid: {"installed_version": 2, "shared_pages": 0}))
+    with pytest.raises(SnapshotError, match=r"installed control updates \(version 2\)"):
+        SnapshotService(platform, tmp_path).take(1, tmp_path / "x.kdsnap")
+    assert exited == [] and not (tmp_path / "x.kdsnap").exists()
+
+
 # -- with QEMU ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

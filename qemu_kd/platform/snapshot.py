@@ -173,9 +173,13 @@ class SnapshotService:
         p = self.platform
         with p.lock:
             domain, runtime = p._runtime(keyid, "snapshot-kd", [DomainState.LAUNCHED])
-            if getattr(runtime, "shared_pages", np.zeros(0)).size:
-                raise SnapshotError(f"key domain {keyid} shares pages with the host: snapshots of such "
-                                    "a domain are not supported")
+            controls = p.controls.status(keyid)
+            if controls["installed_version"] or controls["shared_pages"]:
+                # The control plane's state (versions, shared pages, unmapped gpas) is not in
+                # the snapshot format: a restore could not keep the guest's view of it.
+                raise SnapshotError(f"key domain {keyid} has installed control updates (version "
+                                    f"{controls['installed_version']}): snapshots of such a domain "
+                                    "are not supported", "snapshot it before changing its memory")
             runtime.exit(reason="host")
             domain.mark_exited()
             try:
