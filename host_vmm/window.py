@@ -90,9 +90,11 @@ class SessionRelay:
         return self.window
 
     def call(self, agent, wait: float, args: dict) -> dict:
-        """One ``session`` request; ``args`` may carry ``bulk`` (use the window)."""
+        """One ``session`` request; ``args`` may carry ``bulk``: true (use the window, asking the
+        guest for one first if there is none yet) or ``"if-open"`` (use it if there is one)."""
         args = dict(args)
-        window = self._window() if args.pop("bulk", False) else None
+        bulk = args.pop("bulk", False)
+        window = self._window() if bulk is True else self.window if bulk == "if-open" else None
         if window is not None:
             frame = base64.b64decode(args.get("frame", ""), validate=True)
             if INLINE_LIMIT <= len(frame) <= window.size:

@@ -168,3 +168,14 @@ def test_plain_files_go_through_guest_ram_where_the_scan_finds_them():
         with pytest.raises(GuestError, match="cannot read /nonexistent in .*No such file"):
             dom.get_file("/nonexistent")
         assert dom.put_file("/tmp/empty", b"") == 0 and dom.get_file("/tmp/empty") == b""
+
+
+@pytest.mark.qemu
+def test_large_command_output_takes_the_open_window(dom, tenant):
+    tenant.session.put_file("/tmp/opens-it", b"x" * 8192)        # the window is open from here on
+    assert dom.vmm.sessions.window is not None
+    serial = dom.vmm.agent.sock._stream                          # every byte the shared channel carried
+    before = len(serial)
+    result = tenant.session.exec_stream(["sh", "-c", "head -c 600000 /dev/zero | tr '\\0' x"])
+    assert (result["rc"], result["stdout"]) == (0, b"x" * 600000)
+    assert len(serial) - before < 100_000                        # the output came through the window

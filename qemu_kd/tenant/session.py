@@ -90,10 +90,11 @@ class TenantSession:
         except SessionError as exc:
             raise SessionRefused(f"the guest did not confirm the session: {exc}") from None
 
-    def _frame(self, frame: bytes, wait: float, bulk: bool = False) -> bytes:
+    def _frame(self, frame: bytes, wait: float, bulk: bool | str = False) -> bytes:
         # ``bulk`` lets the host move the frame through a shared buffer instead of the serial
-        # line (host_vmm.window): the frame is the same ciphertext either way.
-        extra = {"bulk": True} if bulk else {}
+        # line (host_vmm.window), ``"if-open"`` only through one it already has: the frame is
+        # the same ciphertext either way.
+        extra = {"bulk": bulk} if bulk else {}
         try:
             answer = self._relay("session", wait=wait, frame=base64.b64encode(frame).decode(), **extra)
         except GuestError as exc:
@@ -105,7 +106,7 @@ class TenantSession:
         except (KeyError, TypeError, ValueError):
             raise SessionRefused("the session answer is malformed") from None
 
-    def call(self, op: str, wait: float = 60.0, *, bulk: bool = False, **args) -> dict:
+    def call(self, op: str, wait: float = 60.0, *, bulk: bool | str = False, **args) -> dict:
         request = json.dumps({"op": op, **args}, separators=(",", ":")).encode()
         reply = self._frame(self._channel.seal(request), wait, bulk)
         try:
@@ -141,7 +142,7 @@ class TenantSession:
         """Run a command as a background job in the guest (``exec_start``, ``exec_poll``),
         passing its output to ``on_output(stream, data)`` as it arrives; the result as
         :meth:`exec` gives it.  The agent serves other requests while the command runs."""
-        return run_job(self.call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env),
+        return run_job(self._job_call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env),
                        on_output)
 
     def exec_output(self, argv: list[str] | None = None, *, shell: str | None = None, stdin: bytes = b"",
@@ -149,7 +150,11 @@ class TenantSession:
                     env: dict[str, str] | None = None) -> Generator[tuple[str, bytes], None, dict]:
         """The output of a background job as ``(stream, data)`` pieces while it runs; the
         generator returns ``rc``, ``timed_out`` and ``truncated``.  Closing it early kills the job."""
-        return job_output(self.call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env))
+        return job_output(self._job_call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env))
+
+    def _job_call(self, op: str, wait: float = 60.0, **args) -> dict:
+        # A poll's answer (up to 256 KiB a stream) takes the shared buffer when one is open.
+        return self.call(op, wait, bulk="if-open" if op == "exec_poll" else False, **args)
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> int:
         for start in range(0, max(len(data), 1), FILE_CHUNK):
