@@ -696,16 +696,16 @@ class Platform:
         if self._proc is not None or (self._attached and self.workdir is not None):
             return self
         from qemu_kd.common.rundirs import make_private_dir
-        from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
 
-        find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
-        if self._attached:
+        if self._attached:      # the daemon there runs QEMU; this process needs none
             self._attach()
             self.workdir = make_private_dir("run")
             return self
         from qemu_kd.hostport.spawn import start_platform_process
         from qemu_kd.qemu.launch import PhaseTimer
+        from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
 
+        find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
         self.workdir = make_private_dir("run")
         try:
             kernel = Path(probe_kernel) if probe_kernel else resolve_image(None, None, None).kernel_path
@@ -735,14 +735,16 @@ class Platform:
                               "start one with `qemu-kd platform serve`, or omit socket=")
         client = HostPortClient(self.socket, timeout=self._start_timeout)
         try:
-            info = client.platform_info()
+            running = client.platform_info().accelerator    # "none" while no domain runs
         finally:
             client.close()
-        self.accel, self.accel_reason = info.accelerator, f"the platform daemon's on {self.socket}"
-        self._say(f"accelerator: {self.accel} ({self.accel_reason})")
         here = os.path.realpath(self.socket)
-        self._pid = next((int(entry["pid"]) for entry in running_platforms()
-                          if os.path.realpath(str(entry["socket"])) == here), None)
+        entry = next((e for e in running_platforms() if os.path.realpath(str(e["socket"])) == here), {})
+        self._pid = int(entry["pid"]) if entry else None
+        accel = entry.get("accel") or (running if running in ("tcg", "kvm") else None)
+        if accel:
+            self.accel, self.accel_reason = str(accel), f"the platform daemon's on {self.socket}"
+            self._say(f"accelerator: {self.accel} ({self.accel_reason})")
 
     def launch(self, *, plain: bool = False, memory: int | str = "256M", debug: bool = False,
                cmdline_extra: str = "", additions: "GuestAdditions | None" = None,
