@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import qemu_kd as qemu_kd_api
 from leftovers import stop_registered_platforms
+from qemu_kd.api import DomainGoneError
 from qemu_kd.cli.domains import DomainRef, format_domains, short_duration, short_size
 from qemu_kd.cli.outcome import HARNESS_EXIT
 from test_cli import qemu_kd
@@ -120,3 +122,31 @@ def test_keep_on_a_running_platform_leaves_the_domain_there(guest_artifacts, dae
     assert (ran.returncode, ran.stdout) == (0, "hello\n"), ran.stderr
     assert qemu_kd("destroy", "stays").returncode == 0
     assert proc.poll() is None                         # the daemon was not ours to end
+
+
+@pytest.mark.qemu
+def test_api_on_a_running_platform_reports_the_launch_and_keeps_the_domain(guest_artifacts, daemon):
+    proc, sock = daemon
+    heard: list[str] = []
+    platform = qemu_kd_api.Platform(socket=sock, progress=heard.append)
+    try:
+        dom = platform.launch(exposed_register_mask=1)
+        assert platform.pid == proc.pid and platform.accel == "tcg" and platform.timings == {}
+        assert heard[0] == f"accelerator: tcg (the platform daemon's on {sock})"
+        assert heard[1:] == ["layout", "seal", "load", "verify", "launch and boot to agent ready",
+                             "attest"]
+        assert list(dom.timings) == ["layout", "seal", "load", "verify", "launch",
+                                     "kernel to agent ready", "attest"]
+        assert dom.host_verification and all(c["ok"] for c in dom.host_verification.values())
+        assert len(dom.attestation.nonce) == 32 and dom.attestation.report.measurement == dom.measurement
+        assert dom.ready["kernel"] == guest_artifacts.kernel_release
+        assert dom.status()["integrity_events"] == 0
+        platform.keep(dom)
+        with pytest.raises(DomainGoneError, match="handed over"):
+            dom.exec("true")
+    finally:
+        platform.close()
+    [listed] = json.loads(qemu_kd("ls", "--json").stdout)
+    assert listed["name"] == dom.name and listed["running"] is True
+    assert qemu_kd("destroy", dom.name).returncode == 0
+    assert proc.poll() is None
