@@ -769,7 +769,7 @@ class Platform:
         """
         if plain and exposed_register_mask:
             raise ConfigError("exposed registers apply to protected domains",
-                              "drop exposed_register_mask, or plain=True")
+                              "drop exposed_register_mask, or launch a protected domain")
         if not plain:
             self.start()
         size = guest_memory(memory)
