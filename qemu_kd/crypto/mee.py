@@ -61,7 +61,7 @@ CHUNK_PAGES = 64
 # Shorter runs of consecutive cache slots are recomputed with the uncached pages.
 _MIN_DIRECT_RUN = 4
 # Pages whose masks are computed together (more amortises numpy's per-call cost).
-_BATCH_PAGES = 4 * CHUNK_PAGES
+_BATCH_PAGES = 16 * CHUNK_PAGES
 # Requests with at most this many pages to compute afresh use one cipher per page.
 _SMALL_REQUEST_PAGES = 12
 
@@ -129,6 +129,10 @@ _FOLD = _FOLD ^ (_FOLD << 1) ^ (_FOLD << 2) ^ (_FOLD << 7)
 _FOLD_LOW_INVERSE = np.empty(256, np.uint8)
 _FOLD_LOW_INVERSE[(_FOLD & 0xFF).astype(np.uint8)] = np.arange(256, dtype=np.uint8)
 _U8 = np.uint8
+# Masks that keep the low k bits (_BYTES_LOW_k) or the high k bits (_BYTES_HIGH_k) of every byte.
+_BYTES_LOW_1, _BYTES_LOW_2, _BYTES_LOW_7 = (_U64(((1 << k) - 1) * 0x0101010101010101) for k in (1, 2, 7))
+_BYTES_HIGH_7, _BYTES_HIGH_6, _BYTES_HIGH_1 = (_U64((0xFF ^ ((1 << (8 - k)) - 1)) * 0x0101010101010101)
+                                               for k in (7, 6, 1))
 # How many new stream bytes one step computes: a byte depends on the bytes 15 and 16 after it.
 _STREAM_STEP = 15
 
@@ -142,20 +146,23 @@ class _MaskGenerator:
     the masks ``j = r, r + 8, r + 16, ...`` are windows of a single byte stream
     that grows by one byte per step, ``u_{k+1} = low(u_{k-15}) ^ high(u_{k-14})``
     (``low``/``high``: the bytes of the fold), and byte 0 is the stream byte
-    before the window XOR ``high(u_{k-14})``.  The generator
+    before the window XOR ``high(u_{k-14})``.
 
-    1. computes ``S * x**r`` for r < 8 (shifts over uint64 planes);
-    2. grows the 8 byte streams of every unit, ``_STREAM_STEP`` bytes per numpy
-       call, position-major (row = stream position, column = 8 * unit + r), so
-       every call is one contiguous operation;
-    3. turns the streams stream-major: an 8 x 8 byte transpose of every block
-       of 8 positions and 8 residues (three SWAR stages over uint64 words),
-       then one copy of whole words;
-    4. copies every 16-byte window into place in one numpy copy (a ``V16`` view
-       of the streams with a stride of minus one byte), then XORs the
-       correction into byte 0 of every mask.
+    :meth:`prepare` works on the streams, a few dozen bytes per unit:
 
-    Owns its scratch arrays.
+    1. ``S * x**r`` for r < 8 (shifts over uint64 planes);
+    2. the 8 byte streams of every unit, ``_STREAM_STEP`` bytes per numpy call,
+       position-major (row = stream position, column = 8 * unit + r), so every
+       call is one contiguous operation; the ``high`` bytes are kept, they are
+       the corrections of byte 0;
+    3. an 8 x 8 byte transpose of every block of 8 positions and 8 residues
+       (three SWAR stages over uint64 words), then one copy of whole words,
+       gives the streams stream-major.
+
+    :meth:`fill` then writes the masks of some units: one copy of every 16-byte
+    window (a ``V16`` view of the streams with a stride of minus one byte) and
+    one XOR of the corrections into byte 0, so a caller can fill a chunk right
+    before it uses it, while it is in the CPU cache.  Owns its scratch arrays.
     """
 
     def __init__(self, blocks: int, units: int):
@@ -164,6 +171,7 @@ class _MaskGenerator:
         self.steps = -(-blocks // 8)                   # masks per residue
         self.groups = -(-(self.steps + 16) // 8)       # 8-byte words per stream
         length = 8 * self.groups
+        self._count = 0
         self._first_lo = np.empty((8, units), _U64)    # S * x**r, residue-major
         self._first_hi = np.empty((8, units), _U64)
         self._tmp64 = np.empty((8, units), _U64)
@@ -171,19 +179,25 @@ class _MaskGenerator:
         self._stream = np.zeros((length, units, 8), _U8)            # position-major
         self._swap = np.empty((self.groups, 4, units), _U64)
         self._streams = np.empty((units, 8, self.groups), _U64)     # stream-major
-        self._fix = np.empty((self.steps, units, 8), _U8)
-        self._tmp8 = np.empty((_STREAM_STEP, units, 8), _U8)
+        self._high = np.empty((self.steps, units, 8), _U8)          # position-major
+        self._fix = np.empty((units, self.steps), _U64)             # bytes (unit, k, r)
+        self._tmp64s = np.empty((_STREAM_STEP, units), _U64)
         whole = blocks == 8 * self.steps
         self._full = None if whole else np.empty((units, 16 * self.steps), _U64)
 
     def scratch(self) -> tuple[np.ndarray, ...]:
         arrays = (self._first_lo, self._first_hi, self._tmp64, self._tmp64b, self._stream,
-                  self._swap, self._streams, self._fix, self._tmp8, self._full)
+                  self._swap, self._streams, self._high, self._fix, self._tmp64s, self._full)
         return tuple(a for a in arrays if a is not None)
 
     def generate(self, start_lo, start_hi, out) -> None:
         """Fill ``out`` (n x 2*blocks uint64, one unit per row) from the starting masks."""
-        n = len(start_lo)
+        self.prepare(start_lo, start_hi)
+        self.fill(out, 0, len(start_lo))
+
+    def prepare(self, start_lo, start_hi) -> None:
+        """Compute the streams of ``len(start_lo)`` units from their starting masks."""
+        n = self._count = len(start_lo)
         steps = self.steps
         lo, hi = self._first_lo[:, :n], self._first_hi[:, :n]
         lo[0], hi[0] = start_lo, start_hi
@@ -201,32 +215,42 @@ class _MaskGenerator:
         seed[:7] = lo_bytes[:, :, 1:].transpose(2, 1, 0)
         seed[7:15] = hi_bytes.transpose(2, 1, 0)
         np.take(_FOLD_LOW_INVERSE, lo_bytes[:, :, 0].T, out=seed[15])
-        fix = self._fix[:, :n]
+        # One uint64 word holds a unit's 8 residues at one position: byte-wise shifts are
+        # word shifts with the bits that cross into the next byte masked off.
+        words, highs = stream.view(_U64).reshape(-1, n), self._high[:, :n].view(_U64).reshape(steps, n)
         end = steps
         while end > 0:
             begin = max(0, end - _STREAM_STEP)
-            older, old = stream[begin + 16:end + 16], stream[begin + 15:end + 15]
-            new, high, tmp = stream[begin:end], fix[begin:end], self._tmp8[:end - begin, :n]
-            # high(t) = t >> 7 ^ t >> 6 ^ t >> 1; low(t) = t ^ t << 1 ^ t << 2 ^ t << 7 (bytes)
-            np.right_shift(old, _U8(7), out=high)
-            for k in (6, 1):
-                np.right_shift(old, _U8(k), out=tmp)
+            older, old = words[begin + 16:end + 16], words[begin + 15:end + 15]
+            new, high, tmp = words[begin:end], highs[begin:end], self._tmp64s[:end - begin, :n]
+            np.right_shift(old, _U64(7), out=high)          # high(t) = t >> 7 ^ t >> 6 ^ t >> 1
+            np.bitwise_and(high, _BYTES_LOW_1, out=high)
+            for shift, keep in ((6, _BYTES_LOW_2), (1, _BYTES_LOW_7)):
+                np.right_shift(old, _U64(shift), out=tmp)
+                np.bitwise_and(tmp, keep, out=tmp)
                 np.bitwise_xor(high, tmp, out=high)
-            np.bitwise_xor(older, high, out=new)
-            for k in (1, 2, 7):
-                np.left_shift(older, _U8(k), out=tmp)
+            np.bitwise_xor(older, high, out=new)            # low(t) = t ^ t << 1 ^ t << 2 ^ t << 7
+            for shift, keep in ((1, _BYTES_HIGH_7), (2, _BYTES_HIGH_6), (7, _BYTES_HIGH_1)):
+                np.left_shift(older, _U64(shift), out=tmp)
+                np.bitwise_and(tmp, keep, out=tmp)
                 np.bitwise_xor(new, tmp, out=new)
             end = begin
-        streams = self._streams[:n]
-        np.copyto(streams, self._transpose_blocks(n).transpose(2, 1, 0))
+        # high at position p corrects mask k = steps - 1 - p.
+        np.copyto(self._fix[:n], highs[::-1].T)
+        np.copyto(self._streams[:n], self._transpose_blocks(n).transpose(2, 1, 0))
+
+    def fill(self, out, first: int, last: int) -> None:
+        """Masks of the prepared units ``first..last-1`` into ``out`` (one unit per row)."""
+        if not 0 <= first <= last <= self._count:
+            raise ValueError(f"units {first}..{last} were not prepared")
+        n, steps, length = last - first, self.steps, 8 * self.groups
         # Mask k of residue r is the 16 bytes from stream position steps - 1 - k.
-        length = 8 * self.groups
-        source = np.ndarray((n, steps, 8), dtype="V16", buffer=self._streams, offset=steps - 1,
-                            strides=(8 * length, -1, length))
+        source = np.ndarray((n, steps, 8), dtype="V16", buffer=self._streams,
+                            offset=first * 8 * length + steps - 1, strides=(8 * length, -1, length))
         target = out if self._full is None else self._full[:n]
         target.view("V16").reshape(n, steps, 8)[...] = source
-        first_bytes = target.view(_U8).reshape(n, steps, 8, 16)[..., 0]
-        np.bitwise_xor(first_bytes, fix[::-1].transpose(1, 0, 2), out=first_bytes)
+        first_bytes = target.view(_U8).reshape(n, 8 * steps, 16)[..., 0]
+        np.bitwise_xor(first_bytes, self._fix[first:last].view(_U8).reshape(n, 8 * steps), out=first_bytes)
         if self._full is not None:
             out[...] = target[:, :2 * self.blocks]
 
@@ -561,7 +585,7 @@ class MemoryEncryptionEngine:
         self._reference = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
         self._generator.generate(self._reference_lo, self._reference_hi, self._reference)
         self._positions = np.arange(_BATCH_PAGES) % CHUNK_PAGES
-        self._fresh = np.empty((_BATCH_PAGES, WORDS_PER_PAGE), _U64)
+        self._chunk = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), _U64)
         self._xbuf = np.empty(CHUNK_PAGES * WORDS_PER_PAGE + 2, _U64)
 
     # --- public API
@@ -617,7 +641,7 @@ class MemoryEncryptionEngine:
                 + scratch)
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
-        return (self._reference, self._reference_lo, self._reference_hi, self._fresh, self._xbuf,
+        return (self._reference, self._reference_lo, self._reference_hi, self._chunk, self._xbuf,
                 *self._generator.scratch())
 
     # --- the work
@@ -712,25 +736,29 @@ class MemoryEncryptionEngine:
                    encrypt: bool, remember: bool) -> None:
         """Pages ``first..last-1`` (at most a batch) with masks computed afresh; if
         ``remember``, the ones encrypted recently before (and not cached) join the cache,
-        or any of them while the cache still has slots it never used."""
+        or any of them while the cache still has slots it never used.
+
+        The masks of a chunk are written right before the chunk goes through the
+        cipher, so they are still in the CPU cache when it reads them."""
         count = last - first
-        fresh = self._fresh[:count]
-        self._deltas_into(addresses[first:last], self._positions[:count], fresh)
+        self._prepare_deltas(addresses[first:last], self._positions[:count])
         core = self._core
         context = core.bulk(encrypt, 0)
         for start in range(0, count, CHUNK_PAGES):
             end = min(start + CHUNK_PAGES, count)
-            core.apply(context, src, dst, first + start, first + end, fresh[start:end], self._xbuf)
+            delta = self._chunk[:end - start]
+            self._generator.fill(delta, start, end)
+            core.apply(context, src, dst, first + start, first + end, delta, self._xbuf)
         if remember:
             admit = self._seen.seen_then_note(addresses[first:last])
             if self._cache.touched < self._cache.capacity:
                 admit[:] = True     # slots never used yet cost nothing to fill
             if admit.any():
-                self._remember(dpa_list[first:last], admit, fresh)
+                self._remember(dpa_list[first:last], admit)
 
-    def _remember(self, dpas: list[int], admit: np.ndarray, fresh: np.ndarray) -> None:
-        """Cache the masks of the admitted pages in ``dpas`` that are not cached yet;
-        row i of ``fresh`` was made for reference position ``i % CHUNK_PAGES``."""
+    def _remember(self, dpas: list[int], admit: np.ndarray) -> None:
+        """Cache the masks of the admitted pages in ``dpas`` (the prepared batch) that
+        are not cached yet; row i was prepared for reference position ``i % CHUNK_PAGES``."""
         cache = self._cache
         rows = {}
         for row in np.flatnonzero(admit).tolist():
@@ -742,19 +770,23 @@ class MemoryEncryptionEngine:
         if len(rows) > cache.capacity:  # keep the newest that fit
             rows = dict(list(rows.items())[-cache.capacity:])
         everything = len(rows) == len(dpas)
-        slots = cache.allocate(list(rows), align=CHUNK_PAGES if everything else 1)
-        if everything and slots[0] % CHUNK_PAGES == 0:
-            # Consecutive slots from a chunk boundary: positions match, store as they are.
-            cache.store[slots[0]:slots[0] + len(slots)] = fresh
-            return
+        slots = np.array(cache.allocate(list(rows), align=CHUNK_PAGES if everything else 1), dtype=np.int64)
         row_array = np.array(list(rows.values()), dtype=np.int64)
-        slot_array = np.array(slots, dtype=np.int64)
-        reference = self._reference
-        cache.store[slot_array] = (fresh[row_array] ^ reference[row_array % CHUNK_PAGES]
-                                   ^ reference[slot_array % CHUNK_PAGES])
+        masks = np.empty((len(row_array), WORDS_PER_PAGE), _U64)
+        # Consecutive rows are filled together.
+        breaks = np.flatnonzero(np.diff(row_array) != 1) + 1
+        for run_start, run_end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(row_array)]):
+            first_row = int(row_array[run_start])
+            self._generator.fill(masks[run_start:run_end], first_row, first_row + run_end - run_start)
+        moved = (row_array - slots) % CHUNK_PAGES != 0
+        if moved.any():   # the slot's reference position differs from the row's
+            reference = self._reference
+            masks[moved] ^= reference[row_array[moved] % CHUNK_PAGES] ^ reference[slots[moved] % CHUNK_PAGES]
+        cache.store[slots] = masks
 
-    def _deltas_into(self, addresses: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        """Delta masks of pages at the given reference-stream positions, into ``out``.
+    def _prepare_deltas(self, addresses: np.ndarray, positions: np.ndarray) -> None:
+        """Prepare the generator for the delta masks of pages at the given reference-stream
+        positions.
 
         Multiplying by ``x**j`` is linear, so ``T*x**j ^ R_p*x**j`` is generated
         directly from the starting value ``T ^ R_p``.
@@ -762,5 +794,5 @@ class MemoryEncryptionEngine:
         tweaks = np.zeros((len(addresses), 2), _U64)
         tweaks[:, 0] = addresses
         starts = self._core.start_masks(tweaks.view(np.uint8))
-        self._generator.generate(starts[:, 0] ^ self._reference_lo[positions],
-                                 starts[:, 1] ^ self._reference_hi[positions], out)
+        self._generator.prepare(starts[:, 0] ^ self._reference_lo[positions],
+                                starts[:, 1] ^ self._reference_hi[positions])
