@@ -1,4 +1,9 @@
-"""``qemu-kd run``: boot the default guest, run a command in it, shut it down."""
+"""``qemu-kd run``: boot the default guest, run a command in it, shut it down.
+
+A thin layer over :mod:`qemu_kd.api`: a :class:`~qemu_kd.api.Platform` launches the domain
+(and holds the launch flow); this module checks the command line's guest inputs, runs the
+command, and turns what the platform and the domain report into ``run``'s report.
+"""
 
 from __future__ import annotations
 
