@@ -291,13 +291,23 @@ class KeyDomain:
 
     def decrypt_pages(self, hpas: np.ndarray) -> bytes:
         """Plaintext of the domain's pages at ``hpas`` (platform-internal)."""
+        return self.decrypt_page_array(hpas).tobytes()
+
+    def decrypt_page_array(self, hpas: np.ndarray) -> np.ndarray:
+        """Plaintext of the domain's pages at ``hpas`` as an (n, 4096) array (platform-internal).
+
+        The engine decrypts in place, in the copy DRAM hands out."""
         hpas = np.asarray(hpas, dtype=np.uint64)
-        return self.mee.decrypt_pages(self._memory.read_pages(hpas), self._dpas(hpas))
+        pages = self._memory.read_pages(hpas)
+        self.mee.decrypt_into(pages, pages, self._dpas(hpas))
+        return pages
 
     def encrypt_into_dram(self, hpas: np.ndarray, plaintext: bytes | np.ndarray) -> None:
         """Encrypt plaintext pages for their hpas and store them in DRAM (platform-internal)."""
         hpas = np.asarray(hpas, dtype=np.uint64)
-        self._memory.write_pages(hpas, self.mee.encrypt_pages(plaintext, self._dpas(hpas)))
+        sealed = np.empty((hpas.size, PAGE_SIZE), dtype=np.uint8)
+        self.mee.encrypt_into(sealed, plaintext, self._dpas(hpas))
+        self._memory.write_pages(hpas, sealed)
 
     def store_shared(self, hpas: np.ndarray, plaintext: bytes | np.ndarray) -> None:
         """Store plaintext into the domain's SHARED pages (what the host sees there)."""

@@ -31,6 +31,7 @@ exposed registers and answers with ``hypercall-reply`` (:mod:`.exits`).
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import re
@@ -64,6 +65,8 @@ from qemu_kd.platform.exits import (
 )
 
 MiB = 1 << 20
+#: Pages compared per step when the shadow sync looks for changed pages (8 MiB).
+SYNC_STEP_PAGES = 2048
 #: gpa_to_hpa entry of a gpa that maps no page (a control update ballooned it out).
 UNMAPPED = np.uint64((1 << 64) - 1)
 #: How long a hypercall waits for the host by default, and at most (seconds).
@@ -497,20 +500,46 @@ class DomainRuntime:
             return 0
         ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self._pull_shared(ram)
-        changed = np.flatnonzero(
-            (ram.view(np.uint64) != self._snapshot.view(np.uint64)).any(axis=1))
+        changed = self._changed_pages(ram)
         # A gpa a control update unmapped has no page any more: nothing to encrypt into.
         changed = changed[self.gpa_to_hpa[changed] != UNMAPPED]
         if changed.size:
-            plain = ram[changed].copy()
+            plain = ram[changed]     # a copy: the guest may go on writing
             shared = np.isin(changed, self.shared_pages)
             if shared.any():     # shared with the host: stored as plaintext
                 self.domain.store_shared(self.gpa_to_hpa[changed[shared]], plain[shared])
-            if not shared.all():
-                self.domain.encrypt_into_dram(self.gpa_to_hpa[changed[~shared]], plain[~shared])
+                if not shared.all():
+                    self.domain.encrypt_into_dram(self.gpa_to_hpa[changed[~shared]], plain[~shared])
+            else:
+                self.domain.encrypt_into_dram(self.gpa_to_hpa[changed], plain)
             self._snapshot[changed] = plain
         self.pages_synced += int(changed.size)
         return int(changed.size)
+
+    def _changed_pages(self, ram: np.ndarray) -> np.ndarray:
+        """Page numbers (gpa / 4096) whose guest RAM differs from the snapshot, ascending.
+
+        Compared in steps of ``SYNC_STEP_PAGES``, so the comparison's scratch stays small.
+        Pages of the RAM file that nobody ever wrote (holes) read as zeros, so they have
+        changed only where the snapshot is not zero; they are not read, since reading a hole
+        through the shared mapping would make the kernel allocate it (and every guest's
+        whole RAM would be allocated, whatever the guest uses).
+        """
+        pages = len(ram)
+        found = []
+        position = 0
+        for first, last in _data_ranges(getattr(self.machine, "ram_fd", None), pages):
+            for start, end, holds_data in ((position, first, False), (first, last, True)):
+                for lo in range(start, end, SYNC_STEP_PAGES):
+                    hi = min(lo + SYNC_STEP_PAGES, end)
+                    old = self._snapshot[lo:hi].view(np.uint64)
+                    differs = (ram[lo:hi].view(np.uint64) != old) if holds_data else (old != 0)
+                    found.append(np.flatnonzero(differs.any(axis=1)) + lo)
+            position = last
+        for lo in range(position, pages, SYNC_STEP_PAGES):   # the hole at the end
+            old = self._snapshot[lo:min(lo + SYNC_STEP_PAGES, pages)].view(np.uint64)
+            found.append(np.flatnonzero((old != 0).any(axis=1)) + lo)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     # -- exit / resume --------------------------------------------------------------
     def exit(self, reason: str = "host", hypercall: HypercallFrame | None = None,
@@ -662,6 +691,32 @@ class DomainRuntime:
         if self.machine is not None:
             # QEMU exits first; removing its tmpfs RAM file then frees (scrubs) the pages.
             self.machine.stop()
+
+
+def _data_ranges(fd: int | None, pages: int) -> list[tuple[int, int]]:
+    """Page ranges ``[first, last)`` of the file ``fd`` that hold data (SEEK_DATA/SEEK_HOLE),
+    ascending; everything when there is no file or the file system cannot tell."""
+    if fd is None:
+        return [(0, pages)]
+    size = pages * PAGE_SIZE
+    ranges = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:    # only a hole after offset
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if start >= size:
+                break
+            ranges.append((start // PAGE_SIZE, -(-end // PAGE_SIZE)))
+            offset = end
+    except OSError:
+        return [(0, pages)]
+    return ranges
 
 
 class GuestState:
