@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import write_file_atomic
+from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
 from qemu_kd.formats.ept import build_ept_arrays, ept_table_pages_needed
 from qemu_kd.formats.errors import FormatError
@@ -322,11 +323,13 @@ class SnapshotService:
             vmcs_hpa, save_hpa = int(hpas[-2]), int(hpas[-1])
             domain = KeyDomain(keyid, dom.key, header.policy, header.host_data, p.memory)
             old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
-            for start in range(0, gpas.size, RESTORE_BATCH):
-                sl = slice(start, start + RESTORE_BATCH)
-                chunk = memory[start * PAGE_SIZE:(start + RESTORE_BATCH) * PAGE_SIZE]
-                plain = domain.mee.decrypt_pages(chunk, old_dpas[sl])
-                domain.encrypt_into_dram(guest_hpas[sl], plain)
+            # The old addresses are read once: no mask cache for them (its no-cache path is
+            # also the fast one), so the domain's own cache holds only its new addresses.
+            with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
+                for start in range(0, gpas.size, RESTORE_BATCH):
+                    sl = slice(start, start + RESTORE_BATCH)
+                    chunk = memory[start * PAGE_SIZE:(start + RESTORE_BATCH) * PAGE_SIZE]
+                    domain.encrypt_into_dram(guest_hpas[sl], old_mee.decrypt_pages(chunk, old_dpas[sl]))
             eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
             order = np.array(sorted(tables), dtype=np.uint64)
             domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
