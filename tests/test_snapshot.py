@@ -229,6 +229,11 @@ def test_a_restorable_snapshot_restores_three_working_guests(plat, restorable, t
         for i, guest in enumerate(guests):
             assert guest.exec("cat /tmp/moment /tmp/mine").stdout_text.split() == ["before", str(i)]
             assert guest.attest(os.urandom(32)).verified.measurement == restorable.measurement
+        # a restored domain is the same domain: its own snapshot is the domain's next version
+        again = guests[0].snapshot(tmp_path / "again.kdsnap")
+        assert again["domain_id"] == restorable.domain_id
+        guests.append(plat.restore(tmp_path / "again.kdsnap", of=guests[0]))
+        assert guests[-1].exec("cat /tmp/moment /tmp/mine").stdout_text.split() == ["before", "0"]
     finally:
         for guest in guests:
             guest.destroy()

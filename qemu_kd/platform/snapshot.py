@@ -325,11 +325,19 @@ class SnapshotService:
             old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
             # The old addresses are read once: no mask cache for them (its no-cache path is
             # also the fast one), so the domain's own cache holds only its new addresses.
+            # Pages that are zero come back as ZERO pages: DRAM gets their encrypted zeros on
+            # first use and guest RAM keeps its holes, as at a fresh launch.
+            zero = np.zeros(gpas.size, dtype=bool)
             with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
                 for start in range(0, gpas.size, RESTORE_BATCH):
                     sl = slice(start, start + RESTORE_BATCH)
                     chunk = memory[start * PAGE_SIZE:(start + RESTORE_BATCH) * PAGE_SIZE]
-                    domain.encrypt_into_dram(guest_hpas[sl], old_mee.decrypt_pages(chunk, old_dpas[sl]))
+                    plain = np.frombuffer(old_mee.decrypt_pages(chunk, old_dpas[sl]),
+                                          dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                    zero[sl] = ~plain.view(np.uint64).any(axis=1)
+                    keep = ~zero[sl]
+                    if keep.any():
+                        domain.encrypt_into_dram(guest_hpas[sl][keep], plain[keep])
             eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
             order = np.array(sorted(tables), dtype=np.uint64)
             domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
@@ -337,15 +345,19 @@ class SnapshotService:
             domain.encrypt_into_dram(np.array([vmcs_hpa], dtype=np.uint64), new_vmcs.pack())
             control = np.concatenate([[vmcs_hpa], order, [save_hpa]]).astype(np.uint64)
             control_types = [int(PageType.VMCS)] + [int(PageType.EPT)] * order.size + [int(PageType.SAVE)]
-            # Every guest page comes back with contents: an IMAGE page (a never-touched
-            # ZERO page holds encrypted zeros, which it is).
-            batch = PageBatch(np.concatenate([control, guest_hpas]),
-                              np.concatenate([np.zeros(control.size, dtype=np.uint64), gpas]),
-                              np.concatenate([control_types, np.full(gpas.size, int(PageType.IMAGE))]),
-                              np.concatenate([np.zeros(control.size, dtype=np.int64), perms]),
-                              np.zeros(control.size + gpas.size, dtype=bool))
+            # Every guest page with contents comes back as an IMAGE page.
+            data = ~zero
+            batch = PageBatch(np.concatenate([control, guest_hpas[data]]),
+                              np.concatenate([np.zeros(control.size, dtype=np.uint64), gpas[data]]),
+                              np.concatenate([control_types, np.full(int(data.sum()), int(PageType.IMAGE))]),
+                              np.concatenate([np.zeros(control.size, dtype=np.int64), perms[data]]),
+                              np.zeros(control.size + int(data.sum()), dtype=bool))
             p.domains[keyid] = domain
             domain.add_pages(batch)
+            if zero.any():
+                domain.add_zero_pages(PageBatch(guest_hpas[zero], gpas[zero],
+                                                np.full(int(zero.sum()), int(PageType.ZERO)), perms[zero],
+                                                np.zeros(int(zero.sum()), dtype=bool)))
             verdict = domain.verify_ept(hpas)
             if not verdict.ok:
                 raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
