@@ -267,3 +267,29 @@ def test_cli_snapshot_and_restore(plat, guarded, tmp_path):
             f"{taken['version']}, latest {taken['version'] + 1}); the domain's policy is not restorable"]
     finally:
         subprocess.run([*QEMU_KD, "destroy", "cli-restored"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.qemu
+def test_cli_exec_reaches_a_restored_kept_domain(plat, tmp_path):
+    """run --keep leaves the tenant record exec needs; the snapshot carries it to the restore."""
+    def cli(*argv, check=True):
+        out = subprocess.run([*QEMU_KD, *argv], capture_output=True, text=True, timeout=600)
+        assert not check or out.returncode == 0, out.stderr
+        return out
+
+    cli("run", "--platform", str(plat.socket), "--keep", "--name", "kept-snap", "-q",
+        "--cmd", "echo from-before > /tmp/f")
+    try:
+        cli("snapshot", "kept-snap", str(tmp_path / "kept.kdsnap"))
+        cli("exec", "kept-snap", "--", "sh", "-c", "echo from-after > /tmp/f")
+        restored = json.loads(cli("restore", str(tmp_path / "kept.kdsnap"), "--name", "kept-copy",
+                                  "--json").stdout)
+        assert restored["tenant_record"] is True
+        try:
+            assert cli("exec", "kept-copy", "--", "cat", "/tmp/f").stdout == "from-before\n"
+            assert cli("exec", "kept-snap", "--", "cat", "/tmp/f").stdout == "from-after\n"
+        finally:
+            cli("destroy", "kept-copy", check=False)
+    finally:
+        cli("destroy", "kept-snap", check=False)
+
