@@ -179,7 +179,7 @@ def test_manifest_checks():
     with pytest.raises(ManifestError, match="disagrees"):
         unpack({**good, "debug": True})
     with pytest.raises(ReservedBitsError):
-        unpack({**good, "policy": "0100000002000000"})
+        unpack({**good, "policy": "0100000004000000"})
     for bad_keyid in (0, 64, True, "5", None):
         with pytest.raises(ManifestError, match="keyid"):
             unpack({**good, "keyid": bad_keyid})
