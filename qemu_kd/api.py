@@ -41,6 +41,8 @@ MiB = 1 << 20
 #: Platform memory beyond the guest's own (EPT, VMCS and the other pages a domain needs).
 DOMAIN_OVERHEAD = 64 * MiB
 REPORT_DATA_SIZE = 64
+#: How long a snapshot or a restore may take the platform (seconds).
+SNAPSHOT_TIMEOUT = 600.0
 #: The phases of a protected launch the host VMM times and reports (they run between verify and attest).
 PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
 #: The phases of a plain launch from QEMU's start to the agent's ready.
@@ -607,7 +609,7 @@ class ProtectedDomain(Domain):
 
         if self.platform_socket is None:
             raise ConfigError(f"{self.name} does not know its platform's host port")
-        with HostPortClient(self.platform_socket, timeout=None) as client:
+        with HostPortClient(self.platform_socket, timeout=SNAPSHOT_TIMEOUT) as client:
             taken = client.snapshot_kd(self.keyid, Path(path).resolve())
         self.domain_id = taken["domain_id"]
         return taken
@@ -886,7 +888,7 @@ class Platform:
                                     "pass of=<the ProtectedDomain>")
         self.start()
         assert self.socket is not None
-        client = HostPortClient(self.socket, timeout=None)
+        client = HostPortClient(self.socket, timeout=SNAPSHOT_TIMEOUT)
         try:
             restored = client.restore_kd(Path(path).resolve(), name,
                                          domain_id=bytes.fromhex(of.domain_id) if of.domain_id else None,
