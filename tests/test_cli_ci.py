@@ -101,9 +101,24 @@ def test_run_has_no_command_timeout_by_default():
 
 @pytest.mark.qemu
 def test_run_exits_with_the_guest_commands_status(guest_artifacts):
-    res = qemu_kd("run", "-q", "--cmd", "echo before; exit 3", timeout=600)
+    res = qemu_kd("run", "-q", "--cmd", "echo before; echo oops >&2; printf after; exit 3", timeout=600)
     assert res.returncode == 3, res.stderr
-    assert "(exit status 3)" in res.stdout and "before" in res.stdout
+    # The output came as it arrived, before the report, once; an open last line is ended.
+    assert res.stdout.startswith("before\nafter\nmode: protected")
+    assert res.stdout.count("before\n") == 1 and "(exit status 3)" in res.stdout
+    assert res.stderr == "oops\n"
+
+
+def test_output_printer_ends_an_open_line(capfdbinary):
+    from qemu_kd.cli.run import OutputPrinter
+
+    show = OutputPrinter()
+    show("stdout", b"a\nb")
+    show("stderr", b"e\n")
+    show.end_lines()
+    show.end_lines()
+    out, err = capfdbinary.readouterr()
+    assert (out, err) == (b"a\nb\n", b"e\n")
 
 
 @pytest.mark.qemu

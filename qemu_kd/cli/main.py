@@ -26,6 +26,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             keep=args.keep, exposed_register_mask=args.expose, name=args.name,
                             cmd_timeout=args.cmd_timeout, additions=additions_from_args(args),
                             platform=args.platform)
+    if not args.json:
+        # Output as it arrives (docker run's way), before the report: a long command shows progress.
+        from qemu_kd.cli.run import OutputPrinter
+
+        opts.on_output = OutputPrinter()
     if args.plain:
         if args.debug or args.keep or args.expose:
             raise ConfigError("--debug, --keep and --expose apply to protected domains",
@@ -41,12 +46,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(format_run(result))
-        stderr = result["exec"]["stderr"]
-        if stderr:   # the guest command's stderr goes to ours, as its stdout went to our stdout
-            sys.stdout.flush()
-            sys.stderr.write(stderr if stderr.endswith("\n") else stderr + "\n")
-            sys.stderr.flush()
+        opts.on_output.end_lines()
+        print(format_run(result, output_shown=True))
         if result.get("kept"):
             kept = result["kept"]
             name = kept["name"]

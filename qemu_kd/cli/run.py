@@ -44,6 +44,7 @@ class RunOptions:
     kernel: str | None = None
     initrd: str | None = None
     additions: GuestAdditions | None = None   # --add/--overlay on the default guest
+    on_output: Callable[[str, bytes], None] | None = None   # the command's output as it arrives
 
 
 @dataclass
@@ -95,7 +96,7 @@ def exec_fields(opts: RunOptions, result: ExecResult) -> dict:
 def run_command(opts: RunOptions, dom: Domain, timer: PhaseTimer) -> dict:
     """Run ``opts.cmd`` in ``dom`` (the ``command`` phase); its ``exec`` object."""
     with timer.phase("command"):
-        return exec_fields(opts, dom.exec(opts.cmd, timeout=opts.cmd_timeout))
+        return exec_fields(opts, dom.exec(opts.cmd, timeout=opts.cmd_timeout, on_output=opts.on_output))
 
 
 def launch_fields(mode: str, platform: Platform, dom: Domain) -> dict:
@@ -214,7 +215,29 @@ def format_table(rows: list[tuple[str, str]], headers: tuple[str, str], align: s
     return "\n".join(lines)
 
 
-def format_run(result: dict) -> str:
+class OutputPrinter:
+    """The guest command's output on ours, as it arrives: stdout to stdout, stderr to stderr."""
+
+    def __init__(self):
+        self.open_line = {"stdout": False, "stderr": False}   # last piece did not end a line
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.flush()
+        out.buffer.write(data)
+        out.buffer.flush()
+        if data:
+            self.open_line[stream] = not data.endswith(b"\n")
+
+    def end_lines(self) -> None:
+        """Finish a last line the command left open, so what follows starts on its own."""
+        for stream, open_line in self.open_line.items():
+            if open_line:
+                self(stream, b"\n")
+
+
+def format_run(result: dict, output_shown: bool = False) -> str:
+    """The text report; ``output_shown``: the command's output was already printed as it came."""
     rows = [(name, f"{secs:.3f} s") for name, secs in result["timings"].items()]
     rows.append(("boot to agent ready", f"{result['boot_to_ready_s']:.3f} s"))
     out = [f"mode: {result['mode']}   accelerator: {result['accel']}   "
@@ -235,7 +258,8 @@ def format_run(result: dict) -> str:
     notes = ([f"timed out after {ran['timeout']:g} s, killed"] if ran.get("timed_out") else []) + \
         ([f"output truncated to {ran.get('output_cap', 0) >> 20} MiB per stream"]
          if ran.get("truncated") else [])
-    out += [f"$ {ran['argv'][-1]}   (exit status {ran['rc']}{''.join('; ' + n for n in notes)})",
-            ran["stdout"].rstrip()]
+    out.append(f"$ {ran['argv'][-1]}   (exit status {ran['rc']}{''.join('; ' + n for n in notes)})")
+    if not output_shown:
+        out.append(ran["stdout"].rstrip())
     out.append(f"console log: {result['console_log']}")
     return "\n".join(out)
