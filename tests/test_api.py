@@ -13,6 +13,11 @@ import qemu_kd
 from qemu_kd.api import ExecResult, _as_argv, report_data_for_nonce, resolve_image
 from qemu_kd.common.errors import ConfigError, KdError
 from qemu_kd.tenant.verify import check_report
+from tests import api_domains
+
+# One protected and one plain domain for the module (tests/api_domains.py).
+platform, protected, plain, domain = (api_domains.platform, api_domains.protected, api_domains.plain,
+                                      api_domains.domain)
 
 MiB = 1 << 20
 
@@ -68,31 +73,6 @@ def test_attaching_to_no_platform_is_a_clear_error(tmp_path):
 
 
 # -- with QEMU -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def platform():
-    with qemu_kd.Platform(accel="tcg") as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def protected(platform):
-    dom = platform.launch(memory="256M")
-    yield dom
-    dom.destroy()
-
-
-@pytest.fixture(scope="module")
-def plain(platform):
-    dom = platform.launch(plain=True, memory="256M")
-    yield dom
-    dom.destroy()
-
-
-@pytest.fixture(params=["protected", "plain"])
-def domain(request):
-    return request.getfixturevalue(request.param)
-
 
 
 @pytest.mark.qemu

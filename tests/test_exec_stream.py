@@ -24,6 +24,11 @@ from qemu_kd.tenant.session import GuestCommandError
 
 from test_agent import pair  # noqa: F401 - the plain agent on a socket pair
 from test_session import guest, identity  # noqa: F401 - a protected agent and its tenant session
+from tests import api_domains
+
+# One protected and one plain domain for the module (tests/api_domains.py).
+platform, protected, plain, domain = (api_domains.platform, api_domains.protected, api_domains.plain,
+                                      api_domains.domain)
 
 #: Only a guard against a hang: no assertion depends on how long anything takes.
 HANG_GUARD = 60.0
@@ -231,32 +236,6 @@ def pattern(size: int) -> bytes:
 PATTERN_CMD = "python3 -c 'import sys; sys.stdout.buffer.write(b\"\".join(b\"%09d\\n\" % i for i in " \
               "range({n} // 10 + 1))[:{n}])'"
 
-
-@pytest.fixture(scope="module")
-def platform():
-    import qemu_kd
-
-    with qemu_kd.Platform(accel="tcg") as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def protected(platform):
-    dom = platform.launch(memory="256M")
-    yield dom
-    dom.destroy()
-
-
-@pytest.fixture(scope="module")
-def plain(platform):
-    dom = platform.launch(plain=True, memory="256M")
-    yield dom
-    dom.destroy()
-
-
-@pytest.fixture(params=["protected", "plain"])
-def domain(request):
-    return request.getfixturevalue(request.param)
 
 
 @pytest.mark.qemu
