@@ -180,7 +180,8 @@ class SnapshotService:
                 # the snapshot format: a restore could not keep the guest's view of it.
                 raise SnapshotError(f"key domain {keyid} has installed control updates (version "
                                     f"{controls['installed_version']}): snapshots of such a domain "
-                                    "are not supported", "snapshot it before changing its memory")
+                                    "are not supported", "snapshot it before changing its memory, and before "
+                                    "put_file/get_file, which share a buffer with the host")
             runtime.exit(reason="host")
             domain.mark_exited()
             try:
