@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.crypto.mee import (
-    CHUNK_PAGES, DEFAULT_MASK_CACHE_BYTES, MeeError, MemoryEncryptionEngine, _gf_mul_xpow, _xts_data_units,
-    data_physical_address,
+    CHUNK_PAGES, DEFAULT_MASK_CACHE_BYTES, MeeError, MemoryEncryptionEngine, _BATCH_PAGES, _gf_mul_xpow,
+    _xts_data_units, data_physical_address,
 )
 from qemu_kd.formats.addresses import HPA_MASK, KEYID_BITS, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
 
@@ -126,6 +126,21 @@ def test_random_pages_match_reference(cache, count):
     expected = reference(KEY, plain, dpas)
     with MemoryEncryptionEngine(KEY, mask_cache_bytes=cache) as engine:
         for _ in range(2):  # cold, then with whatever the cache kept
+            assert engine.encrypt_pages(plain, dpas) == expected
+            assert engine.decrypt_pages(expected, dpas) == plain
+
+
+@pytest.mark.parametrize("cache", [0, DEFAULT_MASK_CACHE_BYTES])
+def test_requests_across_mask_batches_match_reference(cache):
+    # Masks are prepared for up to _BATCH_PAGES pages at once and filled chunk by chunk.
+    count = _BATCH_PAGES + CHUNK_PAGES + 5
+    rng = np.random.default_rng(23)
+    dpas = [data_physical_address(int(rng.integers(0, 64)), int(rng.integers(0, 1 << 28)) * PAGE_SIZE)
+            for _ in range(count)]
+    plain = rng.bytes(count * PAGE_SIZE)
+    expected = reference(KEY, plain, dpas)
+    with MemoryEncryptionEngine(KEY, mask_cache_bytes=cache) as engine:
+        for _ in range(3):   # first sight, admitted, cached
             assert engine.encrypt_pages(plain, dpas) == expected
             assert engine.decrypt_pages(expected, dpas) == plain
 
