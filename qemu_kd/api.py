@@ -971,6 +971,8 @@ class _RestoredHost:
         self.keyid = keyid
         self._agent: Any = None
         self._sock: Any = None
+        # Session frames take the shared window for files, as the host VMM relays them.
+        self._sessions = SessionRelay(lambda: ControlHost(self.client, self._agent, self.keyid))
 
     def attach(self, shared: str | None, ready_timeout: float) -> None:
         """Connect the shared channel, let the vCPU run, and wait for the agent to answer."""
@@ -982,7 +984,8 @@ class _RestoredHost:
         self._agent.ping(timeout=ready_timeout)
 
     def agent(self, cmd: str, wait: float = 60.0, **args: Any) -> dict:
-        args.pop("bulk", None)      # frames travel on the serial line here
+        if cmd == "session":
+            return self._sessions.call(self._agent, wait, args)
         return self._agent.call(cmd, wait=wait, **args)
 
     def call(self, command: str, /, timeout: float = 300.0, **args: Any) -> dict:

@@ -154,6 +154,10 @@ def test_a_restored_domain_runs_commands_attests_and_keeps_time(plat, guarded, t
         assert restored.name == "restored-guarded" and restored.keyid != guarded.keyid
         result = restored.exec("cat /tmp/canary; echo $((6 * 7))")
         assert result.ok and result.stdout_text.split() == [CANARY, "42"]
+        # files move through the shared window on a restored domain too
+        data = os.urandom(3 << 20)
+        restored.put_file("/tmp/big", data)
+        assert restored.get_file("/tmp/big") == data and restored._host._sessions.window is not None
         # the restored guest resumes where it was, and its clocks move on from there
         first = _uptime(restored)
         assert first >= uptime_before and _clock(restored) >= clock_before
