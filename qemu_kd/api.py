@@ -967,6 +967,9 @@ class _RestoredHost:
     channel (what the host VMM process is for a launched one)."""
 
     def __init__(self, client: Any, keyid: int):
+        from host_vmm.controls import ControlHost
+        from host_vmm.window import SessionRelay
+
         self.client = client
         self.keyid = keyid
         self._agent: Any = None
