@@ -255,6 +255,8 @@ class Domain:
         #: Seconds per launch phase, in the order they ran (``Platform(progress=...)`` names each
         #: phase as it starts).
         self.timings: dict[str, float] = {}
+        #: The snapshot file this domain was restored from (``Platform.restore``); None when booted.
+        self.restored_from: Path | None = None
 
     @property
     def protected(self) -> bool:
@@ -881,6 +883,7 @@ class Platform:
         original and with every other restore of it (docs/snapshots.md).
         """
         from qemu_kd.hostport.client import HostPortClient
+        from qemu_kd.qemu.launch import PhaseTimer
         from qemu_kd.tenant.session import TenantSession, attest
 
         if not isinstance(of, ProtectedDomain) or of.secret is None:
@@ -888,21 +891,25 @@ class Platform:
                                     "pass of=<the ProtectedDomain>")
         self.start()
         assert self.socket is not None
+        timer = PhaseTimer(progress=self._progress)
         client = HostPortClient(self.socket, timeout=SNAPSHOT_TIMEOUT)
         try:
-            restored = client.restore_kd(Path(path).resolve(), name,
-                                         domain_id=bytes.fromhex(of.domain_id) if of.domain_id else None,
-                                         measurement=of.measurement)
+            with timer.phase("restore"):
+                restored = client.restore_kd(Path(path).resolve(), name,
+                                             domain_id=bytes.fromhex(of.domain_id) if of.domain_id else None,
+                                             measurement=of.measurement)
         except BaseException:
             client.close()
             raise
         host = _RestoredHost(client, restored["keyid"])
         try:
-            host.attach(restored["endpoints"].get("shared"), ready_timeout)
-            attestation = attest(host.agent, root_pem=of._root_pem, chain_pem=of.chain_pem,
-                                 measurement=of.measurement, policy=of.policy,
-                                 host_data=of._layout.host_data)
-            session = TenantSession(host.agent, attestation, of.secret.key)
+            with timer.phase("agent ready"):
+                host.attach(restored["endpoints"].get("shared"), ready_timeout)
+            with timer.phase("attest"):
+                attestation = attest(host.agent, root_pem=of._root_pem, chain_pem=of.chain_pem,
+                                     measurement=of.measurement, policy=of.policy,
+                                     host_data=of._layout.host_data)
+                session = TenantSession(host.agent, attestation, of.secret.key)
         except BaseException:
             host.call("destroy")
             host.stop()
@@ -913,6 +920,8 @@ class Platform:
                               exposed_register_mask=of.exposed_register_mask)
         dom.platform_socket = self.socket
         dom.domain_id = restored["domain_id"]
+        dom.restored_from = Path(path).resolve()
+        dom.timings = dict(timer.phases)
         self.domains.append(dom)
         return dom
 
