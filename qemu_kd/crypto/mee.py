@@ -563,7 +563,8 @@ class MemoryEncryptionEngine:
     must differ).  Each 4 KiB page is one data unit whose tweak is its data
     physical address as a 128-bit little-endian number.  ``mask_cache_bytes``
     bounds the per-page mask cache (whole pages, at least one chunk of
-    ``CHUNK_PAGES``; 0 disables it).
+    ``CHUNK_PAGES``; 0 disables it); a page joins it when it is encrypted
+    again soon after, so the cache holds the pages that change often.
 
     Calls are serialised by a lock.  ``close()`` forgets the key and every
     cached mask; the engine cannot be used afterwards.
