@@ -90,7 +90,9 @@ class HypercallResponder(threading.Thread):
         finally:
             self._client.close()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop following exits; ``wait``: until the thread has ended (its pending next-exit
+        returns within POLL_WAIT, or at once when the domain is destroyed)."""
         self._stop_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
+        if wait and self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=POLL_WAIT + 5)

@@ -246,7 +246,11 @@ class HostVmm:
         if self.destroyed:
             return
         self.destroyed = True
-        self._stop_responder()
+        # The responder's next-exit returns the moment destroy-kd closes the domain's exits:
+        # tell it to stop now and reap it afterwards, rather than wait out its poll.
+        responder = self.responder
+        if responder is not None:
+            responder.stop(wait=False)
         if self.agent is not None:
             try:
                 self.agent.poweroff(timeout=5)
@@ -265,4 +269,5 @@ class HostVmm:
                     self.client.free(self.keyid)
                 except HostPortError:
                     pass
+        self._stop_responder()
         self.client.close()
