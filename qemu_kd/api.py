@@ -198,6 +198,18 @@ def keep_platform_log(exc: KdError, log: Path | None) -> Path | None:
     return saved
 
 
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` started in a thread of its own; a future whose ``result()`` waits for it
+    (and raises what it raised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=getattr(fn, "__name__", "work"))
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _as_argv(command: str | Iterable[str]) -> list[str]:
     if isinstance(command, str):
         return ["/bin/sh", "-c", command]
@@ -815,7 +827,7 @@ class Platform:
         from qemu_kd.formats.layout import HostLayout
         from qemu_kd.formats.policy import Policy
         from qemu_kd.qemu.launch import PhaseTimer
-        from qemu_kd.tenant.measure import measure
+        from qemu_kd.tenant.measure import measure_guest
         from qemu_kd.tenant.seal import seal
         from qemu_kd.tenant.session import TenantSession, attest
 
@@ -823,17 +835,21 @@ class Platform:
         timer = PhaseTimer(progress=self._progress)
         policy = Policy.make(debug=debug, restorable=restorable)
         mask = exposed_register_mask
+        # The tenant builds the boot image and computes the expected measurement (no layout
+        # enters either) while the host VMM process starts and allocates.
+        measuring = _in_thread(measure_guest, image.kernel, image.initrd, cmdline, size, policy, mask)
         host = HostVmmProcess(str(self.socket), str(self.workdir / f"vmm-{self._count}.sock"))
         try:
             with timer.phase("layout"):
                 layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
             with timer.phase("seal"):
+                measured = measuring.result()
                 root_pem = (self.state_dir / "root-ca.crt").read_bytes()
                 bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem,
-                                      exposed_register_mask=mask)
+                                      exposed_register_mask=mask, measured=measured)
                 bundle_path = self.workdir / f"guest-{self._count}.kd"
                 bundle.write(bundle_path)
-            expected = measure(image.kernel, image.initrd, cmdline, size, policy, exposed_register_mask=mask)
+            expected = measured.measurement
             with timer.phase("load"):
                 host.call("load", bundle=str(bundle_path))
             bundle_path.unlink()

@@ -8,9 +8,10 @@ value, so two hosts with different layouts measure the same guest alike.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-
 
 from qemu_kd.formats.bootlayout import build_boot_layout
 from qemu_kd.formats.ept import EPT_PERMS
@@ -77,6 +78,45 @@ def check_image_fits(image: dict[int, bytes], memory_size: int) -> None:
     if outside:
         raise SealError(f"the boot image reaches gpa 0x{max(outside):x}, beyond {memory_size} bytes of RAM",
                         "give the guest more memory")
+
+
+@dataclass(frozen=True)
+class MeasuredGuest:
+    """A guest built and measured for no layout in particular: what :func:`measure` computes,
+    and everything of a seal that does not depend on the host's layout (so a seal can start
+    before the host has allocated; ``seal(..., measured=)``)."""
+
+    kernel: bytes = field(repr=False)
+    initrd: bytes = field(repr=False)
+    cmdline: str
+    memory_size: int
+    policy: Policy
+    exposed_register_mask: int
+    image: dict[int, bytes] = field(repr=False)     # gpa -> IMAGE page
+    vcpu: VcpuState = field(repr=False)
+    measurement: bytes
+    kernel_sha256: str
+    initrd_sha256: str
+
+    def matches(self, kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
+                exposed_register_mask: int) -> bool:
+        """Whether this was measured from exactly these inputs."""
+        return (cmdline == self.cmdline and memory_size == self.memory_size and policy == self.policy
+                and exposed_register_mask == self.exposed_register_mask
+                and (kernel is self.kernel or kernel == self.kernel)
+                and (initrd is self.initrd or initrd == self.initrd))
+
+
+def measure_guest(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
+                  exposed_register_mask: int = 0) -> MeasuredGuest:
+    """Build the guest's boot image and vCPU and compute its expected launch measurement."""
+    kernel, initrd = read_input("kernel", kernel), read_input("initrd", initrd)
+    image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
+    check_image_fits(image, memory_size)
+    vmcs = tenant_vmcs(vcpu, policy, exposed_register_mask=exposed_register_mask)
+    measurement = measure_pages(image, memory_size, vmcs.guest_state_bytes(), policy)
+    return MeasuredGuest(kernel, initrd, cmdline, memory_size, policy, exposed_register_mask, image, vcpu,
+                         measurement, hashlib.sha256(kernel).hexdigest(), hashlib.sha256(initrd).hexdigest())
 
 
 def measure(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,

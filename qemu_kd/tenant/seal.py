@@ -19,7 +19,6 @@ the boot layout puts data there, ZERO otherwise.  Zero pages travel as
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from qemu_kd.formats.measurement import PageType, host_verifiable_digest
 from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.crypto.mee import MemoryEncryptionEngine, data_physical_address
 from qemu_kd.formats.policy import Policy
-from qemu_kd.tenant.measure import GUEST_PERMS, SealError, check_image_fits, guest_pages, measure_pages, read_input, tenant_vmcs
+from qemu_kd.tenant.measure import GUEST_PERMS, MeasuredGuest, SealError, measure_guest, tenant_vmcs
 from qemu_kd.tenant.verify import load_root
 SECRET_FORMAT = "qemu-kd tenant secret"
 SECRET_VERSION = 1
@@ -145,11 +144,13 @@ def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: list[int], plaintext
 
 def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
          layout: HostLayout, root_cert: x509.Certificate | bytes, *,
-         exposed_register_mask: int = 0) -> tuple[Bundle, TenantSecret]:
+         exposed_register_mask: int = 0, measured: MeasuredGuest | None = None) -> tuple[Bundle, TenantSecret]:
     """Seal the guest for ``layout`` on the platform certified by ``root_cert``.
 
     ``exposed_register_mask``: the general registers a hypercall may show the
     host (VMCS control 0x2202, measured; the guest can only narrow it).
+    ``measured``: :func:`~qemu_kd.tenant.measure.measure_guest` of these same inputs,
+    computed beforehand (the part of a seal no layout enters; a mismatch is a ValueError).
 
     Raises ChainError if the layout's chain does not lead to ``root_cert``,
     LayoutError/LayoutSizeError if the layout does not fit the guest.
@@ -159,9 +160,11 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
         raise SealError(f"the layout is for a {layout.memory_size}-byte guest, but the guest to seal has "
                         f"{memory_size} bytes", "seal with the memory size the host allocated for")
     where: LayoutPlan = plan(layout)
-    kernel, initrd = read_input("kernel", kernel), read_input("initrd", initrd)
-    image, vcpu = guest_pages(kernel, initrd, cmdline, memory_size)
-    check_image_fits(image, memory_size)
+    if measured is None:
+        measured = measure_guest(kernel, initrd, cmdline, memory_size, policy, exposed_register_mask)
+    elif not measured.matches(kernel, initrd, cmdline, memory_size, policy, exposed_register_mask):
+        raise ValueError("seal: the measured guest was built from other inputs")
+    image, vcpu = measured.image, measured.vcpu
     keyid = layout.keyid
 
     n_guest = memory_size // PAGE_SIZE
@@ -173,7 +176,7 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
                        exposed_register_mask=exposed_register_mask)
     vmcs_page = vmcs.pack()
 
-    measurement = measure_pages(image, memory_size, vmcs.guest_state_bytes(), policy)
+    measurement = measured.measurement     # guest state only: no host-chosen field enters it
     verifiable = [(where.vmcs, vmcs_page), *tables.items()]
     hv_digest = host_verifiable_digest(verifiable)
     ept_digest = mapping_digest_arrays(gpas, guest_hpas, perms)
@@ -200,8 +203,8 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
         platform_id=info.platform_id, policy=policy, measurement=measurement, host_data=layout.host_data,
         memory_size=memory_size, keyid=keyid, host_verifiable_digest=hv_digest,
         ept_mapping_digest=ept_digest,
-        info={"kernel_sha256": hashlib.sha256(kernel).hexdigest(),
-              "initrd_sha256": hashlib.sha256(initrd).hexdigest(),
+        info={"kernel_sha256": measured.kernel_sha256,
+              "initrd_sha256": measured.initrd_sha256,
               "cmdline": cmdline,
               "platform": "EMULATED" if info.emulated else "hardware"})
     bundle = Bundle(manifest, wrap_key(key, info.kak_public_key, policy, layout.host_data), records, zero)
