@@ -38,6 +38,7 @@ import hmac
 import logging
 import os
 import secrets
+import threading
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,6 +158,29 @@ class _Keys:
         return hmac.new(self._mac, body, hashlib.sha384).digest()
 
 
+class _MacCheck:
+    """The snapshot file's MAC, computed in a thread of its own from the moment it is made."""
+
+    def __init__(self, keys: _Keys, data: bytes):
+        self._ok: bool | None = None
+        self._thread = threading.Thread(target=self._compute, args=(keys, data), name="kd-snapshot-mac",
+                                        daemon=True)
+        self._thread.start()
+
+    def _compute(self, keys: _Keys, data: bytes) -> None:
+        try:
+            self._ok = hmac.compare_digest(keys.mac(memoryview(data)[:-MAC_SIZE]), data[-MAC_SIZE:])
+        except BaseException:   # noqa: BLE001 - no verdict is a refusal
+            self._ok = False
+
+    def check(self) -> None:
+        """Wait for the MAC; SnapshotRefused unless it verifies."""
+        self._thread.join()
+        if not self._ok:
+            raise SnapshotRefused("snapshot does not verify: its MAC is wrong (tampered or truncated)",
+                                  "take a new snapshot")
+
+
 class SnapshotService:
     """snapshot-kd and restore-kd for one platform (``state_dir``: where versions are kept)."""
 
@@ -238,11 +262,25 @@ class SnapshotService:
         path = _check_path(path)
         data = _read(path)
         p = self.platform
-        header, snap = self._open(data, domain_id, measurement)
+        header = self._header(data)
         keys = _Keys(p.identity, header)
-        opened = {sid: _unseal(keys, snap, sid) if kind == KIND_SEALED else snap.sections[sid]
-                  for sid, kind in SECTION_KINDS.items()}
-        del data, snap
+        # The MAC over the whole file is checked in a thread while the rest goes on (hashing
+        # releases the GIL): its verdict is taken before the domain launches, and before any
+        # later check's refusal is reported, so a wrong MAC stays the reason it was.
+        mac = _MacCheck(keys, data)
+        try:
+            snap = self._open(data, header, domain_id, measurement)
+            opened = {sid: _unseal(keys, snap, sid) if kind == KIND_SEALED else snap.sections[sid]
+                      for sid, kind in SECTION_KINDS.items()}
+            del data, snap
+            return self._restore(path, header, opened, mac, name)
+        except BaseException:
+            mac.check()
+            raise
+
+    def _restore(self, path: Path, header: SnapshotHeader, opened: dict[int, bytes], mac: "_MacCheck",
+                 name: str | None) -> Restored:
+        p = self.platform
         try:
             dom = DomainSection.unpack(opened[SECTION_DOMAIN])
             listing = PageList.unpack(opened[SECTION_PAGES])
@@ -258,6 +296,11 @@ class SnapshotService:
             if not header.policy.restorable and header.version < self.versions.latest(header.domain_id):
                 raise SnapshotRefused(_older(path, header, self.versions.latest(header.domain_id)))
             keyid, domain = self._build(header, dom, listing, vmcs, opened[SECTION_MEMORY])
+            try:
+                mac.check()
+            except BaseException:
+                p.destroy_kd(keyid)
+                raise
             from qemu_kd.platform.runtime import ResumeState
 
             try:
@@ -276,9 +319,8 @@ class SnapshotService:
             return Restored(keyid, p.domain_names.get(keyid, f"kd{keyid}"), endpoints, header.domain_id,
                             header.version)
 
-    def _open(self, data: bytes, domain_id: bytes | None,
-              measurement: bytes | None) -> tuple[SnapshotHeader, Snapshot]:
-        """The verified snapshot in ``data``, or SnapshotRefused with the reason."""
+    def _header(self, data: bytes) -> SnapshotHeader:
+        """The header of the snapshot in ``data``, if it is this platform's; else SnapshotRefused."""
         p = self.platform
         try:
             header, _count = SnapshotHeader.unpack(data[:HEADER_SIZE])
@@ -290,11 +332,13 @@ class SnapshotService:
                                   "a snapshot restores only on the platform that took it")
         if len(data) < HEADER_SIZE + MAC_SIZE:
             raise SnapshotRefused("snapshot is truncated")
-        keys = _Keys(p.identity, header)
+        return header
+
+    def _open(self, data: bytes, header: SnapshotHeader, domain_id: bytes | None,
+              measurement: bytes | None) -> Snapshot:
+        """The sections of the snapshot in ``data`` (its MAC is checked apart: :class:`_MacCheck`),
+        if it is of the domain the caller expects; else SnapshotRefused with the reason."""
         body = memoryview(data)[:-MAC_SIZE]
-        if not hmac.compare_digest(keys.mac(body), data[-MAC_SIZE:]):
-            raise SnapshotRefused("snapshot does not verify: its MAC is wrong (tampered or truncated)",
-                                  "take a new snapshot")
         try:
             snap = Snapshot.unpack_body(body)
         except FormatError as exc:
@@ -305,7 +349,7 @@ class SnapshotService:
         if measurement is not None and measurement != header.measurement:
             raise SnapshotRefused(f"snapshot is of another domain (measurement "
                                   f"{header.measurement.hex()[:16]}..., expected {measurement.hex()[:16]}...)")
-        return header, snap
+        return snap
 
     def _build(self, header: SnapshotHeader, dom: DomainSection, listing: PageList, vmcs: Vmcs,
                memory: bytes) -> tuple[int, KeyDomain]:
