@@ -686,7 +686,9 @@ class DomainRuntime:
             self.guest_port.stop()
             self.guest_port = None
         if self._snapshot is not None:
-            self._snapshot.fill(0)
+            from qemu_kd.common.scrub import scrub
+
+            scrub(self._snapshot)   # only its pages in memory: the rest was never written
             self._snapshot = None
         if self.machine is not None:
             # QEMU exits first; removing its tmpfs RAM file then frees (scrubs) the pages.
