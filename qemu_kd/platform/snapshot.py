@@ -373,16 +373,23 @@ class SnapshotService:
             # Pages that are zero come back as ZERO pages: DRAM gets their encrypted zeros on
             # first use and guest RAM keeps its holes, as at a fresh launch.
             zero = np.zeros(gpas.size, dtype=bool)
+            # Views of the file's pages and one plaintext buffer: no copies of the memory section.
+            pages = memoryview(memory)
+            buffer = np.empty((min(RESTORE_BATCH, gpas.size), PAGE_SIZE), dtype=np.uint8)
             with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
                 for start in range(0, gpas.size, RESTORE_BATCH):
                     sl = slice(start, start + RESTORE_BATCH)
-                    chunk = memory[start * PAGE_SIZE:(start + RESTORE_BATCH) * PAGE_SIZE]
-                    plain = np.frombuffer(old_mee.decrypt_pages(chunk, old_dpas[sl]),
-                                          dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                    count = min(RESTORE_BATCH, gpas.size - start)
+                    plain = buffer[:count]
+                    old_mee.decrypt_into(plain, pages[start * PAGE_SIZE:(start + count) * PAGE_SIZE],
+                                         old_dpas[sl])
                     zero[sl] = ~plain.view(np.uint64).any(axis=1)
                     keep = ~zero[sl]
-                    if keep.any():
+                    if keep.all():
+                        domain.encrypt_into_dram(guest_hpas[sl], plain)
+                    elif keep.any():
                         domain.encrypt_into_dram(guest_hpas[sl][keep], plain[keep])
+                buffer.fill(0)      # guest plaintext does not linger in the platform's heap
             eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
             order = np.array(sorted(tables), dtype=np.uint64)
             domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
