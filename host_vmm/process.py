@@ -41,18 +41,36 @@ class HostVmmError(KdError):
 class HostVmmProcess:
     """``python -m host_vmm`` as a child process, with a request/response client."""
 
-    def __init__(self, platform_socket: str, api_socket: str, timeout: float = 30.0):
+    def __init__(self, platform_socket: str, api_socket: str, timeout: float = 30.0, *,
+                 wait_platform: float = 0.0, wait_ready: bool = True):
+        """Start ``python -m host_vmm``; with ``wait_ready`` (the default) return once it serves.
+
+        ``wait_platform``: the platform daemon is starting too; the child waits up to that
+        many seconds for its socket (so both processes start at the same time).  Without
+        ``wait_ready``, call :meth:`wait_ready` before the first request.
+        """
         self.api_socket = api_socket
+        argv = [sys.executable, "-m", "host_vmm", "--platform", platform_socket, "--api", api_socket]
+        if wait_platform:
+            argv += ["--wait-platform", str(wait_platform)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host_vmm", "--platform", platform_socket, "--api", api_socket],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=die_with_parent())
+        self.sock: socket.socket | None = None
         self._ids = itertools.count(1)
         self._buf = bytearray()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True,
                                                name="host-vmm-stderr")
         self._stderr_reader.start()
+        if wait_ready:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the child serves and connect to it (HostVmmError if it does not start)."""
+        if self.sock is not None:
+            return
+        api_socket = self.api_socket
         deadline = time.monotonic() + timeout
         line = ""
         while time.monotonic() < deadline:

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from guest_agent.protocol import ProtocolError, decode, encode, error, reply
 from qemu_kd.formats.bundle import Bundle
@@ -121,17 +122,28 @@ class HostVmmService:
                             conn.sendall(encode(self.answer(line)))
 
 
+def wait_for_socket(path: str, seconds: float) -> None:
+    """Return once ``path`` exists, or after ``seconds`` (connecting then says what is wrong)."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m host_vmm",
                                  description="the untrusted host VMM as a process")
     ap.add_argument("--platform", required=True, help="the platform's host-port socket")
     ap.add_argument("--api", required=True, help="Unix socket to serve requests on")
+    ap.add_argument("--wait-platform", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for the platform's socket to appear (a host VMM "
+                         "started together with its platform daemon)")
     args = ap.parse_args(argv)
     configure_logging(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     vmm = None
     try:
+        wait_for_socket(args.platform, args.wait_platform)
         vmm = HostVmm(args.platform)
         listener.bind(args.api)
         os.chmod(args.api, 0o600)

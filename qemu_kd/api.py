@@ -672,6 +672,9 @@ class Platform:
         #: Seconds the start took (``platform start``; empty when attached).
         self.timings: dict[str, float] = {}
         self._count = 0
+        #: A host VMM process started together with the daemon, for the first protected launch.
+        self._spare_host: Any = None
+        self._hosts = 0
 
     @property
     def state_dir(self) -> Path:
@@ -727,18 +730,36 @@ class Platform:
             kernel = Path(probe_kernel) if probe_kernel else resolve_image(None, None, None).kernel_path
             accel = self._choose_accel(kernel)
             with PhaseTimer(self.timings, progress=self._progress).phase("platform start"):
+                socket = self.workdir / "platform.sock"
+                # The first launch's host VMM starts (imports, mostly) while the daemon does.
+                self._spare_host = self._host_vmm(socket, wait_platform=self._start_timeout)
                 self._proc, self.socket = start_platform_process(
-                    self.workdir / "platform.sock", self.state_dir, accel=accel, memory_size=self.memory,
+                    socket, self.state_dir, accel=accel, memory_size=self.memory,
                     timeout=self._start_timeout, exit_when_idle=self._detach, detach=self._detach,
                     remove_dir=self.workdir if self._detach else None)
         except BaseException as exc:
             if isinstance(exc, KdError):
                 keep_platform_log(exc, self.log_path)
+            self._stop_spare_host()
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
             raise
         self._pid = self._proc.pid
         return self
+
+    def _host_vmm(self, socket: Path, wait_platform: float = 0.0) -> Any:
+        """A new host VMM process for ``socket``'s platform, started; not waited for."""
+        from host_vmm.process import HostVmmProcess
+
+        assert self.workdir is not None
+        self._hosts += 1
+        return HostVmmProcess(str(socket), str(self.workdir / f"vmm-{self._hosts}.sock"),
+                              wait_platform=wait_platform, wait_ready=False)
+
+    def _stop_spare_host(self) -> None:
+        spare, self._spare_host = self._spare_host, None
+        if spare is not None:
+            spare.stop()
 
     def _attach(self) -> None:
         """Check that a daemon answers on ``socket``; learn its accelerator and pid."""
@@ -822,8 +843,6 @@ class Platform:
     def _launch_protected(self, name: str | None, image: GuestImage, cmdline: str, size: int,
                           debug: bool, ready_timeout: float, exposed_register_mask: int = 0,
                           restorable: bool = False) -> ProtectedDomain:
-        from host_vmm.process import HostVmmProcess
-
         from qemu_kd.formats.layout import HostLayout
         from qemu_kd.formats.policy import Policy
         from qemu_kd.qemu.launch import PhaseTimer
@@ -838,8 +857,9 @@ class Platform:
         # The tenant builds the boot image and computes the expected measurement (no layout
         # enters either) while the host VMM process starts and allocates.
         measuring = _in_thread(measure_guest, image.kernel, image.initrd, cmdline, size, policy, mask)
-        host = HostVmmProcess(str(self.socket), str(self.workdir / f"vmm-{self._count}.sock"))
+        host, self._spare_host = self._spare_host or self._host_vmm(self.socket), None
         try:
+            host.wait_ready()
             with timer.phase("layout"):
                 layout = HostLayout.unpack(host.call("allocate", memory_size=size)["layout"].encode())
             with timer.phase("seal"):
@@ -871,7 +891,8 @@ class Platform:
                 session = TenantSession(relay, attestation, secret.key)
         except BaseException:
             try:
-                host.call("destroy", timeout=60)
+                if host.sock is not None:
+                    host.call("destroy", timeout=60)
             except (KdError, OSError):
                 pass
             host.stop()
@@ -971,6 +992,7 @@ class Platform:
             except KdError:
                 pass
         self.domains.clear()
+        self._stop_spare_host()
         if self._proc is not None:
             from qemu_kd.hostport.spawn import stop_platform_process
 
