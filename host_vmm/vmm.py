@@ -15,12 +15,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
 from qemu_kd.formats.bundle import Bundle
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
-from qemu_kd.hostport.protocol import HostPortError
+from qemu_kd.hostport.protocol import PAGE_ENTRY_DTYPE, PAGE_TYPE_ZERO, HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
 from host_vmm.controls import ControlHost
 from host_vmm.hypercalls import HypercallResponder
@@ -53,6 +55,17 @@ class Check:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def zero_entries(bundle: Bundle) -> np.ndarray:
+    """The bundle's zero records as add-zero-pages entries (an array: tens of thousands of them)."""
+    zeros = bundle.zero_pages
+    entries = np.zeros(len(zeros), dtype=PAGE_ENTRY_DTYPE)
+    entries["hpa"] = [z.hpa for z in zeros]
+    entries["gpa"] = [z.gpa for z in zeros]
+    entries["perms"] = [z.perms for z in zeros]
+    entries["type"] = PAGE_TYPE_ZERO
+    return entries
 
 
 class HostVmm:
@@ -124,8 +137,7 @@ class HostVmm:
                               self.layout.host_data)
         self.client.add_pages(self.keyid, [(r.hpa, r.gpa, int(r.page_type), r.perms,
                                             r.host_verifiable) for r in bundle.pages])
-        self.client.add_zero_pages(self.keyid, [(z.hpa, z.gpa, z.perms)
-                                                for z in bundle.zero_pages])
+        self.client.add_zero_pages(self.keyid, zero_entries(bundle))
 
     # -- verify ---------------------------------------------------------------------
     def verify(self) -> list[Check]:

@@ -33,6 +33,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from qemu_kd.formats.errors import (
     CorruptError,
     FieldValueError,
@@ -168,6 +170,46 @@ class ZeroPageRecord:
         return record
 
 
+# A zero record as numpy sees it (the same 24 bytes as _ZERO).
+_ZERO_DTYPE = np.dtype([("hpa", "<u8"), ("gpa", "<u8"), ("perms", "u1"), ("reserved", "u1", (7,))])
+assert _ZERO_DTYPE.itemsize == ZERO_RECORD_SIZE
+
+
+def _valid_zero_fields(hpa: np.ndarray, gpa: np.ndarray, perms: np.ndarray) -> bool:
+    """Whether every record passes ZeroPageRecord.validate (as arrays; no record named)."""
+    return bool(((hpa % PAGE_SIZE == 0) & (hpa < HPA_LIMIT) & (gpa % PAGE_SIZE == 0)
+                 & (gpa < np.uint64(NO_GPA)) & (perms > 0) & (perms <= 7)).all())
+
+
+def _pack_zero_records(zeros: list[ZeroPageRecord]) -> bytes:
+    """``b"".join(z.pack() for z in zeros)``, with the checks done on arrays.  Any record
+    that fails them is packed one by one, so it raises the error its own pack raises."""
+    fields = ([z.hpa for z in zeros], [z.gpa for z in zeros], [z.perms for z in zeros])
+    if all(type(v) is int for column in fields for v in column):
+        try:
+            hpa, gpa = (np.array(column, dtype=np.uint64) for column in fields[:2])
+            perms = np.array(fields[2], dtype=np.int64)
+        except OverflowError:       # negative, or beyond 64 bits
+            pass
+        else:
+            if _valid_zero_fields(hpa, gpa, perms):
+                out = np.zeros(len(zeros), dtype=_ZERO_DTYPE)
+                out["hpa"], out["gpa"], out["perms"] = hpa, gpa, perms
+                return out.tobytes()
+    return b"".join(z.pack() for z in zeros)
+
+
+def _unpack_zero_records(data: memoryview, count: int) -> list[ZeroPageRecord]:
+    """``count`` zero records from ``data``, checked as ZeroPageRecord.unpack checks each:
+    on arrays, falling back to record by record (and its error) when one fails."""
+    arr = np.frombuffer(data, dtype=_ZERO_DTYPE, count=count)
+    hpa, gpa, perms = arr["hpa"], arr["gpa"], arr["perms"]
+    if not arr["reserved"].any() and _valid_zero_fields(hpa, gpa, perms):
+        return [ZeroPageRecord(h, g, p) for h, g, p in zip(hpa.tolist(), gpa.tolist(), perms.tolist())]
+    return [ZeroPageRecord.unpack(data[i * ZERO_RECORD_SIZE:(i + 1) * ZERO_RECORD_SIZE])
+            for i in range(count)]
+
+
 def _is_keyid(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_KEYID
 
@@ -292,7 +334,7 @@ class Bundle:
                               len(self.zero_pages), bytes(32)),
                  manifest, self.wrapped_key.pack()]
         parts += [p.pack() for p in self.pages]
-        parts += [z.pack() for z in self.zero_pages]
+        parts.append(_pack_zero_records(self.zero_pages))
         body = b"".join(parts)
         return body + hashlib.sha384(body).digest()
 
@@ -332,10 +374,7 @@ class Bundle:
         for _ in range(n_pages):
             pages.append(PageRecord.unpack(view[offset:offset + PAGE_RECORD_SIZE]))
             offset += PAGE_RECORD_SIZE
-        zeros = []
-        for _ in range(n_zero):
-            zeros.append(ZeroPageRecord.unpack(view[offset:offset + ZERO_RECORD_SIZE]))
-            offset += ZERO_RECORD_SIZE
+        zeros = _unpack_zero_records(view[offset:offset + n_zero * ZERO_RECORD_SIZE], n_zero)
         bundle = cls(manifest, wrapped, pages, zeros)
         bundle.validate()
         return bundle

@@ -508,8 +508,13 @@ def pack_page_entries(entries: Iterable[PageEntry | tuple] | np.ndarray) -> byte
     return arr.tobytes()
 
 
-def pack_zero_entries(entries: Iterable[tuple[int, int, int]]) -> bytes:
-    """Pack (hpa, gpa, perms) zero-page tuples as page entries of type ZERO."""
+def pack_zero_entries(entries: Iterable[tuple[int, int, int]] | np.ndarray) -> bytes:
+    """Pack (hpa, gpa, perms) zero-page tuples as page entries of type ZERO, or a structured
+    array of PAGE_ENTRY_DTYPE whose entries are all of type ZERO (the fast path)."""
+    if isinstance(entries, np.ndarray):
+        if entries.dtype == PAGE_ENTRY_DTYPE and (entries["type"] != PAGE_TYPE_ZERO).any():
+            raise HostPortBadRequestError("a zero-page entry array holds entries of another type")
+        return pack_page_entries(entries)
     return pack_page_entries((hpa, gpa, PAGE_TYPE_ZERO, perms) for hpa, gpa, perms in entries)
 
 
