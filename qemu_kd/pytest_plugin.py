@@ -174,13 +174,14 @@ class Snapshots:
         if self.directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="qemu-kd-snapshots-"))
         path = self.directory / f"template-{len(self.templates) + 1}.kdsnap"
-        domain = None
+        domain, step = None, "launch"
         try:
             domain = self.platform.launch(**opts, restorable=True)
+            step = "snapshot"
             domain.snapshot(path)
             console = domain.console_text()
         except (KdError, OSError) as exc:
-            self.templates[key] = f"the template guest for snapshot reset failed: {_one_line(exc)}"
+            self.templates[key] = f"the template guest for snapshot reset failed to {step}: {_one_line(exc)}"
             raise _reset_failed(self.templates[key]) from None
         finally:
             if domain is not None:

@@ -243,10 +243,43 @@ def test_two(kd_guest):
     assert done.returncode == 1
     assert "2 errors" in done.stdout, done.stdout[-4000:]
     failed = [line for line in done.stdout.splitlines()
-              if line.startswith("qemu-kd: the template guest for snapshot reset failed: ")]
+              if line.startswith("qemu-kd: the template guest for snapshot reset failed to launch: ")]
     assert len(failed) == 2, done.stdout[-4000:]
     assert "/nonexistent/vmlinuz" in failed[0] and failed[1].endswith("for one test)")
     assert "(in an earlier test)" in failed[1] and "(in an earlier test)" not in failed[0]
+    assert "Traceback" not in done.stdout
+
+
+@pytest.mark.qemu
+def test_a_template_that_cannot_be_snapshotted_fails_clearly_and_is_destroyed(tmp_path):
+    proj = project(tmp_path, """
+from qemu_kd.hostport.client import HostPortClient
+
+def test_one(kd_guest):
+    pass
+
+def test_two(kd_guest):
+    pass
+
+def test_zz_nothing_left(kd_platform):
+    with HostPortClient(kd_platform.socket) as client:
+        assert client.list_domains() == []
+""")
+    (proj / "conftest.py").write_text("""
+import qemu_kd.api
+from qemu_kd.common.errors import KdError
+
+def refuse(domain, path):
+    raise KdError("snapshot-kd refused for this test", "nothing to do")
+
+qemu_kd.api.ProtectedDomain.snapshot = refuse
+""")
+    done = run_pytest(proj)
+    assert done.returncode == 1
+    assert "1 passed, 2 errors" in done.stdout, done.stdout[-4000:]
+    failed = [line for line in done.stdout.splitlines() if line.startswith(
+        "qemu-kd: the template guest for snapshot reset failed to snapshot: snapshot-kd refused for this test")]
+    assert len(failed) == 2 and "(in an earlier test)" in failed[1], done.stdout[-4000:]
     assert "Traceback" not in done.stdout
 
 
