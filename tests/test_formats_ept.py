@@ -221,3 +221,17 @@ def test_array_builder_and_digest_match_the_mapping_versions():
         build_ept_arrays([0, 0], [0x9000, 0xA000], [RW, RW], table_hpas(4))
     with pytest.raises(EptError, match="different lengths"):
         build_ept_arrays([0, 0x1000], [0x9000], [RW], table_hpas(4))
+
+
+def test_a_bad_pte_is_reported_and_its_good_neighbours_still_map():
+    """A page table with one malformed entry is walked entry by entry: the same mappings as the
+    whole-table path for the rest, and the one problem."""
+    hpas = table_hpas(4)
+    good = [EptMapping(i * 0x1000, 0x100000 + i * 0x1000, RW) for i in range(16)]
+    eptp, pages = build_ept(good, hpas)
+    assert walk_ept(eptp, pages.__getitem__).mappings == good and not walk_ept(eptp, pages.__getitem__).problems
+    pages = {k: bytearray(v) for k, v in pages.items()}
+    struct.pack_into("<Q", pages[hpas[3]], 8 * 5, 0x105000 | RW | 6 << 3 | 1 << 8)   # accessed flag
+    walk = walk_ept(eptp, lambda hpa: bytes(pages[hpa]))
+    assert walk.mappings == good[:5] + good[6:]
+    assert len(walk.problems) == 1 and "PTE 5" in walk.problems[0]

@@ -309,17 +309,44 @@ def build_ept_arrays(gpas, hpas, perms, table_hpas: Sequence[int]) -> tuple[int,
     return Eptp(pml4_hpa).raw(), {hpa: page.astype("<u8").tobytes() for hpa, page in tables.items()}
 
 
+_EMPTY = np.zeros(0, dtype=np.uint64)
+#: Bits a 4 KiB leaf (PTE) may have set: permissions, address, memory type, ignore-PAT.
+_PTE_ALLOWED = EPT_PERMS | ADDRESS_MASK | 7 << EPT_MEMTYPE_SHIFT | EPT_IGNORE_PAT
+_LEAF_TYPES = np.array(sorted(LEAF_MEMORY_TYPES), dtype=np.uint64)
+
+
 @dataclass
 class EptWalk:
-    """What walking an EPT found: mappings (4 KiB granularity), tables, problems."""
+    """What walking an EPT found: mappings (4 KiB granularity), tables, problems.
 
-    mappings: list[EptMapping] = field(default_factory=list)
+    The mappings are parallel arrays ``gpas``, ``hpas`` and ``perms`` (uint64, in walk
+    order); :attr:`mappings` gives them as :class:`EptMapping` objects.
+    """
+
     table_hpas: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    gpas: np.ndarray = field(default_factory=lambda: _EMPTY)
+    hpas: np.ndarray = field(default_factory=lambda: _EMPTY)
+    perms: np.ndarray = field(default_factory=lambda: _EMPTY)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def mappings(self) -> list[EptMapping]:
+        return [EptMapping(g, h, p) for g, h, p in zip(self.gpas.tolist(), self.hpas.tolist(),
+                                                        self.perms.tolist())]
+
+
+def _clean_ptes(raws: np.ndarray) -> bool:
+    """Whether every non-zero PTE in ``raws`` is one :func:`decode_entry` finds no problem in."""
+    perms = raws & np.uint64(EPT_PERMS)
+    memtype = (raws >> np.uint64(EPT_MEMTYPE_SHIFT)) & np.uint64(7)
+    write_only = ((perms & np.uint64(EPT_WRITE)) != 0) & ((perms & np.uint64(EPT_READ)) == 0)
+    return bool((perms != 0).all() and not (raws & np.uint64(~_PTE_ALLOWED & (2**64 - 1))).any()
+                and not (raws & np.uint64(KEYID_ADDRESS_BITS)).any() and not write_only.any()
+                and np.isin(memtype, _LEAF_TYPES).all())
 
 
 def walk_ept(eptp: int, read_page: Callable[[int], bytes]) -> EptWalk:
@@ -337,6 +364,11 @@ def walk_ept(eptp: int, read_page: Callable[[int], bytes]) -> EptWalk:
     if pointer.walk_length != PAGE_WALK_LENGTH or eptp & KEYID_ADDRESS_BITS:
         return walk
     visited: set[int] = set()
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(gpas: np.ndarray, hpas: np.ndarray, perms: np.ndarray) -> None:
+        if gpas.size:
+            chunks.append((gpas.astype(np.uint64), hpas.astype(np.uint64), perms.astype(np.uint64)))
 
     def visit(table_hpa: int, level: int, gpa_base: int, perms: int) -> None:
         if table_hpa in visited:
@@ -349,9 +381,20 @@ def walk_ept(eptp: int, read_page: Callable[[int], bytes]) -> EptWalk:
         if len(page) != PAGE_SIZE:
             walk.problems.append(f"table at hpa 0x{table_hpa:x} read back {len(page)} bytes, not {PAGE_SIZE}")
             return
-        for index, raw in enumerate(struct.unpack(f"<{ENTRIES_PER_TABLE}Q", page)):
-            if not raw:
-                continue
+        raws = np.frombuffer(page, dtype="<u8")
+        if level == 1:
+            # A page table whose entries are all well formed (the usual case) in one step;
+            # any other goes entry by entry below, for the exact problems.
+            present = np.flatnonzero(raws)
+            leaves = raws[present]
+            if _clean_ptes(leaves):
+                effective = leaves & np.uint64(perms & EPT_PERMS)
+                keep = effective != 0
+                add(np.uint64(gpa_base) + present[keep].astype(np.uint64) * np.uint64(PAGE_SIZE),
+                    leaves[keep] & np.uint64(ADDRESS_MASK), effective[keep])
+                return
+        for index in np.flatnonzero(raws).tolist():
+            raw = int(raws[index])
             gpa = gpa_base + index * LEVEL_SPAN[level]
             entry, issues = decode_entry(raw, level)
             if issues:
@@ -361,17 +404,19 @@ def walk_ept(eptp: int, read_page: Callable[[int], bytes]) -> EptWalk:
             effective = perms & entry.perms
             if level == 1 or entry.large:
                 if effective:
-                    step = PAGE_SIZE
-                    walk.mappings += [EptMapping(gpa + off, entry.address + off, effective)
-                                      for off in range(0, LEVEL_SPAN[level], step)]
+                    offsets = np.arange(0, LEVEL_SPAN[level], PAGE_SIZE, dtype=np.uint64)
+                    add(np.uint64(gpa) + offsets, np.uint64(entry.address) + offsets,
+                        np.full(offsets.size, effective, dtype=np.uint64))
             else:
                 visit(entry.address, level - 1, gpa, effective)
 
     visit(pointer.pml4_hpa, 4, 0, EPT_PERMS)
-    tables = set(walk.table_hpas)
-    for m in walk.mappings:
-        if m.hpa in tables:
-            walk.problems.append(f"{m}: maps an EPT table page into the guest")
+    if chunks:
+        walk.gpas, walk.hpas, walk.perms = (np.concatenate([c[i] for c in chunks]) for i in range(3))
+    tables = np.array(sorted(set(walk.table_hpas)), dtype=np.uint64)
+    for i in np.flatnonzero(np.isin(walk.hpas, tables)).tolist():
+        m = EptMapping(int(walk.gpas[i]), int(walk.hpas[i]), int(walk.perms[i]))
+        walk.problems.append(f"{m}: maps an EPT table page into the guest")
     return walk
 
 

@@ -413,10 +413,7 @@ class ControlPlane:
             walk = walk_ept(domain.read_vmcs().ept_pointer, lambda h: tables.get(h, b""))
             if walk.problems:
                 raise UpdateIntegrityError(f"the update's EPT is malformed: {walk.problems[0]}")
-            n = len(walk.mappings)
-            gpas = np.fromiter((m.gpa for m in walk.mappings), dtype=np.uint64, count=n)
-            hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=n)
-            perms = np.fromiter((m.perms for m in walk.mappings), dtype=np.uint64, count=n)
+            gpas, hpas, perms = walk.gpas, walk.hpas, walk.perms
             changes = _diff(old_gpas, old_hpas, gpas, hpas)
             expected = sorted((op.gpa, op.old_hpa, op.new_hpa) for op in per_page
                               if op.op in (Op.UNMAP, Op.ACCEPT, Op.MOVE))

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from qemu_kd.formats.ept import EPT_PERMS, EptWalk, mapping_digest, walk_ept
+from qemu_kd.formats.ept import EPT_PERMS, EptWalk, mapping_digest_arrays, walk_ept
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.formats.keywrap import DOMAIN_KEY_SIZE, WrappedKey, normalize_host_data, unwrap_key
@@ -482,8 +482,9 @@ class KeyDomain:
         eptp = self.read_vmcs().ept_pointer
         walk, stray_tables = self._walk(eptp)
         reasons = self._check_walk(walk, stray_tables, allocation)
-        verdict = EptVerdict(ok=not reasons, reasons=reasons, mapping_digest=mapping_digest(walk.mappings),
-                             mapped_pages=len(walk.mappings), table_pages=len(walk.table_hpas))
+        verdict = EptVerdict(ok=not reasons, reasons=reasons,
+                             mapping_digest=mapping_digest_arrays(walk.gpas, walk.hpas, walk.perms),
+                             mapped_pages=int(walk.gpas.size), table_pages=len(walk.table_hpas))
         self.verdict = verdict
         if verdict.ok:
             self._mapping = self._mapping_arrays(walk)
@@ -494,10 +495,7 @@ class KeyDomain:
 
     @staticmethod
     def _mapping_arrays(walk: EptWalk) -> tuple[np.ndarray, np.ndarray]:
-        n = len(walk.mappings)
-        gpas = np.fromiter((m.gpa for m in walk.mappings), dtype=np.uint64, count=n)
-        hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=n)
-        return gpas, hpas
+        return walk.gpas, walk.hpas
 
     def guest_mapping(self) -> tuple[np.ndarray, np.ndarray]:
         """(gpas, hpas) of every 4 KiB page the EPT maps, as verified by verify-ept.
@@ -568,10 +566,8 @@ class KeyDomain:
             where = "beyond the end of physical memory" if hpa >= memory.size else str(memory.owner(hpa))
             out.add("ept-table", f"EPT table at hpa 0x{hpa:x} is not an EPT page of key domain {keyid} "
                                  f"({where})")
-        n = len(walk.mappings)
-        gpas = np.fromiter((m.gpa for m in walk.mappings), dtype=np.uint64, count=n)
-        hpas = np.fromiter((m.hpa for m in walk.mappings), dtype=np.uint64, count=n)
-        perms = np.fromiter((m.perms for m in walk.mappings), dtype=np.int64, count=n)
+        n = int(walk.gpas.size)
+        gpas, hpas, perms = walk.gpas, walk.hpas, walk.perms.astype(np.int64)
 
         # alias: two gpas -> one hpa
         order = np.argsort(hpas, kind="stable")
