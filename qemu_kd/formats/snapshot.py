@@ -119,7 +119,7 @@ class Snapshot:
     """A snapshot: header and sections (sealed ones as stored: nonce, ciphertext, tag)."""
 
     header: SnapshotHeader
-    sections: dict[int, bytes] = field(default_factory=dict)
+    sections: dict[int, bytes | memoryview] = field(default_factory=dict)
 
     def pack_body(self) -> bytes:
         """Everything the MAC covers (the file without its last 48 bytes)."""
@@ -140,7 +140,7 @@ class Snapshot:
         view = memoryview(data)
         header, count = SnapshotHeader.unpack(bytes(view[:HEADER_SIZE]))
         offset = HEADER_SIZE
-        sections: dict[int, bytes] = {}
+        sections: dict[int, bytes | memoryview] = {}
         for _ in range(count):
             if offset + _SECTION.size > len(view):
                 raise SnapshotFormatError("the snapshot ends inside its section list (truncated)")
@@ -154,7 +154,7 @@ class Snapshot:
             if offset + length > len(view):
                 raise SnapshotFormatError(f"the snapshot ends inside its {SECTION_NAMES[sid]} section "
                                           "(truncated)")
-            sections[sid] = bytes(view[offset:offset + length])
+            sections[sid] = view[offset:offset + length]    # a view: the memory section is large
             offset += length
         if offset != len(view):
             raise SnapshotFormatError(f"{len(view) - offset} bytes follow the last snapshot section")
