@@ -200,7 +200,13 @@ class DomainRuntime:
         pages = self.domain.pages()
         image = pages.types == int(PageType.IMAGE)
         img_hpas = pages.hpas[image]
-        hpa_to_gpa = dict(zip(hpas.tolist(), gpas.tolist()))
+        # hpa -> gpa page number for the image pages, by sorted lookup (every one is mapped:
+        # verify-ept checked that each page added for the guest is where it was measured).
+        by_hpa = np.argsort(hpas)
+        at = by_hpa[np.minimum(np.searchsorted(hpas[by_hpa], img_hpas), hpas.size - 1)]
+        if not (hpas[at] == img_hpas).all():
+            raise LaunchError(f"key domain {self.domain.keyid}: an image page is not mapped into the guest")
+        img_gpns = (gpas[at] // PAGE_SIZE).astype(np.int64)
 
         spec = MachineSpec(mem_size=self.mem_size, accel=self.accel, name=self.name,
                            incoming=resume_from is not None)
@@ -214,9 +220,8 @@ class DomainRuntime:
             step = 4096
             for start in range(0, img_hpas.size, step):
                 chunk = img_hpas[start:start + step]
-                plain = np.frombuffer(self.domain.decrypt_pages(chunk), dtype=np.uint8).reshape(-1, PAGE_SIZE)
-                idx = np.fromiter((hpa_to_gpa[int(h)] // PAGE_SIZE for h in chunk), dtype=np.int64,
-                                  count=chunk.size)
+                plain = self.domain.decrypt_page_array(chunk)
+                idx = img_gpns[start:start + step]
                 ram[idx] = plain
                 self._snapshot[idx] = plain
             if resume_from is None:
