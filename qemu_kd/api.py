@@ -756,6 +756,17 @@ class Platform:
         return HostVmmProcess(str(socket), str(self.workdir / f"vmm-{self._hosts}.sock"),
                               wait_platform=wait_platform, wait_ready=False)
 
+    def _take_host(self) -> Any:
+        """The host VMM process started with the daemon if it still runs (it dies with the thread
+        that started it), else a new one."""
+        spare, self._spare_host = self._spare_host, None
+        if spare is not None and spare.proc.poll() is None:
+            return spare
+        if spare is not None:
+            spare.stop()
+        assert self.socket is not None
+        return self._host_vmm(self.socket)
+
     def _stop_spare_host(self) -> None:
         spare, self._spare_host = self._spare_host, None
         if spare is not None:
@@ -857,7 +868,7 @@ class Platform:
         # The tenant builds the boot image and computes the expected measurement (no layout
         # enters either) while the host VMM process starts and allocates.
         measuring = _in_thread(measure_guest, image.kernel, image.initrd, cmdline, size, policy, mask)
-        host, self._spare_host = self._spare_host or self._host_vmm(self.socket), None
+        host = self._take_host()
         try:
             host.wait_ready()
             with timer.phase("layout"):

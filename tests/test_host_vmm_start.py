@@ -56,3 +56,23 @@ def test_platform_start_starts_the_first_host_vmm_and_close_stops_it(runtime, mo
     finally:
         platform.close()
     assert platform._spare_host is None and spare.proc.poll() is not None
+
+
+def test_a_launch_replaces_a_host_vmm_that_died_before_it(runtime):
+    import qemu_kd
+
+    platform = qemu_kd.Platform(accel="tcg", memory="128M")
+    try:
+        platform.start(probe_kernel=__file__)
+        spare = platform._spare_host
+        spare.proc.kill()
+        spare.proc.wait()
+        host = platform._take_host()
+        try:
+            assert host is not spare and platform._spare_host is None
+            host.wait_ready()
+            assert host.call("allocate", memory_size=32 << 20)["keyid"] >= 1
+        finally:
+            host.stop()
+    finally:
+        platform.close()
