@@ -1,8 +1,10 @@
 """The host VMM as its own process, driven over a Unix socket.
 
-``python -m host_vmm --platform PLATFORM_SOCKET --api API_SOCKET`` connects to
-the platform's host port and serves newline-delimited JSON requests (the same
-framing as the guest agent's protocol) from one caller at a time:
+``python -m host_vmm --platform PLATFORM_SOCKET --api API_SOCKET [--wait-platform S]``
+connects to the platform's host port (waiting up to S seconds for its socket to
+appear, for a host VMM started together with its platform daemon) and serves
+newline-delimited JSON requests (the same framing as the guest agent's
+protocol) from one caller at a time:
 
 ==========  ===========================================  =========================
 command     arguments                                    result
