@@ -179,3 +179,14 @@ def test_large_command_output_takes_the_open_window(dom, tenant):
     result = tenant.session.exec_stream(["sh", "-c", "head -c 600000 /dev/zero | tr '\\0' x"])
     assert (result["rc"], result["stdout"]) == (0, b"x" * 600000)
     assert len(serial) - before < 100_000                        # the output came through the window
+
+
+@pytest.mark.qemu
+def test_large_output_asks_for_the_window_itself(guest_artifacts, tmp_path):
+    """No file moved yet: the first large poll answer makes the next polls ask for the buffer."""
+    with protected_domain(tmp_path, guest_artifacts) as fresh:
+        tenant = Tenant(fresh)
+        result = tenant.session.exec_stream(["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' y"])
+        assert (result["rc"], result["stdout"]) == (0, b"y" * 2000000)
+        assert fresh.vmm.sessions.window is not None
+        assert len(fresh.vmm.agent.sock._stream) < 1_000_000          # most of it took the window

@@ -36,6 +36,8 @@ from qemu_kd.tenant.verify import check_report
 #: Sends one shared-channel agent command through the host and returns its result.
 Relay = Callable[..., dict]
 FILE_CHUNK = 1 << 20
+#: A poll answer this large (base64 characters) makes the next polls take the shared buffer.
+LARGE_POLL = 64 << 10
 
 
 class SessionRefused(KdError):
@@ -82,6 +84,7 @@ class TenantSession:
     def __init__(self, relay: Relay, attestation: Attestation, domain_key: bytes):
         self._relay = relay
         self.attestation = attestation
+        self._large_output = False      # a command's output ran large: polls ask for the buffer
         handshake = TenantHandshake(attestation.report.report_data, attestation.agent_public,
                                     tenant_authority_key(domain_key))
         reply = self._frame(handshake.open_frame(), wait=30.0)
@@ -153,8 +156,14 @@ class TenantSession:
         return job_output(self._job_call, start_args(argv, shell=shell, stdin=stdin, timeout=timeout, env=env))
 
     def _job_call(self, op: str, wait: float = 60.0, **args) -> dict:
-        # A poll's answer (up to 256 KiB a stream) takes the shared buffer when one is open.
-        return self.call(op, wait, bulk="if-open" if op == "exec_poll" else False, **args)
+        # A poll's answer (up to 256 KiB a stream) takes the shared buffer when one is open;
+        # once a command's output runs large, the next polls ask for one.
+        if op != "exec_poll":
+            return self.call(op, wait, **args)
+        answer = self.call(op, wait, bulk=True if self._large_output else "if-open", **args)
+        if len(answer.get("stdout", "")) + len(answer.get("stderr", "")) >= LARGE_POLL:
+            self._large_output = True
+        return answer
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> int:
         for start in range(0, max(len(data), 1), FILE_CHUNK):
