@@ -21,3 +21,10 @@ def fake_bzimage(*, version=0x020F, xloadflags=0x3, relocatable=1, setup_sects=1
     struct.pack_into("<I", img, 0x238, cmdline_size)
     struct.pack_into("<QI", img, 0x258, 0x1000000, init_size)
     return bytes(img) + payload
+
+
+# A tiny guest for sealing and measuring tests: a fake bzImage, an initrd that starts like a
+# cpio archive, and a short command line.
+SYNTH_KERNEL = fake_bzimage(payload=bytes(range(256)) * 40)
+SYNTH_INITRD = b"070701" + bytes(range(251)) * 97
+SYNTH_CMDLINE = "console=ttyS0 quiet"

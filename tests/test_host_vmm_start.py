@@ -11,13 +11,11 @@ import pytest
 
 from host_vmm.process import HostVmmError, HostVmmProcess
 from qemu_kd.hostport.spawn import start_platform_process, stop_platform_process
+from tests import test_platformd
 
 
-@pytest.fixture
-def runtime(tmp_path, monkeypatch):
-    path = tmp_path / "rt"
-    monkeypatch.setenv("QEMU_KD_RUNTIME", str(path))
-    return path
+# A private runtime directory for each test (the platform daemon tests' fixture).
+runtime = test_platformd.runtime
 
 
 def test_a_host_vmm_started_before_its_platform_waits_for_it(runtime, tmp_path):

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from synthetic import fake_bzimage
+from synthetic import SYNTH_CMDLINE, SYNTH_INITRD, SYNTH_KERNEL, fake_bzimage
 
 from qemu_kd import tenant
 from qemu_kd.formats.layout import HostLayout, pages_needed
@@ -16,9 +16,7 @@ from qemu_kd.tenant.measure import measure_guest
 MiB = 1 << 20
 MEM = 64 * MiB
 PAGE = 4096
-KERNEL = fake_bzimage(payload=bytes(range(256)) * 40)
-INITRD = b"070701" + bytes(range(251)) * 97
-CMDLINE = "console=ttyS0 quiet"
+KERNEL, INITRD, CMDLINE = SYNTH_KERNEL, SYNTH_INITRD, SYNTH_CMDLINE
 KEY = bytes(range(64))
 seal_module = importlib.import_module("qemu_kd.tenant.seal")
 

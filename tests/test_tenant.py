@@ -12,7 +12,7 @@ import stat
 import numpy as np
 import pytest
 
-from synthetic import fake_bzimage
+from synthetic import SYNTH_CMDLINE, SYNTH_INITRD, SYNTH_KERNEL, fake_bzimage
 
 from qemu_kd import tenant
 from qemu_kd.cli import tenant as tenant_cli
@@ -39,9 +39,7 @@ from qemu_kd.formats.vmcs import Vmcs
 MiB = 1 << 20
 MEM = 64 * MiB
 PAGE = 4096
-KERNEL = fake_bzimage(payload=bytes(range(256)) * 40)
-INITRD = b"070701" + bytes(range(251)) * 97
-CMDLINE = "console=ttyS0 quiet"
+KERNEL, INITRD, CMDLINE = SYNTH_KERNEL, SYNTH_INITRD, SYNTH_CMDLINE
 ENC_EPT_POINTER = 0x201A
 ENC_SAVE_AREA = 0x2200
 
