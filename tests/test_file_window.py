@@ -190,3 +190,24 @@ def test_large_output_asks_for_the_window_itself(guest_artifacts, tmp_path):
         assert (result["rc"], result["stdout"]) == (0, b"y" * 2000000)
         assert fresh.vmm.sessions.window is not None
         assert len(fresh.vmm.agent.sock._stream) < 1_000_000          # most of it took the window
+
+
+@pytest.mark.qemu
+def test_a_guest_that_shares_nothing_still_gets_its_files_inline(tmp_path):
+    """A control policy without sharing: the guest refuses the buffer, and files go inline."""
+    import json
+
+    import qemu_kd
+    from qemu_kd.guest.additions import GuestAdditions
+    from qemu_kd.hostport.client import HostPortClient
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"version": 1, "allow_share": False}))
+    data = os.urandom(96 << 10)
+    with qemu_kd.Platform() as platform:
+        dom = platform.launch(additions=GuestAdditions.from_options([f"{policy}:/etc/kd-control-policy.json"],
+                                                                    None))
+        assert dom.put_file("/tmp/inline.bin", data) == len(data)
+        assert dom.get_file("/tmp/inline.bin") == data
+        with HostPortClient(platform.socket) as client:
+            assert client.controls_status(dom.keyid)["shared_pages"] == 0
