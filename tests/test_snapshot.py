@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -198,6 +199,16 @@ def test_a_tampered_snapshot_is_refused(plat, guarded, tmp_path, where):
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
     _refused(plat, path, guarded, "snapshot does not verify: its MAC is wrong")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_snapshot_that_is_not_a_regular_file_is_refused_not_read(plat, guarded, tmp_path, kind):
+    """A FIFO would block the platform's read and /dev/zero never ends: both are refused."""
+    path = tmp_path / "pipe.kdsnap" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(path)
+    _refused(plat, path, guarded, "is not a regular file")
 
 
 @pytest.mark.qemu

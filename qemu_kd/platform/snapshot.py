@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import logging
 import os
+import stat
 import secrets
 import threading
 import weakref
@@ -460,10 +461,17 @@ def _check_path(path: str | Path) -> Path:
 
 def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_SNAPSHOT_BYTES:
+        # Non-blocking open: a FIFO named here must not hang the platform before the check below.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise SnapshotRefused(f"snapshot {path} is not a regular file",
+                                      "give the file qemu-kd snapshot wrote")
+            if info.st_size > MAX_SNAPSHOT_BYTES:
                 raise SnapshotRefused(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES >> 30} GiB")
-            return f.read()
+            data = f.read(MAX_SNAPSHOT_BYTES + 1)      # bounded even if the file grows meanwhile
+            if len(data) > MAX_SNAPSHOT_BYTES:
+                raise SnapshotRefused(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES >> 30} GiB")
+            return data
     except OSError as exc:
         raise SnapshotError(f"cannot read the snapshot {path}: {exc.strerror or exc}") from None
