@@ -780,7 +780,8 @@ class Platform:
         assert self.socket is not None
         if not self.socket.exists():
             raise ConfigError(f"no platform serves on {self.socket}",
-                              "start one with `qemu-kd platform serve`, or omit socket=")
+                              "start one with `qemu-kd platform serve --socket PATH`, or leave out "
+                              "socket= (--platform) to start a platform of your own")
         client = HostPortClient(self.socket, timeout=self._start_timeout)
         try:
             running = client.platform_info().accelerator    # "none" while no domain runs
