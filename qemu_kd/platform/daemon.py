@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ctypes
 import logging
 import os
 import shutil
@@ -180,8 +181,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+#: glibc's mallopt parameter for the size from which an allocation gets its own mapping.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees_to_the_kernel(threshold: int = 128 << 10) -> None:
+    """Large temporaries (guest pages on their way through the MEE) get their own mappings,
+    so freeing them gives the memory back instead of leaving it in glibc's heap."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass    # not glibc: the default behaviour
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return_large_frees_to_the_kernel()
     configure_logging(logging.INFO)
     daemon = None
     served = False
