@@ -231,9 +231,7 @@ class HostVmm:
         """One shared-channel request for the tenant (session frames may use the shared window)."""
         if self.agent is None:
             raise KdError("the domain is not running", "launch it first")
-        if cmd == "session":
-            return self.sessions.call(self.agent, wait, args)
-        return self.agent.call(cmd, wait=wait, **args)
+        return self.sessions.relay(self.agent, cmd, wait, args)
 
     # -- teardown -------------------------------------------------------------------
     def detach(self) -> None:

@@ -89,6 +89,13 @@ class SessionRelay:
             self.window = SharedWindow.establish(self._controls_factory())
         return self.window
 
+    def relay(self, agent, cmd: str, wait: float, args: dict) -> dict:
+        """One shared-channel request for the tenant: ``session`` frames through :meth:`call`,
+        anything else as it is."""
+        if cmd == "session":
+            return self.call(agent, wait, args)
+        return agent.call(cmd, wait=wait, **args)
+
     def call(self, agent, wait: float, args: dict) -> dict:
         """One ``session`` request; ``args`` may carry ``bulk``: true (use the window, asking the
         guest for one first if there is none yet) or ``"if-open"`` (use it if there is one)."""

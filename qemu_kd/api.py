@@ -416,21 +416,20 @@ class Domain:
                   "  s.sendall(d)\n")
         return pexpect.spawn(python, ["-c", bridge, path], timeout=timeout, echo=False)
 
-    def console_text(self) -> str:
-        """The console output so far (the console log)."""
-        log = self.endpoints.get("console_log")
+    def _log_text(self, endpoint: str) -> str:
+        log = self.endpoints.get(endpoint)
         try:
             return Path(log).read_text(errors="replace") if log else ""
         except OSError:
             return ""
 
+    def console_text(self) -> str:
+        """The console output so far (the console log)."""
+        return self._log_text("console_log")
+
     def audit_text(self) -> str:
         """The platform's audit log of the domain's QMP and gdb endpoints so far ("" when plain)."""
-        log = self.endpoints.get("audit_log")
-        try:
-            return Path(log).read_text(errors="replace") if log else ""
-        except OSError:
-            return ""
+        return self._log_text("audit_log")
 
     def snapshot(self, path: str | Path) -> dict:
         """Write an encrypted snapshot of this running domain to ``path`` (docs/snapshots.md);
@@ -1046,9 +1045,7 @@ class _RestoredHost:
         self._agent.ping(timeout=ready_timeout)
 
     def agent(self, cmd: str, wait: float = 60.0, **args: Any) -> dict:
-        if cmd == "session":
-            return self._sessions.call(self._agent, wait, args)
-        return self._agent.call(cmd, wait=wait, **args)
+        return self._sessions.relay(self._agent, cmd, wait, args)
 
     def call(self, command: str, /, timeout: float = 300.0, **args: Any) -> dict:
         if command == "destroy":

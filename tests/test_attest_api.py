@@ -19,21 +19,14 @@ import pytest
 from guest_agent import attest_api
 from guest_agent.agent import HOST_COMMANDS, Agent, LineChannel, serve_local_api
 from guest_agent.local_api import LocalApiError, ask
-from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.report import ReportDataMismatch
 from qemu_kd.platform.attestation import sign_report
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.tenant.verify import check_report
+from tests import test_session
 
-MEASUREMENT = bytes(range(48))
-POLICY = Policy.make()
-
-
-@pytest.fixture(scope="module")
-def identity():
-    root = RootCA.create_throwaway()
-    return root, PlatformIdentity.create_throwaway(root)
+# The session tests' throwaway platform (root CA, identity), measurement and policy.
+MEASUREMENT, POLICY, identity = test_session.MEASUREMENT, test_session.POLICY, test_session.identity
 
 
 @pytest.fixture
