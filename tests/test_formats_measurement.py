@@ -260,3 +260,59 @@ def test_a_command_line_without_room_refuses_the_launch(monkeypatch):
     rt.machine, rt.mem_size = SimpleNamespace(map_ram=lambda: ram), len(ram)
     with pytest.raises(runtime.LaunchError, match="key domain 3: the kernel command line cannot take"):
         rt._complete_cmdline(0x7000)
+
+
+# ------------------------------------------------------------ many pages at once
+
+def _bulk(pages, *, split: int | None = None) -> bytes:
+    """The digest of ``pages`` through add_pages (in two calls when ``split`` is given)."""
+    import numpy as np
+
+    m = LaunchMeasurement(Policy.make())
+    parts = [pages] if split is None else [pages[:split], pages[split:]]
+    for part in parts:
+        m.add_pages(np.array([p[0] for p in part], dtype=np.uint64), np.array([int(p[1]) for p in part]),
+                    np.array([p[2] for p in part]), [p[3] for p in part if p[1] == PageType.IMAGE])
+    m.add_vmcs(GUEST_STATE)
+    return m.finalize()
+
+
+def test_pages_added_at_once_chain_the_records_added_one_by_one():
+    assert _bulk(PAGES) == GOLDEN_NO_DEBUG
+    assert _bulk(PAGES, split=2) == GOLDEN_NO_DEBUG
+    many = [(0x1000 * i, PageType.IMAGE if i % 5 == 0 else PageType.ZERO, 1 + i % 7,
+             bytes([i % 256]) * 4096 if i % 5 == 0 else None) for i in range(300)]
+    assert _bulk(many) == measure_offline(many, GUEST_STATE, Policy.make())
+    assert _bulk([]) == measure_offline([], GUEST_STATE, Policy.make())
+
+
+@pytest.mark.parametrize("pages, message", [
+    ([(0x2000, PageType.ZERO, 3, None), (0x1000, PageType.ZERO, 3, None)], "after gpa 0x2000"),
+    ([(0x1000, PageType.ZERO, 3, None), (0x1000, PageType.ZERO, 3, None)], "after gpa 0x1000"),
+    ([(0x1800, PageType.ZERO, 3, None)], "not a page-aligned"),
+    ([(0x1000, PageType.ZERO, 0, None)], "perms 0"),
+    ([(0x1000, PageType.ZERO, 8, None)], "perms 8"),
+    ([(0x1000, PageType.EPT, 3, None)], "not measured page by page"),
+    ([(0x1000, 9, 3, None)], "9 pages are not measured"),
+    ([(0x1000, PageType.IMAGE, 3, bytes(10))], "exactly 4096"),
+])
+def test_pages_added_at_once_are_checked_as_one_by_one(pages, message):
+    with pytest.raises(MeasurementError, match=message):
+        _bulk(pages)
+
+
+def test_pages_added_at_once_need_one_content_per_image_page_and_come_after_the_last():
+    import numpy as np
+
+    m = LaunchMeasurement(Policy.make())
+    with pytest.raises(MeasurementError, match="1 image pages need their content, 0"):
+        m.add_pages(np.array([0]), np.array([1]), np.array([7]), [])
+    with pytest.raises(MeasurementError, match="not a page-aligned"):
+        m.add_pages(np.array([-4096]), np.array([2]), np.array([7]), [])
+    m.add_page(0x5000, PageType.ZERO, 3, None)
+    with pytest.raises(MeasurementError, match="0x5000 added after gpa 0x5000"):
+        m.add_pages(np.array([0x5000]), np.array([2]), np.array([3]), [])
+    m.add_vmcs(GUEST_STATE)
+    m.finalize()
+    with pytest.raises(MeasurementError, match="already finalized"):
+        m.add_pages(np.array([0x6000]), np.array([2]), np.array([3]), [])

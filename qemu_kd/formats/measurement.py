@@ -23,7 +23,9 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import (
@@ -43,6 +45,10 @@ POLICY_RECORD = 0x10  # record type of the initial policy record (not a page typ
 ZERO_MARKER = bytes(DIGEST_SIZE)
 _PAGE_INFO = struct.Struct("<48s48sHBBIQ")
 _sha384 = hashlib.sha384
+# A PageInfo record without its previous digest (what add_pages builds in bulk).
+_RECORD_TAIL = np.dtype([("contents", "u1", (DIGEST_SIZE,)), ("length", "<u2"), ("type", "u1"),
+                         ("perms", "u1"), ("reserved", "<u4"), ("gpa", "<u8")])
+assert _RECORD_TAIL.itemsize == PAGE_INFO_SIZE - DIGEST_SIZE
 
 
 class PageType(IntEnum):
@@ -182,6 +188,77 @@ class LaunchMeasurement:
             digest = _sha384(pack(digest, ZERO_MARKER, PAGE_INFO_SIZE, zero_type, perms, 0, gpa)).digest()
         self._digest = digest
         self._last_gpa = previous
+
+    def add_pages(self, gpas: np.ndarray, types: np.ndarray, perms: np.ndarray,
+                  image_pages: np.ndarray | Sequence[bytes]) -> None:
+        """Extend with many guest pages at once: the records :meth:`add_page` would chain
+        for each, with the checks done on arrays.
+
+        ``gpas``, ``types`` (IMAGE or ZERO) and ``perms`` give one entry per page, gpas
+        strictly increasing; ``image_pages`` holds the 4096-byte plaintext of every IMAGE
+        page, in the same order (an (n, 4096) uint8 array or a sequence of buffers).
+        """
+        self._check_open()
+        gpas = np.asarray(gpas)
+        types = np.asarray(types)
+        perms = np.asarray(perms)
+        n = gpas.size
+        if types.shape != (n,) or perms.shape != (n,) or gpas.shape != (n,):
+            raise MeasurementError("add_pages needs one gpa, type and perms entry per page")
+        if not n:
+            return
+        if gpas.dtype.kind not in "ui" or types.dtype.kind not in "ui" or perms.dtype.kind not in "ui":
+            raise MeasurementError("add_pages takes integer arrays")
+        if gpas.dtype.kind == "i" and (gpas < 0).any():
+            raise MeasurementError(f"gpa {int(gpas[np.argmax(gpas < 0)])} is not a page-aligned "
+                                   "guest-physical address")
+        gpas = gpas.astype(np.uint64)
+        unaligned = gpas % PAGE_SIZE != 0
+        if unaligned.any():
+            raise MeasurementError(f"gpa 0x{int(gpas[np.argmax(unaligned)]):x} is not a page-aligned "
+                                   "guest-physical address")
+        backwards = np.flatnonzero(gpas[1:] <= gpas[:-1])
+        if backwards.size:
+            i = int(backwards[0])
+            raise MeasurementError(f"page gpa 0x{int(gpas[i + 1]):x} added after gpa 0x{int(gpas[i]):x}",
+                                   "add image and zero pages in strictly increasing gpa order")
+        if self._last_gpa is not None and int(gpas[0]) <= self._last_gpa:
+            raise MeasurementError(f"page gpa 0x{int(gpas[0]):x} added after gpa 0x{self._last_gpa:x}",
+                                   "add image and zero pages in strictly increasing gpa order")
+        bad = (perms <= 0) | (perms > 7)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise MeasurementError(f"page gpa 0x{int(gpas[i]):x}: perms {int(perms[i])} must be a "
+                                   "non-empty R/W/X set")
+        image = types == PageType.IMAGE
+        other = ~image & (types != PageType.ZERO)
+        if other.any():
+            t = int(types[np.argmax(other)])
+            name = PageType(t).name if t in PageType._value2member_map_ else str(t)
+            raise MeasurementError(f"{name} pages are not measured page by page",
+                                   "measure the VMCS with add_vmcs; EPT and SAVE pages are host-chosen "
+                                   "and not measured")
+        n_image = int(np.count_nonzero(image))
+        if len(image_pages) != n_image:
+            raise MeasurementError(f"{n_image} image pages need their content, {len(image_pages)} were given")
+        records = np.zeros(n, dtype=_RECORD_TAIL)
+        records["length"] = PAGE_INFO_SIZE
+        records["type"] = types
+        records["perms"] = perms
+        records["gpa"] = gpas
+        contents = records["contents"]
+        for i, page in zip(np.flatnonzero(image).tolist(), image_pages):
+            if len(page) != PAGE_SIZE:
+                raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
+                                       "bytes of content")
+            contents[i] = np.frombuffer(_sha384(page).digest(), dtype=np.uint8)
+        # Each record's last 64 bytes, then the chain: SHA-384(previous digest || tail).
+        tails = records.tobytes()
+        digest, size = self._digest, _RECORD_TAIL.itemsize
+        for offset in range(0, n * size, size):
+            digest = _sha384(digest + tails[offset:offset + size]).digest()
+        self._digest = digest
+        self._last_gpa = int(gpas[-1])
 
     def add_vmcs(self, vmcs_guest_state: bytes) -> None:
         """Record the VMCS measured state; its record is chained last, at finalize."""

@@ -656,21 +656,17 @@ class KeyDomain:
         for start in range(0, hpas.size, BATCH_PAGES):
             sl = slice(start, start + BATCH_PAGES)
             need = ~is_zero[sl] | tampered[sl]
-            plain = self.decrypt_pages(hpas[sl][need]) if need.any() else b""
-            view = memoryview(plain)
-            k = 0
-            for h, g, t, p, needed in zip(hpas[sl].tolist(), gpas[sl].tolist(), types[sl].tolist(),
-                                          perms[sl].tolist(), need.tolist()):
-                content = view[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] if needed else None
-                k += needed
-                if t == PageType.ZERO:
-                    if content is not None and any(content):
-                        raise DomainVerifyError(
-                            f"zero page gpa 0x{g:x} (hpa 0x{h:x}) of key domain {self.keyid} was overwritten "
-                            "after add-zero-pages", "destroy the domain and build it again")
-                    measurement.add_page(g, PageType.ZERO, p, None)
-                else:
-                    measurement.add_page(g, PageType.IMAGE, p, bytes(content))
+            plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
+                     else np.empty((0, PAGE_SIZE), dtype=np.uint8))
+            zero_rows = is_zero[sl][need]
+            written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
+            if written.size:
+                j = int(np.flatnonzero(need)[written[0]])
+                raise DomainVerifyError(
+                    f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key domain "
+                    f"{self.keyid} was overwritten after add-zero-pages", "destroy the domain and build it again")
+            measurement.add_pages(gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
+                                  perms[sl], plain[~zero_rows])
         measurement.add_vmcs(self.read_vmcs().guest_state_bytes())
         measurement.finalize()
         self.measurement = measurement

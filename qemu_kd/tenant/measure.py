@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from qemu_kd.formats.bootlayout import build_boot_layout
 from qemu_kd.formats.ept import EPT_PERMS
 from qemu_kd.common.errors import KdError
@@ -63,12 +65,15 @@ def tenant_vmcs(vcpu: VcpuState, policy: Policy, *, ept_pointer: int = 0, save_a
 def measure_pages(image: dict[int, bytes], memory_size: int, guest_state: bytes, policy: Policy) -> bytes:
     """The launch digest: IMAGE pages with content, ZERO pages without, in gpa order."""
     m = LaunchMeasurement(policy)
-    cursor = 0
-    for gpa in sorted(image):
-        m.add_zero_pages(range(cursor, gpa, PAGE_SIZE), GUEST_PERMS)
-        m.add_page(gpa, PageType.IMAGE, GUEST_PERMS, image[gpa])
-        cursor = gpa + PAGE_SIZE
-    m.add_zero_pages(range(cursor, memory_size, PAGE_SIZE), GUEST_PERMS)
+    check_image_fits(image, memory_size)
+    image_gpas = sorted(image)
+    if any(gpa < 0 or gpa % PAGE_SIZE for gpa in image_gpas):
+        raise ValueError("measure_pages: image gpas must be page-aligned")
+    gpas = np.arange(memory_size // PAGE_SIZE, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+    types = np.full(gpas.size, int(PageType.ZERO), dtype=np.uint8)
+    types[np.array(image_gpas, dtype=np.int64) // PAGE_SIZE] = PageType.IMAGE
+    m.add_pages(gpas, types, np.full(gpas.size, GUEST_PERMS, dtype=np.uint8),
+                [image[gpa] for gpa in image_gpas])
     m.add_vmcs(guest_state)
     return m.finalize()
 
