@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import select
-import platform
 import subprocess
 import sys
 import termios
@@ -138,6 +137,7 @@ class Agent:
         # One request at a time on the guest port: the tenant session and local
         # programs (the hypercall socket) both use it.
         self._port_lock = threading.Lock()
+        self._crypto = None             # the session's crypto backend, chosen at the first attest
         self._handshake = None
         self._session = None
         self._auth_key: bytes | None = None
@@ -198,17 +198,30 @@ class Agent:
 
     # -- host-facing commands ------------------------------------------------------
     def ready_event(self) -> dict:
-        return event("ready", version=__version__, kernel=platform.release(),
-                     python=platform.python_version(), protected=self.protected, debug=self.debug)
+        # os.uname() and sys.version give what the platform module would, without its import.
+        return event("ready", version=__version__, kernel=os.uname().release,
+                     python=sys.version.split()[0], protected=self.protected, debug=self.debug)
 
     def do_ping(self, req: dict) -> dict:
         return {"pong": True, "refused": self.refused}
 
+    def session_crypto(self) -> "session.SessionCrypto":
+        """The guest's libcrypto through ctypes, or ``cryptography`` when that cannot load."""
+        if self._crypto is None:
+            self._crypto = session.guest_crypto(lambda msg: print(f"qemu-kd-guest: {msg}", file=sys.stderr))
+        return self._crypto
+
     def do_attest(self, req: dict) -> dict:
         """A report binding the caller's nonce to a fresh session key this agent generated."""
         nonce = _hex_arg(req, "nonce", 16, 64)
-        handshake = session.GuestHandshake(nonce)
-        result = self.platform_call("report", report_data=handshake.report_data.hex())
+        handshake = session.GuestHandshake(nonce, self.session_crypto())
+        try:
+            result = self.platform_call("report", report_data=handshake.report_data.hex())
+        except BaseException:
+            handshake.close()
+            raise
+        if self._handshake is not None:
+            self._handshake.close()         # an older attestation's key: no OPEN may use it now
         self._handshake = handshake
         return {**result, "public_key": handshake.public_key.hex(),
                 "report_data": handshake.report_data.hex(), "session_id": handshake.session_id.hex()}
@@ -230,7 +243,10 @@ class Agent:
             if self._handshake is None:
                 raise session.SessionError("no attestation is waiting for a session; attest first")
             channel, reply_frame = self._handshake.accept(data, self.auth_key())
-            self._handshake = None          # one OPEN per attestation
+            self._handshake.close()         # one OPEN per attestation
+            self._handshake = None
+            if self._session is not None:
+                self._session.close()
             self._session = channel
             return {"frame": base64.b64encode(reply_frame).decode()}
         if self._session is None:
@@ -391,7 +407,8 @@ class Agent:
         return {"hypercall": self.hypercall, "report": self.local_report, "derive-key": self.tenant_derive_key}
 
     def tenant_ping(self, msg: dict) -> dict:
-        return {"pong": True, **self.identity}
+        crypto = self._crypto.name if self._crypto is not None else None
+        return {"pong": True, **self.identity, "session_crypto": crypto}
 
     # -- dispatch ------------------------------------------------------------------
     def handle(self, line: bytes | None) -> None:

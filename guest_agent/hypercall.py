@@ -21,7 +21,6 @@ See docs/agent-protocol.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -115,6 +114,8 @@ def format_result(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse     # kd-hypercall's only: the agent imports this module at start-up
+
     parser = argparse.ArgumentParser(prog="kd-hypercall", description="make a hypercall to the host")
     parser.add_argument("leaf", help=f"leaf number or name ({', '.join(LEAVES)})")
     parser.add_argument("regs", nargs="*", metavar="REG=VALUE", help="input registers")

@@ -15,7 +15,13 @@ byte layout; in short:
 * DATA frames carry one JSON message each, numbered per direction from 0;
   a frame is accepted only with the next number in its direction.
 
-Stdlib and ``cryptography`` only: this module runs inside the guest.
+The public-key and AES-GCM work goes through a backend (:class:`SessionCrypto`):
+``cryptography`` (:class:`PycaCrypto`, the tenant's) or the guest's own
+libcrypto through ctypes (:mod:`guest_agent.libcrypto`, the agent's, which
+needs no import of ``cryptography``; :func:`guest_crypto`).  HKDF and HMAC are
+the standard library's.  Both backends give the same bytes on the wire.
+
+Stdlib, ctypes and ``cryptography`` only: this module runs inside the guest.
 """
 
 from __future__ import annotations
@@ -100,13 +106,138 @@ def accept_mac(confirm_key: bytes, th: bytes) -> bytes:
     return hmac.new(confirm_key, b"accept" + th, hashlib.sha384).digest()
 
 
+def hkdf(ikm: bytes, *, salt: bytes | None, info: bytes, length: int, hash_name: str = "sha384") -> bytes:
+    """HKDF (RFC 5869): extract with ``salt`` (none: a block of zeros), expand to ``length`` bytes."""
+    size = hashlib.new(hash_name).digest_size
+    if not 0 < length <= 255 * size:
+        raise ValueError(f"HKDF gives 1 to {255 * size} bytes")
+    prk = hmac.new(salt or bytes(size), ikm, hash_name).digest()
+    okm, block = b"", b""
+    for counter in range(1, -(-length // size) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
+        okm += block
+    return okm[:length]
+
+
 def derive_keys(shared: bytes, auth_key: bytes, th: bytes) -> tuple[bytes, bytes, bytes]:
     """(tenant→guest key, guest→tenant key, confirmation key), 32 bytes each."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    okm = HKDF(hashes.SHA384(), 96, salt=auth_key, info=KEYS_LABEL + th).derive(shared)
+    okm = hkdf(shared, salt=auth_key, info=KEYS_LABEL + th, length=96)
     return okm[:32], okm[32:64], okm[64:]
+
+
+# -- the crypto backends ---------------------------------------------------------------
+# The interfaces below are plain classes (the typing module would cost the agent's start-up).
+# PycaCrypto is ``cryptography``; guest_agent.libcrypto.Libcrypto, P384Key and AesGcm have
+# the same methods without importing this module.
+
+class KeyPair:
+    """A P-384 key pair: ``public`` is its 97-byte uncompressed point."""
+
+    public: bytes
+
+    def exchange(self, peer_point: bytes) -> bytes:
+        """ECDH: the 48-byte shared X coordinate; ValueError for a peer key that is not a P-384 point."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the private key."""
+        raise NotImplementedError
+
+
+class Aead:
+    """AES-256-GCM under one 32-byte key, with 12-byte nonces."""
+
+    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """Ciphertext ‖ 16-byte tag."""
+        raise NotImplementedError
+
+    def open(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        """The plaintext; ValueError unless ``data`` authenticates."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the key."""
+        raise NotImplementedError
+
+
+class SessionCrypto:
+    """A backend: makes key pairs and AES-256-GCM ciphers."""
+
+    name: str
+
+    def generate(self) -> KeyPair:
+        raise NotImplementedError
+
+    def aead(self, key: bytes) -> Aead:
+        raise NotImplementedError
+
+
+class _PycaKey(KeyPair):
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._key = ec.generate_private_key(ec.SECP384R1())
+        self.public = self._key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+    def exchange(self, peer_point: bytes) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if self._key is None:
+            raise ValueError("this key is closed")
+        # from_encoded_point takes compressed points too; the wire has only uncompressed ones.
+        if len(peer_point) != POINT_SIZE or peer_point[0] != 4:
+            raise ValueError(f"a P-384 public key is {POINT_SIZE} bytes starting 0x04 (uncompressed)")
+        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), bytes(peer_point))
+        return self._key.exchange(ec.ECDH(), peer)
+
+    def close(self) -> None:
+        self._key = None
+
+
+class _PycaAead(Aead):
+    def __init__(self, key: bytes):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+
+    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return self._aead.decrypt(nonce, data, aad)
+        except InvalidTag:
+            raise ValueError("the ciphertext does not authenticate under this key") from None
+
+    def close(self) -> None:
+        self._aead = None
+
+
+class PycaCrypto(SessionCrypto):
+    """The ``cryptography`` package (the tenant's backend, and the agent's fallback)."""
+
+    name = "cryptography"
+
+    def generate(self) -> KeyPair:
+        return _PycaKey()
+
+    def aead(self, key: bytes) -> Aead:
+        return _PycaAead(key)
+
+
+def guest_crypto(log) -> SessionCrypto:
+    """The agent's backend: the guest's libcrypto through ctypes, else ``cryptography``
+    (which ``log`` is told)."""
+    from .libcrypto import Libcrypto, LibcryptoUnavailable
+
+    try:
+        return Libcrypto()
+    except LibcryptoUnavailable as exc:
+        log(f"session crypto: {exc}; using the cryptography package instead")
+        return PycaCrypto()
 
 
 def gcm_nonce(ftype: int, seq: int) -> bytes:
@@ -116,11 +247,15 @@ def gcm_nonce(ftype: int, seq: int) -> bytes:
 class Channel:
     """One established session, from one side's point of view."""
 
-    def __init__(self, session_id: bytes, send_key: bytes, recv_key: bytes, send_type: int, recv_type: int):
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+    def __init__(self, session_id: bytes, send_key: bytes, recv_key: bytes, send_type: int, recv_type: int,
+                 crypto: SessionCrypto):
         self.session_id = session_id
-        self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
+        self._send = crypto.aead(send_key)
+        try:
+            self._recv = crypto.aead(recv_key)
+        except BaseException:
+            self._send.close()
+            raise
         self.send_type, self.recv_type = send_type, recv_type
         self.send_seq = 0
         self.recv_seq = 0
@@ -128,7 +263,7 @@ class Channel:
     def seal(self, plaintext: bytes) -> bytes:
         size = len(plaintext) + GCM_TAG
         head = Frame(self.send_type, self.session_id, self.send_seq, bytes(size))
-        body = self._send.encrypt(gcm_nonce(self.send_type, self.send_seq), plaintext, head.header())
+        body = self._send.seal(gcm_nonce(self.send_type, self.send_seq), plaintext, head.header())
         self.send_seq += 1
         return Frame(self.send_type, self.session_id, head.seq, body).pack()
 
@@ -142,41 +277,39 @@ class Channel:
         if frame.seq != self.recv_seq:
             raise SessionError(f"frame number {frame.seq} is not the expected {self.recv_seq} "
                                "(replayed, reordered or dropped)")
-        from cryptography.exceptions import InvalidTag
-
         try:
-            plain = self._recv.decrypt(gcm_nonce(frame.type, frame.seq), frame.body, frame.header())
-        except InvalidTag:
+            plain = self._recv.open(gcm_nonce(frame.type, frame.seq), frame.body, frame.header())
+        except ValueError:
             raise SessionError("frame does not authenticate under this session's key") from None
         self.recv_seq += 1
         return plain
 
-
-def p384_keypair():
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    return key, key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    def close(self) -> None:
+        """Free both keys (the session is over)."""
+        self._send.close()
+        self._recv.close()
 
 
-def ecdh(private_key, peer_public: bytes) -> bytes:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
+def ecdh(key: KeyPair, peer_public: bytes) -> bytes:
     try:
-        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), peer_public)
+        return key.exchange(peer_public)
     except ValueError:
         raise SessionError("the peer's key is not a P-384 point") from None
-    return private_key.exchange(ec.ECDH(), peer)
 
 
 class GuestHandshake:
     """The agent's pending attestation key, waiting for the tenant's OPEN."""
 
-    def __init__(self, nonce: bytes):
-        self._key, self.public_key = p384_keypair()
+    def __init__(self, nonce: bytes, crypto: SessionCrypto):
+        self._crypto = crypto
+        self._key = crypto.generate()
+        self.public_key = self._key.public
         self.report_data = report_data_for(nonce, self.public_key)
         self.session_id = session_id_for(self.public_key)
+
+    def close(self) -> None:
+        """Free the attestation key (used once, or replaced by a newer attestation)."""
+        self._key.close()
 
     def accept(self, data: bytes, auth_key: bytes) -> tuple[Channel, bytes]:
         """Check an OPEN frame; on success the new channel and the ACCEPT frame to send back."""
@@ -192,7 +325,7 @@ class GuestHandshake:
         if not hmac.compare_digest(mac, open_mac(auth_key, th)):
             raise SessionError("OPEN is not authorised by this domain's tenant")
         t2g, g2t, confirm = derive_keys(ecdh(self._key, tenant_public), auth_key, th)
-        channel = Channel(self.session_id, g2t, t2g, DATA_G2T, DATA_T2G)
+        channel = Channel(self.session_id, g2t, t2g, DATA_G2T, DATA_T2G, self._crypto)
         reply = Frame(ACCEPT, self.session_id, 0, accept_mac(confirm, th)).pack()
         return channel, reply
 
@@ -200,13 +333,19 @@ class GuestHandshake:
 class TenantHandshake:
     """The tenant's side: build OPEN for a verified attestation, then check ACCEPT."""
 
-    def __init__(self, report_data: bytes, agent_public: bytes, auth_key: bytes):
-        self._key, self.public_key = p384_keypair()
+    def __init__(self, report_data: bytes, agent_public: bytes, auth_key: bytes,
+                 crypto: SessionCrypto | None = None):
+        self._crypto = PycaCrypto() if crypto is None else crypto
         self.agent_public = agent_public
         self.session_id = session_id_for(agent_public)
-        self._th = transcript(report_data, agent_public, self.public_key)
         self._auth_key = auth_key
-        self._keys = derive_keys(ecdh(self._key, agent_public), auth_key, self._th)
+        key = self._crypto.generate()
+        try:
+            self.public_key = key.public
+            self._th = transcript(report_data, agent_public, self.public_key)
+            self._keys = derive_keys(ecdh(key, agent_public), auth_key, self._th)
+        finally:
+            key.close()             # an ephemeral key: one ECDH, then gone
 
     def open_frame(self) -> bytes:
         body = self.public_key + open_mac(self._auth_key, self._th)
@@ -218,4 +357,4 @@ class TenantHandshake:
         if frame.type != ACCEPT or frame.session_id != self.session_id or frame.seq != 0 or \
                 not hmac.compare_digest(frame.body, accept_mac(confirm, self._th)):
             raise SessionError("the guest's ACCEPT does not confirm this session")
-        return Channel(self.session_id, t2g, g2t, DATA_T2G, DATA_G2T)
+        return Channel(self.session_id, t2g, g2t, DATA_T2G, DATA_G2T, self._crypto)

@@ -72,6 +72,7 @@ ALWAYS_KEPT_SONAMES = frozenset({"ld-linux-x86-64.so.2", "libgcc_s.so.1"})
 IMPORT_CHECK = (
     "import cryptography.hazmat.primitives.ciphers.aead as aead, guest_agent, pkgutil, importlib\n"
     "aead.AESGCM(bytes(32)).encrypt(bytes(12), b'probe', None)\n"
+    "import guest_agent.libcrypto as lc; lc.Libcrypto().generate().close()\n"
     "for m in pkgutil.walk_packages(guest_agent.__path__, 'guest_agent.'):\n"
     "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
     "print('import-check-ok')\n"
