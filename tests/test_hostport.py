@@ -634,6 +634,18 @@ def test_socket_is_private_and_removed_on_close(identity, tmp_path):
         del again
 
 
+def test_close_wakes_the_accept_loop(identity, tmp_path):
+    """The accept loop blocks in accept() without polling; close() wakes it, and the connection
+    that woke it is not served."""
+    with Platform(identity, MEMORY, tmp_path / "p") as platform, \
+            tempfile.TemporaryDirectory(prefix="kd-") as sockdir:
+        server = HostPortServer(platform, Path(sockdir) / "host.sock").start()
+        accept_thread = server._accept_thread
+        assert server._listener.gettimeout() is None
+        server.close()
+        assert not accept_thread.is_alive()
+        assert server.connection_count == 0
+
 def test_client_imports_no_platform_module():
     code = (
         "import sys, json\n"

@@ -80,3 +80,30 @@ def test_sigint_stops_the_daemon_cleanly(runtime, tmp_path):
                                         memory_size=64 << 20)
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=20) == 0 and not sock.exists()
+
+
+def test_daemon_cleans_up_then_skips_the_interpreter_teardown(runtime, tmp_path):
+    """Run as ``python -m``, the daemon ends with os._exit once it has cleaned up: an atexit
+    handler (part of the teardown) never runs, yet its socket, registry entry and work
+    directory are gone, the exit status is 0 and its log is complete."""
+    marker = tmp_path / "teardown-ran"
+    code = ("import atexit, runpy, sys\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+            "sys.argv[0] = 'qemu_kd.platform.daemon'\n"
+            "runpy.run_module('qemu_kd.platform.daemon', run_name='__main__', alter_sys=True)\n")
+    sock, log = tmp_path / "p.sock", tmp_path / "platform.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--socket", str(sock), "--state",
+                                 str(tmp_path / "pstate"), "--memory", "64M", "--accel", "tcg"],
+                                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline().decode().strip() == f"ready {sock}"
+        assert running_platforms()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        proc.stdout.close()
+    assert not marker.exists()
+    assert not sock.exists() and running_platforms() == [] and not any(registry_dir().iterdir())
+    assert not any(p.name.startswith("platform-") for p in runtime.iterdir())
+    assert log.read_text().strip().splitlines()[-1].endswith("platform stopped")

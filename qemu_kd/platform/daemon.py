@@ -11,7 +11,9 @@
 * registers itself in ``<runtime>/platforms/<pid>.json`` so ``qemu-kd ls`` and
   friends find it, and removes that entry when it ends;
 * on SIGTERM or SIGINT destroys every domain (QEMU stopped, guest RAM and
-  shadow scrubbed), removes its socket and its work directory, and exits 0;
+  shadow scrubbed), removes its socket and its work directory, and exits 0
+  (run as ``python -m``, with ``os._exit`` once all that is done: the
+  interpreter's teardown would only keep its starter waiting);
 * with ``--exit-when-idle`` it also ends by itself once it has launched a
   domain and none is left running: a domain whose QEMU has ended (the guest
   powered off, or QEMU was killed) is destroyed (what ``qemu-kd run --keep``
@@ -246,5 +248,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the daemon process once :func:`main` has returned: every domain is destroyed, its
+    memory scrubbed, its socket, registry entry and directories removed by then, so the
+    interpreter's own teardown (unloading numpy, cryptography and the rest) would only make
+    the process that waits for this one wait longer."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

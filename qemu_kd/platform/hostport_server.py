@@ -207,7 +207,6 @@ class HostPortServer:
             # Nobody can connect before listen(), so tightening the mode here leaves no window.
             os.chmod(self.socket_path, 0o600)
             listener.listen(LISTEN_BACKLOG)
-            listener.settimeout(0.2)
         except OSError as exc:
             listener.close()
             raise KdError(f"cannot serve the host port on {self.socket_path}: {exc.strerror}",
@@ -222,6 +221,7 @@ class HostPortServer:
         """Stop accepting, close every connection, remove the socket file."""
         self._stopping.set()
         if self._accept_thread is not None:
+            self._wake_accept_loop()
             self._accept_thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
@@ -237,6 +237,20 @@ class HostPortServer:
         for _, thread in connections:
             if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
+
+    def _wake_accept_loop(self) -> None:
+        """Unblock the accept loop's ``accept()`` (it waits without a timeout) with a connection
+        of our own; the loop sees ``_stopping`` and ends."""
+        if self._listener is None or self._accept_thread is None or not self._accept_thread.is_alive():
+            return
+        waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            waker.setblocking(False)
+            waker.connect(self._listener.getsockname())
+        except OSError:
+            pass    # the loop has ended already, or its socket file is gone: join bounds the wait
+        finally:
+            waker.close()
 
     def __enter__(self) -> "HostPortServer":
         return self.start() if self._listener is None else self
@@ -261,8 +275,6 @@ class HostPortServer:
         while not self._stopping.is_set():
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:
-                continue
             except OSError as exc:
                 if self._stopping.is_set():
                     return
@@ -270,6 +282,9 @@ class HostPortServer:
                 log.warning("host port: accept failed: %s", exc.strerror or exc)
                 self._stopping.wait(0.05)
                 continue
+            if self._stopping.is_set():     # close() woke us (or a client came too late)
+                conn.close()
+                return
             try:
                 self._admit(conn)
             except Exception as exc:  # noqa: BLE001 - one connection's failure never ends the loop
