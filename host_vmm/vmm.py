@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
-from qemu_kd.formats.bundle import Bundle
+from qemu_kd.formats.bundle import FLAG_HOST_VERIFIABLE as BUNDLE_HOST_VERIFIABLE, Bundle
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
-from qemu_kd.hostport.protocol import PAGE_ENTRY_DTYPE, PAGE_TYPE_ZERO, HostPortError
+from qemu_kd.hostport.protocol import FLAG_HOST_VERIFIABLE, PAGE_ENTRY_DTYPE, PAGE_TYPE_ZERO, HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
 from host_vmm.controls import ControlHost
 from host_vmm.hypercalls import HypercallResponder
@@ -59,12 +59,20 @@ class Check:
 
 def zero_entries(bundle: Bundle) -> np.ndarray:
     """The bundle's zero records as add-zero-pages entries (an array: tens of thousands of them)."""
-    zeros = bundle.zero_pages
-    entries = np.zeros(len(zeros), dtype=PAGE_ENTRY_DTYPE)
-    entries["hpa"] = [z.hpa for z in zeros]
-    entries["gpa"] = [z.gpa for z in zeros]
-    entries["perms"] = [z.perms for z in zeros]
+    zeros = bundle.zero_pages.array
+    entries = np.zeros(zeros.size, dtype=PAGE_ENTRY_DTYPE)
+    entries["hpa"], entries["gpa"], entries["perms"] = zeros["hpa"], zeros["gpa"], zeros["perms"]
     entries["type"] = PAGE_TYPE_ZERO
+    return entries
+
+
+def page_entries(bundle: Bundle) -> np.ndarray:
+    """The bundle's page records as add-pages entries (an array)."""
+    pages = bundle.pages.array
+    entries = np.zeros(pages.size, dtype=PAGE_ENTRY_DTYPE)
+    entries["hpa"], entries["gpa"], entries["type"], entries["perms"] = (
+        pages["hpa"], pages["gpa"], pages["type"], pages["perms"])
+    entries["flags"] = np.where(pages["flags"] & BUNDLE_HOST_VERIFIABLE, FLAG_HOST_VERIFIABLE, 0)
     return entries
 
 
@@ -118,25 +126,22 @@ class HostVmm:
         if m.host_data != layout.host_data:
             raise BundleLayoutError("bundle carries other host_data than this host's layout",
                                     "seal the guest again for this host's layout")
-        mine = set(layout.hpas)
-        stray = [r.hpa for r in bundle.pages if r.hpa not in mine]
-        stray += [z.hpa for z in bundle.zero_pages if z.hpa not in mine]
-        if stray:
+        hpas = np.concatenate([bundle.pages.hpas, bundle.zero_pages.hpas])
+        stray = hpas[~np.isin(hpas, np.array(layout.hpas, dtype=np.uint64))]
+        if stray.size:
             raise BundleLayoutError(
-                f"bundle places {len(stray)} page(s) outside this host's allocation "
-                f"(first at hpa {stray[0]:#x})", "seal the guest again for this host's layout")
+                f"bundle places {stray.size} page(s) outside this host's allocation "
+                f"(first at hpa {int(stray[0]):#x})", "seal the guest again for this host's layout")
 
     def load(self, bundle: Bundle) -> None:
         """Write the ciphertext through KeyID 0, create the domain, add its pages."""
         self.check_bundle_layout(bundle)
         self.bundle = bundle
         self.checks = []
-        hpas = [r.hpa for r in bundle.pages]
-        self.client.write_phys_pages(hpas, b"".join(r.ciphertext for r in bundle.pages))
+        self.client.write_phys_pages(bundle.pages.hpas, bundle.pages.ciphertext)
         self.client.create_kd(self.keyid, bundle.wrapped_key, bundle.manifest.policy,
                               self.layout.host_data)
-        self.client.add_pages(self.keyid, [(r.hpa, r.gpa, int(r.page_type), r.perms,
-                                            r.host_verifiable) for r in bundle.pages])
+        self.client.add_pages(self.keyid, page_entries(bundle))
         self.client.add_zero_pages(self.keyid, zero_entries(bundle))
 
     # -- verify ---------------------------------------------------------------------

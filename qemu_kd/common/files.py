@@ -12,12 +12,13 @@ from pathlib import Path
 from qemu_kd.common.errors import KdError
 
 
-def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     The temporary file beside ``path`` has an unpredictable name and is created
     with ``O_EXCL | O_NOFOLLOW`` (a planted file or symlink is never written
-    through); its data is fsynced before the rename, and the directory after it.
+    through); its data is fsynced before the rename, and the directory after it,
+    unless ``durable`` is False (a file that need not outlive a crash of the machine).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
@@ -27,11 +28,14 @@ def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:

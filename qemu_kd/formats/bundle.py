@@ -32,6 +32,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -170,9 +171,12 @@ class ZeroPageRecord:
         return record
 
 
-# A zero record as numpy sees it (the same 24 bytes as _ZERO).
-_ZERO_DTYPE = np.dtype([("hpa", "<u8"), ("gpa", "<u8"), ("perms", "u1"), ("reserved", "u1", (7,))])
-assert _ZERO_DTYPE.itemsize == ZERO_RECORD_SIZE
+# The records as numpy sees them: the same bytes as _PAGE_HEAD + ciphertext, and as _ZERO.
+PAGE_RECORD_DTYPE = np.dtype([("hpa", "<u8"), ("gpa", "<u8"), ("type", "u1"), ("perms", "u1"),
+                              ("flags", "u1"), ("reserved", "u1", (5,)), ("ciphertext", "u1", (PAGE_SIZE,))])
+ZERO_RECORD_DTYPE = np.dtype([("hpa", "<u8"), ("gpa", "<u8"), ("perms", "u1"), ("reserved", "u1", (7,))])
+assert PAGE_RECORD_DTYPE.itemsize == PAGE_RECORD_SIZE and ZERO_RECORD_DTYPE.itemsize == ZERO_RECORD_SIZE
+_CIPHERTEXT_TYPES = [int(PageType.IMAGE), int(PageType.VMCS), int(PageType.EPT), int(PageType.SAVE)]
 
 
 def _valid_zero_fields(hpa: np.ndarray, gpa: np.ndarray, perms: np.ndarray) -> bool:
@@ -181,33 +185,162 @@ def _valid_zero_fields(hpa: np.ndarray, gpa: np.ndarray, perms: np.ndarray) -> b
                  & (gpa < np.uint64(NO_GPA)) & (perms > 0) & (perms <= 7)).all())
 
 
+def _valid_page_records(arr: np.ndarray) -> bool:
+    """Whether every record of a PAGE_RECORD_DTYPE array passes PageRecord.unpack's checks
+    (as arrays; no record named)."""
+    hpa, gpa, kind, perms = arr["hpa"], arr["gpa"], arr["type"], arr["perms"]
+    image = kind == PageType.IMAGE
+    mapped = (gpa != np.uint64(NO_GPA)) & (gpa % PAGE_SIZE == 0) & (perms > 0) & (perms <= 7)
+    unmapped = (gpa == np.uint64(NO_GPA)) & (perms == 0)
+    flags_known = (arr["flags"] | FLAG_HOST_VERIFIABLE) == FLAG_HOST_VERIFIABLE
+    return bool((~arr["reserved"].any(axis=1) & flags_known
+                 & (hpa % PAGE_SIZE == 0) & (hpa < HPA_LIMIT) & np.isin(kind, _CIPHERTEXT_TYPES)
+                 & np.where(image, mapped, unmapped)).all())
+
+
+class _Records:
+    """A bundle's records of one kind in one structured array (the bytes the file holds),
+    each a record object on demand.  Every record in it passed that record's checks;
+    list-like: len, index, iterate, assign, append."""
+
+    dtype: np.dtype
+    record_type: type
+
+    def __init__(self, records: "Iterable | np.ndarray" = ()):
+        if isinstance(records, np.ndarray):
+            if records.dtype != self.dtype or records.ndim != 1:
+                raise FieldValueError(f"bundle records must be a 1-D {type(self).__name__} array")
+            self._check_array(records)
+            self.array = records
+        else:
+            self.array = self._from_objects(list(records))
+
+    @classmethod
+    def _from_objects(cls, records: list) -> np.ndarray:
+        """Pack record objects, each checked (and failing) as its own pack() does."""
+        data = b"".join(r.pack() for r in records)
+        return np.frombuffer(bytearray(data), dtype=cls.dtype)
+
+    @classmethod
+    def unpack(cls, data: memoryview, count: int) -> "_Records":
+        """``count`` records from ``data`` (no copy), checked as their unpack checks each."""
+        return cls(np.frombuffer(data, dtype=cls.dtype, count=count))
+
+    def _check_array(self, arr: np.ndarray) -> None:
+        if not self._valid(arr):                 # one by one: the first bad record's own error
+            for i in range(arr.size):
+                self.record_type.unpack(arr[i:i + 1].tobytes())
+
+    def _valid(self, arr: np.ndarray) -> bool:
+        raise NotImplementedError
+
+    def _record(self, row: np.void):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self.array.size)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._record(row) for row in self.array[index]]
+        return self._record(self.array[index])
+
+    def __iter__(self):
+        return (self._record(row) for row in self.array)
+
+    def __setitem__(self, index: int, record) -> None:
+        row = np.frombuffer(record.pack(), dtype=self.dtype)[0]
+        if not self.array.flags.writeable:
+            self.array = self.array.copy()
+        self.array[index] = row
+
+    def append(self, record) -> None:
+        self.array = np.concatenate([self.array, np.frombuffer(record.pack(), dtype=self.dtype)])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Records):
+            return type(other) is type(self) and self.array.tobytes() == other.array.tobytes()
+        if isinstance(other, list):
+            return list(self) == other
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} records)"
+
+    def tobytes(self) -> bytes:
+        """The records as the bundle file holds them."""
+        return self.array.tobytes()
+
+    @property
+    def hpas(self) -> np.ndarray:
+        return self.array["hpa"]
+
+
+class PageRecords(_Records):
+    """A bundle's ciphertext page records (PAGE_RECORD_DTYPE)."""
+
+    dtype = PAGE_RECORD_DTYPE
+    record_type = PageRecord
+
+    def _valid(self, arr: np.ndarray) -> bool:
+        return _valid_page_records(arr)
+
+    def _record(self, row: np.void) -> PageRecord:
+        gpa = int(row["gpa"])
+        return PageRecord(int(row["hpa"]), None if gpa == NO_GPA else gpa, PageType(int(row["type"])),
+                          int(row["perms"]), row["ciphertext"].tobytes(),
+                          bool(row["flags"] & FLAG_HOST_VERIFIABLE))
+
+    @property
+    def ciphertext(self) -> np.ndarray:
+        """Every page's ciphertext, an (n, 4096) uint8 view into the records."""
+        return self.array["ciphertext"]
+
+
+class ZeroRecords(_Records):
+    """A bundle's zero-page records (ZERO_RECORD_DTYPE)."""
+
+    dtype = ZERO_RECORD_DTYPE
+    record_type = ZeroPageRecord
+
+    @classmethod
+    def _from_objects(cls, records: list) -> np.ndarray:
+        fields = ([z.hpa for z in records], [z.gpa for z in records], [z.perms for z in records])
+        if all(type(v) is int for column in fields for v in column):
+            try:
+                hpa, gpa = (np.array(column, dtype=np.uint64) for column in fields[:2])
+                perms = np.array(fields[2], dtype=np.int64)
+            except OverflowError:       # negative, or beyond 64 bits: pack says which one
+                pass
+            else:
+                if _valid_zero_fields(hpa, gpa, perms):
+                    out = np.zeros(len(records), dtype=cls.dtype)
+                    out["hpa"], out["gpa"], out["perms"] = hpa, gpa, perms
+                    return out
+        return super()._from_objects(records)
+
+    def _valid(self, arr: np.ndarray) -> bool:
+        return not arr["reserved"].any() and _valid_zero_fields(arr["hpa"], arr["gpa"], arr["perms"])
+
+    def _record(self, row: np.void) -> ZeroPageRecord:
+        return ZeroPageRecord(int(row["hpa"]), int(row["gpa"]), int(row["perms"]))
+
+    def __iter__(self):
+        arr = self.array
+        return (ZeroPageRecord(h, g, p) for h, g, p in
+                zip(arr["hpa"].tolist(), arr["gpa"].tolist(), arr["perms"].tolist()))
+
+
 def _pack_zero_records(zeros: list[ZeroPageRecord]) -> bytes:
     """``b"".join(z.pack() for z in zeros)``, with the checks done on arrays.  Any record
     that fails them is packed one by one, so it raises the error its own pack raises."""
-    fields = ([z.hpa for z in zeros], [z.gpa for z in zeros], [z.perms for z in zeros])
-    if all(type(v) is int for column in fields for v in column):
-        try:
-            hpa, gpa = (np.array(column, dtype=np.uint64) for column in fields[:2])
-            perms = np.array(fields[2], dtype=np.int64)
-        except OverflowError:       # negative, or beyond 64 bits
-            pass
-        else:
-            if _valid_zero_fields(hpa, gpa, perms):
-                out = np.zeros(len(zeros), dtype=_ZERO_DTYPE)
-                out["hpa"], out["gpa"], out["perms"] = hpa, gpa, perms
-                return out.tobytes()
-    return b"".join(z.pack() for z in zeros)
+    return ZeroRecords(zeros).tobytes()
 
 
-def _unpack_zero_records(data: memoryview, count: int) -> list[ZeroPageRecord]:
+def _unpack_zero_records(data: memoryview, count: int) -> ZeroRecords:
     """``count`` zero records from ``data``, checked as ZeroPageRecord.unpack checks each:
     on arrays, falling back to record by record (and its error) when one fails."""
-    arr = np.frombuffer(data, dtype=_ZERO_DTYPE, count=count)
-    hpa, gpa, perms = arr["hpa"], arr["gpa"], arr["perms"]
-    if not arr["reserved"].any() and _valid_zero_fields(hpa, gpa, perms):
-        return [ZeroPageRecord(h, g, p) for h, g, p in zip(hpa.tolist(), gpa.tolist(), perms.tolist())]
-    return [ZeroPageRecord.unpack(data[i * ZERO_RECORD_SIZE:(i + 1) * ZERO_RECORD_SIZE])
-            for i in range(count)]
+    return ZeroRecords.unpack(data, count)
 
 
 def _is_keyid(value: object) -> bool:
@@ -308,39 +441,65 @@ class BundleManifest:
         return cls(policy=policy, memory_size=size, keyid=doc["keyid"], info=info, **values)
 
 
+def _has_duplicates(values: np.ndarray) -> bool:
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 @dataclass
 class Bundle:
-    """A complete sealed bundle (see module docstring)."""
+    """A complete sealed bundle (see module docstring).
+
+    ``pages`` and ``zero_pages`` may be given as lists of records; they are kept as
+    :class:`PageRecords` and :class:`ZeroRecords` (one array each, the file's bytes).
+    """
 
     manifest: BundleManifest
     wrapped_key: WrappedKey
-    pages: list[PageRecord] = field(default_factory=list)
-    zero_pages: list[ZeroPageRecord] = field(default_factory=list)
+    pages: PageRecords = field(default_factory=PageRecords)
+    zero_pages: ZeroRecords = field(default_factory=ZeroRecords)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pages, PageRecords):
+            self.pages = PageRecords(self.pages)
+        if not isinstance(self.zero_pages, ZeroRecords):
+            self.zero_pages = ZeroRecords(self.zero_pages)
 
     def validate(self) -> None:
-        hpas = [p.hpa for p in self.pages] + [z.hpa for z in self.zero_pages]
-        if len(set(hpas)) != len(hpas):
+        if _has_duplicates(np.concatenate([self.pages.hpas, self.zero_pages.hpas])):
             raise FieldValueError("bundle uses the same hpa for two pages")
-        gpas = [p.gpa for p in self.pages if p.gpa is not None] + [z.gpa for z in self.zero_pages]
-        if len(set(gpas)) != len(gpas):
+        page_gpas = self.pages.array["gpa"]
+        if _has_duplicates(np.concatenate([page_gpas[page_gpas != np.uint64(NO_GPA)],
+                                           self.zero_pages.array["gpa"]])):
             raise FieldValueError("bundle maps the same gpa twice")
-        if sum(p.page_type == PageType.VMCS for p in self.pages) > 1:
+        if np.count_nonzero(self.pages.array["type"] == PageType.VMCS) > 1:
             raise FieldValueError("bundle holds more than one VMCS page")
 
-    def pack(self) -> bytes:
+    def _packed(self) -> bytearray:
+        """The whole file in one buffer, each part copied once."""
         self.validate()
         manifest = self.manifest.pack()
-        parts = [_HEADER.pack(BUNDLE_MAGIC, BUNDLE_VERSION, 0, len(manifest), len(self.pages),
-                              len(self.zero_pages), bytes(32)),
-                 manifest, self.wrapped_key.pack()]
-        parts += [p.pack() for p in self.pages]
-        parts.append(_pack_zero_records(self.zero_pages))
-        body = b"".join(parts)
-        return body + hashlib.sha384(body).digest()
+        head = _HEADER.pack(BUNDLE_MAGIC, BUNDLE_VERSION, 0, len(manifest), len(self.pages),
+                            len(self.zero_pages), bytes(32)) + manifest + self.wrapped_key.pack()
+        pages, zeros = self.pages.array, self.zero_pages.array
+        body = len(head) + pages.nbytes + zeros.nbytes
+        out = bytearray(body + CHECKSUM_SIZE)
+        view = memoryview(out)
+        view[:len(head)] = head
+        at = len(head)
+        for part in (pages, zeros):
+            view[at:at + part.nbytes] = np.ascontiguousarray(part).view(np.uint8).reshape(-1)
+            at += part.nbytes
+        view[body:] = hashlib.sha384(view[:body]).digest()
+        return out
+
+    def pack(self) -> bytes:
+        return bytes(self._packed())
 
     @classmethod
-    def unpack(cls, data: bytes) -> "Bundle":
-        view = memoryview(data)
+    def unpack(cls, data: bytes | bytearray | memoryview) -> "Bundle":
+        """Parse and check a bundle.  Its records stay views into ``data`` (no copy)."""
+        view = memoryview(data).cast("B")
         if len(view) < len(BUNDLE_MAGIC) or bytes(view[:len(BUNDLE_MAGIC)]) != BUNDLE_MAGIC:
             raise MagicError("not a qemu-kd bundle (bad magic)", "pass a bundle written by the tenant's seal")
         if len(view) < _HEADER.size:
@@ -370,18 +529,17 @@ class Bundle:
         offset += manifest_len
         wrapped = WrappedKey.unpack(view[offset:offset + WRAPPED_KEY_SIZE])
         offset += WRAPPED_KEY_SIZE
-        pages = []
-        for _ in range(n_pages):
-            pages.append(PageRecord.unpack(view[offset:offset + PAGE_RECORD_SIZE]))
-            offset += PAGE_RECORD_SIZE
-        zeros = _unpack_zero_records(view[offset:offset + n_zero * ZERO_RECORD_SIZE], n_zero)
+        pages = PageRecords.unpack(view[offset:offset + n_pages * PAGE_RECORD_SIZE], n_pages)
+        offset += n_pages * PAGE_RECORD_SIZE
+        zeros = ZeroRecords.unpack(view[offset:offset + n_zero * ZERO_RECORD_SIZE], n_zero)
         bundle = cls(manifest, wrapped, pages, zeros)
         bundle.validate()
         return bundle
 
-    def write(self, path: Path) -> None:
-        """Write atomically (temporary file in the same directory, then rename)."""
-        write_file_atomic(path, self.pack())
+    def write(self, path: Path, *, durable: bool = True) -> None:
+        """Write atomically (temporary file in the same directory, then rename); fsynced
+        unless ``durable`` is False (a bundle loaded right away and then deleted)."""
+        write_file_atomic(path, self._packed(), durable=durable)
 
     @classmethod
     def read(cls, path: Path) -> "Bundle":
@@ -398,4 +556,5 @@ class Bundle:
             raise type(exc)(f"{path}: {exc.message}", exc.hint) from None
 
     def page_for_hpa(self, hpa: int) -> PageRecord | None:
-        return next((p for p in self.pages if p.hpa == hpa), None)
+        found = np.flatnonzero(self.pages.hpas == np.uint64(hpa)) if 0 <= hpa < 1 << 64 else []
+        return self.pages[int(found[0])] if len(found) else None

@@ -198,8 +198,11 @@ def decode_eptp(raw: int) -> tuple[Eptp, list[str]]:
 
 def ept_table_pages_needed(gpas: Iterable[int]) -> int:
     """Number of table pages (PML4 + PDPTs + PDs + PTs) that map these 4 KiB gpas."""
-    gpas = list(gpas)
-    return 1 + sum(len({gpa >> shift for gpa in gpas}) for shift in (39, 30, 21))
+    ordered = np.sort(u64_array(gpas if isinstance(gpas, np.ndarray) else list(gpas), "gpa", EptError))
+    if not ordered.size:
+        return 1
+    distinct = (1 + int(np.count_nonzero(np.diff(ordered >> np.uint64(shift)))) for shift in (39, 30, 21))
+    return 1 + sum(distinct)
 
 
 def _check_mapping(m: EptMapping) -> None:

@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from qemu_kd.formats.ept import Eptp, ept_table_pages_needed
 from qemu_kd.formats.addresses import HPA_LIMIT, PAGE_SIZE
 from qemu_kd.formats.errors import FormatError, MagicError, VersionError
@@ -65,7 +67,7 @@ def guest_page_count(memory_size: int) -> int:
 
 def ept_pages_needed(memory_size: int) -> int:
     """EPT table pages (PML4, PDPTs, PDs, PTs) that map every gpa in [0, memory_size)."""
-    return ept_table_pages_needed(range(0, _check_memory_size(memory_size), PAGE_SIZE))
+    return ept_table_pages_needed(np.arange(0, _check_memory_size(memory_size), PAGE_SIZE, dtype=np.uint64))
 
 
 def pages_needed(memory_size: int) -> int:

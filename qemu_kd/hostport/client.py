@@ -140,8 +140,11 @@ class HostPortClient:
             rid = self._next_id
             self._next_id += 1
             try:
+                head, body = Request(cmd, rid, args or {}, payload).frame().pack_parts()
                 try:
-                    self._sock.sendall(Request(cmd, rid, args or {}, payload).pack())
+                    self._sock.sendall(head)
+                    if len(body):
+                        self._sock.sendall(body)
                 except (BrokenPipeError, ConnectionResetError):
                     # The platform closed the connection; it may have said why (busy) first.
                     pass
@@ -212,17 +215,28 @@ class HostPortClient:
             out += self._call("read-phys-pages", {}, pack_u64_array(dpas[start:start + per]))[1]
         return bytes(out)
 
-    def write_phys_pages(self, dpas: Sequence[int] | np.ndarray, data: bytes) -> None:
-        """Write whole pages (len(data) == 4096 * len(dpas)) at KeyID-0 addresses."""
+    def write_phys_pages(self, dpas: Sequence[int] | np.ndarray, data: bytes | np.ndarray) -> None:
+        """Write whole pages at KeyID-0 addresses: ``data`` is 4096 * len(dpas) bytes, or an
+        (n, 4096) uint8 array (a strided view will do: each request copies its part once)."""
         dpas = np.asarray(dpas, dtype=np.uint64).reshape(-1)
-        view = memoryview(data).cast("B")
-        if len(view) != dpas.size * PAGE_SIZE:
-            raise HostPortBadRequestError(f"{len(view)} bytes of data for {dpas.size} pages")
+        if isinstance(data, np.ndarray):
+            pages = data
+            if pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
+                raise HostPortBadRequestError("page data must be an (n, 4096) uint8 array")
+        else:
+            view = memoryview(data).cast("B")
+            if len(view) % PAGE_SIZE:
+                raise HostPortBadRequestError(f"{len(view)} bytes of data for {dpas.size} pages")
+            pages = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if pages.shape[0] != dpas.size:
+            raise HostPortBadRequestError(f"{pages.shape[0] * PAGE_SIZE} bytes of data for {dpas.size} pages")
         per = max(1, self.max_data // PAGE_SIZE - 1)
         for start in range(0, dpas.size, per):
             chunk = dpas[start:start + per]
-            payload = pack_u64_array(chunk) + bytes(view[start * PAGE_SIZE:(start + chunk.size) * PAGE_SIZE])
-            self._call("write-phys-pages", {"count": int(chunk.size)}, payload)
+            payload = np.empty(chunk.size * (8 + PAGE_SIZE), dtype=np.uint8)
+            payload[:8 * chunk.size] = chunk.astype("<u8").view(np.uint8)
+            payload[8 * chunk.size:].reshape(chunk.size, PAGE_SIZE)[:] = pages[start:start + chunk.size]
+            self._call("write-phys-pages", {"count": int(chunk.size)}, memoryview(payload))
 
     def create_kd(self, keyid: int, wrapped_key, policy, host_data: bytes = b"") -> None:
         """Program the reserved ``keyid`` with the tenant's wrapped key, policy and host_data."""

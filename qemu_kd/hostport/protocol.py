@@ -194,15 +194,22 @@ class Frame:
     payload: bytes | bytearray | memoryview = b""
 
     def pack(self) -> bytes:
+        head, payload = self.pack_parts()
+        return head + bytes(payload)
+
+    def pack_parts(self) -> tuple[bytes, memoryview]:
+        """The frame as (length prefix, header length and header; payload), so a large
+        payload is sent as it is instead of copied into one buffer first."""
         header = json.dumps(self.header, separators=(",", ":"), allow_nan=False).encode()
         if len(header) > MAX_HEADER:
             raise HostPortBadRequestError(f"frame header of {len(header)} bytes exceeds {MAX_HEADER}")
-        length = 4 + len(header) + len(self.payload)
+        payload = memoryview(self.payload).cast("B")
+        length = 4 + len(header) + len(payload)
         if length > MAX_FRAME:
             raise HostPortBadRequestError(
                 f"frame of {length} bytes exceeds the maximum of {MAX_FRAME} bytes",
                 "split the request (the client does this for page data)")
-        return _U32.pack(length) + _U32.pack(len(header)) + header + bytes(self.payload)
+        return _U32.pack(length) + _U32.pack(len(header)) + header, payload
 
     @classmethod
     def unpack(cls, body: bytes | bytearray | memoryview) -> "Frame":

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 from cryptography import x509
 
-from qemu_kd.formats.bundle import Bundle, BundleManifest, PageRecord, ZeroPageRecord
+from qemu_kd.formats.bundle import (
+    FLAG_HOST_VERIFIABLE, NO_GPA, PAGE_RECORD_DTYPE, ZERO_RECORD_DTYPE, Bundle, BundleManifest,
+    PageRecords, ZeroRecords,
+)
 from qemu_kd.formats.ept import build_ept_arrays, mapping_digest_arrays
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.common.files import write_file_atomic
@@ -35,8 +38,8 @@ from qemu_kd.formats.certs import PlatformCertInfo, verify_chain
 from qemu_kd.formats.keywrap import DOMAIN_KEY_SIZE, wrap_key
 from qemu_kd.formats.layout import HostLayout, LayoutPlan, plan
 from qemu_kd.formats.measurement import PageType, host_verifiable_digest
-from qemu_kd.formats.addresses import PAGE_SIZE
-from qemu_kd.crypto.mee import MemoryEncryptionEngine, data_physical_address
+from qemu_kd.formats.addresses import HPA_LIMIT, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
+from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.policy import Policy
 from qemu_kd.tenant.measure import GUEST_PERMS, MeasuredGuest, SealError, measure_guest, tenant_vmcs
 from qemu_kd.tenant.verify import load_root
@@ -127,19 +130,15 @@ class TenantSecret:
 
 # ------------------------------------------------------------------ seal
 
-@dataclass
-class _EncryptedPages:
-    hpas: np.ndarray        # uint64
-    ciphertext: np.ndarray  # uint8, shape (n, 4096)
-
-
-def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: list[int], plaintext: bytes) -> _EncryptedPages:
-    """Encrypt concatenated plaintext pages for their data physical addresses."""
-    hpa_arr = np.array(hpas, dtype=np.uint64)
-    out = np.empty((len(hpas), PAGE_SIZE), dtype=np.uint8)
-    dpas = np.array([data_physical_address(keyid, hpa) for hpa in hpas], dtype=np.uint64)
-    mee.encrypt_into(out, plaintext, dpas)
-    return _EncryptedPages(hpa_arr, out)
+def _encrypt(mee: MemoryEncryptionEngine, keyid: int, hpas: np.ndarray, plaintext: bytes | np.ndarray,
+             out: np.ndarray) -> None:
+    """Encrypt concatenated plaintext pages for their data physical addresses into ``out``'s
+    ciphertext (PAGE_RECORD_DTYPE records)."""
+    if not 1 <= keyid <= MAX_KEYID or (hpas >= np.uint64(HPA_LIMIT)).any():
+        raise SealError(f"KeyID {keyid} or an hpa of the layout is out of range")
+    sealed = np.empty((hpas.size, PAGE_SIZE), dtype=np.uint8)
+    mee.encrypt_into(sealed, plaintext, hpas | np.uint64(keyid << KEYID_SHIFT))
+    out["ciphertext"] = sealed
 
 
 def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: Policy,
@@ -182,22 +181,26 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
     ept_digest = mapping_digest_arrays(gpas, guest_hpas, perms)
 
     key = os.urandom(DOMAIN_KEY_SIZE)
-    image_gpas = sorted(image)
-    image_hpas = [where.guest[gpa // PAGE_SIZE] for gpa in image_gpas]
-    control_hpas = [where.vmcs, where.save, *tables]
+    image_gpas = np.array(sorted(image), dtype=np.uint64)
+    image_index = (image_gpas // np.uint64(PAGE_SIZE)).astype(np.int64)
+    control_hpas = np.array([where.vmcs, where.save, *tables], dtype=np.uint64)
     control_plain = vmcs_page + bytes(PAGE_SIZE) + b"".join(tables.values())
+    n_control = control_hpas.size
+    # The page records as the bundle holds them: VMCS, SAVE, the EPT tables, then IMAGE pages.
+    records = np.zeros(n_control + image_gpas.size, dtype=PAGE_RECORD_DTYPE)
+    control, encrypted = records[:n_control], records[n_control:]
+    control["hpa"], control["gpa"] = control_hpas, NO_GPA
+    control["type"] = [PageType.VMCS, PageType.SAVE] + [PageType.EPT] * len(tables)
+    control["flags"] = [FLAG_HOST_VERIFIABLE, 0] + [FLAG_HOST_VERIFIABLE] * len(tables)
+    encrypted["hpa"], encrypted["gpa"] = guest_hpas[image_index], image_gpas
+    encrypted["type"], encrypted["perms"] = PageType.IMAGE, GUEST_PERMS
     with MemoryEncryptionEngine(key, mask_cache_bytes=0) as mee:   # one pass: no mask cache
-        control = _encrypt(mee, keyid, control_hpas, control_plain)
-        encrypted = _encrypt(mee, keyid, image_hpas, b"".join(image[g] for g in image_gpas))
-
-    records = [PageRecord(where.vmcs, None, PageType.VMCS, 0, control.ciphertext[0].tobytes(), True),
-               PageRecord(where.save, None, PageType.SAVE, 0, control.ciphertext[1].tobytes(), False)]
-    records += [PageRecord(hpa, None, PageType.EPT, 0, control.ciphertext[2 + i].tobytes(), True)
-                for i, hpa in enumerate(control_hpas[2:])]
-    records += [PageRecord(hpa, gpa, PageType.IMAGE, GUEST_PERMS, encrypted.ciphertext[i].tobytes())
-                for i, (gpa, hpa) in enumerate(zip(image_gpas, image_hpas))]
-    zero = [ZeroPageRecord(where.guest[i], i * PAGE_SIZE, GUEST_PERMS)
-            for i in range(n_guest) if i * PAGE_SIZE not in image]
+        _encrypt(mee, keyid, control_hpas, control_plain, control)
+        _encrypt(mee, keyid, encrypted["hpa"], b"".join(image[g] for g in image_gpas.tolist()), encrypted)
+    zero_index = np.ones(n_guest, dtype=bool)
+    zero_index[image_index] = False
+    zero = np.zeros(int(np.count_nonzero(zero_index)), dtype=ZERO_RECORD_DTYPE)
+    zero["hpa"], zero["gpa"], zero["perms"] = guest_hpas[zero_index], gpas[zero_index], GUEST_PERMS
 
     manifest = BundleManifest(
         platform_id=info.platform_id, policy=policy, measurement=measurement, host_data=layout.host_data,
@@ -207,7 +210,8 @@ def seal(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int, policy: P
               "initrd_sha256": measured.initrd_sha256,
               "cmdline": cmdline,
               "platform": "EMULATED" if info.emulated else "hardware"})
-    bundle = Bundle(manifest, wrap_key(key, info.kak_public_key, policy, layout.host_data), records, zero)
+    bundle = Bundle(manifest, wrap_key(key, info.kak_public_key, policy, layout.host_data),
+                    PageRecords(records), ZeroRecords(zero))
     secret = TenantSecret(key=key, measurement=measurement, policy=policy, keyid=keyid,
                           platform_id=info.platform_id, host_data=layout.host_data,
                           platform_emulated=info.emulated)
