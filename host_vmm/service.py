@@ -13,11 +13,19 @@ allocate    memory_size, host_data (hex, optional)       layout (JSON text)
 load        bundle (path of the bundle file)             {}
 verify      —                                            checks: [{name, ok, detail}]
 launch      ready_timeout, name (optional)               endpoints, checks, ready, name
+restore     path, ready_timeout, name, domain_id,        keyid, name, endpoints,
+            measurement (the last three optional;        domain_id, version, timings
+            the ids hex)
 agent       agent_cmd, args, wait                        the guest agent's result
 status      —                                            domain status from the platform
 detach      —                                            {} (domain left running; service ends)
 destroy     —                                            {}
 ==========  ===========================================  =========================
+
+``restore`` takes the place of allocate, load, verify and launch: the platform
+reads and checks the snapshot file (``restore-kd``, docs/snapshots.md), and the
+restored domain is then served as a launched one (agent relay, shared window,
+hypercall responder, controls, detach, destroy).
 
 It prints ``ready`` on stdout once it serves.  Errors come back as error
 replies carrying the one-line message; the process keeps serving.
@@ -68,6 +76,17 @@ class HostVmmService:
         return {"endpoints": endpoints, "checks": [c.as_dict() for c in self.vmm.checks],
                 "ready": self.vmm.agent.ready, "timings": self.vmm.timings,
                 "name": status.get("name")}
+
+    def do_restore(self, req: dict) -> dict:
+        name = req.get("name")
+        domain_id, measurement = req.get("domain_id"), req.get("measurement")
+        restored = self.vmm.restore(str(req["path"]), float(req.get("ready_timeout", 120)),
+                                    name=None if name is None else str(name),
+                                    domain_id=None if domain_id is None else bytes.fromhex(domain_id),
+                                    measurement=None if measurement is None else bytes.fromhex(measurement))
+        return {"keyid": restored["keyid"], "name": restored["name"], "endpoints": restored["endpoints"],
+                "domain_id": restored["domain_id"], "version": restored["version"],
+                "timings": self.vmm.timings}
 
     def do_agent(self, req: dict) -> dict:
         return self.vmm.relay(str(req["agent_cmd"]), float(req.get("wait", 60)), req.get("args") or {})
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(args.api)
         except OSError:
             pass
-        if vmm is not None and vmm.layout is not None and not vmm.detached:
+        if vmm is not None and vmm.holds_domain:
             try:
                 vmm.destroy()
             except KdError as exc:

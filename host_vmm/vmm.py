@@ -1,4 +1,4 @@
-"""The untrusted host VMM: allocate, load, verify, launch, relay, destroy.
+"""The untrusted host VMM: allocate, load, verify, launch (or restore), relay, destroy.
 
 It holds no key and no decryption code.  It speaks to the platform only
 through :class:`qemu_kd.hostport.client.HostPortClient`; the other modules it
@@ -6,7 +6,8 @@ uses are public wire formats (layout, bundle) and the shared-channel client.
 It can *verify* what the tenant sealed (hash-kd of the control pages, vmread
 of control fields, verify-ept against its own allocation, the platform's
 launch measurement against the bundle's) and refuses to launch on any
-mismatch, but it can never *read* the guest.
+mismatch, but it can never *read* the guest.  A domain restored from a snapshot
+(``restore-kd``, docs/snapshots.md) is served from then on exactly as a launched one.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class HostVmm:
         self.answer_hypercalls = answer_hypercalls
         self.responder: HypercallResponder | None = None
         self.layout: HostLayout | None = None
+        # The KeyID restore-kd chose (a launched domain's is its layout's).
+        self._restored_keyid: int | None = None
         self.bundle: Bundle | None = None
         self.endpoints: dict | None = None
         self.agent: AgentClient | None = None
@@ -98,9 +101,20 @@ class HostVmm:
 
     @property
     def keyid(self) -> int:
-        if self.layout is None:
-            raise KdError("no layout yet: allocate one first")
-        return self.layout.keyid
+        if self.layout is not None:
+            return self.layout.keyid
+        if self._restored_keyid is None:
+            raise KdError("no domain yet: allocate (or restore) one first")
+        return self._restored_keyid
+
+    @property
+    def _has_keyid(self) -> bool:
+        return self.layout is not None or self._restored_keyid is not None
+
+    @property
+    def holds_domain(self) -> bool:
+        """A KeyID (a reservation or a domain) is this host's to destroy."""
+        return self._has_keyid and not (self.detached or self.destroyed)
 
     # -- layout ---------------------------------------------------------------------
     def allocate(self, memory_size: int, host_data: bytes = bytes(32)) -> HostLayout:
@@ -218,6 +232,41 @@ class HostVmm:
         t0 = time.perf_counter()
         self.endpoints = self.client.launch(self.keyid, name)
         self.launched = True
+        self._attach(diagnose)
+        t1 = time.perf_counter()
+        self.client.run(self.keyid)
+        self.agent.wait_ready(ready_timeout)
+        self.timings = {"launch": t1 - t0, "kernel to agent ready": time.perf_counter() - t1}
+        log = self.endpoints.get("console_log")
+        check_initramfs_unpacked(Path(log) if log else None)
+        return self.endpoints
+
+    def restore(self, path: str, ready_timeout: float = 120.0, name: str | None = None, *,
+                domain_id: bytes | None = None, measurement: bytes | None = None,
+                diagnose=None) -> dict:
+        """Have the platform restore the snapshot at ``path`` (``restore-kd``: the platform reads
+        and checks the file; ``domain_id`` / ``measurement``: what the caller expects it to be
+        of), then serve the new domain as a launched one: shared channel, hypercall responder,
+        ``run``, and the agent answering (it resumes where the snapshot was taken, so it sends
+        no ``ready``).  Returns restore-kd's result (``keyid``, ``name``, ``endpoints``,
+        ``domain_id``, ``version``)."""
+        if self._has_keyid:
+            raise KdError("this host VMM already drives a domain",
+                          "restore with a host VMM of its own")
+        t0 = time.perf_counter()
+        restored = self.client.restore_kd(path, name, domain_id=domain_id, measurement=measurement)
+        self._restored_keyid = int(restored["keyid"])
+        self.endpoints = restored["endpoints"]
+        self.launched = True
+        self._attach(diagnose)
+        t1 = time.perf_counter()
+        self.client.run(self.keyid)
+        self.agent.ping(timeout=ready_timeout)
+        self.timings = {"restore": t1 - t0, "agent ready": time.perf_counter() - t1}
+        return restored
+
+    def _attach(self, diagnose) -> None:
+        """Before the vCPU runs: connect the shared channel and start the hypercall responder."""
         sock = connect_shared_channel(self.endpoints.get("shared"))
         if self.answer_hypercalls:
             self.responder = HypercallResponder(self.responder_client_factory, self.keyid)
@@ -225,12 +274,6 @@ class HostVmm:
         log = self.endpoints.get("console_log")
         self.agent = AgentClient(sock, diagnose=diagnose or (
             lambda: console_summary(Path(log)) if log else ""))
-        t1 = time.perf_counter()
-        self.client.run(self.keyid)
-        self.agent.wait_ready(ready_timeout)
-        self.timings = {"launch": t1 - t0, "kernel to agent ready": time.perf_counter() - t1}
-        check_initramfs_unpacked(Path(log) if log else None)
-        return self.endpoints
 
     def relay(self, cmd: str, wait: float, args: dict) -> dict:
         """One shared-channel request for the tenant (session frames may use the shared window)."""
@@ -276,7 +319,7 @@ class HostVmm:
             except OSError:
                 pass
             self.agent = None
-        if self.layout is not None:
+        if self._has_keyid:
             try:
                 self.client.destroy_kd(self.keyid)
             except HostPortError:

@@ -45,6 +45,8 @@ REPORT_DATA_SIZE = 64
 SNAPSHOT_TIMEOUT = 600.0
 #: The phases of a protected launch the host VMM times and reports (they run between verify and attest).
 PROTECTED_BOOT_PHASES = ("launch", "kernel to agent ready")
+#: The phases of a restore the host VMM times and reports (they run before attest).
+RESTORE_PHASES = ("restore", "agent ready")
 #: The phases of a plain launch from QEMU's start to the agent's ready.
 PLAIN_BOOT_PHASES = ("qemu start", "layout", "vcpu load", "kernel to agent ready")
 
@@ -930,7 +932,6 @@ class Platform:
         the session.  The restored guest shares every secret of the snapshot's moment with the
         original and with every other restore of it (docs/snapshots.md).
         """
-        from qemu_kd.hostport.client import HostPortClient
         from qemu_kd.qemu.launch import PhaseTimer
         from qemu_kd.tenant.session import TenantSession, attest
 
@@ -940,26 +941,39 @@ class Platform:
         self.start()
         assert self.socket is not None
         timer = PhaseTimer(progress=self._progress)
-        client = HostPortClient(self.socket, timeout=SNAPSHOT_TIMEOUT)
+        host = self._take_host()
         try:
-            with timer.phase("restore"):
-                restored = client.restore_kd(Path(path).resolve(), name,
-                                             domain_id=bytes.fromhex(of.domain_id) if of.domain_id else None,
-                                             measurement=of.measurement)
-        except BaseException:
-            client.close()
-            raise
-        host = _RestoredHost(client, restored["keyid"])
-        try:
-            with timer.phase("agent ready"):
-                host.attach(restored["endpoints"].get("shared"), ready_timeout)
+            host.wait_ready()
+            if self._spare_host is None:
+                # The next restore's (or launch's) host VMM starts while the platform restores.
+                self._spare_host = self._host_vmm(self.socket)
+            # The host VMM asks the platform for restore-kd (the platform reads and checks the
+            # file), then serves the domain as a launched one: relay, window, hypercalls.
+            self._say("restore and the agent answering")
+            # What the tenant expects the snapshot to be of: the platform refuses any other.
+            args: dict[str, Any] = {"path": str(Path(path).resolve()), "ready_timeout": ready_timeout,
+                                    "measurement": of.measurement.hex()}
+            if of.domain_id:
+                args["domain_id"] = of.domain_id
+            if name is not None:
+                args["name"] = name
+            restored = host.call("restore", timeout=SNAPSHOT_TIMEOUT + ready_timeout, **args)
+            timer.phases.update(in_order(restored.get("timings", {}), RESTORE_PHASES))
+
+            def relay(cmd: str, wait: float = 60.0, **args: Any) -> dict:
+                return host.agent(cmd, wait=wait, **args)
+
             with timer.phase("attest"):
-                attestation = attest(host.agent, root_pem=of._root_pem, chain_pem=of.chain_pem,
+                attestation = attest(relay, root_pem=of._root_pem, chain_pem=of.chain_pem,
                                      measurement=of.measurement, policy=of.policy,
                                      host_data=of._layout.host_data)
-                session = TenantSession(host.agent, attestation, of.secret.key)
+                session = TenantSession(relay, attestation, of.secret.key)
         except BaseException:
-            host.call("destroy")
+            try:
+                if host.sock is not None:
+                    host.call("destroy", timeout=60)
+            except (KdError, OSError):
+                pass
             host.stop()
             raise
         dom = ProtectedDomain(restored["name"], host, session, keyid=restored["keyid"],
@@ -1019,45 +1033,3 @@ class Platform:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class _RestoredHost:
-    """The host's side of a restored domain: the platform's host port and the domain's shared
-    channel (what the host VMM process is for a launched one)."""
-
-    def __init__(self, client: Any, keyid: int):
-        from host_vmm.controls import ControlHost
-        from host_vmm.window import SessionRelay
-
-        self.client = client
-        self.keyid = keyid
-        self._agent: Any = None
-        self._sock: Any = None
-        # Session frames take the shared window for files, as the host VMM relays them.
-        self._sessions = SessionRelay(lambda: ControlHost(self.client, self._agent, self.keyid))
-
-    def attach(self, shared: str | None, ready_timeout: float) -> None:
-        """Connect the shared channel, let the vCPU run, and wait for the agent to answer."""
-        from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
-
-        self._sock = connect_shared_channel(shared)
-        self._agent = AgentClient(self._sock)
-        self.client.run(self.keyid)
-        self._agent.ping(timeout=ready_timeout)
-
-    def agent(self, cmd: str, wait: float = 60.0, **args: Any) -> dict:
-        return self._sessions.relay(self._agent, cmd, wait, args)
-
-    def call(self, command: str, /, timeout: float = 300.0, **args: Any) -> dict:
-        if command == "destroy":
-            return {"freed_pages": self.client.destroy_kd(self.keyid)}
-        if command == "status":
-            return self.client.domain_status(self.keyid)
-        if command == "detach":
-            return {}
-        raise NotProtectedError(f"a restored domain's host has no {command}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self.client.close()

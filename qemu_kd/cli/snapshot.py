@@ -1,10 +1,11 @@
 """``qemu-kd snapshot DOMAIN FILE`` and ``qemu-kd restore FILE``: encrypted snapshots of running
 protected domains (docs/snapshots.md).
 
-Both talk to the platform daemon through its host port, as the host does: ``snapshot`` asks the
-domain's platform to write the file; ``restore`` asks the platform that took it (found by the
-platform id in the file's header, or named with ``--platform``) to launch it again, then lets
-the vCPU run.
+``snapshot`` asks the domain's platform, through its host port, to write the file.  ``restore``
+starts a host VMM process for the platform that took it (found by the platform id in the file's
+header, or named with ``--platform``); the host VMM has the platform restore it (``restore-kd``)
+and serves it as a launched domain until its agent answers, then lets go of it: the domain runs
+on as one ``run --keep`` kept, for ``exec``, ``ls`` and ``destroy``.
 
 The tenant's side: ``run --keep`` left a tenant record for the domain (cli/kept.py), which
 ``exec`` needs to attest it.  ``snapshot`` keeps a copy of that record for the snapshot's
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError, KdError
 
 HOST_PORT_TIMEOUT = 600.0
+#: How long the restored guest's agent may take to answer.
+READY_TIMEOUT = 120.0
 
 
 class SnapshotCliError(KdError):
@@ -123,11 +127,39 @@ def choose_platform(snapshot_platform_id: str, wanted: int | None) -> dict:
                            "or name one with --platform PID")
 
 
+def restore_and_let_go(platform_socket: str, path: Path, name: str | None) -> dict:
+    """A host VMM process restores the snapshot at ``path`` on the platform at
+    ``platform_socket`` and serves it until its agent answers, then lets go of it (it runs on);
+    the host VMM's ``restore`` result.  A failed restore leaves no domain behind."""
+    from host_vmm.process import HostVmmProcess
+    from qemu_kd.common.rundirs import make_private_dir
+
+    workdir = make_private_dir("run")
+    host = None
+    try:
+        host = HostVmmProcess(platform_socket, str(workdir / "vmm.sock"))
+        named = {"name": name} if name is not None else {}
+        try:
+            restored = host.call("restore", timeout=HOST_PORT_TIMEOUT + READY_TIMEOUT, path=str(path),
+                                 ready_timeout=READY_TIMEOUT, **named)
+            host.call("detach")
+        except BaseException:
+            try:
+                host.call("destroy", timeout=60)
+            except (KdError, OSError):
+                pass
+            raise
+        return restored
+    finally:
+        if host is not None:
+            host.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def restore_snapshot(path: str, name: str | None, platform_pid: int | None) -> dict:
     """Restore the snapshot at ``path`` and let it run; the result as JSON-able data."""
     from qemu_kd.formats.errors import FormatError
     from qemu_kd.formats.snapshot import HEADER_SIZE, SnapshotHeader
-    from qemu_kd.hostport.client import HostPortClient
 
     target = Path(path).resolve()
     try:
@@ -139,13 +171,7 @@ def restore_snapshot(path: str, name: str | None, platform_pid: int | None) -> d
         raise ConfigError(f"{target}: {exc.message}", exc.hint) from None
     info = choose_platform(header.platform_id.hex(), platform_pid)
     pid = int(info["pid"])
-    with HostPortClient(info["socket"], timeout=HOST_PORT_TIMEOUT, client_name="qemu-kd restore") as client:
-        restored = client.restore_kd(target, name)
-        try:
-            client.run(restored["keyid"])
-        except BaseException:
-            client.destroy_kd(restored["keyid"])
-            raise
+    restored = restore_and_let_go(str(info["socket"]), target, name)
     record = _restored_tenant_record(restored["domain_id"], pid, restored["keyid"])
     return {"name": restored["name"], "qualified_name": f"{pid}:{restored['name']}",
             "keyid": restored["keyid"], "domain_id": restored["domain_id"],
