@@ -881,7 +881,7 @@ class Platform:
                 bundle, secret = seal(image.kernel, image.initrd, cmdline, size, policy, layout, root_pem,
                                       exposed_register_mask=mask, measured=measured)
                 bundle_path = self.workdir / f"guest-{self._count}.kd"
-                bundle.write(bundle_path)
+                bundle.write(bundle_path, durable=False)   # loaded at once, then deleted
             expected = measured.measurement
             with timer.phase("load"):
                 host.call("load", bundle=str(bundle_path))
