@@ -675,6 +675,8 @@ class Platform:
         self._count = 0
         #: A host VMM process started together with the daemon, for the first protected launch.
         self._spare_host: Any = None
+        #: A host VMM process the last restore started for the next one.
+        self._restore_host: Any = None
         self._hosts = 0
 
     @property
@@ -772,6 +774,19 @@ class Platform:
         spare, self._spare_host = self._spare_host, None
         if spare is not None:
             spare.stop()
+        spare, self._restore_host = self._restore_host, None
+        if spare is not None:
+            spare.stop()
+
+    def _take_restore_host(self) -> Any:
+        """The host VMM process the last restore started for this one if it still runs, else
+        :meth:`_take_host`'s."""
+        spare, self._restore_host = self._restore_host, None
+        if spare is not None and spare.proc.poll() is None:
+            return spare
+        if spare is not None:
+            spare.stop()
+        return self._take_host()
 
     def _attach(self) -> None:
         """Check that a daemon answers on ``socket``; learn its accelerator and pid."""
@@ -941,12 +956,12 @@ class Platform:
         self.start()
         assert self.socket is not None
         timer = PhaseTimer(progress=self._progress)
-        host = self._take_host()
+        host = self._take_restore_host()
         try:
             host.wait_ready()
-            if self._spare_host is None:
-                # The next restore's (or launch's) host VMM starts while the platform restores.
-                self._spare_host = self._host_vmm(self.socket)
+            # The next restore's host VMM starts while the platform restores (a launch in between
+            # leaves it alone: a series of restores never waits for a process start).
+            self._restore_host = self._host_vmm(self.socket)
             # The host VMM asks the platform for restore-kd (the platform reads and checks the
             # file), then serves the domain as a launched one: relay, window, hypercalls.
             self._say("restore and the agent answering")
