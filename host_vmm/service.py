@@ -42,7 +42,6 @@ import sys
 import time
 
 from guest_agent.protocol import ProtocolError, decode, encode, error, reply
-from qemu_kd.formats.bundle import Bundle
 from qemu_kd.common.errors import KdError
 from qemu_kd.common.log import configure as configure_logging
 
@@ -62,7 +61,7 @@ class HostVmmService:
         return {"layout": layout.pack().decode(), "keyid": layout.keyid}
 
     def do_load(self, req: dict) -> dict:
-        self.vmm.load(Bundle.read(req["bundle"]))
+        self.vmm.load_file(req["bundle"])
         return {}
 
     def do_verify(self, req: dict) -> dict:

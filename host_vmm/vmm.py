@@ -153,6 +153,23 @@ class HostVmm:
         self.bundle = bundle
         self.checks = []
         self.client.write_phys_pages(bundle.pages.hpas, bundle.pages.ciphertext)
+        self._build(bundle)
+
+    def load_file(self, path: str | Path) -> None:
+        """:meth:`load` of the bundle file at ``path``.  This host reads and checks the file;
+        the platform reads the ciphertext from the same open file (its descriptor goes with
+        the request) rather than through the socket."""
+        bundle, file, size = Bundle.open(Path(path))
+        with file:
+            self.check_bundle_layout(bundle)
+            self.bundle = bundle
+            self.checks = []
+            offset, stride = bundle.ciphertext_in_file(size)
+            self.client.write_phys_pages_from_file(bundle.pages.hpas, file.fileno(), offset, stride)
+        self._build(bundle)
+
+    def _build(self, bundle: Bundle) -> None:
+        """create-kd, add-pages and add-zero-pages for a bundle whose ciphertext is written."""
         self.client.create_kd(self.keyid, bundle.wrapped_key, bundle.manifest.policy,
                               self.layout.host_data)
         self.client.add_pages(self.keyid, page_entries(bundle))

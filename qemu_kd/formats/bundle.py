@@ -32,7 +32,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 
@@ -543,17 +543,36 @@ class Bundle:
 
     @classmethod
     def read(cls, path: Path) -> "Bundle":
+        bundle, file, _ = cls.open(path)
+        file.close()
+        return bundle
+
+    @classmethod
+    def open(cls, path: Path) -> tuple["Bundle", BinaryIO, int]:
+        """The bundle at ``path``, the file it was read from (still open: the caller closes it)
+        and how many bytes were read and checked."""
         path = Path(path)
         try:
-            data = path.read_bytes()
+            file = path.open("rb")
         except FileNotFoundError:
             raise FormatError(f"bundle {path} does not exist", "pass the path of a sealed bundle") from None
         except IsADirectoryError:
             raise FormatError(f"bundle {path} is a directory", "pass the path of a sealed bundle") from None
         try:
-            return cls.unpack(data)
+            data = file.read()
+            return cls.unpack(data), file, len(data)
         except FormatError as exc:
+            file.close()
             raise type(exc)(f"{path}: {exc.message}", exc.hint) from None
+        except BaseException:
+            file.close()
+            raise
+
+    def ciphertext_in_file(self, size: int) -> tuple[int, int]:
+        """Where the page records' ciphertext lies in the ``size``-byte file this bundle was
+        read from: (offset of the first page's, distance from one page's to the next)."""
+        records = size - CHECKSUM_SIZE - len(self.zero_pages) * ZERO_RECORD_SIZE - len(self.pages) * PAGE_RECORD_SIZE
+        return records + _PAGE_HEAD.size, PAGE_RECORD_SIZE
 
     def page_for_hpa(self, hpa: int) -> PageRecord | None:
         found = np.flatnonzero(self.pages.hpas == np.uint64(hpa)) if 0 <= hpa < 1 << 64 else []

@@ -133,7 +133,9 @@ class HostPortClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, cmd: str, args: dict | None = None, payload: bytes = b"") -> tuple[dict, bytes]:
+    def _call(self, cmd: str, args: dict | None = None, payload: bytes = b"",
+              fds: Sequence[int] = ()) -> tuple[dict, bytes]:
+        """One request and its reply; ``fds`` travel with the request's first bytes (SCM_RIGHTS)."""
         with self._lock:
             if self._sock is None:
                 raise HostPortConnectionError("the host-port connection is closed")
@@ -142,7 +144,8 @@ class HostPortClient:
             try:
                 head, body = Request(cmd, rid, args or {}, payload).frame().pack_parts()
                 try:
-                    self._sock.sendall(head)
+                    sent = socket.send_fds(self._sock, [head], list(fds)) if fds else 0
+                    self._sock.sendall(head[sent:])
                     if len(body):
                         self._sock.sendall(body)
                 except (BrokenPipeError, ConnectionResetError):
@@ -237,6 +240,19 @@ class HostPortClient:
             payload[:8 * chunk.size] = chunk.astype("<u8").view(np.uint8)
             payload[8 * chunk.size:].reshape(chunk.size, PAGE_SIZE)[:] = pages[start:start + chunk.size]
             self._call("write-phys-pages", {"count": int(chunk.size)}, memoryview(payload))
+
+    def write_phys_pages_from_file(self, dpas: Sequence[int] | np.ndarray, fd: int, offset: int,
+                                   stride: int = PAGE_SIZE) -> None:
+        """Write whole pages at KeyID-0 addresses, read by the platform from the open file ``fd``
+        (passed over the socket): page i's 4096 bytes start at ``offset + i * stride``.  The
+        data never travels through the socket."""
+        dpas = np.asarray(dpas, dtype=np.uint64).reshape(-1)
+        per = max(1, self.max_data // PAGE_SIZE)
+        for start in range(0, dpas.size, per):
+            chunk = dpas[start:start + per]
+            self._call("write-phys-pages", {"count": int(chunk.size),
+                                            "file": {"offset": offset + start * stride, "stride": stride}},
+                       pack_u64_array(chunk), fds=[fd])
 
     def create_kd(self, keyid: int, wrapped_key, policy, host_data: bytes = b"") -> None:
         """Program the reserved ``keyid`` with the tenant's wrapped key, policy and host_data."""

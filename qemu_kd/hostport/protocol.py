@@ -40,6 +40,11 @@ RECV_CHUNK = 256 << 10
 # Largest page-data transfer (read/write) in one request or reply; the client splits bigger ones.
 MAX_DATA = 32 << 20
 NO_GPA = (1 << 64) - 1
+# File descriptors taken from one receive (a request passes at most one; any beyond are
+# closed by the kernel).
+MAX_FDS = 4
+# write-phys-pages from a file: the largest distance between two pages' data in the file.
+MAX_FILE_STRIDE = 1 << 20
 _U32 = struct.Struct(">I")
 
 COMMANDS = (
@@ -268,8 +273,18 @@ def check_header_length(hlen: int, body_length: int) -> None:
                                     f"(limit {MAX_HEADER})")
 
 
+def _recv(sock: socket.socket, size: int, fds: list[int] | None) -> bytes:
+    """``sock.recv(size)``; with ``fds``, any file descriptors that came with the bytes are
+    appended to it (the caller closes them).  Without, the kernel closes any that came."""
+    if fds is None:
+        return sock.recv(size)
+    data, received, _, _ = socket.recv_fds(sock, size, MAX_FDS)
+    fds.extend(received)
+    return data
+
+
 def _receive(sock: socket.socket, buf: bytearray, total: int, deadline: float | None,
-             charge: Callable[[int], None] | None) -> None:
+             charge: Callable[[int], None] | None, fds: list[int] | None = None) -> None:
     """Append to ``buf`` until it holds ``total`` bytes.
 
     The buffer grows only with data that has arrived, so a length prefix alone costs
@@ -282,7 +297,7 @@ def _receive(sock: socket.socket, buf: bytearray, total: int, deadline: float | 
             if left <= 0:
                 raise socket.timeout("frame not completed in time")
             sock.settimeout(left)
-        chunk = sock.recv(min(RECV_CHUNK, total - len(buf)))
+        chunk = _recv(sock, min(RECV_CHUNK, total - len(buf)), fds)
         if not chunk:
             raise HostPortProtocolError(f"connection closed in the middle of a frame ({len(buf)} of {total} bytes)")
         if charge is not None:
@@ -291,29 +306,31 @@ def _receive(sock: socket.socket, buf: bytearray, total: int, deadline: float | 
 
 
 def read_frame(sock: socket.socket, *, frame_timeout: float | None = None,
-               charge: Callable[[int], None] | None = None) -> Frame | None:
+               charge: Callable[[int], None] | None = None, fds: list[int] | None = None) -> Frame | None:
     """Read one frame; None on a clean end of stream before any byte.
 
     ``frame_timeout`` bounds how long a frame may take to arrive once its first byte
     is in (socket.timeout when exceeded).  ``charge`` is called with the size of every
     chunk of the frame body as it arrives (the server's memory budget).  The length
     prefix and the header length are checked before any of what they announce is read.
+    ``fds`` collects the file descriptors that arrive with the frame's bytes (SCM_RIGHTS);
+    the caller closes them, whatever happens.
     Raises HostPortProtocolError for malformed or oversized frames.
     """
     idle_timeout = sock.gettimeout()
-    first = sock.recv(4)
+    first = _recv(sock, 4, fds)
     if not first:
         return None
     deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
     prefix = bytearray(first)
     try:
-        _receive(sock, prefix, 4, deadline, None)
+        _receive(sock, prefix, 4, deadline, None, fds)
         (length,) = _U32.unpack(prefix)
         check_frame_length(length)
         body = bytearray()
-        _receive(sock, body, 4, deadline, charge)
+        _receive(sock, body, 4, deadline, charge, fds)
         check_header_length(_U32.unpack(body)[0], length)
-        _receive(sock, body, length, deadline, charge)
+        _receive(sock, body, length, deadline, charge, fds)
     finally:
         if deadline is not None:
             sock.settimeout(idle_timeout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +44,7 @@ from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import claim_socket_path
 from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
-    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_EXIT_WAIT, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
+    COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_EXIT_WAIT, MAX_FILE_STRIDE, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
 )
 from qemu_kd.hostport.names import check_name
 from qemu_kd.formats.addresses import PAGE_SIZE
@@ -72,6 +73,43 @@ MAX_POLICY = 64
 MAX_HOST_DATA = 32
 
 Handler = Callable[[dict, memoryview], tuple[dict, bytes]]
+# Pages read per preadv (two buffers each, below the kernel's IOV_MAX of 1024).
+FILE_PAGES_PER_READ = 256
+
+
+def read_file_pages(fd: int, count: int, offset: int, stride: int) -> np.ndarray:
+    """``count`` pages from the host's open file ``fd``: page i is the 4096 bytes at
+    ``offset + i * stride``.  Copied into platform memory first, every byte read once; the
+    request is refused unless ``fd`` is a regular file, readable, holding every page."""
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise HostPortBadRequestError(f"write-phys-pages: cannot stat the file passed: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise HostPortBadRequestError("write-phys-pages: the file descriptor passed is not a regular file",
+                                      "pass an open bundle or page file, not a pipe, socket or device")
+    end = offset + (count - 1) * stride + PAGE_SIZE if count else offset
+    if end > info.st_size:
+        raise HostPortBadRequestError(f"write-phys-pages: the file passed holds {info.st_size} bytes; "
+                                      f"{count} pages from offset {offset} need {end}")
+    pages = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+    gap = bytearray(stride - PAGE_SIZE)
+    for start in range(0, count, FILE_PAGES_PER_READ):
+        stop = min(start + FILE_PAGES_PER_READ, count)
+        buffers: list = []
+        for i in range(start, stop):
+            buffers.append(memoryview(pages[i]))
+            if gap and i + 1 < stop:
+                buffers.append(gap)
+        want = (stop - start) * stride - len(gap)
+        try:
+            got = os.preadv(fd, buffers, offset + start * stride)
+        except OSError as exc:
+            raise HostPortBadRequestError(f"write-phys-pages: cannot read the file passed: {exc.strerror}") from None
+        if got != want:
+            raise HostPortBadRequestError(f"write-phys-pages: the file passed ended early, at byte "
+                                          f"{offset + start * stride + got} of {end}")
+    return pages
 
 
 def error_code(exc: BaseException) -> str:
@@ -107,6 +145,24 @@ def error_reply(rid: int | None, cmd: str, exc: BaseException) -> Reply:
                              "the request may not have taken effect; check the platform's log")
     log.info("host port: %s refused (%s): %s", cmd, code, exc.message)
     return Reply.failure(rid, code, exc.message, exc.hint)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close every file descriptor in ``fds`` and empty it."""
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+@contextmanager
+def _closing(fds: list[int]) -> Iterator[list[int]]:
+    """Close every file descriptor in ``fds`` (as it is when the block ends)."""
+    try:
+        yield fds
+    finally:
+        _close_all(fds)
 
 
 class FrameBudget:
@@ -359,10 +415,12 @@ class HostPortServer:
     def _conversation(self, conn: socket.socket) -> None:
         greeted = False
         while not self._stopping.is_set():
-            # The frame's bytes count against the shared budget until its reply is sent.
-            with self._budget.account() as charge:
+            # The frame's bytes count against the shared budget until its reply is sent;
+            # file descriptors that came with it are closed once it is answered.
+            fds: list[int] = []
+            with self._budget.account() as charge, _closing(fds):
                 try:
-                    frame = read_frame(conn, frame_timeout=self.frame_timeout, charge=charge)
+                    frame = read_frame(conn, frame_timeout=self.frame_timeout, charge=charge, fds=fds)
                 except (HostPortProtocolError, HostPortBusyError) as exc:
                     self._refuse(conn, None, exc.message, exc.hint, exc.code)
                     return
@@ -391,16 +449,39 @@ class HostPortServer:
                     self._refuse(conn, request.id, f"the first request must be hello, not {request.cmd[:64]!r}",
                                  "send hello with the protocol versions the client speaks")
                     return
-                conn.sendall(self._dispatch(request))
+                try:
+                    charge(self._file_bytes(request, fds))    # pages read from a passed file
+                except HostPortBusyError as exc:
+                    _close_all(fds)
+                    self._refuse(conn, request.id, exc.message, exc.hint, exc.code)
+                    return
+                reply = self._dispatch(request, fds)
+                _close_all(fds)           # the host's file is let go of before the reply
+                conn.sendall(reply)
 
-    def _dispatch(self, request: Request) -> bytes:
+    @staticmethod
+    def _file_bytes(request: Request, fds: list[int]) -> int:
+        """The bytes a write-phys-pages from a passed file will hold in platform memory."""
+        count = request.args.get("count")
+        if fds and request.cmd == "write-phys-pages" and isinstance(count, int) \
+                and 0 < count <= MAX_DATA // PAGE_SIZE:
+            return count * PAGE_SIZE
+        return 0
+
+    def _dispatch(self, request: Request, fds: list[int] | None = None) -> bytes:
         """Run one request; the packed reply frame (an error reply if anything fails)."""
         handler = self._handlers.get(request.cmd)
         if handler is None:
             return Reply.failure(request.id, "unknown-command", f"unknown host-port command {request.cmd[:64]!r}",
                                  f"commands: {', '.join(COMMANDS)}").pack()
         try:
-            result, payload = handler(request.args, memoryview(request.payload))
+            if request.cmd == "write-phys-pages":
+                result, payload = self._write_phys_pages(request.args, memoryview(request.payload), fds or [])
+            elif fds:
+                raise HostPortBadRequestError(f"{request.cmd[:64]} takes no file descriptor",
+                                              "only write-phys-pages reads from a passed file")
+            else:
+                result, payload = handler(request.args, memoryview(request.payload))
             return Reply(request.id, True, result, payload).pack()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             return error_reply(request.id, request.cmd, exc).pack()
@@ -457,13 +538,31 @@ class HostPortServer:
                                           f"{MAX_DATA // PAGE_SIZE} pages per request")
         return {"count": int(dpas.size)}, self.platform.read_phys_pages(dpas)
 
-    def _write_phys_pages(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
+    def _write_phys_pages(self, args: dict, payload: memoryview, fds: list[int] = ()) -> tuple[dict, bytes]:
         count = arg_int(args, "count", maximum=MAX_DATA // PAGE_SIZE)
-        if len(payload) != count * (8 + PAGE_SIZE):
-            raise HostPortBadRequestError(f"write-phys-pages payload is {len(payload)} bytes; {count} pages "
-                                          f"need {count * (8 + PAGE_SIZE)} (addresses then data)")
-        dpas = unpack_u64_array(payload[:8 * count])
-        self.platform.write_phys_pages(dpas, payload[8 * count:])
+        source = args.get("file")
+        if source is None:
+            if fds:
+                raise HostPortBadRequestError("write-phys-pages got a file descriptor but no 'file' argument")
+            if len(payload) != count * (8 + PAGE_SIZE):
+                raise HostPortBadRequestError(f"write-phys-pages payload is {len(payload)} bytes; {count} pages "
+                                              f"need {count * (8 + PAGE_SIZE)} (addresses then data)")
+            dpas = unpack_u64_array(payload[:8 * count])
+            self.platform.write_phys_pages(dpas, payload[8 * count:])
+            return {"count": count}, b""
+        # The data comes from a file the host passed with the request (SCM_RIGHTS).
+        if not isinstance(source, dict):
+            raise HostPortBadRequestError("write-phys-pages 'file' must be an object: offset, stride")
+        offset = arg_int(source, "offset", maximum=(1 << 62))
+        stride = arg_int(source, "stride", minimum=PAGE_SIZE, maximum=MAX_FILE_STRIDE)
+        if len(fds) != 1:
+            raise HostPortBadRequestError(f"write-phys-pages from a file needs exactly one file descriptor "
+                                          f"with the request, not {len(fds)}")
+        if len(payload) != 8 * count:
+            raise HostPortBadRequestError(f"write-phys-pages payload is {len(payload)} bytes; {count} page "
+                                          f"addresses need {8 * count}")
+        dpas = unpack_u64_array(payload)
+        self.platform.write_phys_pages(dpas, read_file_pages(fds[0], count, offset, stride))
         return {"count": count}, b""
 
     def _create_kd(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
