@@ -3,6 +3,7 @@
 import mmap
 import os
 import re
+import tracemalloc
 from pathlib import Path
 
 import cryptography_vectors
@@ -188,6 +189,11 @@ def test_partly_cached_requests_fill_the_cache():
             b"".join(page(expected, i) for i in order)
         assert engine.cached_pages == 160
         assert engine.decrypt_pages(expected, dpas) == plain
+        # The odd pages sit in consecutive slots, whose reference positions differ from the
+        # rows they were computed in: one run straight from the cache.
+        odds = list(range(1, 160, 2))
+        assert engine.encrypt_pages(b"".join(page(plain, i) for i in odds), [dpas[i] for i in odds]) == \
+            b"".join(page(expected, i) for i in odds)
 
 
 def test_small_requests_use_the_same_cipher():
@@ -267,6 +273,45 @@ def test_default_cache_is_bounded_well_under_the_guest():
         assert engine.mask_cache_capacity_pages * PAGE_SIZE == DEFAULT_MASK_CACHE_BYTES <= 8 << 20
         assert engine.cached_pages <= engine.mask_cache_capacity_pages
         assert engine.memory_bytes() < DEFAULT_MASK_CACHE_BYTES + (8 << 20)
+
+
+def test_requests_without_cached_pages_make_no_object_per_page():
+    # The first pass and the no-cache path work on the address array: the memory a request
+    # allocates on the way (traced peak) does not grow with its number of pages.
+    def peak(pages):
+        dpas = np.arange(pages, dtype=np.uint64) * np.uint64(PAGE_SIZE) | np.uint64(7 << KEYID_SHIFT)
+        data = np.zeros(pages * PAGE_SIZE, dtype=np.uint8)
+        with MemoryEncryptionEngine(KEY, mask_cache_bytes=0) as engine:
+            engine.encrypt_into(data, data, dpas)     # scratch touched
+            tracemalloc.start()
+            try:
+                engine.encrypt_into(data, data, dpas)
+                engine.decrypt_into(data, data, dpas)
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    small, large = _BATCH_PAGES * 4, _BATCH_PAGES * 12
+    assert peak(large) - peak(small) < 8 * (large - small)
+
+
+def test_masks_go_straight_into_their_cache_slots():
+    # A first pass fills the cache's never used slots: no temporary copy of the masks.
+    count = 2 * _BATCH_PAGES
+    dpas = np.arange(count, dtype=np.uint64) * np.uint64(PAGE_SIZE) | np.uint64(3 << KEYID_SHIFT)
+    data = np.zeros(count * PAGE_SIZE, dtype=np.uint8)
+    expected = reference(KEY, bytes(count * PAGE_SIZE), dpas.tolist())
+    with MemoryEncryptionEngine(KEY) as engine:
+        tracemalloc.start()
+        try:
+            engine.encrypt_into(data, data, dpas)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert engine.cached_pages == count
+        assert data.tobytes() == expected
+        assert engine.encrypt_pages(bytes(count * PAGE_SIZE), dpas) == expected    # from the cache
+    assert peak < _BATCH_PAGES * PAGE_SIZE // 2
 
 
 def test_cache_size_zero_holds_no_masks():

@@ -525,22 +525,21 @@ class _MaskCache:
         self._next = 0
         self.touched = 0
 
-    def allocate(self, dpas: list[int], align: int = 1) -> list[int]:
-        """Give each of ``dpas`` (distinct, at most ``capacity``) a slot, replacing
-        the oldest entries; the first slot is a multiple of ``align``."""
+    def allocate(self, dpas: list[int], align: int = 1) -> int:
+        """Give ``dpas`` (distinct, at most ``capacity``) consecutive slots, replacing
+        the oldest entries; returns the first, a multiple of ``align``."""
         start = -(-self._next // align) * align
         if start + len(dpas) > self.capacity:
             start = 0
-        slots = list(range(start, start + len(dpas)))
         slot_of = self.slot_of
         for old in self.dpa_in_slot[start:start + len(dpas)].tolist():
             if old != _EMPTY_SLOT:
                 del slot_of[old]
         self.dpa_in_slot[start:start + len(dpas)] = dpas
-        slot_of.update(zip(dpas, slots))
+        slot_of.update(zip(dpas, range(start, start + len(dpas))))
         self._next = (start + len(dpas)) % self.capacity
-        self.touched = max(self.touched, max(slots) + 1)
-        return slots
+        self.touched = max(self.touched, start + len(dpas))
+        return start
 
     def index_bytes(self) -> int:
         """Approximate memory of the address -> slot index (the dict, its int
@@ -675,29 +674,29 @@ class MemoryEncryptionEngine:
                 return
             src_pages = src.view(_U64).reshape(pages, WORDS_PER_PAGE)
             dst_pages = dst.view(_U64).reshape(pages, WORDS_PER_PAGE)
-            dpa_list = addresses.tolist()
-            loose = self._run_cached_runs(src_pages, dst_pages, addresses, dpa_list, encrypt)
+            # Addresses become Python ints only where a dict or a cipher needs them: a request
+            # that finds nothing cached (a first pass, no cache) makes no object per page.
+            loose = self._run_cached_runs(src_pages, dst_pages, addresses, encrypt)
             if sum(last - first for first, last in loose) <= _SMALL_REQUEST_PAGES:
                 for first, last in loose:
-                    self._run_one_by_one(src_pages, dst_pages, dpa_list, first, last, encrypt)
+                    self._run_one_by_one(src_pages, dst_pages, addresses, first, last, encrypt)
                 return
             # Only the last ``capacity`` pages of a request could stay cached.
             remember_from = pages - self._cache.capacity
             for first, last in loose:
                 for start in range(first, last, _BATCH_PAGES):
                     end = min(start + _BATCH_PAGES, last)
-                    self._run_fresh(src_pages, dst_pages, addresses, dpa_list, start, end, encrypt,
+                    self._run_fresh(src_pages, dst_pages, addresses, start, end, encrypt,
                                     remember=self._cache.capacity > 0 and end > remember_from)
 
-    def _run_cached_runs(self, src, dst, addresses: np.ndarray, dpa_list: list[int],
-                         encrypt: bool) -> list[tuple[int, int]]:
+    def _run_cached_runs(self, src, dst, addresses: np.ndarray, encrypt: bool) -> list[tuple[int, int]]:
         """Run every stretch of pages cached in consecutive slots straight from the
         store; return the other pages as ``(first, last)`` ranges."""
-        pages = len(dpa_list)
+        pages = len(addresses)
         cache = self._cache
         if not cache.slot_of:
             return [(0, pages)]
-        slots = np.fromiter(map(cache.slot_of.get, dpa_list, itertools.repeat(-1, pages)),
+        slots = np.fromiter(map(cache.slot_of.get, addresses.tolist(), itertools.repeat(-1, pages)),
                             dtype=np.int64, count=pages)
         hit = slots >= 0
         if not hit.any():
@@ -724,16 +723,16 @@ class MemoryEncryptionEngine:
             loose.append((done, pages))
         return loose
 
-    def _run_one_by_one(self, src, dst, dpa_list: list[int], first: int, last: int,
+    def _run_one_by_one(self, src, dst, addresses: np.ndarray, first: int, last: int,
                         encrypt: bool) -> None:
         """A handful of pages: one XTS cipher each costs less than the vectorised set-up."""
         raw_src, raw_dst = src.view(np.uint8), dst.view(np.uint8)
         for index in range(first, last):
-            cipher = self._core.page_cipher(dpa_list[index])
+            cipher = self._core.page_cipher(int(addresses[index]))
             context = cipher.encryptor() if encrypt else cipher.decryptor()
             raw_dst[index] = np.frombuffer(context.update(raw_src[index]), dtype=np.uint8)
 
-    def _run_fresh(self, src, dst, addresses: np.ndarray, dpa_list: list[int], first: int, last: int,
+    def _run_fresh(self, src, dst, addresses: np.ndarray, first: int, last: int,
                    encrypt: bool, remember: bool) -> None:
         """Pages ``first..last-1`` (at most a batch) with masks computed afresh; if
         ``remember``, the ones encrypted recently before (and not cached) join the cache,
@@ -755,7 +754,7 @@ class MemoryEncryptionEngine:
             if self._cache.touched < self._cache.capacity:
                 admit[:] = True     # slots never used yet cost nothing to fill
             if admit.any():
-                self._remember(dpa_list[first:last], admit)
+                self._remember(addresses[first:last].tolist(), admit)
 
     def _remember(self, dpas: list[int], admit: np.ndarray) -> None:
         """Cache the masks of the admitted pages in ``dpas`` (the prepared batch) that
@@ -771,19 +770,19 @@ class MemoryEncryptionEngine:
         if len(rows) > cache.capacity:  # keep the newest that fit
             rows = dict(list(rows.items())[-cache.capacity:])
         everything = len(rows) == len(dpas)
-        slots = np.array(cache.allocate(list(rows), align=CHUNK_PAGES if everything else 1), dtype=np.int64)
+        first_slot = cache.allocate(list(rows), align=CHUNK_PAGES if everything else 1)
+        # The masks are written straight into their (consecutive) slots, consecutive rows together.
+        masks = cache.store[first_slot:first_slot + len(rows)]
         row_array = np.array(list(rows.values()), dtype=np.int64)
-        masks = np.empty((len(row_array), WORDS_PER_PAGE), _U64)
-        # Consecutive rows are filled together.
         breaks = np.flatnonzero(np.diff(row_array) != 1) + 1
         for run_start, run_end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(row_array)]):
             first_row = int(row_array[run_start])
             self._generator.fill(masks[run_start:run_end], first_row, first_row + run_end - run_start)
+        slots = np.arange(first_slot, first_slot + len(rows))
         moved = (row_array - slots) % CHUNK_PAGES != 0
         if moved.any():   # the slot's reference position differs from the row's
             reference = self._reference
             masks[moved] ^= reference[row_array[moved] % CHUNK_PAGES] ^ reference[slots[moved] % CHUNK_PAGES]
-        cache.store[slots] = masks
 
     def _prepare_deltas(self, addresses: np.ndarray, positions: np.ndarray) -> None:
         """Prepare the generator for the delta masks of pages at the given reference-stream
