@@ -340,6 +340,61 @@ def test_overwritten_zero_page_stops_the_launch(built):
         platform.domain(guest.keyid).finalize_measurement()
 
 
+def _kd_ram_files() -> int:
+    """How many guest-RAM memory files this process holds open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
+        except OSError:
+            pass
+    return count
+
+
+def test_measurement_fills_guest_ram_with_the_image_for_launch(built):
+    platform, guest, alloc = built
+    assert platform.verify_ept(guest.keyid, alloc.hpas).ok
+    domain = platform.domain(guest.keyid)
+    domain.finalize_measurement()
+    staged = domain.take_staged_ram()
+    try:
+        ram, _baseline = staged.ram.map, staged.baseline
+        for gpa, plain in guest.image.items():
+            assert ram[gpa:gpa + PAGE] == plain
+            assert staged.baseline[gpa // PAGE].tobytes() == plain
+        for gpa in guest.zero_gpas:
+            assert ram[gpa:gpa + PAGE] == bytes(PAGE)
+        gpns = np.array([g // PAGE for g in guest.image], dtype=np.int64)
+        hpas = np.array([guest.hpa_of[g] for g in guest.image], dtype=np.uint64)
+        # Launch uses it only for exactly the image pages the EPT maps, each at its gpa.
+        assert staged.matches(staged.size, gpns[::-1], hpas[::-1])
+        assert not staged.matches(staged.size, gpns, hpas[::-1])
+        assert not staged.matches(staged.size, gpns[:-1], hpas[:-1])
+        assert not staged.matches(staged.size + 2 * 1024 * 1024, gpns, hpas)
+    finally:
+        staged.close()
+
+
+def test_a_measured_domain_destroyed_before_launch_leaves_no_guest_ram(built):
+    platform, guest, alloc = built
+    before = _kd_ram_files()
+    assert platform.verify_ept(guest.keyid, alloc.hpas).ok
+    platform.domain(guest.keyid).launch_measurement()
+    assert _kd_ram_files() > before
+    platform.destroy_kd(guest.keyid)
+    assert _kd_ram_files() == before
+
+
+def test_a_refused_measurement_leaves_no_guest_ram(built):
+    platform, guest, alloc = built
+    before = _kd_ram_files()
+    platform.write_phys(guest.hpa_of[guest.zero_gpas[0]], b"junk")
+    assert platform.verify_ept(guest.keyid, alloc.hpas).ok
+    with pytest.raises(DomainVerifyError):
+        platform.domain(guest.keyid).launch_measurement()
+    assert _kd_ram_files() == before
+
+
 # ----------------------------------------------------------------- hash-kd
 
 

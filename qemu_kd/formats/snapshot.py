@@ -36,6 +36,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from qemu_kd.formats.errors import FormatError, MagicError, VersionError
 from qemu_kd.formats.policy import HOST_DATA_SIZE, Policy
 
@@ -175,6 +177,8 @@ def sealed_aad(header_bytes: bytes, section_id: int) -> bytes:
 _DOMAIN = struct.Struct("<64sIIQQ")    # key, tsc_khz (0: none), reserved, mem_size, save-area hpa
 VMCS_BYTES = 4096
 _PAGE = struct.Struct("<QQBB6x")       # gpa, hpa, page type, perms
+_PAGE_ROW = np.dtype({"names": ["gpa", "hpa", "type", "perms"], "formats": ["<u8", "<u8", "u1", "u1"],
+                      "offsets": [0, 8, 16, 17], "itemsize": _PAGE.size})
 
 
 @dataclass
@@ -202,20 +206,29 @@ class DomainSection:
 
 @dataclass
 class PageList:
-    """The guest pages in the snapshot's memory section, in order."""
+    """The guest pages in the snapshot's memory section, in order (one array per column)."""
 
-    gpas: list[int]
-    hpas: list[int]
-    types: list[int]
-    perms: list[int]
+    gpas: np.ndarray      # uint64
+    hpas: np.ndarray      # uint64
+    types: np.ndarray     # uint8
+    perms: np.ndarray     # uint8
+
+    def __post_init__(self) -> None:
+        self.gpas = np.asarray(self.gpas, dtype=np.uint64)
+        self.hpas = np.asarray(self.hpas, dtype=np.uint64)
+        self.types = np.asarray(self.types, dtype=np.uint8)
+        self.perms = np.asarray(self.perms, dtype=np.uint8)
+        if not self.gpas.size == self.hpas.size == self.types.size == self.perms.size:
+            raise SnapshotFormatError("the snapshot's page list columns differ in length")
 
     def pack(self) -> bytes:
-        return b"".join(_PAGE.pack(g, h, t, p) for g, h, t, p in zip(self.gpas, self.hpas, self.types,
-                                                                    self.perms))
+        rows = np.zeros(self.gpas.size, dtype=_PAGE_ROW)
+        rows["gpa"], rows["hpa"], rows["type"], rows["perms"] = self.gpas, self.hpas, self.types, self.perms
+        return rows.tobytes()
 
     @classmethod
-    def unpack(cls, data: bytes) -> "PageList":
+    def unpack(cls, data: bytes | memoryview) -> "PageList":
         if len(data) % _PAGE.size:
             raise SnapshotFormatError("the snapshot's page list has the wrong size")
-        rows = list(_PAGE.iter_unpack(data))
-        return cls([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+        rows = np.frombuffer(data, dtype=_PAGE_ROW)
+        return cls(rows["gpa"].copy(), rows["hpa"].copy(), rows["type"].copy(), rows["perms"].copy())

@@ -20,7 +20,9 @@ computes the chain at launch from what DRAM then holds: IMAGE and ZERO pages in
 ascending gpa order, decrypted in batches, then the VMCS guest state.  The
 value depends on neither the host's layout nor its add order, and covers
 exactly the bytes that will run.  A ZERO page the host overwrote after
-add-zero-pages no longer measures as zero and stops the launch.
+add-zero-pages no longer measures as zero and stops the launch.  The plaintext
+it decrypts goes into guest RAM as it is measured (:mod:`.guestram`), so
+launch does not decrypt it again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from qemu_kd.formats.measurement import LaunchMeasurement, PageType, host_verifi
 from qemu_kd.crypto.authority import tenant_authority_key
 from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
+from qemu_kd.platform.guestram import StagedRam, guest_memory_size
 from qemu_kd.platform.physmem import PageState, PhysicalMemory
 from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.vmcs import Vmcs, field_class, vmcs_field
@@ -243,6 +246,8 @@ class KeyDomain:
         # pages into DRAM before a host read, and stop QEMU before destroy.
         self.shadow_sync: Callable[[], None] | None = None
         self.on_destroy: Callable[[], None] | None = None
+        # Guest RAM filled ahead of launch (guestram.py): by measure-kd, or by restore-kd.
+        self._staged: StagedRam | None = None
 
     @classmethod
     def create(cls, keyid: int, wrapped_key: WrappedKey | bytes, policy: Policy | bytes,
@@ -653,23 +658,35 @@ class KeyDomain:
         is_zero = types == PageType.ZERO
         tampered = is_zero & self._memory.host_written(hpas) if hpas.size else is_zero
         measurement = LaunchMeasurement(self.policy)
-        for start in range(0, hpas.size, BATCH_PAGES):
-            sl = slice(start, start + BATCH_PAGES)
-            need = ~is_zero[sl] | tampered[sl]
-            plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
-                     else np.empty((0, PAGE_SIZE), dtype=np.uint8))
-            zero_rows = is_zero[sl][need]
-            written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
-            if written.size:
-                j = int(np.flatnonzero(need)[written[0]])
-                raise DomainVerifyError(
-                    f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key domain "
-                    f"{self.keyid} was overwritten after add-zero-pages", "destroy the domain and build it again")
-            measurement.add_pages(gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
-                                  perms[sl], plain[~zero_rows])
-        measurement.add_vmcs(self.read_vmcs().guest_state_bytes())
-        measurement.finalize()
+        self.discard_staged_ram()
+        staged = StagedRam(guest_memory_size(self.guest_mapping()[0]))
+        try:
+            for start in range(0, hpas.size, BATCH_PAGES):
+                sl = slice(start, start + BATCH_PAGES)
+                need = ~is_zero[sl] | tampered[sl]
+                plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
+                         else np.empty((0, PAGE_SIZE), dtype=np.uint8))
+                zero_rows = is_zero[sl][need]
+                written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
+                if written.size:
+                    j = int(np.flatnonzero(need)[written[0]])
+                    raise DomainVerifyError(
+                        f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key domain "
+                        f"{self.keyid} was overwritten after add-zero-pages",
+                        "destroy the domain and build it again")
+                image = plain[~zero_rows]
+                measurement.add_pages(gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
+                                      perms[sl], image)
+                if image.size:
+                    image_sl = ~is_zero[sl]
+                    staged.fill(gpas[sl][image_sl] // PAGE_SIZE, hpas[sl][image_sl], image)
+            measurement.add_vmcs(self.read_vmcs().guest_state_bytes())
+            measurement.finalize()
+        except BaseException:
+            staged.close()
+            raise
         self.measurement = measurement
+        self._staged = staged
         return measurement.digest
 
     def launch_measurement(self) -> bytes:
@@ -679,6 +696,26 @@ class KeyDomain:
             return self.measurement.digest
         self._require("measure-kd", [DomainState.VERIFIED])
         return self.finalize_measurement()
+
+    def stage_ram(self, staged: StagedRam) -> None:
+        """Keep ``staged`` (guest RAM restore-kd filled) for launch; any earlier one is discarded."""
+        self.discard_staged_ram()
+        self._staged = staged
+
+    @property
+    def staged_ram(self) -> StagedRam | None:
+        """The guest RAM filled ahead of launch, if any (the domain keeps it)."""
+        return self._staged
+
+    def take_staged_ram(self) -> StagedRam | None:
+        """The guest RAM filled ahead of launch, if any; the caller owns it from here on."""
+        staged, self._staged = self._staged, None
+        return staged
+
+    def discard_staged_ram(self) -> None:
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
 
     def require_state(self, command: str, allowed: Iterable[DomainState]) -> None:
         """DomainStateError unless the domain is in one of ``allowed``."""
@@ -699,6 +736,7 @@ class KeyDomain:
     def destroy(self) -> int:
         """destroy-kd: scrub and free every page of the domain and forget the key."""
         self._transition(DomainState.DESTROYED, "destroy-kd")
+        self.discard_staged_ram()
         freed = self._memory.release_keyid(self.keyid)
         if self._mee is not None:
             self._mee.close()

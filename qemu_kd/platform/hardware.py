@@ -15,10 +15,11 @@ a reservation that never became a domain; ``destroy_kd`` ends a domain.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -36,12 +37,14 @@ from qemu_kd.platform.domain import (
     SecretPageError,
 )
 from qemu_kd.common.errors import KdError
-from qemu_kd.hostport.names import NameClaims, check_name
+from qemu_kd.hostport.names import NameClaims, check_name, default_name
 from qemu_kd.hostport.protocol import PlatformInfo
 from qemu_kd.formats.addresses import KEYID_BITS, MAX_KEYID, PAGE_SIZE
 from qemu_kd.common.rundirs import make_private_dir
 from qemu_kd.platform.physmem import DEFAULT_MEMORY_SIZE, AddressError, PhysicalMemory
 from qemu_kd.platform.controls import ControlPlane
+
+log = logging.getLogger(__name__)
 
 ACCELERATOR_NONE = "none"
 DEFAULT_QEMU_ACCEL = "tcg"
@@ -121,6 +124,8 @@ class Platform:
         # QEMU processes are started from this one long-lived thread: QEMU dies with the
         # thread that forked it (PR_SET_PDEATHSIG), and connection threads come and go.
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-launcher")
+        # QEMU started ahead for measured domains, by KeyID: (name it was started as, runtime, start).
+        self._ahead: dict[int, tuple[str, object, Future]] = {}
         self._closed = False
         # Guest-verified VMCS/EPT changes of running domains (docs/protocol.md).
         self.controls = ControlPlane(self)
@@ -304,6 +309,7 @@ class Platform:
             domain = self.domain(keyid)
             self.controls.forget(keyid)
             try:
+                self._take_ahead(keyid, None, None)     # a QEMU started ahead goes too
                 if domain.on_destroy is not None:
                     domain.on_destroy()
             finally:
@@ -322,29 +328,73 @@ class Platform:
     # --------------------------------------------------------- running guests
 
     def measure_kd(self, keyid: int) -> bytes:
-        """measure-kd: the launch measurement of a VERIFIED (or launched) domain."""
-        with self.lock:
-            return self.domain(keyid).launch_measurement()
+        """measure-kd: the launch measurement of a VERIFIED (or launched) domain.
 
-    def launch(self, keyid: int, name: str | None = None, resume_from=None) -> dict[str, str]:
+        The measurement fills the domain's guest RAM as it decrypts (guestram.py); the domain's
+        QEMU then starts on it in the background, paused, as the machine launch would start under
+        the default name (:meth:`_start_ahead`), so launch need not wait for it."""
+        with self.lock:
+            domain = self.domain(keyid)
+            digest = domain.launch_measurement()
+            self._start_ahead(keyid, domain)
+            return digest
+
+    def _start_ahead(self, keyid: int, domain: KeyDomain) -> None:
+        """Start the QEMU of a measured domain, paused, on its filled guest RAM, named as launch would
+        name it by default.  Nothing runs in it: launch loads the vCPU only after its checks, uses
+        it only if the domain is launched under that name, and stops it otherwise (as destroy-kd does)."""
+        staged = domain.staged_ram
+        if staged is None or keyid in self._ahead or domain.state != DomainState.VERIFIED:
+            return
+        runtime = None
+        for n in range(keyid, keyid + 64):       # the name claim_default would pick now
+            if self.name_claims.holder(default_name(n)) is None:
+                runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, default_name(n))
+                break
+        if runtime is None or not hasattr(runtime, "prestart"):
+            return
+        self._ahead[keyid] = (runtime.name, runtime, self._launcher.submit(runtime.prestart, staged, False))
+
+    def _take_ahead(self, keyid: int, name: str | None, resume_from) -> object | None:
+        """The runtime started ahead for ``keyid``, if it was started as ``name`` for a first
+        launch; any other is stopped (caller holds the lock)."""
+        ahead = self._ahead.pop(keyid, None)
+        if ahead is None:
+            return None
+        started_as, runtime, start = ahead
+        try:
+            start.result()
+        except Exception as exc:  # noqa: BLE001 - launch starts its own QEMU instead
+            log.info("key domain %d: the QEMU started ahead failed: %s", keyid, type(exc).__name__)
+            runtime.stop()
+            return None
+        if started_as == name and resume_from is None:
+            return runtime
+        runtime.stop()
+        return None
+
+    def launch(self, keyid: int, name: str | None = None, resume_from=None, *,
+               runtime=None) -> dict[str, str]:
         """launch: measure, start QEMU, decrypt into guest RAM, load the vCPU (left paused).
 
         ``name`` is the host's label for the domain (hostport/names.py): unique among
         the live domains of every platform; by default the next free ``kdN``.
         Returns the host-visible endpoints (shared channel, console).  ``resume_from``
         (``runtime.ResumeState``) is a restore's: the platform's snapshot module builds the
-        domain and launches it here to resume where its snapshot was taken.
+        domain and launches it here to resume where its snapshot was taken, with the
+        ``runtime`` it made (and started QEMU for) under ``name``, which it claimed.
         """
         with self.lock:
             domain = self.domain(keyid)
             domain.require_state("launch", [DomainState.VERIFIED])
             domain.launch_measurement()
-            if name is None:
-                name = self.name_claims.claim_default(keyid)
-            else:
-                self.name_claims.claim(check_name(name), keyid)
+            if runtime is None:
+                name = (self.name_claims.claim_default(keyid) if name is None
+                        else self.name_claims.claim(check_name(name), keyid))
+                runtime = self._take_ahead(keyid, name, resume_from)
             try:
-                runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, name)
+                if runtime is None:
+                    runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, name)
                 resume = () if resume_from is None else (resume_from,)
                 self._launcher.submit(runtime.launch, *resume).result()
             except BaseException:

@@ -7,7 +7,9 @@ Launch (see docs/hostport.md):
 2. Start QEMU paused with file-backed guest RAM that only the platform opens.
 3. Walk the domain's EPT (gpa → hpa) and decrypt every IMAGE page from DRAM
    into guest RAM at its gpa; ZERO pages are already zero in a fresh RAM file.
-   Then complete the kernel command line with the platform's own
+   When measure-kd or restore-kd already filled guest RAM with that plaintext
+   (:mod:`.guestram`), it is used instead, once it holds exactly the image pages
+   the EPT maps at their gpas.  Then complete the kernel command line with the platform's own
    ``tsc_early_khz`` (unmeasured; docs/formats.md §11.7).
 4. Load the vCPU from the VMCS guest-state area through the gdbstub.
 5. Attach the guest port (ttyS2) and serve attestation reports and sealing keys.
@@ -43,7 +45,9 @@ import numpy as np
 
 from qemu_kd.platform.attestation import sign_report
 from qemu_kd.platform.endpoints.audit import AuditLog
+from qemu_kd.platform.guestram import StagedRam, guest_memory_size
 from qemu_kd.common.errors import GuestImageError, KdError
+from qemu_kd.common.scrub import scrub
 from qemu_kd.formats.bootlayout import complete_cmdline
 from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.launch import host_tsc_khz
@@ -182,48 +186,71 @@ class DomainRuntime:
         ``resume_from`` (a restore): QEMU waits for its device state, the command line
         stays as it is in memory, and the vCPU gets the snapshot's registers.
         """
-        vmcs = self.domain.read_vmcs()
-        gpas, hpas = self.domain.guest_mapping()
-        if not gpas.size:
-            raise LaunchError(f"key domain {self.domain.keyid} maps no guest memory")
-        top = int(gpas.max()) + PAGE_SIZE
-        self.mem_size = -(-top // (2 * MiB)) * 2 * MiB
-        reasons = vm_entry_checks(vmcs, self.domain.policy, self.mem_size)
-        if reasons:
-            log.warning("key domain %d: VM entry refused: %s", self.domain.keyid, "; ".join(reasons))
-            raise LaunchError(f"VM entry refused for key domain {self.domain.keyid}: "
-                              + "; ".join(reasons))
-        self.gpa_to_hpa = np.zeros(self.mem_size // PAGE_SIZE, dtype=np.uint64)
-        self.gpa_to_hpa[(gpas // PAGE_SIZE).astype(np.int64)] = hpas
-        self._save_hpa = vmcs.save_area_hpa
+        # Guest RAM measure-kd or restore-kd filled (guestram.py): used only if it holds exactly
+        # the image pages checked below, each at its gpa; else discarded and decrypted here.
+        staged = self.domain.take_staged_ram()
+        try:
+            vmcs = self.domain.read_vmcs()
+            gpas, hpas = self.domain.guest_mapping()
+            if not gpas.size:
+                raise LaunchError(f"key domain {self.domain.keyid} maps no guest memory")
+            self.mem_size = guest_memory_size(gpas)
+            reasons = vm_entry_checks(vmcs, self.domain.policy, self.mem_size)
+            if reasons:
+                log.warning("key domain %d: VM entry refused: %s", self.domain.keyid, "; ".join(reasons))
+                raise LaunchError(f"VM entry refused for key domain {self.domain.keyid}: "
+                                  + "; ".join(reasons))
+            self.gpa_to_hpa = np.zeros(self.mem_size // PAGE_SIZE, dtype=np.uint64)
+            self.gpa_to_hpa[(gpas // PAGE_SIZE).astype(np.int64)] = hpas
+            self._save_hpa = vmcs.save_area_hpa
 
-        pages = self.domain.pages()
-        image = pages.types == int(PageType.IMAGE)
-        img_hpas = pages.hpas[image]
-        # hpa -> gpa page number for the image pages, by sorted lookup (every one is mapped:
-        # verify-ept checked that each page added for the guest is where it was measured).
-        by_hpa = np.argsort(hpas)
-        at = by_hpa[np.minimum(np.searchsorted(hpas[by_hpa], img_hpas), hpas.size - 1)]
-        if not (hpas[at] == img_hpas).all():
-            raise LaunchError(f"key domain {self.domain.keyid}: an image page is not mapped into the guest")
-        img_gpns = (gpas[at] // PAGE_SIZE).astype(np.int64)
+            pages = self.domain.pages()
+            image = pages.types == int(PageType.IMAGE)
+            img_hpas = pages.hpas[image]
+            # hpa -> gpa page number for the image pages, by sorted lookup (every one is mapped:
+            # verify-ept checked that each page added for the guest is where it was measured).
+            by_hpa = np.argsort(hpas)
+            at = by_hpa[np.minimum(np.searchsorted(hpas[by_hpa], img_hpas), hpas.size - 1)]
+            if not (hpas[at] == img_hpas).all():
+                raise LaunchError(f"key domain {self.domain.keyid}: an image page is not mapped into the guest")
+            img_gpns = (gpas[at] // PAGE_SIZE).astype(np.int64)
+            if staged is not None and not staged.matches(self.mem_size, img_gpns, img_hpas):
+                log.warning("key domain %d: the guest RAM filled before launch does not hold the image "
+                            "pages the EPT maps; decrypting them again", self.domain.keyid)
+                staged.close()
+                staged = None
+        except BaseException:
+            if staged is not None:
+                staged.close()
+            self.stop()     # a QEMU started ahead (prestart) goes too
+            raise
 
         spec = MachineSpec(mem_size=self.mem_size, accel=self.accel, name=self.name,
                            incoming=resume_from is not None)
-        self.machine = QemuMachine(spec, console_log=self.console_log)
+        ram = None
+        if staged is not None:
+            ram, self._snapshot = staged.take()
+        if self.machine is not None and (ram is None or self.machine.guest_ram is not ram
+                                         or self.machine.spec != spec):
+            # Started ahead for other RAM, or as another machine: not this launch's.  It goes,
+            # and so does its RAM: a fresh QEMU gets fresh RAM, decrypted from DRAM.
+            log.warning("key domain %d: the QEMU started ahead does not fit the launch; starting "
+                        "another", self.domain.keyid)
+            self.machine.stop()
+            self.machine = None
+            if ram is not None:
+                ram.close()
+                ram = None
+                scrub(self._snapshot)
+                self._snapshot = None
         try:
-            self.machine.start()
-            ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            # The RAM file starts as zeros, so the snapshot does too (np.zeros maps
-            # zero pages lazily); only the image pages are written into both.
-            self._snapshot = np.zeros(ram.shape, dtype=ram.dtype)   # zero pages mapped lazily
-            step = 4096
-            for start in range(0, img_hpas.size, step):
-                chunk = img_hpas[start:start + step]
-                plain = self.domain.decrypt_page_array(chunk)
-                idx = img_gpns[start:start + step]
-                ram[idx] = plain
-                self._snapshot[idx] = plain
+            if self.machine is None:
+                self.machine = QemuMachine(spec, console_log=self.console_log, ram=ram)
+                self.machine.start()
+            else:
+                self.machine.check_alive("before launch")
+            if ram is None:
+                self._fill_ram(img_hpas, img_gpns)
             if resume_from is None:
                 self._complete_cmdline(vmcs.guest.rsi)
             else:
@@ -256,6 +283,35 @@ class DomainRuntime:
         self.domain.shadow_sync = self.sync_shadow
         self.domain.on_destroy = self.stop
         return self.endpoints()
+
+    def prestart(self, staged: StagedRam, incoming: bool) -> None:
+        """Start this domain's QEMU ahead of launch, paused (``-S``; ``incoming``: waiting for a
+        device state), on the guest RAM ``staged`` while that is still being filled (restore-kd
+        starts it before it builds the domain).  Nothing runs in it: the vCPU is loaded and the
+        device state fed only by :meth:`launch`, after its checks, which use this QEMU only if
+        the RAM it maps is the one launch takes; :meth:`stop` ends it whatever happens."""
+        if self.machine is not None:
+            raise LaunchError(f"key domain {self.domain.keyid} already has a QEMU")
+        spec = MachineSpec(mem_size=staged.size, accel=self.accel, name=self.name, incoming=incoming)
+        self.machine = QemuMachine(spec, console_log=self.console_log, ram=staged.ram)
+        try:
+            self.machine.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _fill_ram(self, img_hpas: np.ndarray, img_gpns: np.ndarray) -> None:
+        """Decrypt the image pages from DRAM into guest RAM at their gpas, and into the baseline."""
+        ram = np.frombuffer(self.machine.map_ram(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        # The RAM file starts as zeros, so the baseline does too (np.zeros maps
+        # zero pages lazily); only the image pages are written into both.
+        self._snapshot = np.zeros(ram.shape, dtype=ram.dtype)
+        step = 4096
+        for start in range(0, img_hpas.size, step):
+            plain = self.domain.decrypt_page_array(img_hpas[start:start + step])
+            idx = img_gpns[start:start + step]
+            ram[idx] = plain
+            self._snapshot[idx] = plain
 
     def start_proxies(self, audit_path: Path, on_stop=None, on_cont=None) -> None:
         """Start the host-facing QMP and gdb proxies (docs/debugging.md) under the domain's policy.
@@ -691,8 +747,6 @@ class DomainRuntime:
             self.guest_port.stop()
             self.guest_port = None
         if self._snapshot is not None:
-            from qemu_kd.common.scrub import scrub
-
             scrub(self._snapshot)   # only its pages in memory: the rest was never written
             self._snapshot = None
         if self.machine is not None:

@@ -24,6 +24,13 @@ VMCS points at it.  The platform verifies that EPT as verify-ept does and
 launches the domain with the snapshot's device state and registers
 (``runtime.ResumeState``).  Like launch, the vCPU waits for ``run``.
 
+The decrypted pages also go straight into the new guest RAM (``guestram``), so
+launch does not decrypt them again, and the domain's QEMU starts while the
+domain is built (``DomainRuntime.prestart``): paused, waiting for its device
+state, on that RAM.  It runs nothing before the MAC's verdict and launch's
+checks, and a refused restore stops it (:meth:`SnapshotService._abandon`).
+The file is read into memory, never mapped: the MAC covers the bytes read.
+
 Rollback (docs/snapshots.md): the platform keeps each domain's latest snapshot
 version in ``<state>/snapshots/<domain id>``.  A snapshot older than that is
 refused unless the domain's measured policy is RESTORABLE; restoring a
@@ -74,6 +81,7 @@ from qemu_kd.formats.snapshot import (
 )
 from qemu_kd.formats.vmcs import Vmcs
 from qemu_kd.platform.domain import GUEST_TYPES, DomainState, KeyDomain, PageBatch
+from qemu_kd.platform.guestram import StagedRam, guest_memory_size
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +250,7 @@ class SnapshotService:
         order = np.argsort(pages.gpas[guest], kind="stable")
         gpas, hpas = pages.gpas[guest][order], pages.hpas[guest][order]
         types, perms = pages.types[guest][order], pages.perms[guest][order]
-        listing = PageList(gpas.tolist(), hpas.tolist(), types.tolist(), perms.tolist())
+        listing = PageList(gpas, hpas, types, perms)
         # DRAM through the platform: the MEE's ciphertext of every guest page (the shadow
         # is current: the exit synced it).
         memory = self.platform.memory.read_pages(hpas).tobytes()
@@ -296,20 +304,31 @@ class SnapshotService:
             p._check_open()
             if not header.policy.restorable and header.version < self.versions.latest(header.domain_id):
                 raise SnapshotRefused(_older(path, header, self.versions.latest(header.domain_id)))
-            keyid, domain = self._build(header, dom, listing, vmcs, opened[SECTION_MEMORY])
-            try:
-                mac.check()
-            except BaseException:
-                p.destroy_kd(keyid)
-                raise
             from qemu_kd.platform.runtime import ResumeState
 
+            keyid = p.keyids.reserve()
+            domain = runtime = started = None
+            name_claimed = None
             try:
-                endpoints = p.launch(keyid, name, resume_from=ResumeState(area.registers,
-                                                                          opened[SECTION_DEVICES],
-                                                                          dom.tsc_khz))
+                domain = KeyDomain(keyid, dom.key, header.policy, header.host_data, p.memory)
+                # The guest's plaintext goes into guest RAM as the domain is built (guestram.py),
+                # and the domain's QEMU starts meanwhile, paused, on that RAM: nothing runs in it
+                # before launch has taken the MAC's verdict and made its own checks.
+                staged = StagedRam(guest_memory_size(listing.gpas))
+                domain.stage_ram(staged)
+                name_claimed = (p.name_claims.claim_default(keyid) if name is None
+                                else p.name_claims.claim(name, keyid))
+                runtime = p._runtime_factory(domain, p.identity, p.qemu_accel, name_claimed)
+                if hasattr(runtime, "prestart"):
+                    started = p._launcher.submit(runtime.prestart, staged, True)
+                self._build(keyid, domain, staged, header, dom, listing, vmcs, opened[SECTION_MEMORY])
+                mac.check()
+                if started is not None:
+                    started.result()
+                endpoints = p.launch(keyid, name_claimed, resume_from=ResumeState(
+                    area.registers, opened[SECTION_DEVICES], dom.tsc_khz), runtime=runtime)
             except BaseException:
-                p.destroy_kd(keyid)
+                self._abandon(keyid, domain, runtime, started, name_claimed)
                 raise
             if not header.policy.restorable:
                 # This file is now older than the domain: it restores once.
@@ -352,77 +371,93 @@ class SnapshotService:
                                   f"{header.measurement.hex()[:16]}..., expected {measurement.hex()[:16]}...)")
         return snap
 
-    def _build(self, header: SnapshotHeader, dom: DomainSection, listing: PageList, vmcs: Vmcs,
-               memory: bytes) -> tuple[int, KeyDomain]:
-        """A VERIFIED key domain holding the snapshot's pages at fresh hpas (caller holds the lock)."""
+    def _abandon(self, keyid: int, domain: KeyDomain | None, runtime, started, name: str | None) -> None:
+        """Undo a restore that did not launch: its QEMU, name, domain, pages and KeyID (caller
+        holds the lock)."""
         p = self.platform
-        gpas = np.asarray(listing.gpas, dtype=np.uint64)
-        old_hpas = np.asarray(listing.hpas, dtype=np.uint64)
-        perms = np.asarray(listing.perms, dtype=np.int64)
-        n_tables = ept_table_pages_needed(listing.gpas)
-        keyid = p.keyids.reserve()
-        domain = None
-        try:
-            hpas = p.memory.find_free(gpas.size + n_tables + 2)
-            p.memory.claim_for_host(hpas, keyid)
-            guest_hpas, table_hpas = hpas[:gpas.size], hpas[gpas.size:gpas.size + n_tables]
-            vmcs_hpa, save_hpa = int(hpas[-2]), int(hpas[-1])
-            domain = KeyDomain(keyid, dom.key, header.policy, header.host_data, p.memory)
-            old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
-            # The old addresses are read once: no mask cache for them (its no-cache path is
-            # also the fast one), so the domain's own cache holds only its new addresses.
-            # Pages that are zero come back as ZERO pages: DRAM gets their encrypted zeros on
-            # first use and guest RAM keeps its holes, as at a fresh launch.
-            zero = np.zeros(gpas.size, dtype=bool)
-            # Views of the file's pages and one plaintext buffer: no copies of the memory section.
-            pages = memoryview(memory)
-            buffer = np.empty((min(RESTORE_BATCH, gpas.size), PAGE_SIZE), dtype=np.uint8)
-            with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
-                for start in range(0, gpas.size, RESTORE_BATCH):
-                    sl = slice(start, start + RESTORE_BATCH)
-                    count = min(RESTORE_BATCH, gpas.size - start)
-                    plain = buffer[:count]
-                    old_mee.decrypt_into(plain, pages[start * PAGE_SIZE:(start + count) * PAGE_SIZE],
-                                         old_dpas[sl])
-                    zero[sl] = ~plain.view(np.uint64).any(axis=1)
-                    keep = ~zero[sl]
-                    if keep.all():
-                        domain.encrypt_into_dram(guest_hpas[sl], plain)
-                    elif keep.any():
-                        domain.encrypt_into_dram(guest_hpas[sl][keep], plain[keep])
-                buffer.fill(0)      # guest plaintext does not linger in the platform's heap
-            eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
-            order = np.array(sorted(tables), dtype=np.uint64)
-            domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
-            new_vmcs = replace(vmcs, ept_pointer=eptp, save_area_hpa=save_hpa)
-            domain.encrypt_into_dram(np.array([vmcs_hpa], dtype=np.uint64), new_vmcs.pack())
-            control = np.concatenate([[vmcs_hpa], order, [save_hpa]]).astype(np.uint64)
-            control_types = [int(PageType.VMCS)] + [int(PageType.EPT)] * order.size + [int(PageType.SAVE)]
-            # Every guest page with contents comes back as an IMAGE page.
-            data = ~zero
-            batch = PageBatch(np.concatenate([control, guest_hpas[data]]),
-                              np.concatenate([np.zeros(control.size, dtype=np.uint64), gpas[data]]),
-                              np.concatenate([control_types, np.full(int(data.sum()), int(PageType.IMAGE))]),
-                              np.concatenate([np.zeros(control.size, dtype=np.int64), perms[data]]),
-                              np.zeros(control.size + int(data.sum()), dtype=bool))
-            p.domains[keyid] = domain
-            domain.add_pages(batch)
-            if zero.any():
-                domain.add_zero_pages(PageBatch(guest_hpas[zero], gpas[zero],
-                                                np.full(int(zero.sum()), int(PageType.ZERO)), perms[zero],
-                                                np.zeros(int(zero.sum()), dtype=bool)))
-            verdict = domain.verify_ept(hpas)
-            if not verdict.ok:
-                raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
-            domain.measurement = RestoredMeasurement(header.measurement)
-            return keyid, domain
-        except BaseException:
-            if keyid in p.domains:
-                p.destroy_kd(keyid)
-            else:
-                p.memory.release_keyid(keyid)
-                p.keyids.release(keyid)
-            raise
+        if started is not None:
+            try:
+                started.result()    # the QEMU started ahead is stopped below, not while it starts
+            except BaseException:  # noqa: BLE001 - it stopped itself; the restore's error is reported
+                pass
+        if runtime is not None and hasattr(runtime, "stop"):
+            runtime.stop()
+        if name is not None and keyid not in p.domain_names:
+            p.name_claims.release(name)
+        if keyid in p.domains:
+            p.destroy_kd(keyid)
+            return
+        if domain is not None:
+            domain.discard_staged_ram()
+        p.memory.release_keyid(keyid)
+        p.keyids.release(keyid)
+
+    def _build(self, keyid: int, domain: KeyDomain, staged: StagedRam, header: SnapshotHeader,
+               dom: DomainSection, listing: PageList, vmcs: Vmcs, memory: bytes) -> None:
+        """Make ``domain`` a VERIFIED key domain holding the snapshot's pages at fresh hpas, their
+        plaintext in ``staged`` (caller holds the lock, and undoes all of it on failure)."""
+        p = self.platform
+        gpas, old_hpas = listing.gpas, listing.hpas
+        perms = listing.perms.astype(np.int64)
+        n_tables = ept_table_pages_needed(gpas)
+        hpas = p.memory.find_free(gpas.size + n_tables + 2)
+        p.memory.claim_for_host(hpas, keyid)
+        guest_hpas, table_hpas = hpas[:gpas.size], hpas[gpas.size:gpas.size + n_tables]
+        vmcs_hpa, save_hpa = int(hpas[-2]), int(hpas[-1])
+        old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
+        # The old addresses are read once: no mask cache for them (its no-cache path is
+        # also the fast one), so the domain's own cache holds only its new addresses.
+        # Pages that are zero come back as ZERO pages: DRAM gets their encrypted zeros on
+        # first use and guest RAM keeps its holes, as at a fresh launch.
+        zero = np.zeros(gpas.size, dtype=bool)
+        # The plaintext goes into guest RAM as well (guestram.py): launch takes it instead
+        # of decrypting every page out of DRAM again.
+        gpns = (gpas // PAGE_SIZE).astype(np.int64)
+        # Views of the file's pages and one plaintext buffer: no copies of the memory section.
+        pages = memoryview(memory)
+        buffer = np.empty((min(RESTORE_BATCH, gpas.size), PAGE_SIZE), dtype=np.uint8)
+        with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
+            for start in range(0, gpas.size, RESTORE_BATCH):
+                sl = slice(start, start + RESTORE_BATCH)
+                count = min(RESTORE_BATCH, gpas.size - start)
+                plain = buffer[:count]
+                old_mee.decrypt_into(plain, pages[start * PAGE_SIZE:(start + count) * PAGE_SIZE],
+                                     old_dpas[sl])
+                zero[sl] = ~plain.view(np.uint64).any(axis=1)
+                keep = ~zero[sl]
+                if keep.all():
+                    domain.encrypt_into_dram(guest_hpas[sl], plain)
+                    staged.fill(gpns[sl], guest_hpas[sl], plain)
+                elif keep.any():
+                    kept = plain[keep]
+                    domain.encrypt_into_dram(guest_hpas[sl][keep], kept)
+                    staged.fill(gpns[sl][keep], guest_hpas[sl][keep], kept)
+                    kept.fill(0)
+            buffer.fill(0)      # guest plaintext does not linger in the platform's heap
+        eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
+        order = np.array(sorted(tables), dtype=np.uint64)
+        domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
+        new_vmcs = replace(vmcs, ept_pointer=eptp, save_area_hpa=save_hpa)
+        domain.encrypt_into_dram(np.array([vmcs_hpa], dtype=np.uint64), new_vmcs.pack())
+        control = np.concatenate([[vmcs_hpa], order, [save_hpa]]).astype(np.uint64)
+        control_types = [int(PageType.VMCS)] + [int(PageType.EPT)] * order.size + [int(PageType.SAVE)]
+        # Every guest page with contents comes back as an IMAGE page.
+        data = ~zero
+        batch = PageBatch(np.concatenate([control, guest_hpas[data]]),
+                          np.concatenate([np.zeros(control.size, dtype=np.uint64), gpas[data]]),
+                          np.concatenate([control_types, np.full(int(data.sum()), int(PageType.IMAGE))]),
+                          np.concatenate([np.zeros(control.size, dtype=np.int64), perms[data]]),
+                          np.zeros(control.size + int(data.sum()), dtype=bool))
+        p.domains[keyid] = domain
+        domain.add_pages(batch)
+        if zero.any():
+            domain.add_zero_pages(PageBatch(guest_hpas[zero], gpas[zero],
+                                            np.full(int(zero.sum()), int(PageType.ZERO)), perms[zero],
+                                            np.zeros(int(zero.sum()), dtype=bool)))
+        verdict = domain.verify_ept(hpas)
+        if not verdict.ok:
+            raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
+        domain.measurement = RestoredMeasurement(header.measurement)
 
 
 def _seal(keys: _Keys, header: SnapshotHeader, sections: dict[int, bytes]) -> Snapshot:
@@ -459,7 +494,7 @@ def _check_path(path: str | Path) -> Path:
     return path
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> memoryview:
     try:
         # Non-blocking open: a FIFO named here must not hang the platform before the check below.
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
@@ -469,9 +504,19 @@ def _read(path: Path) -> bytes:
                                       "give the file qemu-kd snapshot wrote")
             if info.st_size > MAX_SNAPSHOT_BYTES:
                 raise SnapshotRefused(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES >> 30} GiB")
-            data = f.read(MAX_SNAPSHOT_BYTES + 1)      # bounded even if the file grows meanwhile
-            if len(data) > MAX_SNAPSHOT_BYTES:
-                raise SnapshotRefused(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES >> 30} GiB")
-            return data
+            # Read into a buffer of the file's size and one byte more (bounded even if the file
+            # grows meanwhile; the MAC is checked over exactly these bytes).
+            buffer = np.empty(info.st_size + 1, dtype=np.uint8)
+            view = memoryview(buffer)
+            got = 0
+            while got < len(view):
+                count = f.readinto(view[got:])
+                if not count:
+                    break
+                got += count
+            if got > info.st_size:
+                raise SnapshotRefused(f"snapshot {path} grew while it was read",
+                                      "restore a snapshot nothing is writing to")
+            return view[:got]
     except OSError as exc:
         raise SnapshotError(f"cannot read the snapshot {path}: {exc.strerror or exc}") from None

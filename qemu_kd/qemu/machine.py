@@ -9,7 +9,9 @@ file system: QEMU gets it as an inherited descriptor and maps it through
 ``memory-backend-file`` with ``mem-path=/proc/self/fd/N,share=on``; the
 platform maps the same descriptor (:meth:`QemuMachine.map_ram`), coherent both
 ways.  The memory goes away with the last process that holds it, however it
-ends, so no copy of guest plaintext outlives QEMU and its parent.
+ends, so no copy of guest plaintext outlives QEMU and its parent.  The platform
+may fill guest RAM before QEMU starts (:class:`GuestRam`, handed to the
+machine, which then owns it).
 
 Every way out (normal stop, exception, Ctrl-C, QEMU crash, even the parent
 being killed: QEMU gets ``PR_SET_PDEATHSIG``) stops QEMU; every way but the
@@ -71,6 +73,33 @@ def create_private_file(path: Path) -> None:
         os.close(fd)
 
 
+class GuestRam:
+    """Guest RAM before (and while) QEMU maps it: an anonymous memory file of ``size`` bytes,
+    mapped shared in this process.  Pages nobody writes stay holes (read as zeros)."""
+
+    def __init__(self, size: int, name: str = "kd-ram"):
+        self.size = size
+        self.fd: int | None = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.map: mmap.mmap | None = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        """Unmap and close: the memory goes once no process (QEMU) holds the file any more."""
+        if self.map is not None:
+            try:
+                self.map.close()
+            except (BufferError, ValueError):   # a view is still out: the mapping goes with it
+                pass
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 @dataclass
 class MachineSpec:
     """What QEMU to start.  ``accel`` is ``"tcg"`` or ``"kvm"``."""
@@ -88,16 +117,29 @@ class MachineSpec:
 class QemuMachine:
     """A paused QEMU with memfd-backed RAM, QMP, gdbstub and three serial sockets."""
 
-    def __init__(self, spec: MachineSpec, console_log: Path | None = None):
+    def __init__(self, spec: MachineSpec, console_log: Path | None = None, ram: GuestRam | None = None):
+        """``ram``: guest RAM the caller already filled (its size must be ``spec.mem_size``);
+        the machine owns it from here on and closes it when it stops."""
+        if ram is not None and ram.size != spec.mem_size:
+            raise QemuError(f"guest RAM of {ram.size} bytes for a machine of {spec.mem_size}")
         self.spec = spec
         self.proc: subprocess.Popen | None = None
         self.sockdir: Path | None = None
-        self.ram_fd: int | None = None
+        self._ram = ram
         self.console_log = console_log
         self.qmp = None
         self.rsp: RspClient | None = None
-        self._ram_map: mmap.mmap | None = None
         self._stderr = None
+
+    @property
+    def guest_ram(self) -> GuestRam | None:
+        """The guest RAM this machine maps (None once stopped)."""
+        return self._ram
+
+    @property
+    def ram_fd(self) -> int | None:
+        """The guest-RAM memory file's descriptor (None once stopped)."""
+        return self._ram.fd if self._ram is not None else None
 
     # -- paths ---------------------------------------------------------------------
     def socket_path(self, name: str) -> str:
@@ -156,8 +198,8 @@ class QemuMachine:
             self.console_log = log_dir() / f"{self.spec.name}-{os.getpid()}-{int(time.time())}.log"
         try:
             create_private_file(self.console_log)
-            self.ram_fd = os.memfd_create("kd-ram", os.MFD_CLOEXEC)
-            os.ftruncate(self.ram_fd, self.spec.mem_size)
+            if self._ram is None:
+                self._ram = GuestRam(self.spec.mem_size)
             self._stderr = open(self.stderr_path, "wb")
             os.fchmod(self._stderr.fileno(), LOG_MODE)
             self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
@@ -209,12 +251,10 @@ class QemuMachine:
         return self.proc is not None and self.proc.poll() is None
 
     def map_ram(self) -> mmap.mmap:
-        """Map guest RAM (the memfd QEMU maps too: shared, coherent both ways)."""
-        if self._ram_map is None:
-            if self.ram_fd is None:
-                raise QemuError("QEMU is not running")
-            self._ram_map = mmap.mmap(self.ram_fd, self.spec.mem_size, mmap.MAP_SHARED)
-        return self._ram_map
+        """Guest RAM, mapped (the memfd QEMU maps too: shared, coherent both ways)."""
+        if self._ram is None or self._ram.map is None:
+            raise QemuError("QEMU is not running")
+        return self._ram.map
 
     def write_ram(self, gpa: int, data: bytes) -> None:
         ram = self.map_ram()
@@ -340,12 +380,6 @@ class QemuMachine:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL), release guest RAM, remove every file."""
-        if self._ram_map is not None:
-            try:
-                self._ram_map.close()
-            except (BufferError, ValueError):
-                pass
-            self._ram_map = None
         if self.rsp is not None:
             self.rsp.close()
             self.rsp = None
@@ -374,9 +408,9 @@ class QemuMachine:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        if self.ram_fd is not None:
-            os.close(self.ram_fd)
-            self.ram_fd = None
+        if self._ram is not None:
+            self._ram.close()
+            self._ram = None
         if self.sockdir is not None:
             shutil.rmtree(self.sockdir, ignore_errors=True)
             self.sockdir = None

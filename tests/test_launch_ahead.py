@@ -1,0 +1,106 @@
+"""The QEMU a measured domain's launch will use starts ahead, at measure-kd (docs/hostport.md):
+paused on the guest RAM the measurement filled, running nothing until launch has made its
+checks; launch under another name replaces it, and destroying the domain before launch stops it
+and leaves nothing behind.  In process, so the platform can be watched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+
+import pytest
+
+from host_vmm.vmm import HostVmm
+from protected import in_process_platform
+from qemu_kd.common.paths import runtime_dir
+from qemu_kd.formats.policy import Policy
+from qemu_kd.qemu.launch import full_cmdline
+from qemu_kd.qemu.machine import DIR_KIND
+from qemu_kd.tenant.seal import seal
+
+pytestmark = pytest.mark.qemu
+MiB = 1 << 20
+GUEST = 128 * MiB
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    work = tmp_path_factory.mktemp("launch-ahead")
+    with in_process_platform(work / "p.sock", work / "pstate", 2 * GUEST + 64 * MiB) as p:
+        p.test_socket, p.test_root = work / "p.sock", (work / "pstate" / "root-ca.crt").read_bytes()
+        yield p
+
+
+@contextmanager
+def verified(platform, guest_artifacts):
+    """A host VMM with a loaded, verified (so measured) domain; destroyed at the end."""
+    vmm = HostVmm(str(platform.test_socket))
+    try:
+        layout = vmm.allocate(GUEST)
+        bundle, _secret = seal(guest_artifacts.kernel.read_bytes(), guest_artifacts.initrd.read_bytes(),
+                               full_cmdline(), GUEST, Policy.make(), layout, platform.test_root)
+        vmm.load(bundle)
+        assert all(check.ok for check in vmm.verify())
+        yield vmm
+    finally:
+        vmm.destroy()
+
+
+def _qemu_children() -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "qemu-system"], capture_output=True,
+                         text=True).stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+def _leftovers() -> tuple:
+    ram = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            ram += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
+        except OSError:
+            pass
+    return _qemu_children(), ram, sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
+
+
+def _ahead(platform, keyid):
+    name, runtime, start = platform._ahead[keyid]
+    start.result()
+    return name, runtime
+
+
+def test_a_measured_domain_has_its_qemu_started_ahead_and_launch_uses_it(platform, guest_artifacts):
+    with verified(platform, guest_artifacts) as vmm:
+        name, runtime = _ahead(platform, vmm.keyid)
+        machine = runtime.machine
+        assert name == f"kd{vmm.keyid}" and machine.proc.pid in _qemu_children()
+        # Paused before anything ran: the vCPU has not left its reset state, no device state.
+        with runtime.qmp_lock:
+            assert machine.qmp.cmd("query-status")["status"] == "prelaunch"
+        with runtime.rsp_lock:
+            assert machine.rsp.read_register(16) == 0xFFF0     # RIP at reset
+        vmm.launch(ready_timeout=120)
+        assert platform.runtimes[vmm.keyid] is runtime and runtime.machine is machine
+        assert vmm.agent.ping(timeout=60)
+
+
+def test_launch_under_another_name_replaces_the_qemu_started_ahead(platform, guest_artifacts):
+    with verified(platform, guest_artifacts) as vmm:
+        _name, runtime = _ahead(platform, vmm.keyid)
+        pid = runtime.machine.proc.pid
+        vmm.launch(ready_timeout=120, name="ahead-other")
+        assert platform.runtimes[vmm.keyid] is not runtime and pid not in _qemu_children()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert vmm.agent.ping(timeout=60)
+
+
+def test_destroying_a_measured_domain_stops_the_qemu_started_ahead(platform, guest_artifacts):
+    before = _leftovers()
+    with verified(platform, guest_artifacts) as vmm:
+        _name, runtime = _ahead(platform, vmm.keyid)
+        pid = runtime.machine.proc.pid
+        assert pid in _qemu_children()
+    assert vmm.keyid not in platform._ahead and _leftovers() == before
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
