@@ -673,6 +673,9 @@ class Platform:
         #: Seconds the start took (``platform start``; empty when attached).
         self.timings: dict[str, float] = {}
         self._count = 0
+        #: A daemon started and not yet waited for (``start(wait=False)``).
+        self._starting: Any = None
+        self._start_began = 0.0
         #: A host VMM process started together with the daemon, for the first protected launch.
         self._spare_host: Any = None
         #: A host VMM process the last restore started for the next one.
@@ -709,46 +712,85 @@ class Platform:
             self._say(f"accelerator: {choice.name} ({choice.reason})")
         return self.accel
 
-    def start(self, *, probe_kernel: str | Path | None = None) -> "Platform":
+    def start(self, *, probe_kernel: str | Path | None = None, wait: bool = True) -> "Platform":
         """Start the daemon (or check that the one to attach to answers); idempotent.
 
         ``probe_kernel`` is the kernel ``accel="auto"`` and ``"kvm"`` boot to find out whether
-        KVM runs it (default: the default guest's).
+        KVM runs it (default: the default guest's).  ``wait=False`` returns as soon as the daemon
+        and the first launch's host VMM process are started, without waiting for them to serve:
+        what the caller does next overlaps their start-up, and the next ``start()`` or launch
+        waits for them (and raises the error of a daemon that did not start).
         """
-        if self._proc is not None or (self._attached and self.workdir is not None):
+        if self._starting is None and (self._proc is not None or
+                                       (self._attached and self.workdir is not None)):
             return self
-        from qemu_kd.common.rundirs import make_private_dir
+        if self._starting is None:
+            from qemu_kd.common.rundirs import make_private_dir
 
-        if self._attached:      # the daemon there runs QEMU; this process needs none
-            self._attach()
-            self.workdir = make_private_dir("run")
-            return self
-        from qemu_kd.hostport.spawn import start_platform_process
-        from qemu_kd.qemu.launch import PhaseTimer
+            if self._attached:      # the daemon there runs QEMU; this process needs none
+                self._attach()
+                self.workdir = make_private_dir("run")
+                return self
+            self._spawn(probe_kernel, make_private_dir("run"))
+        if wait:
+            self._await_platform()
+        return self
+
+    def _spawn(self, probe_kernel: str | Path | None, workdir: Path) -> None:
+        """Start the daemon and the first launch's host VMM process, side by side; wait for neither."""
+        import time
+
+        from qemu_kd.hostport.spawn import spawn_platform_process
         from qemu_kd.qemu.machine import QEMU_BINARY, find_qemu
 
-        find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
-        self.workdir = make_private_dir("run")
+        self.workdir = workdir
         try:
+            find_qemu(os.environ.get("QEMU_KD_QEMU", QEMU_BINARY))   # a clear error now when QEMU is missing
             kernel = Path(probe_kernel) if probe_kernel else resolve_image(None, None, None).kernel_path
             accel = self._choose_accel(kernel)
-            with PhaseTimer(self.timings, progress=self._progress).phase("platform start"):
-                socket = self.workdir / "platform.sock"
-                # The first launch's host VMM starts (imports, mostly) while the daemon does.
-                self._spare_host = self._host_vmm(socket, wait_platform=self._start_timeout)
-                self._proc, self.socket = start_platform_process(
-                    socket, self.state_dir, accel=accel, memory_size=self.memory,
-                    timeout=self._start_timeout, exit_when_idle=self._detach, detach=self._detach,
-                    remove_dir=self.workdir if self._detach else None)
+            self._say("platform start")
+            self._start_began = time.perf_counter()
+            socket = workdir / "platform.sock"
+            # The first launch's host VMM starts (imports, mostly) while the daemon does.
+            self._spare_host = self._host_vmm(socket, wait_platform=self._start_timeout)
+            self._starting = spawn_platform_process(
+                socket, self.state_dir, accel=accel, memory_size=self.memory,
+                exit_when_idle=self._detach, detach=self._detach,
+                remove_dir=workdir if self._detach else None)
         except BaseException as exc:
-            if isinstance(exc, KdError):
-                keep_platform_log(exc, self.log_path)
-            self._stop_spare_host()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+            self._abandon_start(exc)
             raise
+        self._proc = self._starting.proc    # close() stops it, whether it serves yet or not
         self._pid = self._proc.pid
-        return self
+
+    def _await_platform(self) -> None:
+        """Wait for the daemon :meth:`_spawn` started to serve (``platform start`` in ``timings``
+        runs from its start until then)."""
+        import time
+
+        starting, self._starting = self._starting, None
+        if starting is None:
+            return
+        try:
+            self.socket = starting.wait_ready(self._start_timeout)
+        except BaseException as exc:
+            from qemu_kd.hostport.spawn import stop_platform_process
+
+            stop_platform_process(starting.proc)
+            self._proc = self._pid = None
+            self._abandon_start(exc)
+            raise
+        self.timings["platform start"] = time.perf_counter() - self._start_began
+
+    def _abandon_start(self, exc: BaseException) -> None:
+        """Undo a start that failed with ``exc``: the host VMM process and the private directory
+        go; the daemon's log is kept (and named in ``exc``) when ``exc`` is an error."""
+        if isinstance(exc, KdError):
+            keep_platform_log(exc, self.log_path)
+        self._stop_spare_host()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir = None
 
     def _host_vmm(self, socket: Path, wait_platform: float = 0.0) -> Any:
         """A new host VMM process for ``socket``'s platform, started; not waited for."""
@@ -836,7 +878,7 @@ class Platform:
             raise ConfigError("exposed registers apply to protected domains",
                               "drop exposed_register_mask, or launch a protected domain")
         if not plain:
-            self.start()
+            self.start(wait=False)     # the daemon starts while the guest is read and measured
         size = guest_memory(memory)
         image = resolve_image(kernel, initrd, additions)
         from qemu_kd.qemu.launch import full_cmdline
@@ -878,13 +920,14 @@ class Platform:
         from qemu_kd.tenant.seal import seal
         from qemu_kd.tenant.session import TenantSession, attest
 
-        assert self.workdir is not None and self.socket is not None
         timer = PhaseTimer(progress=self._progress)
         policy = Policy.make(debug=debug, restorable=restorable)
         mask = exposed_register_mask
         # The tenant builds the boot image and computes the expected measurement (no layout
-        # enters either) while the host VMM process starts and allocates.
+        # enters either) while the platform daemon and the host VMM process start and allocate.
         measuring = _in_thread(measure_guest, image.kernel, image.initrd, cmdline, size, policy, mask)
+        self._await_platform()
+        assert self.workdir is not None and self.socket is not None
         host = self._take_host()
         try:
             host.wait_ready()
@@ -1033,6 +1076,7 @@ class Platform:
                 pass
         self.domains.clear()
         self._stop_spare_host()
+        self._starting = None
         if self._proc is not None:
             from qemu_kd.hostport.spawn import stop_platform_process
 

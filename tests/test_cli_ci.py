@@ -48,6 +48,25 @@ def test_run_usage_errors_exit_125_and_json_reports_them(argv, message, as_json,
         assert res.stdout == ""
 
 
+def test_run_parses_as_before_without_loading_the_other_commands():
+    """``qemu-kd run`` builds only run's parser (so a protected run starts its platform sooner);
+    it parses a run command line exactly as the whole command line does."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from qemu_kd.cli.main import build_parser, parse_args\n"
+            "argv = ['run', '--mem', '128M', '--json', '--cmd', 'true', '--add', 'a:/b']\n"
+            "ns = vars(parse_args(build_parser('run'), argv))\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('qemu_kd.cli.'))\n"
+            "full = vars(parse_args(build_parser(), argv))\n"
+            "same = {k: str(v) for k, v in ns.items()} == {k: str(v) for k, v in full.items()}\n"
+            "print(json.dumps({'loaded': loaded, 'same': same}))\n")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True, timeout=60).stdout)
+    assert out["same"]
+    assert "qemu_kd.cli.domains" not in out["loaded"] and "qemu_kd.cli.tenant" not in out["loaded"]
+
 def test_a_missing_kernel_exits_125_with_one_json_object(tmp_path):
     res = qemu_kd("run", "-q", "--json", "--kernel", tmp_path / "nope", "--initrd", tmp_path / "i",
                   env=no_qemu_env(tmp_path))
@@ -57,6 +76,29 @@ def test_a_missing_kernel_exits_125_with_one_json_object(tmp_path):
     assert out["error"]["message"] == f"kernel {tmp_path / 'nope'} does not exist"
     assert out["error"]["hint"] and out["error"]["code"] == "ConfigError"
 
+
+def test_a_run_ends_its_process_without_the_interpreter_teardown(tmp_path):
+    """``qemu-kd run`` ends its own process once it has cleaned up (os._exit: an atexit handler,
+    part of the teardown, never runs), with its exit status and its output complete."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown-ran"
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+            "from qemu_kd.cli.main import main\n"
+            "sys.exit(main())\n")
+    res = subprocess.run([sys.executable, "-c", code, "run", "-q", "--json", "--kernel",
+                          str(tmp_path / "nope"), "--initrd", str(tmp_path / "i")],
+                         capture_output=True, text=True, timeout=60, env=no_qemu_env(tmp_path))
+    assert res.returncode == HARNESS_EXIT, res.stderr
+    assert json.loads(res.stdout)["error"]["code"] == "ConfigError"
+    assert not marker.exists()
+    # Called with its arguments (in-process), main returns as before.
+    from qemu_kd.cli.main import main
+
+    assert main(["run", "-q", "--kernel", str(tmp_path / "nope"), "--initrd", str(tmp_path / "i")]) \
+        == HARNESS_EXIT
 
 def test_other_commands_keep_their_codes(tmp_path):
     res = qemu_kd("destroy", "vm/1", env=no_qemu_env(tmp_path))

@@ -74,3 +74,76 @@ def test_a_launch_replaces_a_host_vmm_that_died_before_it(runtime):
             host.stop()
     finally:
         platform.close()
+
+
+def test_start_without_waiting_returns_before_the_daemon_serves_and_close_stops_it(runtime):
+    """``start(wait=False)`` only starts the two processes: closing right away stops both,
+    and nothing of either is left (process, run directory, registry entry, socket)."""
+    import qemu_kd
+    from tests.leftovers import runtime_entries
+
+    platform = qemu_kd.Platform(accel="tcg", memory="128M")
+    try:
+        platform.start(probe_kernel=__file__, wait=False)
+        proc, spare, workdir = platform._proc, platform._spare_host, platform.workdir
+        assert proc is not None and spare is not None and workdir.is_dir()
+        assert platform.socket is None and "platform start" not in platform.timings
+    finally:
+        platform.close()
+    assert proc.poll() is not None and spare.proc.poll() is not None
+    assert not workdir.exists() and runtime_entries() == []
+
+
+def test_start_after_start_without_waiting_waits_for_the_daemon(runtime):
+    import qemu_kd
+    from qemu_kd.hostport.client import HostPortClient
+
+    platform = qemu_kd.Platform(accel="tcg", memory="128M")
+    try:
+        platform.start(probe_kernel=__file__, wait=False)
+        proc = platform._proc
+        assert platform.start() is platform and platform._proc is proc
+        assert platform.timings["platform start"] > 0
+        with HostPortClient(platform.socket) as client:
+            assert client.platform_info().memory_size == 128 << 20
+        platform._spare_host.wait_ready()
+    finally:
+        platform.close()
+
+
+def test_a_daemon_that_does_not_start_fails_the_wait_in_one_line(runtime, monkeypatch):
+    """Started without waiting, a daemon that cannot start is a one-line error when the platform
+    is next needed; the host VMM process started beside it and the run directory go."""
+    import qemu_kd
+    from qemu_kd.common.errors import ConfigError
+    from qemu_kd.hostport import spawn
+
+    monkeypatch.setattr(spawn, "DAEMON_MODULE", "qemu_kd.platform.no_such_daemon")
+    platform = qemu_kd.Platform(accel="tcg", memory="128M")
+    try:
+        platform.start(probe_kernel=__file__, wait=False)
+        spare, workdir = platform._spare_host, platform.workdir
+        with pytest.raises(ConfigError, match="the platform daemon did not start: .*no_such_daemon") as err:
+            platform.start()
+        assert "\n" not in str(err.value)
+        assert platform._proc is None and platform.workdir is None and not workdir.exists()
+        assert spare.proc.poll() is not None
+    finally:
+        platform.close()
+
+
+def test_the_host_vmm_process_ends_without_the_interpreter_teardown(tmp_path):
+    """``python -m host_vmm`` ends with os._exit once its main has returned (an atexit handler,
+    part of the teardown, never runs), with main's exit status and its one-line error."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown-ran"
+    code = ("import atexit, runpy\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+            "runpy.run_module('host_vmm', run_name='__main__', alter_sys=True)\n")
+    res = subprocess.run([sys.executable, "-c", code, "--platform", str(tmp_path / "none.sock"),
+                          "--api", str(tmp_path / "vmm.sock")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0 and not marker.exists()
+    assert res.stderr.strip().splitlines()[-1].startswith("host-vmm: error:")

@@ -110,16 +110,9 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_run_parser(sub) -> None:
     from qemu_kd.cli.args import add_expose_option, domain_name, guest_memory, positive_seconds
     from qemu_kd.cli.guest_files import add_addition_options
-
-    parser = KdArgumentParser(
-        prog="qemu-kd",
-        description="Key-domain protected VMs emulated around real QEMU guests.")
-    parser.add_argument("--version", action="version", version=f"qemu-kd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
     run = sub.add_parser("run", help="boot the default guest, run a command in it, shut down")
     run.add_argument("--plain", action="store_true",
@@ -151,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=_cmd_run, harness_exit=True)
     run.harness_exit = True
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``command="run"`` builds the ``run`` command's parser only: it
+    parses a ``run`` command line the same, without loading every other command's module
+    first (a protected run starts its platform daemon sooner)."""
+    parser = KdArgumentParser(
+        prog="qemu-kd",
+        description="Key-domain protected VMs emulated around real QEMU guests.")
+    parser.add_argument("--version", action="version", version=f"qemu-kd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    add_run_parser(sub)
+    if command == "run":
+        return parser
+    from qemu_kd.cli.args import guest_memory
+    from qemu_kd.cli.guest_files import add_addition_options
 
     guest = sub.add_parser("guest", help="the default guest kernel and image")
     gsub = guest.add_subparsers(dest="guest_command", metavar="ACTION")
@@ -229,6 +240,22 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subproce
     raise KeyboardInterrupt
 
 
+def _harness_command(args: argparse.Namespace) -> int:
+    """Run ``run`` or ``exec``: a failure is reported in one line (or one JSON object) and exits
+    with qemu-kd's own code."""
+    from qemu_kd.cli.outcome import report_failure
+
+    try:
+        return args.func(args)
+    except (KdError, KeyboardInterrupt) as exc:
+        return report_failure(exc, as_json=args.json)
+    except Exception as exc:  # noqa: BLE001 - a bug: its traceback, and still one JSON object
+        import traceback
+
+        traceback.print_exc()
+        return report_failure(exc, as_json=args.json)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; only ``platform serve`` takes arguments this parser does not know.
 
@@ -246,26 +273,43 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def end_process(code: int) -> None:
+    """End this process with ``code`` now, skipping the interpreter's teardown (unloading numpy,
+    cryptography and the rest): for a ``run`` that has stopped everything it started, written
+    its report and left nothing behind."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``qemu-kd`` command with ``argv`` (default: this process's arguments); its exit status.
+
+    A ``run`` on this process's own arguments ends the process itself (:func:`end_process`)
+    once everything is cleaned up; called with ``argv``, main returns as every command does.
+    """
     from qemu_kd.cli.outcome import CommandLineError, report_failure
 
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     try:
         args = parse_args(parser, argv)
     except CommandLineError as exc:   # run/exec: qemu-kd's own code, and --json still reports
         return report_failure(exc, as_json="--json" in argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if getattr(args, "harness_exit", False):
-        try:
-            return args.func(args)
-        except (KdError, KeyboardInterrupt) as exc:
-            return report_failure(exc, as_json=args.json)
-        except Exception as exc:  # noqa: BLE001 - a bug: its traceback, and still one JSON object
-            import traceback
-
-            traceback.print_exc()
-            return report_failure(exc, as_json=args.json)
+        code = _harness_command(args)
+        if whole_process and args.command == "run":
+            end_process(code)
+        return code
     try:
         return args.func(args)
     except KdError as exc:

@@ -11,7 +11,7 @@ import base64
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from guest_agent.protocol import MAX_OUTPUT
 
@@ -20,8 +20,12 @@ from qemu_kd.api import (
     ProtectedDomain, keep_platform_log,
 )
 from qemu_kd.common.errors import ConfigError, GuestImageError, KdError
-from qemu_kd.guest.additions import GuestAdditions
-from qemu_kd.qemu.launch import PhaseTimer
+
+if TYPE_CHECKING:
+    # The modules a run needs beyond these load where they are used, so that a protected run's
+    # platform daemon is already starting while they load.
+    from qemu_kd.guest.additions import GuestAdditions
+    from qemu_kd.qemu.launch import PhaseTimer
 
 MiB = 1 << 20
 
@@ -80,7 +84,7 @@ def guest_inputs(opts: RunOptions, show) -> tuple[Path, Path]:
             raise ConfigError("--kernel and --initrd go together",
                               "pass both, or neither for the default guest")
         return check_guest_file(opts.kernel, "kernel"), check_guest_file(opts.initrd, "initrd")
-    from qemu_kd.guest.additions import ensure_custom_guest
+    from qemu_kd.guest.additions import GuestAdditions, ensure_custom_guest
 
     art = ensure_custom_guest(opts.additions or GuestAdditions(), progress=show)
     return check_guest_file(art.kernel, "kernel"), check_guest_file(art.initrd, "initrd")
@@ -113,6 +117,8 @@ def finish_timings(out: dict, timer: PhaseTimer, boot_phases: tuple[str, ...]) -
 
 def run_plain(opts: RunOptions) -> dict:
     """Boot the default guest without protection and run ``opts.cmd`` through the agent."""
+    from qemu_kd.qemu.launch import PhaseTimer
+
     show = progress_printer(opts.progress)
     kernel, initrd = guest_inputs(opts, show)
     platform = Platform(accel=opts.accel, progress=show)    # a plain domain needs no daemon
@@ -132,8 +138,6 @@ def run_plain(opts: RunOptions) -> dict:
 
 def run_protected(opts: ProtectedOptions) -> dict:
     """The whole flow: platform, host VMM, layout, seal, load, verify, launch, attest, run."""
-    from qemu_kd.cli.clean import sweep_leftovers
-
     show = progress_printer(opts.progress)
     platform = Platform(socket=opts.platform, memory=opts.mem_size + DOMAIN_OVERHEAD,
                         accel=opts.accel, progress=show, detach=opts.keep and not opts.platform)
@@ -141,13 +145,17 @@ def run_protected(opts: ProtectedOptions) -> dict:
         if opts.platform:
             attach_platform(platform, opts)    # a wrong socket fails before any guest is built
         kernel, initrd = guest_inputs(opts, show)
+        # The daemon and the host VMM start first; what this process does until it needs them
+        # (sweeping, loading the tenant's modules, reading and measuring the guest) overlaps.
+        platform.start(probe_kernel=kernel, wait=False)
+        from qemu_kd.cli.clean import sweep_leftovers
+        from qemu_kd.qemu.launch import PhaseTimer
+
         sweep_leftovers()
-        platform.start(probe_kernel=kernel)
-        timer = PhaseTimer(dict(platform.timings), progress=show)
         dom = platform.launch(memory=opts.mem_size, debug=opts.debug, kernel=kernel, initrd=initrd,
                               ready_timeout=opts.ready_timeout, name=opts.name,
                               exposed_register_mask=opts.exposed_register_mask)
-        timer.phases.update(dom.timings)
+        timer = PhaseTimer({**platform.timings, **dom.timings}, progress=show)
         out = {**launch_fields("protected", platform, dom), **protected_fields(dom),
                "exec": run_command(opts, dom, timer), "console_log": dom.endpoints.get("console_log"),
                "endpoints": dom.endpoints, "integrity_events": dom.status().get("integrity_events", 0)}

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError
@@ -44,6 +45,18 @@ def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg
     the calling thread.  Its stderr goes to ``log_path`` (default: ``platform.log``
     beside the socket, mode 0600).
     """
+    starting = spawn_platform_process(socket_path, pstate, accel=accel, memory_size=memory_size,
+                                      exit_when_idle=exit_when_idle, detach=detach,
+                                      log_path=log_path, remove_dir=remove_dir)
+    return starting.proc, starting.wait_ready(timeout)
+
+
+def spawn_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg",
+                           memory_size: int = 1 << 30, exit_when_idle: bool = False,
+                           detach: bool = False, log_path: Path | None = None,
+                           remove_dir: Path | None = None) -> "StartingPlatform":
+    """Start the daemon as :func:`start_platform_process` does, without waiting for it to serve:
+    the caller does other work while it starts, then calls :meth:`StartingPlatform.wait_ready`."""
     socket_path = Path(socket_path)
     log_path = Path(log_path) if log_path else socket_path.with_name("platform.log")
     argv = [sys.executable, "-m", DAEMON_MODULE, "--socket", str(socket_path), "--state", str(pstate),
@@ -60,28 +73,42 @@ def start_platform_process(socket_path: Path, pstate: Path, *, accel: str = "tcg
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if detach else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=log, start_new_session=detach,
                                 preexec_fn=None if detach else die_with_parent())
-    deadline = time.monotonic() + timeout
-    line = b""
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if ready:
-                line = proc.stdout.readline()
-                break
-            if proc.poll() is not None:
-                break
-    finally:
-        proc.stdout.close()
-    text = line.decode(errors="replace").strip()
-    if not text.startswith(READY_PREFIX):
-        stop_platform_process(proc)
+    return StartingPlatform(proc, log_path)
+
+
+@dataclass
+class StartingPlatform:
+    """A daemon process :func:`spawn_platform_process` started, which may not serve yet."""
+
+    proc: subprocess.Popen
+    log_path: Path
+
+    def wait_ready(self, timeout: float = 60.0) -> Path:
+        """The socket the daemon serves, once it serves.  If it ends, or says nothing for
+        ``timeout`` seconds, it is stopped and the last line of its log becomes a one-line
+        ConfigError."""
+        deadline = time.monotonic() + timeout
+        line = b""
         try:
-            lines = log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
-        why = lines[-1] if lines else "no message"
-        raise ConfigError(f"the platform daemon did not start: {why}", f"see {log_path}")
-    return proc, Path(text[len(READY_PREFIX):])
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+                if ready:
+                    line = self.proc.stdout.readline()
+                    break
+                if self.proc.poll() is not None:
+                    break
+        finally:
+            self.proc.stdout.close()
+        text = line.decode(errors="replace").strip()
+        if not text.startswith(READY_PREFIX):
+            stop_platform_process(self.proc)
+            try:
+                lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            except OSError:
+                lines = []
+            why = lines[-1] if lines else "no message"
+            raise ConfigError(f"the platform daemon did not start: {why}", f"see {self.log_path}")
+        return Path(text[len(READY_PREFIX):])
 
 
 def hand_over_platform(proc: subprocess.Popen) -> None:
@@ -106,6 +133,8 @@ def stop_platform_process(proc: subprocess.Popen, timeout: float = 20.0) -> None
     if proc.stdin is not None:
         proc.stdin.close()
         proc.stdin = None
+    if proc.stdout is not None and not proc.stdout.closed:   # stopped before it was waited for
+        proc.stdout.close()
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
