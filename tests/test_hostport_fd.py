@@ -255,3 +255,17 @@ def test_a_damaged_bundle_file_is_refused_before_anything_is_loaded(host, root, 
     assert host.bundle is None
     with pytest.raises(FormatError, match="does not exist"):
         host.load_file(tmp_path / "missing.kd")
+
+
+def test_a_frame_with_more_descriptors_than_allowed_ends_the_connection(served, tmp_path):
+    path = tmp_path / "many"
+    path.write_bytes(bytes(PAGE))
+    with HostPortClient(served[1], timeout=10) as c, open(path, "rb") as f:
+        sock = c._sock
+        prefix = (64).to_bytes(4, "big")                  # a frame still being sent...
+        for i in range(3):                                # ...two descriptors with each of its bytes
+            socket.send_fds(sock, [prefix[i:i + 1]], [f.fileno(), f.fileno()])
+        reply = sock.recv(65536)
+        assert b"more than 4 file descriptors" in reply
+        assert sock.recv(65536) == b""                    # and the platform closed the connection
+        assert descriptors_of(path) == 1                  # ours alone

@@ -40,8 +40,8 @@ RECV_CHUNK = 256 << 10
 # Largest page-data transfer (read/write) in one request or reply; the client splits bigger ones.
 MAX_DATA = 32 << 20
 NO_GPA = (1 << 64) - 1
-# File descriptors taken from one receive (a request passes at most one; any beyond are
-# closed by the kernel).
+# File descriptors one frame may bring (a request passes at most one).  More is a protocol
+# error: a host cannot fill the platform's descriptor table one frame at a time.
 MAX_FDS = 4
 # write-phys-pages from a file: the largest distance between two pages' data in the file.
 MAX_FILE_STRIDE = 1 << 20
@@ -280,6 +280,9 @@ def _recv(sock: socket.socket, size: int, fds: list[int] | None) -> bytes:
         return sock.recv(size)
     data, received, _, _ = socket.recv_fds(sock, size, MAX_FDS)
     fds.extend(received)
+    if len(fds) > MAX_FDS:
+        raise HostPortProtocolError(f"a frame came with more than {MAX_FDS} file descriptors",
+                                    "pass one open file with write-phys-pages, nothing with other requests")
     return data
 
 

@@ -422,6 +422,7 @@ class HostPortServer:
                 try:
                     frame = read_frame(conn, frame_timeout=self.frame_timeout, charge=charge, fds=fds)
                 except (HostPortProtocolError, HostPortBusyError) as exc:
+                    _close_all(fds)
                     self._refuse(conn, None, exc.message, exc.hint, exc.code)
                     return
                 except socket.timeout:
