@@ -269,3 +269,24 @@ def test_a_frame_with_more_descriptors_than_allowed_ends_the_connection(served, 
         assert b"more than 4 file descriptors" in reply
         assert sock.recv(65536) == b""                    # and the platform closed the connection
         assert descriptors_of(path) == 1                  # ours alone
+
+
+def test_short_reads_are_continued_where_they_stopped(client, tmp_path, monkeypatch):
+    alloc = client.alloc(npages=300)
+    pages = np.frombuffer(os.urandom(300 * PAGE), dtype=np.uint8).reshape(300, PAGE)
+    path, offset = page_file(tmp_path, pages)
+
+    def reluctant_preadv(fd, buffers, position):     # as a read cut short by a signal: 5000 bytes at most
+        data = os.pread(fd, 5000, position)
+        done = 0
+        for buf in buffers:
+            piece = data[done:done + len(buf)]
+            memoryview(buf)[:len(piece)] = piece
+            done += len(piece)
+            if len(piece) < len(buf):
+                break
+        return done
+    monkeypatch.setattr(hostport_server.os, "preadv", reluctant_preadv)
+    with open(path, "rb") as f:
+        client.write_phys_pages_from_file(alloc.hpas, f.fileno(), offset, STRIDE)
+    assert client.read_phys_pages(alloc.hpas) == pages.tobytes()

@@ -101,15 +101,32 @@ def read_file_pages(fd: int, count: int, offset: int, stride: int) -> np.ndarray
             buffers.append(memoryview(pages[i]))
             if gap and i + 1 < stop:
                 buffers.append(gap)
-        want = (stop - start) * stride - len(gap)
-        try:
-            got = os.preadv(fd, buffers, offset + start * stride)
-        except OSError as exc:
-            raise HostPortBadRequestError(f"write-phys-pages: cannot read the file passed: {exc.strerror}") from None
-        if got != want:
-            raise HostPortBadRequestError(f"write-phys-pages: the file passed ended early, at byte "
-                                          f"{offset + start * stride + got} of {end}")
+        got = _pread(fd, buffers, offset + start * stride)
+        if got < (stop - start) * stride - len(gap):
+            # A short read (a signal, or the end of the file): the rest page by page.
+            page, into = divmod(got, stride)
+            for i in range(start + page, stop):
+                skip = into if i == start + page else 0
+                if skip < PAGE_SIZE:
+                    _pread_exactly(fd, memoryview(pages[i])[skip:], offset + i * stride + skip, end)
     return pages
+
+
+def _pread(fd: int, buffers: list, position: int) -> int:
+    try:
+        return os.preadv(fd, buffers, position)
+    except OSError as exc:
+        raise HostPortBadRequestError(f"write-phys-pages: cannot read the file passed: {exc.strerror}") from None
+
+
+def _pread_exactly(fd: int, view: memoryview, position: int, end: int) -> None:
+    """Fill ``view`` from ``position``; refused if the file ends first."""
+    while len(view):
+        got = _pread(fd, [view], position)
+        if not got:
+            raise HostPortBadRequestError(f"write-phys-pages: the file passed ended early, at byte "
+                                          f"{position} of {end}")
+        view, position = view[got:], position + got
 
 
 def error_code(exc: BaseException) -> str:
