@@ -104,3 +104,40 @@ def test_destroying_a_measured_domain_stops_the_qemu_started_ahead(platform, gue
     assert vmm.keyid not in platform._ahead and _leftovers() == before
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_measurement_that_fails_stops_the_qemu_it_started(platform, guest_artifacts):
+    """A zero page the host overwrote stops the measurement after its QEMU started: that QEMU,
+    its guest RAM and its directory are gone, and launch is refused."""
+    from qemu_kd.common.errors import KdError
+    from qemu_kd.formats.measurement import PageType
+
+    before = _leftovers()
+    vmm = HostVmm(str(platform.test_socket))
+    try:
+        layout = vmm.allocate(GUEST)
+        bundle, _secret = seal(guest_artifacts.kernel.read_bytes(), guest_artifacts.initrd.read_bytes(),
+                               full_cmdline(), GUEST, Policy.make(), layout, platform.test_root)
+        vmm.load(bundle)
+        pages = platform.domain(vmm.keyid).pages()
+        zero_hpa = int(pages.hpas[pages.types == int(PageType.ZERO)][-1])
+        platform.write_phys(zero_hpa, b"junk")
+        assert platform.verify_ept(vmm.keyid, layout.hpas).ok
+        started = []
+        real_start = platform._start_ahead
+
+        def start_ahead(keyid, domain, staged):
+            real_start(keyid, domain, staged)
+            started.append(platform._ahead[keyid][2])
+
+        platform._start_ahead = start_ahead
+        try:
+            with pytest.raises(KdError, match="overwritten after add-zero-pages"):
+                platform.measure_kd(vmm.keyid)
+        finally:
+            del platform._start_ahead
+        assert started and vmm.keyid not in platform._ahead
+        assert platform.domain(vmm.keyid).staged_ram is None
+        assert _leftovers() == before
+    finally:
+        vmm.destroy()

@@ -645,8 +645,11 @@ class KeyDomain:
 
     # ---------------------------------------------------------------- launch
 
-    def finalize_measurement(self) -> bytes:
-        """The launch digest of what DRAM holds now (see module docstring)."""
+    def finalize_measurement(self, ram_ready: Callable[[StagedRam], None] | None = None) -> bytes:
+        """The launch digest of what DRAM holds now (see module docstring).
+
+        ``ram_ready(staged)`` is called with the guest RAM the measurement is about to fill,
+        before it fills it (the platform starts the domain's QEMU on it meanwhile)."""
         self._require("launch", [DomainState.VERIFIED])
         pages = self.pages()
         guest = np.isin(pages.types, [int(t) for t in GUEST_TYPES])
@@ -660,7 +663,10 @@ class KeyDomain:
         measurement = LaunchMeasurement(self.policy)
         self.discard_staged_ram()
         staged = StagedRam(guest_memory_size(self.guest_mapping()[0]))
+        self._staged = staged
         try:
+            if ram_ready is not None:
+                ram_ready(staged)
             for start in range(0, hpas.size, BATCH_PAGES):
                 sl = slice(start, start + BATCH_PAGES)
                 need = ~is_zero[sl] | tampered[sl]
@@ -683,19 +689,21 @@ class KeyDomain:
             measurement.add_vmcs(self.read_vmcs().guest_state_bytes())
             measurement.finalize()
         except BaseException:
-            staged.close()
+            # Whoever ram_ready started on the RAM stops that first, then discards the RAM.
+            if ram_ready is None:
+                self.discard_staged_ram()
             raise
         self.measurement = measurement
-        self._staged = staged
         return measurement.digest
 
-    def launch_measurement(self) -> bytes:
-        """measure-kd: the launch digest, computed once the domain is VERIFIED (pages are locked then)."""
+    def launch_measurement(self, ram_ready: Callable[[StagedRam], None] | None = None) -> bytes:
+        """measure-kd: the launch digest, computed once the domain is VERIFIED (pages are locked then);
+        ``ram_ready`` as for :meth:`finalize_measurement` (not called when the digest is known)."""
         if self.measurement is not None and self.state in (DomainState.VERIFIED, DomainState.LAUNCHED,
                                                            DomainState.EXITED):
             return self.measurement.digest
         self._require("measure-kd", [DomainState.VERIFIED])
-        return self.finalize_measurement()
+        return self.finalize_measurement(ram_ready)
 
     def stage_ram(self, staged: StagedRam) -> None:
         """Keep ``staged`` (guest RAM restore-kd filled) for launch; any earlier one is discarded."""

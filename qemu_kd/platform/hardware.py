@@ -330,22 +330,24 @@ class Platform:
     def measure_kd(self, keyid: int) -> bytes:
         """measure-kd: the launch measurement of a VERIFIED (or launched) domain.
 
-        The measurement fills the domain's guest RAM as it decrypts (guestram.py); the domain's
-        QEMU then starts on it in the background, paused, as the machine launch would start under
-        the default name (:meth:`_start_ahead`), so launch need not wait for it."""
+        The measurement fills the domain's guest RAM as it decrypts (guestram.py); meanwhile the
+        domain's QEMU starts on that RAM in the background, paused, as the machine launch would
+        start under the default name (:meth:`_start_ahead`), so launch need not wait for it."""
         with self.lock:
             domain = self.domain(keyid)
-            digest = domain.launch_measurement()
-            self._start_ahead(keyid, domain)
-            return digest
+            try:
+                return domain.launch_measurement(lambda staged: self._start_ahead(keyid, domain, staged))
+            except BaseException:
+                self._take_ahead(keyid, None, None)     # stopped before its RAM goes
+                domain.discard_staged_ram()
+                raise
 
-    def _start_ahead(self, keyid: int, domain: KeyDomain) -> None:
-        """Start the QEMU of a measured domain, paused, on its filled guest RAM, named as launch would
-        name it by default.  Nothing runs in it: launch loads the vCPU only after its checks, uses
-        it only if the domain is launched under that name, and stops it otherwise (as destroy-kd does)."""
-        staged = domain.staged_ram
-        if staged is None or keyid in self._ahead or domain.state != DomainState.VERIFIED:
-            return
+    def _start_ahead(self, keyid: int, domain: KeyDomain, staged) -> None:
+        """Start the QEMU of a domain being measured, paused, on the guest RAM the measurement fills,
+        named as launch would name it by default.  Nothing runs in it: launch loads the vCPU only
+        after its checks, uses it only if the domain is launched under that name, and stops it
+        otherwise (as destroy-kd and a failed measurement do)."""
+        self._take_ahead(keyid, None, None)
         runtime = None
         for n in range(keyid, keyid + 64):       # the name claim_default would pick now
             if self.name_claims.holder(default_name(n)) is None:
