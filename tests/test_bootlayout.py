@@ -279,3 +279,20 @@ def test_a_kernel_without_a_protected_mode_part_is_refused():
     with pytest.raises(GuestImageError, match="no protected-mode kernel"):
         bl.build_boot_layout(kernel[:bl.SetupHeader.unpack(kernel).kernel_offset], b"", "console=ttyS0",
                              64 << 20)
+
+
+def test_pages_of_whole_shared_and_partial_pages_are_the_regions_painted_in_order():
+    import dataclasses
+
+    def data(n, seed):
+        return bytes((seed + i * 7) % 256 for i in range(n))
+    regions = [bl.Region(0x0, data(32, 1), "a"), bl.Region(0x1000, data(3 * 4096, 2), "whole"),
+               bl.Region(0x5010, data(4096, 3), "unaligned"), bl.Region(0x6800, data(100, 4), "shares"),
+               bl.Region(0x9000, data(2 * 4096 + 5, 5), "ends mid-page"), bl.Region(0x9800, data(16, 6), "over")]
+    lay = dataclasses.replace(layout(), regions=regions)
+    ram = bytearray(0x10000)
+    for r in regions:
+        ram[r.gpa:r.end] = r.data
+    touched = {base for r in regions for base in range(r.gpa & ~0xFFF, r.end, 4096)}
+    assert lay.pages() == {base: bytes(ram[base:base + 4096]) for base in sorted(touched)}
+    assert all(type(p) is bytes for p in lay.pages().values())

@@ -184,16 +184,27 @@ class BootLayout:
 
         Pages that no region touches are zero and are left out.
         """
-        out: dict[int, bytearray] = {}
+        # Pages one region fills alone are sliced from it in one copy; pages that regions
+        # share or fill in part are assembled.
+        users: dict[int, int] = {}
         for region in self.regions:
+            first = region.gpa & ~(PAGE_SIZE - 1)
+            for base in range(first, region.gpa + len(region.data), PAGE_SIZE):
+                users[base] = users.get(base, 0) + 1
+        out: dict[int, bytes | bytearray] = {}
+        for region in self.regions:
+            data = memoryview(region.data)
             pos = 0
-            while pos < len(region.data):
+            while pos < len(data):
                 gpa = region.gpa + pos
                 base = gpa & ~(PAGE_SIZE - 1)
                 off = gpa - base
-                n = min(PAGE_SIZE - off, len(region.data) - pos)
-                page = out.setdefault(base, bytearray(PAGE_SIZE))
-                page[off:off + n] = region.data[pos:pos + n]
+                n = min(PAGE_SIZE - off, len(data) - pos)
+                if n == PAGE_SIZE and users[base] == 1:
+                    out[base] = bytes(data[pos:pos + n])
+                else:
+                    page = out.setdefault(base, bytearray(PAGE_SIZE))
+                    page[off:off + n] = data[pos:pos + n]
                 pos += n
         return {gpa: bytes(page) for gpa, page in sorted(out.items())}
 
