@@ -87,9 +87,10 @@ def test_a_measured_domain_has_its_qemu_started_ahead_and_launch_uses_it(platfor
 def test_launch_under_another_name_replaces_the_qemu_started_ahead(platform, guest_artifacts):
     with verified(platform, guest_artifacts) as vmm:
         _name, runtime = _ahead(platform, vmm.keyid)
-        pid = runtime.machine.proc.pid
+        pid, console_log = runtime.machine.proc.pid, runtime.machine.console_log
         vmm.launch(ready_timeout=120, name="ahead-other")
         assert platform.runtimes[vmm.keyid] is not runtime and pid not in _qemu_children()
+        assert not console_log.exists()     # it never ran: no empty log is left
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         assert vmm.agent.ping(timeout=60)
@@ -99,9 +100,10 @@ def test_destroying_a_measured_domain_stops_the_qemu_started_ahead(platform, gue
     before = _leftovers()
     with verified(platform, guest_artifacts) as vmm:
         _name, runtime = _ahead(platform, vmm.keyid)
-        pid = runtime.machine.proc.pid
-        assert pid in _qemu_children()
+        pid, console_log = runtime.machine.proc.pid, runtime.machine.console_log
+        assert pid in _qemu_children() and console_log.exists()
     assert vmm.keyid not in platform._ahead and _leftovers() == before
+    assert not console_log.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

@@ -368,11 +368,14 @@ class Platform:
             start.result()
         except Exception as exc:  # noqa: BLE001 - launch starts its own QEMU instead
             log.info("key domain %d: the QEMU started ahead failed: %s", keyid, type(exc).__name__)
-            runtime.stop()
-            return None
-        if started_as == name and resume_from is None:
-            return runtime
+        else:
+            if started_as == name and resume_from is None:
+                return runtime
+        console_log = getattr(getattr(runtime, "machine", None), "console_log", None)
         runtime.stop()
+        # It never ran: its console log is empty, and nobody will look for it.
+        if console_log is not None and console_log.exists() and not console_log.stat().st_size:
+            console_log.unlink(missing_ok=True)
         return None
 
     def launch(self, keyid: int, name: str | None = None, resume_from=None, *,
