@@ -107,3 +107,33 @@ def test_daemon_cleans_up_then_skips_the_interpreter_teardown(runtime, tmp_path)
     assert not sock.exists() and running_platforms() == [] and not any(registry_dir().iterdir())
     assert not any(p.name.startswith("platform-") for p in runtime.iterdir())
     assert log.read_text().strip().splitlines()[-1].endswith("platform stopped")
+
+
+def test_exit_when_idle_waits_for_the_reply_that_left_it_idle(runtime, monkeypatch, tmp_path):
+    """With --exit-when-idle, a platform whose last domain is gone still waits until no request
+    is being answered (the destroy-kd that ended it): stopping earlier would cut that reply."""
+    import threading
+
+    from qemu_kd.platform import daemon as platformd
+
+    class Server:
+        def __init__(self):
+            self.pending = iter([4096, 4096, 0])
+            self.reads = 0
+
+        @property
+        def pending_bytes(self):
+            self.reads += 1
+            return next(self.pending)
+
+    class IdlePlatform:
+        lock = threading.Lock()
+        domains: dict = {}
+        runtimes = {1: object()}    # it launched a domain, which has been destroyed
+
+    monkeypatch.setattr(platformd, "IDLE_POLL", 0.0)
+    d = platformd.PlatformDaemon(tmp_path / "p.sock", tmp_path / "pstate", 64 << 20, "tcg",
+                                 exit_when_idle=True)
+    d.platform, d.server = IdlePlatform(), Server()
+    d.wait()
+    assert d.server.reads == 3

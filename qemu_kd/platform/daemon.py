@@ -121,6 +121,9 @@ class PlatformDaemon:
                 self._destroy_ended_domains()
                 busy = bool(self.platform.domains)
                 launched_once |= bool(self.platform.runtimes)
+            # A request still being answered (the destroy-kd that ended the last domain, say)
+            # keeps the platform up until its reply is sent: closing cuts its connection.
+            busy = busy or self.server.pending_bytes > 0
             if launched_once and not busy:
                 log.info("no domain is left; the platform ends (--exit-when-idle)")
                 return
