@@ -236,3 +236,29 @@ def test_records_of_dead_platforms_are_swept(tmp_path, monkeypatch):
     with pytest.raises(kept.KeptRecordError, match="only domains kept by"):
         monkeypatch.setattr(kept, "record_path", lambda pid, keyid: tmp_path / "none.json")
         kept.KeptTenant.load(1, 1, "kd1")
+
+
+def test_an_interrupt_that_comes_out_of_an_import_as_another_error_is_the_interrupt(capsys):
+    """Ctrl-C in the middle of a C extension's import (numpy loading while the platform starts)
+    can surface as an ImportError: once the handler saw the interrupt, run reports an interrupt
+    (one line, exit 130), not a bug with its traceback."""
+    import argparse
+
+    from qemu_kd.cli.main import InterruptWatch, _harness_command
+    from qemu_kd.cli.outcome import INTERRUPTED_EXIT
+
+    def interrupted_import(args):
+        try:
+            watch(2, None)
+        except KeyboardInterrupt:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+
+    watch = InterruptWatch()
+    args = argparse.Namespace(func=interrupted_import, json=False)
+    assert _harness_command(args, watch) == INTERRUPTED_EXIT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "qemu-kd: error:" in err
+    # Without an interrupt, the same exception is a bug: its traceback, and qemu-kd's own code.
+    args.func = lambda args: (_ for _ in ()).throw(ImportError("no module"))
+    assert _harness_command(args, InterruptWatch()) == HARNESS_EXIT
+    assert "Traceback" in capsys.readouterr().err

@@ -256,3 +256,20 @@ def test_platform_killed_during_the_command_fails_the_run_and_clean_sweeps(runti
     assert_no_plaintext(canary)
     assert clean() != []
     assert_runtime_empty(runtime)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_while_its_platform_starts_stops_it_and_leaves_nothing(runtime, sig, keep):
+    """Ctrl-C or SIGTERM while the daemon and the host VMM start (run does not wait for them
+    there: it reads and measures the guest meanwhile): one line, exit 130, and neither process,
+    nor a run directory, registry entry or socket is left."""
+    run = Run(*(["--keep"] if keep else []))
+    run.wait_for("platform start")
+    process_of(runtime, "qemu_kd.platform.daemon")
+    run.proc.send_signal(sig)
+    rc, out, err = run.finish()
+    assert rc == 130 and "Traceback" not in err, err
+    assert out is not None and list(out) == ["error"]
+    wait_gone(runtime)
+    assert_runtime_empty(runtime)

@@ -240,7 +240,26 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subproce
     raise KeyboardInterrupt
 
 
-def _harness_command(args: argparse.Namespace) -> int:
+class InterruptWatch:
+    """The SIGINT and SIGTERM handler of ``run`` and ``exec``: raises KeyboardInterrupt, as
+    Python's own does, and remembers that it did.  A KeyboardInterrupt raised inside a C
+    extension's import (numpy loading while the platform starts, say) can come out as another
+    exception, an ImportError; once an interrupt was seen, that is the interrupt, not a bug."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, signum, frame):  # pragma: no cover - exercised through subprocess tests
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> "InterruptWatch":
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+        return self
+
+
+def _harness_command(args: argparse.Namespace, interrupts: InterruptWatch) -> int:
     """Run ``run`` or ``exec``: a failure is reported in one line (or one JSON object) and exits
     with qemu-kd's own code."""
     from qemu_kd.cli.outcome import report_failure
@@ -250,6 +269,8 @@ def _harness_command(args: argparse.Namespace) -> int:
     except (KdError, KeyboardInterrupt) as exc:
         return report_failure(exc, as_json=args.json)
     except Exception as exc:  # noqa: BLE001 - a bug: its traceback, and still one JSON object
+        if interrupts.seen:     # the interrupt, come out of an import as another exception
+            return report_failure(KeyboardInterrupt(), as_json=args.json)
         import traceback
 
         traceback.print_exc()
@@ -304,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(parser, argv)
     except CommandLineError as exc:   # run/exec: qemu-kd's own code, and --json still reports
         return report_failure(exc, as_json="--json" in argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
     if getattr(args, "harness_exit", False):
-        code = _harness_command(args)
+        code = _harness_command(args, InterruptWatch().install())
         if whole_process and args.command == "run":
             end_process(code)
         return code
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except KdError as exc:
