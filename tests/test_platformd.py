@@ -137,3 +137,18 @@ def test_exit_when_idle_waits_for_the_reply_that_left_it_idle(runtime, monkeypat
     d.platform, d.server = IdlePlatform(), Server()
     d.wait()
     assert d.server.reads == 3
+
+
+@pytest.mark.parametrize("modules", [
+    "qemu_kd.platform.daemon, qemu_kd.platform.hostport_server",       # the platform daemon
+    "host_vmm.service",                                                 # the host VMM process
+    "qemu_kd.cli.run, qemu_kd.cli.clean, qemu_kd.tenant.seal, qemu_kd.tenant.session, "
+    "qemu_kd.qemu.launch, host_vmm.process",                            # qemu-kd run
+])
+def test_the_processes_of_a_run_do_not_load_pexpect(modules):
+    """pexpect is for opening a guest console, which none of a run's processes does: it loads
+    with the first Console, not with the console module's log helpers."""
+    code = f"import sys, {modules}; print('pexpect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

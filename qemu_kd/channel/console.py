@@ -18,9 +18,6 @@ import re
 import socket
 from pathlib import Path
 
-import pexpect
-import pexpect.fdpexpect
-
 from qemu_kd.common.errors import GuestError, GuestImageError
 
 
@@ -109,6 +106,10 @@ class Console:
     """pexpect on the console socket; ``expect``/``sendline`` as usual."""
 
     def __init__(self, sock_path: str, log_path: Path | None = None, timeout: float = 30.0):
+        # pexpect loads here, not with the module: the platform daemon, the host VMM and
+        # qemu-kd run import this module for its log helpers and never open a console.
+        import pexpect.fdpexpect
+
         self.log_path = log_path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -122,6 +123,8 @@ class Console:
 
     def expect(self, pattern, timeout: float | None = None) -> str:
         """Wait for a regex (or list of them); return the text that matched."""
+        import pexpect
+
         try:
             self.child.expect(pattern, timeout=timeout)
         except pexpect.TIMEOUT:
