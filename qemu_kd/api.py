@@ -1091,4 +1091,3 @@ class Platform:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
