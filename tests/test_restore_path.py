@@ -63,7 +63,36 @@ def test_the_page_list_round_trips_as_arrays():
     back = PageList.unpack(memoryview(packed))
     assert back.gpas.tolist() == rows.gpas.tolist() and back.hpas.tolist() == rows.hpas.tolist()
     assert back.types.tolist() == [1, 1, 2, 1, 2] and back.perms.tolist() == [7, 3, 3, 1, 7]
-    # The same bytes as one struct per row ("<QQBB6x").
+    # The same bytes as one struct per row ("<QQBBB5x": flags 0, no page flagged zero).
     import struct
 
-    assert packed[:24] == struct.pack("<QQBB6x", 0, 5 * 4096, 1, 7)
+    assert packed[:24] == struct.pack("<QQBBB5x", 0, 5 * 4096, 1, 7, 0)
+
+
+def test_the_page_list_flags_zero_pages_and_sizes_the_memory_section():
+    """A sparse snapshot: pages flagged zero carry no ciphertext, so the memory section holds
+    exactly the other pages; the flag is the fifth byte of a row (docs/formats.md §16)."""
+    import struct
+
+    rows = PageList(np.arange(4, dtype=np.uint64) * 4096, np.arange(4, 8, dtype=np.uint64) * 4096,
+                    [1, 2, 2, 1], [7, 7, 3, 7], [False, True, True, False])
+    packed = rows.pack()
+    assert packed[24:48] == struct.pack("<QQBBB5x", 4096, 5 * 4096, 2, 7, 1)
+    back = PageList.unpack(packed)
+    assert back.zero.tolist() == [False, True, True, False]
+    assert back.data_pages == 2 and back.memory_size() == 2 * 4096
+    # without flags, no page is zero: every page is carried
+    assert PageList(rows.gpas, rows.hpas, rows.types, rows.perms).memory_size() == 4 * 4096
+
+
+@pytest.mark.parametrize("offset, value, match", [(18, 0x02, "unknown page flags"),
+                                                  (18, 0x81, "unknown page flags"),
+                                                  (19, 0x01, "reserved bytes"),
+                                                  (23, 0x01, "reserved bytes")])
+def test_a_page_list_with_unknown_flags_or_reserved_bytes_is_refused(offset, value, match):
+    from qemu_kd.formats.errors import FormatError
+
+    packed = bytearray(PageList([0, 4096], [8192, 12288], [1, 2], [7, 7], [False, True]).pack())
+    packed[24 + offset] = value
+    with pytest.raises(FormatError, match=match):
+        PageList.unpack(bytes(packed))

@@ -1,4 +1,4 @@
-"""The snapshot file of a protected domain (version 1): what ``snapshot-kd`` writes.
+"""The snapshot file of a protected domain (version 2): what ``snapshot-kd`` writes.
 
 The header says whose snapshot it is, in the clear (none of it is secret: the
 host sees KeyIDs, measurements and policies anyway); the sections hold the
@@ -10,7 +10,7 @@ bytes are an HMAC-SHA-384 over everything before them.
 Byte format (little-endian; docs/formats.md §16)::
 
     0x00  4   magic "KDSN"
-    0x04  u16 version (1)
+    0x04  u16 version (2; version 1 stored every guest page and is refused)
     0x06  u16 section count n
     0x08  16  platform id of the platform that took it
     0x18  16  domain id (the platform names a domain at its first snapshot;
@@ -27,7 +27,9 @@ Byte format (little-endian; docs/formats.md §16)::
 
 A sealed section's bytes are a 12-byte nonce, then the ciphertext and the
 16-byte GCM tag; its associated data is the 0x90-byte header and the section id
-(:func:`sealed_aad`).  This module holds no key: sealing and the MAC are the
+(:func:`sealed_aad`).  The file is sparse: the sealed page list flags the guest
+pages that were all zeros, and the memory section holds only the other pages'
+ciphertext.  This module holds no key: sealing and the MAC are the
 caller's (``qemu_kd.platform.snapshot``).
 """
 
@@ -42,7 +44,7 @@ from qemu_kd.formats.errors import FormatError, MagicError, VersionError
 from qemu_kd.formats.policy import HOST_DATA_SIZE, Policy
 
 SNAPSHOT_MAGIC = b"KDSN"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 MAC_SIZE = 48
 ID_SIZE = 16
 MEASUREMENT_SIZE = 48
@@ -56,8 +58,8 @@ KIND_SEALED = 1
 #: Section ids.  DOMAIN: the domain key, VMCS page and runtime parameters (sealed);
 #: VCPU: the save-area record of the snapshot's exit (sealed); DEVICES: QEMU's
 #: migration stream without guest RAM (sealed); PAGES: the guest page list
-#: (gpa, hpa, type, perms) (sealed); MEMORY: the guest pages as the MEE
-#: encrypted them in DRAM, in PAGES order (raw).
+#: (gpa, hpa, type, perms, flags) (sealed); MEMORY: the guest pages that are not
+#: all zeros as the MEE encrypted them in DRAM, in PAGES order (raw).
 SECTION_DOMAIN = 1
 SECTION_VCPU = 2
 SECTION_DEVICES = 3
@@ -65,7 +67,7 @@ SECTION_PAGES = 4
 SECTION_MEMORY = 5
 SECTION_NAMES = {SECTION_DOMAIN: "domain", SECTION_VCPU: "vcpu", SECTION_DEVICES: "devices",
                  SECTION_PAGES: "pages", SECTION_MEMORY: "memory"}
-#: Which sections a version-1 snapshot has, and how each is stored.
+#: Which sections a version-2 snapshot has, and how each is stored.
 SECTION_KINDS = {SECTION_DOMAIN: KIND_SEALED, SECTION_VCPU: KIND_SEALED, SECTION_DEVICES: KIND_SEALED,
                  SECTION_PAGES: KIND_SEALED, SECTION_MEMORY: KIND_RAW}
 
@@ -109,7 +111,9 @@ class SnapshotHeader:
             raise MagicError("the file is not a qemu-kd snapshot (no KDSN magic)",
                              "pass a file written by qemu-kd snapshot")
         if version != SNAPSHOT_VERSION:
-            raise VersionError(f"snapshot version {version} is not supported (expected {SNAPSHOT_VERSION})")
+            older = " (an older format: it stored every guest page)" if version < SNAPSHOT_VERSION else ""
+            raise VersionError(f"snapshot format version {version} is not supported{older}; this platform "
+                               f"reads version {SNAPSHOT_VERSION}", "take a new snapshot of the domain")
         if reserved:
             raise SnapshotFormatError("snapshot header: reserved bytes 0x34..0x37 are not zero")
         return cls(platform_id, domain_id, snap_version, keyid, measurement, Policy.unpack(policy),
@@ -176,9 +180,13 @@ def sealed_aad(header_bytes: bytes, section_id: int) -> bytes:
 
 _DOMAIN = struct.Struct("<64sIIQQ")    # key, tsc_khz (0: none), reserved, mem_size, save-area hpa
 VMCS_BYTES = 4096
-_PAGE = struct.Struct("<QQBB6x")       # gpa, hpa, page type, perms
-_PAGE_ROW = np.dtype({"names": ["gpa", "hpa", "type", "perms"], "formats": ["<u8", "<u8", "u1", "u1"],
-                      "offsets": [0, 8, 16, 17], "itemsize": _PAGE.size})
+PAGE_BYTES = 4096
+_PAGE = struct.Struct("<QQBBB5x")      # gpa, hpa, page type, perms, flags
+_PAGE_ROW = np.dtype({"names": ["gpa", "hpa", "type", "perms", "flags"],
+                      "formats": ["<u8", "<u8", "u1", "u1", "u1"],
+                      "offsets": [0, 8, 16, 17, 18], "itemsize": _PAGE.size})
+#: Page-list flag: the page was all zeros; the memory section holds nothing for it.
+PAGE_FLAG_ZERO = 0x01
 
 
 @dataclass
@@ -206,24 +214,38 @@ class DomainSection:
 
 @dataclass
 class PageList:
-    """The guest pages in the snapshot's memory section, in order (one array per column)."""
+    """The snapshot's guest pages, in order (one array per column).  ``zero``: the pages that
+    were all zeros; the memory section holds the ciphertext of the others only, in this order."""
 
     gpas: np.ndarray      # uint64
     hpas: np.ndarray      # uint64
     types: np.ndarray     # uint8
     perms: np.ndarray     # uint8
+    zero: np.ndarray | None = None      # bool (None: no page is zero)
 
     def __post_init__(self) -> None:
         self.gpas = np.asarray(self.gpas, dtype=np.uint64)
         self.hpas = np.asarray(self.hpas, dtype=np.uint64)
         self.types = np.asarray(self.types, dtype=np.uint8)
         self.perms = np.asarray(self.perms, dtype=np.uint8)
-        if not self.gpas.size == self.hpas.size == self.types.size == self.perms.size:
+        self.zero = (np.zeros(self.gpas.size, dtype=bool) if self.zero is None
+                     else np.asarray(self.zero, dtype=bool))
+        if not self.gpas.size == self.hpas.size == self.types.size == self.perms.size == self.zero.size:
             raise SnapshotFormatError("the snapshot's page list columns differ in length")
+
+    @property
+    def data_pages(self) -> int:
+        """How many pages the memory section holds (those not flagged zero)."""
+        return int(self.zero.size - np.count_nonzero(self.zero))
+
+    def memory_size(self) -> int:
+        """The size the memory section must have for this page list."""
+        return self.data_pages * PAGE_BYTES
 
     def pack(self) -> bytes:
         rows = np.zeros(self.gpas.size, dtype=_PAGE_ROW)
         rows["gpa"], rows["hpa"], rows["type"], rows["perms"] = self.gpas, self.hpas, self.types, self.perms
+        rows["flags"] = np.where(self.zero, PAGE_FLAG_ZERO, 0)
         return rows.tobytes()
 
     @classmethod
@@ -231,4 +253,10 @@ class PageList:
         if len(data) % _PAGE.size:
             raise SnapshotFormatError("the snapshot's page list has the wrong size")
         rows = np.frombuffer(data, dtype=_PAGE_ROW)
-        return cls(rows["gpa"].copy(), rows["hpa"].copy(), rows["type"].copy(), rows["perms"].copy())
+        flags = rows["flags"]
+        if (flags & ~np.uint8(PAGE_FLAG_ZERO)).any():
+            raise SnapshotFormatError("the snapshot's page list has unknown page flags set")
+        if np.frombuffer(data, dtype=np.uint8).reshape(-1, _PAGE.size)[:, 19:].any():
+            raise SnapshotFormatError("the snapshot's page list has reserved bytes set")
+        return cls(rows["gpa"].copy(), rows["hpa"].copy(), rows["type"].copy(), rows["perms"].copy(),
+                   (flags & PAGE_FLAG_ZERO).astype(bool))

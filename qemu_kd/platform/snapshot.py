@@ -9,7 +9,9 @@
    (its migration stream with guest RAM left out, through a pipe to the
    platform only), the VMCS page, the guest page list, and the guest pages'
    ciphertext exactly as DRAM holds it (encrypted by the MEE under the domain
-   key, tweaked by each page's data physical address).
+   key, tweaked by each page's data physical address).  It decrypts each page
+   to see whether it is all zeros: those are only flagged in the (sealed) page
+   list, and the file carries the ciphertext of the others alone.
 3. It resumes the domain, and writes the file (``formats/snapshot.py``):
    everything but the ciphertext is sealed with AES-256-GCM under a key derived
    from the platform's sealing root, and an HMAC-SHA-384 under a second such key
@@ -18,8 +20,9 @@
 ``restore-kd`` (:meth:`SnapshotService.restore`) checks the file (platform,
 MAC, the domain the caller expects, rollback), then builds a new key domain
 with the same key, policy, host_data and measurement at a fresh KeyID and
-fresh pages: the guest pages are decrypted at their old addresses and
-encrypted at the new ones inside the platform, a new EPT maps them, and the
+fresh pages: the guest pages the file carries are decrypted at their old
+addresses and encrypted at the new ones inside the platform, the pages flagged
+zero come back as ZERO pages (as add-zero-pages adds them), a new EPT maps them, and the
 VMCS points at it.  The platform verifies that EPT as verify-ept does and
 launches the domain with the snapshot's device state and registers
 (``runtime.ResumeState``).  Like launch, the vCPU waits for ``run``.
@@ -250,10 +253,14 @@ class SnapshotService:
         order = np.argsort(pages.gpas[guest], kind="stable")
         gpas, hpas = pages.gpas[guest][order], pages.hpas[guest][order]
         types, perms = pages.types[guest][order], pages.perms[guest][order]
-        listing = PageList(gpas, hpas, types, perms)
         # DRAM through the platform: the MEE's ciphertext of every guest page (the shadow
-        # is current: the exit synced it).
-        memory = self.platform.memory.read_pages(hpas).tobytes()
+        # is current: the exit synced it).  Pages that decrypt to all zeros are flagged in
+        # the sealed page list and left out of the memory section.
+        cipher = self.platform.memory.read_pages(hpas)
+        zero = _zero_pages(domain, hpas, cipher)
+        listing = PageList(gpas, hpas, types, perms, zero)
+        memory = cipher[~zero].tobytes()
+        del cipher
         vmcs = domain.decrypt_pages(np.array([domain.vmcs_hpa], dtype=np.uint64))
         section = DomainSection(domain.snapshot_key(), getattr(runtime, "tsc_khz", None), runtime.mem_size,
                                 int(runtime._save_hpa or 0), vmcs)
@@ -298,8 +305,10 @@ class SnapshotService:
         except FormatError as exc:
             raise SnapshotRefused(f"snapshot {path} is malformed inside its sealed sections: "
                                   f"{exc.message}") from None
-        if len(opened[SECTION_MEMORY]) != len(listing.gpas) * PAGE_SIZE:
-            raise SnapshotRefused(f"snapshot {path}: its memory section does not match its page list")
+        if len(opened[SECTION_MEMORY]) != listing.memory_size():
+            raise SnapshotRefused(f"snapshot {path}: its memory section ({len(opened[SECTION_MEMORY])} bytes) "
+                                  f"does not match its page list ({listing.data_pages} pages that are not "
+                                  "all zeros)")
         with p.lock:
             p._check_open()
             if not header.policy.restorable and header.version < self.versions.latest(header.domain_id):
@@ -407,31 +416,35 @@ class SnapshotService:
         old_dpas = old_hpas | np.uint64(header.keyid << KEYID_SHIFT)
         # The old addresses are read once: no mask cache for them (its no-cache path is
         # also the fast one), so the domain's own cache holds only its new addresses.
-        # Pages that are zero come back as ZERO pages: DRAM gets their encrypted zeros on
-        # first use and guest RAM keeps its holes, as at a fresh launch.
-        zero = np.zeros(gpas.size, dtype=bool)
+        # Pages that are zero (flagged so in the page list, or a carried page that decrypts
+        # to zeros) come back as ZERO pages: DRAM gets their encrypted zeros on first use and
+        # guest RAM keeps its holes, as at a fresh launch.
+        zero = listing.zero.copy()
+        # The pages the file carries, in page-list order: the memory section's pages.
+        carried = np.flatnonzero(~listing.zero)
         # The plaintext goes into guest RAM as well (guestram.py): launch takes it instead
         # of decrypting every page out of DRAM again.
         gpns = (gpas // PAGE_SIZE).astype(np.int64)
         # Views of the file's pages and one plaintext buffer: no copies of the memory section.
         pages = memoryview(memory)
-        buffer = np.empty((min(RESTORE_BATCH, gpas.size), PAGE_SIZE), dtype=np.uint8)
+        buffer = np.empty((min(RESTORE_BATCH, carried.size), PAGE_SIZE), dtype=np.uint8)
         with MemoryEncryptionEngine(dom.key, mask_cache_bytes=0) as old_mee:
-            for start in range(0, gpas.size, RESTORE_BATCH):
-                sl = slice(start, start + RESTORE_BATCH)
-                count = min(RESTORE_BATCH, gpas.size - start)
+            for start in range(0, carried.size, RESTORE_BATCH):
+                rows = carried[start:start + RESTORE_BATCH]
+                count = rows.size
                 plain = buffer[:count]
                 old_mee.decrypt_into(plain, pages[start * PAGE_SIZE:(start + count) * PAGE_SIZE],
-                                     old_dpas[sl])
-                zero[sl] = ~plain.view(np.uint64).any(axis=1)
-                keep = ~zero[sl]
+                                     old_dpas[rows])
+                empty = ~plain.view(np.uint64).any(axis=1)
+                zero[rows] = empty
+                keep = ~empty
                 if keep.all():
-                    domain.encrypt_into_dram(guest_hpas[sl], plain)
-                    staged.fill(gpns[sl], guest_hpas[sl], plain)
+                    domain.encrypt_into_dram(guest_hpas[rows], plain)
+                    staged.fill(gpns[rows], guest_hpas[rows], plain)
                 elif keep.any():
                     kept = plain[keep]
-                    domain.encrypt_into_dram(guest_hpas[sl][keep], kept)
-                    staged.fill(gpns[sl][keep], guest_hpas[sl][keep], kept)
+                    domain.encrypt_into_dram(guest_hpas[rows][keep], kept)
+                    staged.fill(gpns[rows][keep], guest_hpas[rows][keep], kept)
                     kept.fill(0)
             buffer.fill(0)      # guest plaintext does not linger in the platform's heap
         eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
@@ -458,6 +471,23 @@ class SnapshotService:
         if not verdict.ok:
             raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
         domain.measurement = RestoredMeasurement(header.measurement)
+
+
+def _zero_pages(domain: KeyDomain, hpas: np.ndarray, cipher: np.ndarray) -> np.ndarray:
+    """Which of the domain's pages at ``hpas`` (ciphertext ``cipher``, as DRAM holds it) are all
+    zeros: each page is decrypted inside the platform, and the plaintext is wiped after."""
+    zero = np.zeros(hpas.size, dtype=bool)
+    if not hpas.size:
+        return zero
+    dpas = hpas.astype(np.uint64) | np.uint64(domain.keyid << KEYID_SHIFT)
+    buffer = np.empty((min(RESTORE_BATCH, hpas.size), PAGE_SIZE), dtype=np.uint8)
+    for start in range(0, hpas.size, RESTORE_BATCH):
+        sl = slice(start, start + RESTORE_BATCH)
+        plain = buffer[:min(RESTORE_BATCH, hpas.size - start)]
+        domain.mee.decrypt_into(plain, cipher[sl], dpas[sl])
+        zero[sl] = ~plain.view(np.uint64).any(axis=1)
+    buffer.fill(0)
+    return zero
 
 
 def _seal(keys: _Keys, header: SnapshotHeader, sections: dict[int, bytes]) -> Snapshot:
