@@ -20,6 +20,7 @@ from qemu_kd.formats.measurement import (
     PageType,
     host_verifiable_digest,
     measure_offline,
+    page_digests,
 )
 from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.vcpu import VcpuState
@@ -316,3 +317,50 @@ def test_pages_added_at_once_need_one_content_per_image_page_and_come_after_the_
     m.finalize()
     with pytest.raises(MeasurementError, match="already finalized"):
         m.add_pages(np.array([0x6000]), np.array([2]), np.array([3]), [])
+
+
+def test_page_digests_are_each_page_s_sha384():
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    pages = rng.integers(0, 256, (7, 4096), dtype=np.uint8)
+    pages[3] = 0                                            # a zero page among them
+    expected = [hashlib.sha384(page.tobytes()).digest() for page in pages]
+    for source in (pages, [page.tobytes() for page in pages], pages[::-1][::-1]):
+        digests = page_digests(source)
+        assert digests.shape == (7, 48) and digests.dtype == np.uint8
+        assert [row.tobytes() for row in digests] == expected
+    # Every other row of a larger array: not contiguous, still each row's digest.
+    wide = np.zeros((14, 4096), dtype=np.uint8)
+    wide[::2] = pages
+    assert [row.tobytes() for row in page_digests(wide[::2])] == expected
+    assert page_digests([]).shape == (0, 48)
+    for bad in (np.zeros((2, 100), dtype=np.uint8), np.zeros(4096, dtype=np.uint8),
+                np.zeros((1, 1024), dtype=np.uint32), [bytes(4096), bytes(4095)]):
+        with pytest.raises(MeasurementError, match="4096"):
+            page_digests(bad)
+
+
+def test_pages_added_at_once_from_an_array_chain_as_one_by_one():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    count = 301                                            # odd, over several records per type
+    types = np.where(rng.random(count) < 0.3, int(PageType.IMAGE), int(PageType.ZERO))
+    gpas = np.arange(count, dtype=np.uint64) * 4096 + 0x100000
+    perms = (np.arange(count) % 7 + 1).astype(np.uint8)
+    n_image = int((types == PageType.IMAGE).sum())
+    contents = np.zeros((2 * n_image, 4096), dtype=np.uint8)
+    contents[::2] = rng.integers(0, 256, (n_image, 4096), dtype=np.uint8)
+    contents[0] = 0                                        # an IMAGE page of zeros is still an image page
+    image = contents[::2]                                  # a view with a stride
+    rows = iter(image)
+    pages = [(int(g), PageType(int(t)), int(p), next(rows).tobytes() if t == PageType.IMAGE else None)
+             for g, t, p in zip(gpas, types, perms)]
+    m = LaunchMeasurement(Policy.make())
+    m.add_pages(gpas, types, perms, image)
+    m.add_vmcs(GUEST_STATE)
+    assert m.finalize() == measure_offline(pages, GUEST_STATE, Policy.make())
+    with pytest.raises(MeasurementError, match="exactly 4096"):
+        LaunchMeasurement(Policy.make()).add_pages(gpas[:1], np.array([1]), perms[:1],
+                                                   np.zeros((1, 100), dtype=np.uint8))

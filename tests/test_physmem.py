@@ -225,3 +225,34 @@ def test_release_drops_pending_fills(mem):
     mem.release_keyid(4)
     assert mem.pending_fill_count() == 0
     assert mem.host_read(0x1000, 8) == bytes(8)
+
+
+@pytest.mark.parametrize("order", ["runs", "scattered"])
+def test_page_writes_land_where_asked_in_runs_or_scattered(mem, order):
+    # Runs of consecutive pages are written to the DRAM file in one write each, pages
+    # scattered one by one through the mapping: either way each page lands at its hpa
+    # and the pages around stay as they were.
+    rng = np.random.default_rng(7)
+    if order == "runs":
+        pages = [*range(0x10, 0x30), *range(0x40, 0x60), *range(0x5, 0x9), 0x70]
+    else:
+        pages = rng.permutation(np.arange(0x100, 0x140))[:40].tolist()
+    hpas = [p * PAGE for p in pages]
+    mem.claim_for_host(hpas, 3)
+    data = rng.integers(0, 256, (len(hpas), PAGE), dtype=np.uint8)
+    mem.host_write_pages(hpas, data[::-1][::-1])         # a view (not a fresh array) as input
+    assert np.array_equal(mem.read_pages(hpas), data)
+    for hpa in (min(hpas) - PAGE, max(hpas) + PAGE, 0x30 * PAGE, 0x3F * PAGE, 0x9 * PAGE):
+        if hpa not in hpas:
+            assert mem.read_pages([hpa]).tobytes() == bytes(PAGE)
+    # The platform's own writes take the same path.
+    mem.write_pages(hpas[:3], bytes(3 * PAGE))
+    assert not mem.read_pages(hpas[:3]).any() and np.array_equal(mem.read_pages(hpas[3:]), data[3:])
+
+
+def test_refused_page_write_stores_nothing(mem):
+    # One FREE page in the middle of a run: the whole request is refused before any write.
+    mem.claim_for_host([0x1000, 0x2000, 0x4000], 2)
+    with pytest.raises(OwnershipError, match="hpa 0x3000 refused: the page is FREE"):
+        mem.host_write_pages([0x1000, 0x2000, 0x3000, 0x4000], b"\x77" * (4 * PAGE))
+    assert not mem.read_pages([0x1000, 0x2000, 0x3000, 0x4000]).any()

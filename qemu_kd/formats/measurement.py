@@ -246,12 +246,14 @@ class LaunchMeasurement:
         records["type"] = types
         records["perms"] = perms
         records["gpa"] = gpas
-        contents = records["contents"]
-        for i, page in zip(np.flatnonzero(image).tolist(), image_pages):
-            if len(page) != PAGE_SIZE:
-                raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
-                                       "bytes of content")
-            contents[i] = np.frombuffer(_sha384(page).digest(), dtype=np.uint8)
+        whole_pages = (isinstance(image_pages, np.ndarray) and image_pages.dtype == np.uint8
+                       and image_pages.ndim == 2 and image_pages.shape[1] == PAGE_SIZE)
+        if not whole_pages:
+            for i, page in zip(np.flatnonzero(image).tolist(), image_pages):
+                if len(page) != PAGE_SIZE:
+                    raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
+                                           "bytes of content")
+        records["contents"][image] = page_digests(image_pages)
         # Each record's last 64 bytes, then the chain: SHA-384(previous digest || tail).
         tails = records.tobytes()
         digest, size = self._digest, _RECORD_TAIL.itemsize
@@ -275,6 +277,23 @@ class LaunchMeasurement:
             self._extend(self._vmcs_contents, 0, PageType.VMCS, 0)
             self._final = self._digest
         return self._final
+
+
+def page_digests(pages: np.ndarray | Sequence[bytes]) -> np.ndarray:
+    """SHA-384 of each 4096-byte page, as an (n, 48) uint8 array: the contents field of an
+    IMAGE page's record (the digests are joined into one buffer, not stored row by row)."""
+    if isinstance(pages, np.ndarray):
+        if pages.ndim != 2 or pages.dtype != np.uint8 or pages.shape[1] != PAGE_SIZE:
+            raise MeasurementError(f"image pages must be an (n, {PAGE_SIZE}) uint8 array, "
+                                   f"not {pages.shape} {pages.dtype}")
+        if pages.strides[1] != 1:                   # hashlib needs each row contiguous
+            pages = np.ascontiguousarray(pages)
+    else:
+        for page in pages:
+            if len(page) != PAGE_SIZE:
+                raise MeasurementError(f"an image page is {len(page)} bytes, not {PAGE_SIZE}")
+    joined = b"".join([_sha384(page).digest() for page in pages])
+    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
 
 
 def measure_offline(pages: Iterable[tuple[int, PageType, int, bytes | None]],

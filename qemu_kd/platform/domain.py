@@ -680,7 +680,8 @@ class KeyDomain:
                         f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key domain "
                         f"{self.keyid} was overwritten after add-zero-pages",
                         "destroy the domain and build it again")
-                image = plain[~zero_rows]
+                # Without tampered zero pages among them, the decrypted rows are the image pages.
+                image = plain[~zero_rows] if zero_rows.any() else plain
                 measurement.add_pages(gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
                                       perms[sl], image)
                 if image.size:
