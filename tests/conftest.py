@@ -43,3 +43,19 @@ def guest_artifacts():
     from qemu_kd.guest.cache import ensure_guest
 
     return ensure_guest()
+
+
+@pytest.fixture(scope="module")
+def root():
+    """A throwaway root CA for one test module (nothing written to the state directory)."""
+    from qemu_kd.platform.identity import RootCA
+
+    return RootCA.create_throwaway()
+
+
+@pytest.fixture(scope="module")
+def identity(root):
+    """A throwaway platform identity signed by ``root``, for one test module."""
+    from qemu_kd.platform.identity import PlatformIdentity
+
+    return PlatformIdentity.create_throwaway(root)

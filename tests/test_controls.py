@@ -25,7 +25,6 @@ from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import (HostPortRefusedError, HostPortStateError, HostPortVerifyError)
 from qemu_kd.platform.controls import UpdateRefused
 from qemu_kd.platform.hardware import Platform
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.platform.physmem import PageState
 from qemu_kd.platform.runtime import UNMAPPED, DomainRuntime, Endpoints
 
@@ -89,11 +88,6 @@ class RamRuntime(DomainRuntime):
 
     def stop(self):
         self.calls.append("stop")
-
-
-@pytest.fixture(scope="module")
-def identity():
-    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
 
 
 @pytest.fixture

@@ -171,11 +171,6 @@ def load_guest(platform, guest, shuffle_seed=None):
     platform.add_pages(guest.keyid, entries)
 
 
-@pytest.fixture(scope="module")
-def identity():
-    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
-
-
 @pytest.fixture
 def platform(identity, tmp_path):
     p = Platform(identity, MEMORY, tmp_path / "platform")

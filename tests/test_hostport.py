@@ -51,7 +51,6 @@ from qemu_kd.hostport.protocol import (
     unpack_page_entries,
 )
 from qemu_kd.platform.hostport_server import HostPortServer, error_reply
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.platform.runtime import LaunchError, SaveAreaError
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.platform.hardware import Platform
@@ -60,11 +59,6 @@ from qemu_kd.formats.vmcs import VMCS_FIELDS
 
 from test_domain import ENC_EPT_POINTER, ENC_GUEST_RIP, MEMORY, PAGE, RW, guest_page_count, seal_guest
 from serving import serving
-
-
-@pytest.fixture(scope="module")
-def identity():
-    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import HostPortBadRequestError, HostPortBusyError, HostPortError
 from qemu_kd.platform import hostport_server
 from qemu_kd.platform.hardware import Platform
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.tenant.seal import seal
 
 from serving import serving
@@ -30,16 +29,6 @@ from synthetic import fake_bzimage
 MiB = 1 << 20
 PAGE = 4096
 STRIDE = 24 + PAGE          # pages laid out as a bundle's records: a 24-byte head before each
-
-
-@pytest.fixture(scope="module")
-def root():
-    return RootCA.create_throwaway()
-
-
-@pytest.fixture(scope="module")
-def identity(root):
-    return PlatformIdentity.create_throwaway(root)
 
 
 @pytest.fixture

@@ -32,15 +32,9 @@ from qemu_kd.hostport.protocol import (
 )
 from qemu_kd.platform.hardware import Platform
 from qemu_kd.platform.hostport_server import HostPortServer
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 
 from test_domain import MEMORY
 from test_hostport import frame_with_header, hello_frame, raw_connection, read_reply
-
-
-@pytest.fixture(scope="module")
-def identity():
-    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
 
 
 @pytest.fixture

@@ -17,16 +17,10 @@ from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.names import DomainNameError, NameClaims, check_name, sweep_stale_claims
 from qemu_kd.hostport.protocol import HostPortBadRequestError, HostPortNameTakenError
 from qemu_kd.platform.hardware import Platform
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
 
 from serving import serving
 from test_domain import MEMORY, guest_page_count, seal_guest
 from test_hostport import FakeRuntime, host_loads
-
-
-@pytest.fixture(scope="module")
-def identity():
-    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
 
 
 def dead_pid() -> int:

@@ -17,7 +17,7 @@ from qemu_kd.platform.attestation import sign_report
 from qemu_kd.formats.bundle import PageRecord
 from qemu_kd.formats.ept import EPT_PERMS, EptEntry, build_ept_arrays, mapping_digest_arrays
 from qemu_kd.hostport.protocol import HostPortUnwrapError
-from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.platform.identity import PlatformIdentity
 from qemu_kd.formats.layout import plan
 from qemu_kd.formats.measurement import PageType, host_verifiable_digest
 from qemu_kd.crypto.mee import MemoryEncryptionEngine, data_physical_address
@@ -36,11 +36,6 @@ KERNEL = fake_bzimage(payload=os.urandom(300_000))
 INITRD = os.urandom(200_000)
 CMDLINE = "console=ttyS0"
 POLICY = Policy.make()
-
-
-@pytest.fixture(scope="module")
-def root():
-    return RootCA.create_throwaway()
 
 
 @pytest.fixture(scope="module")

@@ -44,16 +44,6 @@ ENC_EPT_POINTER = 0x201A
 ENC_SAVE_AREA = 0x2200
 
 
-@pytest.fixture(scope="module")
-def root():
-    return RootCA.create_throwaway()
-
-
-@pytest.fixture(scope="module")
-def identity(root):
-    return PlatformIdentity.create_throwaway(root)
-
-
 def host_layout(identity, keyid=5, hpas=None, host_data=b"host-data", memory_size=MEM):
     if hpas is None:
         hpas = [0x200000 + PAGE * i for i in range(pages_needed(memory_size))]
