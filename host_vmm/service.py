@@ -29,6 +29,12 @@ hypercall responder, controls, detach, destroy).
 
 It prints ``ready`` on stdout once it serves.  Errors come back as error
 replies carrying the one-line message; the process keeps serving.
+
+What only load, launch and restore need (bundle reading, the hypercall
+responder: ``host_vmm.vmm.LATER_MODULES``) is imported in a background thread
+once the first request has been answered, while the tenant seals; a request
+that needs it waits for that import, and a module that fails to import is an
+error reply naming it.
 """
 
 from __future__ import annotations
@@ -43,16 +49,22 @@ import time
 
 from guest_agent.protocol import ProtocolError, decode, encode, error, reply
 from qemu_kd.common.errors import KdError
+from qemu_kd.common.lateimports import LateImports
 from qemu_kd.common.log import configure as configure_logging
 
-from .vmm import HostVmm
+from .vmm import LATER_MODULES, HostVmm
 
 log = logging.getLogger(__name__)
 
 
+#: The requests that may use :data:`host_vmm.vmm.LATER_MODULES`.
+NEEDS_LATER = frozenset({"load", "verify", "launch", "restore", "agent"})
+
+
 class HostVmmService:
-    def __init__(self, vmm: HostVmm):
+    def __init__(self, vmm: HostVmm, later: LateImports | None = None):
         self.vmm = vmm
+        self.later = later if later is not None else LateImports(LATER_MODULES, "the host VMM")
         self.done = False
 
     def do_allocate(self, req: dict) -> dict:
@@ -117,6 +129,8 @@ class HostVmmService:
             return error(rid, f"unknown host VMM command {cmd!r}")
         log.debug("request %s (id %s)", cmd, rid)
         try:
+            if cmd in NEEDS_LATER:
+                self.later.wait()
             return reply(rid, handler(req))
         except KdError as exc:
             log.info("%s failed: %s", cmd, exc)
@@ -140,6 +154,8 @@ class HostVmmService:
                         del buf[:nl + 1]
                         if line.strip():
                             conn.sendall(encode(self.answer(line)))
+                            # The first answer (an allocate) is out: the rest loads meanwhile.
+                            self.later.start()
 
 
 def wait_for_socket(path: str, seconds: float) -> None:

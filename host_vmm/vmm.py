@@ -15,19 +15,26 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
-from qemu_kd.formats.bundle import FLAG_HOST_VERIFIABLE as BUNDLE_HOST_VERIFIABLE, Bundle
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import FLAG_HOST_VERIFIABLE, PAGE_ENTRY_DTYPE, PAGE_TYPE_ZERO, HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
 from host_vmm.controls import ControlHost
-from host_vmm.hypercalls import HypercallResponder
 from host_vmm.window import SessionRelay
+
+if TYPE_CHECKING:
+    from qemu_kd.formats.bundle import Bundle
+    from host_vmm.hypercalls import HypercallResponder
+
+#: What only load, launch and restore use: the host VMM process imports these once it has
+#: answered its first request (an allocate), while the tenant seals (qemu_kd.common.lateimports).
+LATER_MODULES = ("qemu_kd.formats.bundle", "host_vmm.hypercalls")
 
 # Intel VMCS encodings of the control fields the host checks.
 VMCS_EPT_POINTER = 0x201A
@@ -73,6 +80,8 @@ def page_entries(bundle: Bundle) -> np.ndarray:
     entries = np.zeros(pages.size, dtype=PAGE_ENTRY_DTYPE)
     entries["hpa"], entries["gpa"], entries["type"], entries["perms"] = (
         pages["hpa"], pages["gpa"], pages["type"], pages["perms"])
+    from qemu_kd.formats.bundle import FLAG_HOST_VERIFIABLE as BUNDLE_HOST_VERIFIABLE
+
     entries["flags"] = np.where(pages["flags"] & BUNDLE_HOST_VERIFIABLE, FLAG_HOST_VERIFIABLE, 0)
     return entries
 
@@ -159,6 +168,8 @@ class HostVmm:
         """:meth:`load` of the bundle file at ``path``.  This host reads and checks the file;
         the platform reads the ciphertext from the same open file (its descriptor goes with
         the request) rather than through the socket."""
+        from qemu_kd.formats.bundle import Bundle
+
         bundle, file, size = Bundle.open(Path(path))
         with file:
             self.check_bundle_layout(bundle)
@@ -286,6 +297,8 @@ class HostVmm:
         """Before the vCPU runs: connect the shared channel and start the hypercall responder."""
         sock = connect_shared_channel(self.endpoints.get("shared"))
         if self.answer_hypercalls:
+            from host_vmm.hypercalls import HypercallResponder
+
             self.responder = HypercallResponder(self.responder_client_factory, self.keyid)
             self.responder.start()
         log = self.endpoints.get("console_log")

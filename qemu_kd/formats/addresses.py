@@ -22,6 +22,8 @@ MAX_KEYID = (1 << KEYID_BITS) - 1
 HPA_LIMIT = 1 << KEYID_SHIFT
 HPA_MASK = HPA_LIMIT - 1
 DPA_LIMIT = 1 << (KEYID_SHIFT + KEYID_BITS)
+#: A gpa_to_hpa entry of a gpa that maps no page (a control update ballooned it out).
+UNMAPPED = np.uint64((1 << 64) - 1)
 
 
 class AddressError(KdError):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qemu_kd.common.errors import KdError
-from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
+from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE, UNMAPPED
 from qemu_kd.formats.ctlupdate import (
     MAX_OP_PAGES,
     NO_HPA,
@@ -71,7 +71,6 @@ from qemu_kd.platform.domain import (
     GuestStateFieldError,
 )
 from qemu_kd.platform.physmem import PageState
-from qemu_kd.platform.runtime import UNMAPPED
 
 log = logging.getLogger(__name__)
 

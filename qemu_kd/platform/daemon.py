@@ -7,7 +7,11 @@
 * loads (or creates, on first use) the installation's emulated root CA and the
   platform identity from the state directory;
 * serves the host port on a Unix socket (mode 0600) and prints one line,
-  ``ready <socket>``, on stdout once clients can connect;
+  ``ready <socket>``, on stdout once clients can connect; what only launch,
+  snapshot-kd and restore-kd use (the QEMU runtime, the QMP and gdb proxies,
+  snapshots: :data:`LATER_MODULES`) it imports in a background thread once it has
+  answered its first request past platform-info (an alloc), and those requests
+  wait for that import (a module that fails to import is an error reply);
 * registers itself in ``<runtime>/platforms/<pid>.json`` so ``qemu-kd ls`` and
   friends find it, and removes that entry when it ends;
 * on SIGTERM or SIGINT destroys every domain (QEMU stopped, guest RAM and
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 
 from qemu_kd.common.errors import ConfigError, KdError
+from qemu_kd.common.lateimports import LateImports
 from qemu_kd.common.log import configure as configure_logging
 from qemu_kd.common.rundirs import sweep_dead_dirs, take_over
 from qemu_kd.hostport.registry import default_socket, platform_state_dir, registry_dir, sweep_stale_entries
@@ -55,6 +60,9 @@ from qemu_kd.hostport.spawn import KEEP_LINE, READY_PREFIX
 
 DEFAULT_MEMORY = "1G"
 IDLE_POLL = 1.0
+#: Imported once the platform serves (:class:`qemu_kd.common.lateimports.LateImports`).
+LATER_MODULES = ("qemu_kd.platform.runtime", "qemu_kd.platform.endpoints.qmp_proxy",
+                 "qemu_kd.platform.endpoints.gdb_proxy", "qemu_kd.platform.snapshot")
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +94,6 @@ class PlatformDaemon:
     def start(self) -> None:
         from qemu_kd.platform.hostport_server import HostPortServer
         from qemu_kd.platform.hardware import Platform
-        from qemu_kd.platform.snapshot import SnapshotService
 
         swept = sweep_stale_entries() + sweep_dead_dirs()
         if swept:
@@ -94,9 +101,16 @@ class PlatformDaemon:
                      ", ".join(p.name for p in swept))
         _root, identity = load_identity(self.pstate)
         self.platform = Platform(identity, self.memory_size, qemu_accel=self.accel)
+        platform, pstate = self.platform, self.pstate
+
+        def snapshots():
+            from qemu_kd.platform.snapshot import SnapshotService
+
+            return SnapshotService(platform, pstate)
+
         try:
-            snapshots = SnapshotService(self.platform, self.pstate)
-            self.server = HostPortServer(self.platform, self.socket_path, snapshots=snapshots).start()
+            self.server = HostPortServer(self.platform, self.socket_path, snapshots=snapshots,
+                                         later=LateImports(LATER_MODULES, "the platform")).start()
         except BaseException:
             self.platform.close()
             self.platform = None

@@ -23,10 +23,11 @@ import logging
 import os
 import socket
 import stat
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -42,6 +43,7 @@ from qemu_kd.platform.domain import (
 )
 from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import claim_socket_path
+from qemu_kd.common.lateimports import LateImports
 from qemu_kd.formats.errors import FormatError, UnknownFieldError
 from qemu_kd.hostport.protocol import (
     COMMANDS, FLAG_HOST_VERIFIABLE, MAX_DATA, MAX_EXIT_WAIT, MAX_FILE_STRIDE, MAX_FRAME, MAX_HEADER, PROTOCOL_VERSION, SUPPORTED_VERSIONS, EptVerdict, HostPortBadRequestError, HostPortBusyError, HostPortError, HostPortProtocolError, Reply, Request, arg_hex, arg_int, pack_u64_array, read_frame, unpack_page_entries, unpack_u64_array, write_frame,
@@ -50,12 +52,13 @@ from qemu_kd.hostport.names import check_name
 from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.formats.hypercall import HypercallReply, check_registers
 from qemu_kd.formats.keywrap import KeyUnwrapError
-from qemu_kd.platform.runtime import LaunchError, SaveAreaError
 from qemu_kd.formats.measurement import MeasurementError
 from qemu_kd.platform.physmem import AddressError, OwnershipError
 from qemu_kd.platform.hardware import MAX_DEBUG_READ, HostExitRefused, Platform
 from qemu_kd.platform.controls import UpdateRefused
-from qemu_kd.platform.snapshot import SnapshotRefused, SnapshotService
+
+if TYPE_CHECKING:
+    from qemu_kd.platform.snapshot import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +132,22 @@ def _pread_exactly(fd: int, view: memoryview, position: int, end: int) -> None:
         view, position = view[got:], position + got
 
 
+class _NeverRaised(Exception):
+    """Stands for an exception type of a module not imported yet."""
+
+
+def _types_of(module: str, *names: str) -> tuple[type, ...]:
+    """The classes ``names`` of ``module`` if it is imported, else :class:`_NeverRaised`."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name, _NeverRaised) for name in names)
+
+
 def error_code(exc: BaseException) -> str:
     """The host-port error code for a platform exception."""
+    # The daemon imports these modules once it serves (platform/daemon.py): until then none of
+    # their exceptions can have been raised.
+    LaunchError, SaveAreaError = _types_of("qemu_kd.platform.runtime", "LaunchError", "SaveAreaError")
+    SnapshotRefused, = _types_of("qemu_kd.platform.snapshot", "SnapshotRefused")
     for types, code in (
         (HostPortError, None),
         (KeyIdExhaustedError, "keyid-exhausted"),
@@ -212,6 +229,10 @@ class FrameBudget:
                 self.held -= taken
 
 
+#: The requests that use the modules a server's ``later`` imports (QEMU runtime, proxies, snapshots).
+NEEDS_LATER = frozenset({"launch", "snapshot-kd", "restore-kd"})
+
+
 class HostPortServer:
     """The host port: one Unix socket, one thread per connection."""
 
@@ -219,10 +240,16 @@ class HostPortServer:
                  frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_pending: int = DEFAULT_MAX_PENDING,
-                 snapshots: SnapshotService | None = None):
-        """``snapshots`` serves snapshot-kd and restore-kd (without it they are refused)."""
+                 snapshots: SnapshotService | Callable[[], SnapshotService] | None = None,
+                 later: LateImports | None = None):
+        """``snapshots`` serves snapshot-kd and restore-kd (without it they are refused): the
+        service, or a function that makes it when the first of them arrives.  ``later`` are
+        modules only some requests need (:data:`NEEDS_LATER`): importing them starts once the
+        first request past ``platform-info`` is answered, and those requests wait for it."""
         self.platform = platform
         self.snapshots = snapshots
+        self._snapshots_lock = threading.Lock()
+        self.later = later
         self.socket_path = Path(socket_path)
         self.frame_timeout = frame_timeout
         self.max_connections = max_connections
@@ -476,6 +503,8 @@ class HostPortServer:
                 reply = self._dispatch(request, fds)
                 _close_all(fds)           # the host's file is let go of before the reply
                 conn.sendall(reply)
+                if self.later is not None and request.cmd != "platform-info":
+                    self.later.start()      # while the caller works on what it was given
 
     @staticmethod
     def _file_bytes(request: Request, fds: list[int]) -> int:
@@ -493,6 +522,8 @@ class HostPortServer:
             return Reply.failure(request.id, "unknown-command", f"unknown host-port command {request.cmd[:64]!r}",
                                  f"commands: {', '.join(COMMANDS)}").pack()
         try:
+            if self.later is not None and request.cmd in NEEDS_LATER:
+                self.later.wait()
             if request.cmd == "write-phys-pages":
                 result, payload = self._write_phys_pages(request.args, memoryview(request.payload), fds or [])
             elif fds:
@@ -708,10 +739,13 @@ class HostPortServer:
     # -- snapshots (platform/snapshot.py, docs/snapshots.md) ------------------------------
 
     def _snapshot_service(self, cmd: str) -> SnapshotService:
-        if self.snapshots is None:
-            raise KdError(f"{cmd}: this platform keeps no snapshot state",
-                          "serve it with the platform daemon (qemu-kd platform serve)")
-        return self.snapshots
+        with self._snapshots_lock:
+            if self.snapshots is None:
+                raise KdError(f"{cmd}: this platform keeps no snapshot state",
+                              "serve it with the platform daemon (qemu-kd platform serve)")
+            if callable(self.snapshots):
+                self.snapshots = self.snapshots()
+            return self.snapshots
 
     @staticmethod
     def _path_arg(args: dict, cmd: str) -> str:

@@ -53,7 +53,7 @@ from qemu_kd.qemu.guestport import GuestPortServer
 from qemu_kd.qemu.launch import host_tsc_khz
 from qemu_kd.qemu.machine import MachineSpec, QemuMachine
 from qemu_kd.formats.measurement import PageType
-from qemu_kd.formats.addresses import PAGE_SIZE
+from qemu_kd.formats.addresses import PAGE_SIZE, UNMAPPED
 from qemu_kd.formats.errors import FieldValueError
 from qemu_kd.formats.hypercall import MAX_LEAF, ExitRecord, check_registers, narrow_mask
 from qemu_kd.formats.savearea import HypercallFrame, SaveArea
@@ -71,8 +71,6 @@ from qemu_kd.platform.exits import (
 MiB = 1 << 20
 #: Pages compared per step when the shadow sync looks for changed pages (8 MiB).
 SYNC_STEP_PAGES = 2048
-#: gpa_to_hpa entry of a gpa that maps no page (a control update ballooned it out).
-UNMAPPED = np.uint64((1 << 64) - 1)
 #: How long a hypercall waits for the host by default, and at most (seconds).
 HYPERCALL_TIMEOUT = 10.0
 MAX_HYPERCALL_TIMEOUT = 600.0
