@@ -294,27 +294,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def end_process(code: int) -> None:
-    """End this process with ``code`` now, skipping the interpreter's teardown (unloading numpy,
-    cryptography and the rest): for a ``run`` that has stopped everything it started, written
-    its report and left nothing behind."""
-    import logging
-    import os
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The ``qemu-kd`` command with ``argv`` (default: this process's arguments); its exit status.
 
-    A ``run`` on this process's own arguments ends the process itself (:func:`end_process`)
-    once everything is cleaned up; called with ``argv``, main returns as every command does.
+    A ``run`` on this process's own arguments ends the process itself once everything is
+    cleaned up (:func:`qemu_kd.common.process.exit_without_teardown`); called with ``argv``,
+    main returns as every command does.
     """
     from qemu_kd.cli.outcome import CommandLineError, report_failure
 
@@ -328,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "harness_exit", False):
         code = _harness_command(args, InterruptWatch().install())
         if whole_process and args.command == "run":
-            end_process(code)
+            from qemu_kd.common.process import exit_without_teardown
+
+            exit_without_teardown(code)
         return code
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

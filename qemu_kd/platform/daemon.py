@@ -265,19 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
 
 
-def exit_without_teardown(code: int) -> None:
-    """End the daemon process once :func:`main` has returned: every domain is destroyed, its
-    memory scrubbed, its socket, registry entry and directories removed by then, so the
-    interpreter's own teardown (unloading numpy, cryptography and the rest) would only make
-    the process that waits for this one wait longer."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    # Everything is destroyed, scrubbed and removed by the time main returns.
+    from qemu_kd.common.process import exit_without_teardown
+
     exit_without_teardown(main())
