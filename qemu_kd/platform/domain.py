@@ -248,6 +248,9 @@ class KeyDomain:
         self.on_destroy: Callable[[], None] | None = None
         # Guest RAM filled ahead of launch (guestram.py): by measure-kd, or by restore-kd.
         self._staged: StagedRam | None = None
+        # restore-kd's pages whose DRAM ciphertext is produced on first access (defer_restored):
+        # their hpas, sorted, and where their plaintext comes from.
+        self._deferred: tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]] | None = None
 
     @classmethod
     def create(cls, keyid: int, wrapped_key: WrappedKey | bytes, policy: Policy | bytes,
@@ -328,6 +331,52 @@ class KeyDomain:
             chunk = hpas[start:start + BATCH_PAGES]
             self.encrypt_into_dram(chunk, zeros[:chunk.size * PAGE_SIZE])
 
+    def defer_restored(self, hpas: np.ndarray, plaintext: Callable[[np.ndarray], np.ndarray]) -> None:
+        """restore-kd: the DRAM ciphertext of the domain's pages at ``hpas`` is produced when anything
+        first reads or partly writes one of them (physmem.defer_fill), as for ZERO pages.
+
+        ``plaintext(hpas)`` gives those pages' plaintext as an (n, 4096) array the caller may wipe:
+        the snapshot's, which the shadow sync's baseline also starts from.  So DRAM holds, whenever
+        anyone looks, exactly what encrypting the pages during the restore would have stored; a page
+        the guest changed meanwhile is re-encrypted by the sync, which stores whole pages and so
+        leaves nothing of it to fill."""
+        hpas = np.sort(np.asarray(hpas, dtype=np.uint64))
+        if not hpas.size:
+            return
+        self._memory.defer_fill(hpas, self.keyid, self._fill_deferred)
+        self._deferred = (hpas, plaintext)
+
+    def _fill_deferred(self, hpas: np.ndarray) -> None:
+        """Produce the DRAM ciphertext of pending pages: restored ones from their plaintext, the
+        others (ZERO pages) as encrypted zeros.  No page becomes pending after the domain is built
+        (add-zero-pages and restore-kd are build steps, and every ownership change clears it), so
+        a pending restored hpa is still the page the restore deferred."""
+        hpas = np.asarray(hpas, dtype=np.uint64)
+        if self._deferred is not None and hpas.size:
+            known, plaintext = self._deferred
+            at = np.minimum(np.searchsorted(known, hpas), known.size - 1)
+            mine = known[at] == hpas
+            restored = hpas[mine]
+            try:
+                for start in range(0, restored.size, BATCH_PAGES):
+                    chunk = restored[start:start + BATCH_PAGES]
+                    plain = plaintext(chunk)
+                    try:
+                        self.encrypt_into_dram(chunk, plain)
+                    finally:
+                        plain.fill(0)
+            except KdError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - e.g. out of memory: refused, pages stay pending
+                raise DomainError(f"key domain {self.keyid}: its restored pages cannot be written into "
+                                  f"DRAM ({type(exc).__name__}: {exc})",
+                                  "destroy the domain; nothing was served in their place") from None
+            if restored.size and not self._memory.pending_fill(known).any():
+                self._deferred = None       # all written: the snapshot's data is no longer held
+            hpas = hpas[~mine]
+        if hpas.size:
+            self._fill_encrypted_zeros(hpas)
+
     # -------------------------------------------------------------- add pages
 
     def add_pages(self, batch: PageBatch) -> None:
@@ -372,7 +421,7 @@ class KeyDomain:
         self._memory.assign_private(batch.hpas, self.keyid, PageType.ZERO)
         # DRAM gets the encrypted zeros on first access (physmem.defer_fill): a 256 MiB
         # guest's zero pages cost no encryption unless someone looks at them.
-        self._memory.defer_fill(batch.hpas, self.keyid, self._fill_encrypted_zeros)
+        self._memory.defer_fill(batch.hpas, self.keyid, self._fill_deferred)
         self._record(batch, everything)
         self._transition(DomainState.BUILDING, "add-zero-pages")
 
@@ -747,6 +796,7 @@ class KeyDomain:
         self._transition(DomainState.DESTROYED, "destroy-kd")
         self.discard_staged_ram()
         freed = self._memory.release_keyid(self.keyid)
+        self._deferred = None
         if self._mee is not None:
             self._mee.close()
             self._mee = None

@@ -414,6 +414,10 @@ class PhysicalMemory:
     def pending_fill_count(self) -> int:
         return int(np.count_nonzero(self._pending_fill))
 
+    def pending_fill(self, hpas: HpaList) -> np.ndarray:
+        """For each page, whether its content is still to be produced by its filler."""
+        return self._pending_fill[self.page_indices(hpas, unique=False)]
+
     def _materialize(self, idx: np.ndarray) -> None:
         """Run the fillers of pending pages among ``idx``."""
         if not idx.size:

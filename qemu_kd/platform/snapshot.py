@@ -21,7 +21,8 @@
 MAC, the domain the caller expects, rollback), then builds a new key domain
 with the same key, policy, host_data and measurement at a fresh KeyID and
 fresh pages: the guest pages the file carries are decrypted at their old
-addresses and encrypted at the new ones inside the platform, the pages flagged
+addresses inside the platform (their ciphertext at the new ones is written when
+anything first looks at DRAM there: :class:`_SnapshotPages`), the pages flagged
 zero come back as ZERO pages (as add-zero-pages adds them), a new EPT maps them, and the
 VMCS points at it.  The platform verifies that EPT as verify-ept does and
 launches the domain with the snapshot's device state and registers
@@ -439,14 +440,18 @@ class SnapshotService:
                 zero[rows] = empty
                 keep = ~empty
                 if keep.all():
-                    domain.encrypt_into_dram(guest_hpas[rows], plain)
                     staged.fill(gpns[rows], guest_hpas[rows], plain)
                 elif keep.any():
                     kept = plain[keep]
-                    domain.encrypt_into_dram(guest_hpas[rows][keep], kept)
                     staged.fill(gpns[rows][keep], guest_hpas[rows][keep], kept)
                     kept.fill(0)
             buffer.fill(0)      # guest plaintext does not linger in the platform's heap
+        # Their ciphertext at the new addresses is produced when something first looks at DRAM
+        # there (KeyDomain.defer_restored): from the file's ciphertext, decrypted again at the old
+        # addresses, so it is exactly what encrypting the plaintext above would have stored.
+        stored = ~zero[carried]
+        deferred = _SnapshotPages(dom.key, memory, guest_hpas[carried[stored]], old_dpas[carried[stored]],
+                                  np.flatnonzero(stored))
         eptp, tables = build_ept_arrays(gpas, guest_hpas, perms, table_hpas.tolist())
         order = np.array(sorted(tables), dtype=np.uint64)
         domain.encrypt_into_dram(order, b"".join(tables[int(h)] for h in order))
@@ -463,6 +468,7 @@ class SnapshotService:
                           np.zeros(control.size + int(data.sum()), dtype=bool))
         p.domains[keyid] = domain
         domain.add_pages(batch)
+        domain.defer_restored(deferred.hpas, deferred.plaintext)
         if zero.any():
             domain.add_zero_pages(PageBatch(guest_hpas[zero], gpas[zero],
                                             np.full(int(zero.sum()), int(PageType.ZERO)), perms[zero],
@@ -471,6 +477,29 @@ class SnapshotService:
         if not verdict.ok:
             raise SnapshotError(f"the restored domain's EPT does not verify: {verdict.reasons[0]}")
         domain.measurement = RestoredMeasurement(header.measurement)
+
+
+class _SnapshotPages:
+    """A restored domain's pages whose DRAM ciphertext is still to be written: the snapshot file's
+    ciphertext of each (its memory section, held until every page is written or the domain is
+    destroyed), and the old data physical address it was encrypted at."""
+
+    def __init__(self, key: bytes, memory: bytes | memoryview, hpas: np.ndarray, old_dpas: np.ndarray,
+                 positions: np.ndarray):
+        order = np.argsort(hpas, kind="stable")
+        self.hpas = hpas[order]
+        self._old_dpas = old_dpas[order]
+        self._positions = positions[order]
+        self._key = key
+        self._pages = np.frombuffer(memory, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+    def plaintext(self, hpas: np.ndarray) -> np.ndarray:
+        """The snapshot's plaintext of the pages now at ``hpas`` (each one of :attr:`hpas`)."""
+        at = np.searchsorted(self.hpas, hpas)
+        pages = self._pages[self._positions[at]]    # a copy, decrypted in place
+        with MemoryEncryptionEngine(self._key, mask_cache_bytes=0) as old_mee:
+            old_mee.decrypt_into(pages, pages, self._old_dpas[at])
+        return pages
 
 
 def _zero_pages(domain: KeyDomain, hpas: np.ndarray, cipher: np.ndarray) -> np.ndarray:
