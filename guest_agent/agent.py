@@ -200,7 +200,8 @@ class Agent:
     def ready_event(self) -> dict:
         # os.uname() and sys.version give what the platform module would, without its import.
         return event("ready", version=__version__, kernel=os.uname().release,
-                     python=sys.version.split()[0], protected=self.protected, debug=self.debug)
+                     python=sys.version.split()[0], protected=self.protected, debug=self.debug,
+                     uptime_s=guest_uptime())
 
     def do_ping(self, req: dict) -> dict:
         return {"pong": True, "refused": self.refused}
@@ -516,6 +517,15 @@ def power_off() -> None:
             f.write("b")
     except OSError:
         os.system("reboot -f")
+
+
+def guest_uptime() -> float | None:
+    """Seconds since the guest kernel started, as the guest's own clock counts them."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def console_policy(allow_shell: bool) -> None:

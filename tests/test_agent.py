@@ -49,6 +49,8 @@ def test_ready_then_ping_and_exec(pair):
     client, _, _ = pair
     ready = client.wait_ready(timeout=5)
     assert ready["event"] == "ready" and ready["version"] and ready["kernel"]
+    with open("/proc/uptime") as f:     # the agent runs on this machine here: the same clock
+        assert 0 < ready["uptime_s"] <= float(f.read().split()[0])
     assert client.ping()
     res = client.exec(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
     assert (res["rc"], res["stdout"], res["stderr"]) == (3, "out\n", "err\n")

@@ -98,6 +98,8 @@ def test_cli_run_plain_json(guest_artifacts):
                   "shutdown"):
         assert out["timings"][phase] >= 0
     assert out["boot_to_ready_s"] > 0
+    # The guest's own clock at ready: the kernel had booted by then, and no later than the host saw it.
+    assert 0 < out["guest_uptime_at_ready_s"] <= out["timings"]["kernel to agent ready"] + 1
     assert not leftovers()
 
 

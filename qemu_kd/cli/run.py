@@ -106,7 +106,8 @@ def run_command(opts: RunOptions, dom: Domain, timer: PhaseTimer) -> dict:
 def launch_fields(mode: str, platform: Platform, dom: Domain) -> dict:
     """The first fields of every run's report: the mode, the accelerator and the guest."""
     return {"mode": mode, "accel": platform.accel, "accel_reason": platform.accel_reason,
-            "kernel_release": dom.ready.get("kernel"), "agent_version": dom.ready.get("version")}
+            "kernel_release": dom.ready.get("kernel"), "agent_version": dom.ready.get("version"),
+            "guest_uptime_at_ready_s": dom.ready.get("uptime_s")}
 
 
 def finish_timings(out: dict, timer: PhaseTimer, boot_phases: tuple[str, ...]) -> dict:
