@@ -80,3 +80,27 @@ def stop_registered_platforms(runtime: Path, timeout: float = 20.0) -> list[int]
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     return pids
+
+
+def qemu_children() -> list[int]:
+    """The pids of QEMU processes this test process started (an in-process platform's)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "qemu-system"], capture_output=True,
+                         text=True).stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+def in_process_leftovers() -> tuple:
+    """What an in-process platform's domains hold in this process: its QEMU processes, open
+    guest-RAM files and QEMU directories (compare before and after)."""
+    from qemu_kd.qemu.machine import DIR_KIND
+
+    ram = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            ram += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
+        except OSError:
+            pass
+    dirs = sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
+    return qemu_children(), ram, dirs

@@ -192,6 +192,15 @@ def protected_domain(workdir: Path, guest, *, debug: bool = False, mem_size: int
                              ready_timeout, exposed_register_mask)
 
 
+@contextmanager
+def in_process_domain(workdir: Path, guest, mem_size: int, platform_memory: int):
+    """A protected domain of ``mem_size`` on a platform of ``platform_memory`` bytes that runs in
+    this process (``ProtectedDomain.platform``), at ``workdir``; torn down on exit."""
+    with in_process_platform(workdir / "p.sock", workdir / "pstate", platform_memory) as platform:
+        yield from _launched(workdir, guest, workdir / "p.sock", None, platform, workdir / "pstate",
+                             False, mem_size, 120.0)
+
+
 def _launched(workdir, guest, psock, proc, platform, pstate, debug, mem_size, ready_timeout,
               exposed_register_mask=0):
     received: list = []

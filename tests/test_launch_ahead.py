@@ -6,17 +6,15 @@ and leaves nothing behind.  In process, so the platform can be watched."""
 from __future__ import annotations
 
 import os
-import subprocess
 from contextlib import contextmanager
 
 import pytest
 
 from host_vmm.vmm import HostVmm
+from leftovers import in_process_leftovers, qemu_children
 from protected import in_process_platform
-from qemu_kd.common.paths import runtime_dir
 from qemu_kd.formats.policy import Policy
 from qemu_kd.qemu.launch import full_cmdline
-from qemu_kd.qemu.machine import DIR_KIND
 from qemu_kd.tenant.seal import seal
 
 pytestmark = pytest.mark.qemu
@@ -47,22 +45,6 @@ def verified(platform, guest_artifacts):
         vmm.destroy()
 
 
-def _qemu_children() -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "qemu-system"], capture_output=True,
-                         text=True).stdout
-    return sorted(int(pid) for pid in out.split())
-
-
-def _leftovers() -> tuple:
-    ram = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            ram += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
-        except OSError:
-            pass
-    return _qemu_children(), ram, sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
-
-
 def _ahead(platform, keyid):
     name, runtime, start = platform._ahead[keyid]
     start.result()
@@ -73,7 +55,7 @@ def test_a_measured_domain_has_its_qemu_started_ahead_and_launch_uses_it(platfor
     with verified(platform, guest_artifacts) as vmm:
         name, runtime = _ahead(platform, vmm.keyid)
         machine = runtime.machine
-        assert name == f"kd{vmm.keyid}" and machine.proc.pid in _qemu_children()
+        assert name == f"kd{vmm.keyid}" and machine.proc.pid in qemu_children()
         # Paused before anything ran: the vCPU has not left its reset state, no device state.
         with runtime.qmp_lock:
             assert machine.qmp.cmd("query-status")["status"] == "prelaunch"
@@ -89,7 +71,7 @@ def test_launch_under_another_name_replaces_the_qemu_started_ahead(platform, gue
         _name, runtime = _ahead(platform, vmm.keyid)
         pid, console_log = runtime.machine.proc.pid, runtime.machine.console_log
         vmm.launch(ready_timeout=120, name="ahead-other")
-        assert platform.runtimes[vmm.keyid] is not runtime and pid not in _qemu_children()
+        assert platform.runtimes[vmm.keyid] is not runtime and pid not in qemu_children()
         assert not console_log.exists()     # it never ran: no empty log is left
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -97,12 +79,12 @@ def test_launch_under_another_name_replaces_the_qemu_started_ahead(platform, gue
 
 
 def test_destroying_a_measured_domain_stops_the_qemu_started_ahead(platform, guest_artifacts):
-    before = _leftovers()
+    before = in_process_leftovers()
     with verified(platform, guest_artifacts) as vmm:
         _name, runtime = _ahead(platform, vmm.keyid)
         pid, console_log = runtime.machine.proc.pid, runtime.machine.console_log
-        assert pid in _qemu_children() and console_log.exists()
-    assert vmm.keyid not in platform._ahead and _leftovers() == before
+        assert pid in qemu_children() and console_log.exists()
+    assert vmm.keyid not in platform._ahead and in_process_leftovers() == before
     assert not console_log.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
@@ -114,7 +96,7 @@ def test_a_measurement_that_fails_stops_the_qemu_it_started(platform, guest_arti
     from qemu_kd.common.errors import KdError
     from qemu_kd.formats.measurement import PageType
 
-    before = _leftovers()
+    before = in_process_leftovers()
     vmm = HostVmm(str(platform.test_socket))
     try:
         layout = vmm.allocate(GUEST)
@@ -140,6 +122,6 @@ def test_a_measurement_that_fails_stops_the_qemu_it_started(platform, guest_arti
             del platform._start_ahead
         assert started and vmm.keyid not in platform._ahead
         assert platform.domain(vmm.keyid).staged_ram is None
-        assert _leftovers() == before
+        assert in_process_leftovers() == before
     finally:
         vmm.destroy()

@@ -7,12 +7,11 @@ stale data.  In process, so the platform can be watched."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from protected import _launched, in_process_platform
+from protected import in_process_domain
 from qemu_kd.common.errors import KdError
 from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
@@ -32,9 +31,7 @@ GUEST = 128 * MiB
 def dom(guest_artifacts, tmp_path_factory):
     """A protected domain of 128 MiB on an in-process platform with room for a restored copy."""
     work = tmp_path_factory.mktemp("restore-deferred")
-    with in_process_platform(work / "p.sock", work / "pstate", 2 * GUEST + 64 * MiB) as platform, \
-            contextmanager(_launched)(work, guest_artifacts, work / "p.sock", None, platform, work / "pstate",
-                                      False, GUEST, 120.0) as d:
+    with in_process_domain(work, guest_artifacts, GUEST, 2 * GUEST + 64 * MiB) as d:
         yield d
 
 

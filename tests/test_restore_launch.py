@@ -5,18 +5,15 @@ QEMU, no guest RAM and no directory behind.  In process, so the platform can be 
 from __future__ import annotations
 
 import os
-import subprocess
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from protected import _launched, in_process_platform
+from leftovers import in_process_leftovers, qemu_children
+from protected import in_process_domain
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
-from qemu_kd.common.paths import runtime_dir
 from qemu_kd.platform.runtime import DomainRuntime
 from qemu_kd.platform.snapshot import SnapshotRefused, SnapshotService
-from qemu_kd.qemu.machine import DIR_KIND
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -27,33 +24,13 @@ GUEST = 128 * MiB
 def dom(guest_artifacts, tmp_path_factory):
     """A protected domain of 128 MiB on an in-process platform with room for a restored copy."""
     work = tmp_path_factory.mktemp("restore-launch")
-    with in_process_platform(work / "p.sock", work / "pstate", 2 * GUEST + 64 * MiB) as platform, \
-            contextmanager(_launched)(work, guest_artifacts, work / "p.sock", None, platform, work / "pstate",
-                                      False, GUEST, 120.0) as d:
+    with in_process_domain(work, guest_artifacts, GUEST, 2 * GUEST + 64 * MiB) as d:
         yield d
 
 
 @pytest.fixture
 def service(dom, tmp_path):
     return SnapshotService(dom.platform, tmp_path / "pstate")
-
-
-def _qemu_children() -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "qemu-system"], capture_output=True,
-                         text=True).stdout
-    return sorted(int(pid) for pid in out.split())
-
-
-def _leftovers() -> tuple:
-    """This process's QEMU processes, guest-RAM files and QEMU directories."""
-    ram = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            ram += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
-        except OSError:
-            pass
-    dirs = sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
-    return _qemu_children(), ram, dirs
 
 
 def test_a_restore_starts_qemu_ahead_and_it_runs_nothing_before_launch(dom, service, tmp_path,
@@ -66,7 +43,7 @@ def test_a_restore_starts_qemu_ahead_and_it_runs_nothing_before_launch(dom, serv
     real_build, real_launch = SnapshotService._build, DomainRuntime.launch
 
     def build(self, keyid, domain, staged, *args):
-        seen["qemu while building"] = _qemu_children()
+        seen["qemu while building"] = qemu_children()
         return real_build(self, keyid, domain, staged, *args)
 
     def launch(self, *args):
@@ -77,13 +54,13 @@ def test_a_restore_starts_qemu_ahead_and_it_runs_nothing_before_launch(dom, serv
 
     monkeypatch.setattr(SnapshotService, "_build", build)
     monkeypatch.setattr(DomainRuntime, "launch", launch)
-    before = _qemu_children()
+    before = qemu_children()
     restored = service.restore(snap)
     platform = dom.platform
     try:
         assert seen["prestarted"] and seen["status at launch"] == "inmigrate"
         runtime = platform.runtimes[restored.keyid]
-        assert runtime.machine.proc.pid in _qemu_children() and runtime.machine.proc.pid not in before
+        assert runtime.machine.proc.pid in qemu_children() and runtime.machine.proc.pid not in before
         agent = AgentClient(connect_shared_channel(restored.endpoints["shared"]))
         platform.run(restored.keyid)
         assert agent.ping(timeout=120)
@@ -109,11 +86,11 @@ def test_a_restore_refused_after_its_qemu_started_leaves_nothing(dom, service, t
 
     monkeypatch.setattr(DomainRuntime, "prestart", prestart)
     platform = dom.platform
-    before = _leftovers(), sorted(platform.domains), sorted(platform.domain_names.values())
+    before = in_process_leftovers(), sorted(platform.domains), sorted(platform.domain_names.values())
     with pytest.raises(SnapshotRefused, match="MAC is wrong"):
         service.restore(snap, "kd-refused")
     assert started, "the restore did not start its QEMU ahead"
-    assert (_leftovers(), sorted(platform.domains)) == (before[0], before[1])
+    assert (in_process_leftovers(), sorted(platform.domains)) == (before[0], before[1])
     assert sorted(platform.domain_names.values()) == before[2]
     assert platform.name_claims.holder("kd-refused") is None
     with pytest.raises(ProcessLookupError):
@@ -245,10 +222,10 @@ def test_a_page_list_that_does_not_match_the_memory_section_is_refused(dom, serv
     service.take(dom.keyid, snap)
     _resealed(service, snap, change)
     platform = dom.platform
-    before = _leftovers(), sorted(platform.domains)
+    before = in_process_leftovers(), sorted(platform.domains)
     with pytest.raises(SnapshotRefused, match=match):
         service.restore(snap)
-    assert (_leftovers(), sorted(platform.domains)) == before
+    assert (in_process_leftovers(), sorted(platform.domains)) == before
 
 
 @pytest.mark.parametrize("remac", [False, True])
