@@ -243,8 +243,10 @@ def test_a_guest_kernel_panic_is_crashed_and_a_reboot_is_shutoff(guest_artifacts
         with protected_domain(tmp_path / wanted, guest_artifacts) as dom:
             dom.session().exec(shell=f"setsid sh -c 'sleep 1; {trigger}' </dev/null >/dev/null 2>&1 &")
             status = guest_state_becomes(dom, wanted)
-            assert (status["guest_state"], status["running"]) == (wanted, False), trigger
-            panicked = b"Kernel panic" in Path(dom.endpoints["console_log"]).read_bytes()
+            console = Path(dom.endpoints["console_log"]).read_bytes()
+            assert (status["guest_state"], status["running"]) == (wanted, False), \
+                f"{trigger}: {status}; the console's last lines: {console[-600:]!r}"
+            panicked = b"Kernel panic" in console
             assert panicked is (wanted == "crashed")
 
 
