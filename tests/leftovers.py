@@ -96,11 +96,16 @@ def in_process_leftovers() -> tuple:
     guest-RAM files and QEMU directories (compare before and after)."""
     from qemu_kd.qemu.machine import DIR_KIND
 
-    ram = 0
+    dirs = sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
+    return qemu_children(), kd_ram_files(), dirs
+
+
+def kd_ram_files() -> int:
+    """How many guest-RAM memory files this process holds open."""
+    count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            ram += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
         except OSError:
             pass
-    dirs = sorted(p.name for p in runtime_dir().glob(f"{DIR_KIND}-{os.getpid()}-*"))
-    return qemu_children(), ram, dirs
+    return count

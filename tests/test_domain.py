@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from leftovers import kd_ram_files
+
 from qemu_kd.platform.domain import (
     DomainNotFoundError,
     DomainState,
@@ -335,17 +337,6 @@ def test_overwritten_zero_page_stops_the_launch(built):
         platform.domain(guest.keyid).finalize_measurement()
 
 
-def _kd_ram_files() -> int:
-    """How many guest-RAM memory files this process holds open."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kd-ram")
-        except OSError:
-            pass
-    return count
-
-
 def test_measurement_fills_guest_ram_with_the_image_for_launch(built):
     platform, guest, alloc = built
     assert platform.verify_ept(guest.keyid, alloc.hpas).ok
@@ -372,22 +363,22 @@ def test_measurement_fills_guest_ram_with_the_image_for_launch(built):
 
 def test_a_measured_domain_destroyed_before_launch_leaves_no_guest_ram(built):
     platform, guest, alloc = built
-    before = _kd_ram_files()
+    before = kd_ram_files()
     assert platform.verify_ept(guest.keyid, alloc.hpas).ok
     platform.domain(guest.keyid).launch_measurement()
-    assert _kd_ram_files() > before
+    assert kd_ram_files() > before
     platform.destroy_kd(guest.keyid)
-    assert _kd_ram_files() == before
+    assert kd_ram_files() == before
 
 
 def test_a_refused_measurement_leaves_no_guest_ram(built):
     platform, guest, alloc = built
-    before = _kd_ram_files()
+    before = kd_ram_files()
     platform.write_phys(guest.hpa_of[guest.zero_gpas[0]], b"junk")
     assert platform.verify_ept(guest.keyid, alloc.hpas).ok
     with pytest.raises(DomainVerifyError):
         platform.domain(guest.keyid).launch_measurement()
-    assert _kd_ram_files() == before
+    assert kd_ram_files() == before
 
 
 # ----------------------------------------------------------------- hash-kd

@@ -31,18 +31,25 @@ def platform(tmp_path_factory):
 
 
 @contextmanager
-def verified(platform, guest_artifacts):
-    """A host VMM with a loaded, verified (so measured) domain; destroyed at the end."""
+def loaded(platform, guest_artifacts):
+    """A host VMM with the default guest sealed for its layout and loaded; destroyed at the end."""
     vmm = HostVmm(str(platform.test_socket))
     try:
         layout = vmm.allocate(GUEST)
         bundle, _secret = seal(guest_artifacts.kernel.read_bytes(), guest_artifacts.initrd.read_bytes(),
                                full_cmdline(), GUEST, Policy.make(), layout, platform.test_root)
         vmm.load(bundle)
-        assert all(check.ok for check in vmm.verify())
         yield vmm
     finally:
         vmm.destroy()
+
+
+@contextmanager
+def verified(platform, guest_artifacts):
+    """A host VMM with a loaded, verified (so measured) domain; destroyed at the end."""
+    with loaded(platform, guest_artifacts) as vmm:
+        assert all(check.ok for check in vmm.verify())
+        yield vmm
 
 
 def _ahead(platform, keyid):
@@ -97,12 +104,8 @@ def test_a_measurement_that_fails_stops_the_qemu_it_started(platform, guest_arti
     from qemu_kd.formats.measurement import PageType
 
     before = in_process_leftovers()
-    vmm = HostVmm(str(platform.test_socket))
-    try:
-        layout = vmm.allocate(GUEST)
-        bundle, _secret = seal(guest_artifacts.kernel.read_bytes(), guest_artifacts.initrd.read_bytes(),
-                               full_cmdline(), GUEST, Policy.make(), layout, platform.test_root)
-        vmm.load(bundle)
+    with loaded(platform, guest_artifacts) as vmm:
+        layout = vmm.layout
         pages = platform.domain(vmm.keyid).pages()
         zero_hpa = int(pages.hpas[pages.types == int(PageType.ZERO)][-1])
         platform.write_phys(zero_hpa, b"junk")
@@ -123,5 +126,3 @@ def test_a_measurement_that_fails_stops_the_qemu_it_started(platform, guest_arti
         assert started and vmm.keyid not in platform._ahead
         assert platform.domain(vmm.keyid).staged_ram is None
         assert in_process_leftovers() == before
-    finally:
-        vmm.destroy()

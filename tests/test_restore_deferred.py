@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from protected import in_process_domain
+import restore_fixtures
 from qemu_kd.common.errors import KdError
 from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE
@@ -20,24 +20,10 @@ from qemu_kd.formats.snapshot import MAC_SIZE, SECTION_DOMAIN, SECTION_MEMORY, S
     PageList, Snapshot
 from qemu_kd.platform.domain import DomainState
 from qemu_kd.platform.physmem import PageState
-from qemu_kd.platform.snapshot import SnapshotService, _Keys, _SnapshotPages, _unseal
+from qemu_kd.platform.snapshot import _Keys, _SnapshotPages, _unseal
 
 pytestmark = pytest.mark.qemu
-MiB = 1 << 20
-GUEST = 128 * MiB
-
-
-@pytest.fixture(scope="module")
-def dom(guest_artifacts, tmp_path_factory):
-    """A protected domain of 128 MiB on an in-process platform with room for a restored copy."""
-    work = tmp_path_factory.mktemp("restore-deferred")
-    with in_process_domain(work, guest_artifacts, GUEST, 2 * GUEST + 64 * MiB) as d:
-        yield d
-
-
-@pytest.fixture
-def service(dom, tmp_path):
-    return SnapshotService(dom.platform, tmp_path / "pstate")
+dom, service = restore_fixtures.dom, restore_fixtures.service     # the module's fixtures
 
 
 def _snapshot_plaintext(service, path) -> dict[int, bytes]:
@@ -69,13 +55,18 @@ def _decrypt(platform, keyid, hpas, cipher: bytes) -> np.ndarray:
     return out
 
 
+def _taken(dom, service, tmp_path):
+    """A snapshot of ``dom`` taken into ``tmp_path``: its path and the plaintext it carries."""
+    snap = tmp_path / "s.kdsnap"
+    service.take(dom.keyid, snap)
+    return snap, _snapshot_plaintext(service, snap)
+
+
 def test_right_after_a_restore_the_host_reads_what_a_synchronous_restore_wrote(dom, service, tmp_path):
     """Every restored page is still to be written when restore-kd returns; the host's read-phys
     of it then returns the ciphertext encrypting the snapshot's plaintext at the new address
     (the MEE is deterministic: decrypting it gives that plaintext exactly), and no plaintext."""
-    snap = tmp_path / "s.kdsnap"
-    service.take(dom.keyid, snap)
-    expected = _snapshot_plaintext(service, snap)
+    snap, expected = _taken(dom, service, tmp_path)
     platform = dom.platform
     restored = service.restore(snap)
     try:
@@ -101,9 +92,7 @@ def test_a_page_the_guest_changes_after_resuming_is_re_encrypted_at_the_next_syn
     """The guest runs while its restored pages are still to be written; the pages it changes are
     re-encrypted by the exit's shadow sync, the others come from the snapshot: DRAM then decrypts
     to guest RAM exactly, page for page."""
-    snap = tmp_path / "s.kdsnap"
-    service.take(dom.keyid, snap)
-    expected = _snapshot_plaintext(service, snap)
+    snap, expected = _taken(dom, service, tmp_path)
     platform = dom.platform
     restored = service.restore(snap)
     keyid = restored.keyid
@@ -146,9 +135,7 @@ def test_destroying_a_restored_domain_before_its_pages_are_written_leaves_nothin
 def test_a_restored_page_that_cannot_be_written_is_an_error_not_stale_data(dom, service, tmp_path, monkeypatch):
     """If producing the ciphertext fails (here: out of memory), the host's read fails with an error
     naming the domain, the pages stay to be written, and a later read gets the right ciphertext."""
-    snap = tmp_path / "s.kdsnap"
-    service.take(dom.keyid, snap)
-    expected = _snapshot_plaintext(service, snap)
+    snap, expected = _taken(dom, service, tmp_path)
     platform = dom.platform
     restored = service.restore(snap)
     try:

@@ -10,27 +10,27 @@ import numpy as np
 import pytest
 
 from leftovers import in_process_leftovers, qemu_children
-from protected import in_process_domain
+import restore_fixtures
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
 from qemu_kd.platform.runtime import DomainRuntime
 from qemu_kd.platform.snapshot import SnapshotRefused, SnapshotService
 
 pytestmark = pytest.mark.qemu
-MiB = 1 << 20
-GUEST = 128 * MiB
+dom, service = restore_fixtures.dom, restore_fixtures.service     # the module's fixtures
 
 
-@pytest.fixture(scope="module")
-def dom(guest_artifacts, tmp_path_factory):
-    """A protected domain of 128 MiB on an in-process platform with room for a restored copy."""
-    work = tmp_path_factory.mktemp("restore-launch")
-    with in_process_domain(work, guest_artifacts, GUEST, 2 * GUEST + 64 * MiB) as d:
-        yield d
+def _record_prestarts(monkeypatch, incoming=None) -> list[int]:
+    """The pids of the QEMUs restore starts ahead, as they start; ``incoming`` (when given)
+    replaces the flag they are started with."""
+    started: list[int] = []
+    real_prestart = DomainRuntime.prestart
 
+    def prestart(self, staged, flag):
+        real_prestart(self, staged, flag if incoming is None else incoming)
+        started.append(self.machine.proc.pid)
 
-@pytest.fixture
-def service(dom, tmp_path):
-    return SnapshotService(dom.platform, tmp_path / "pstate")
+    monkeypatch.setattr(DomainRuntime, "prestart", prestart)
+    return started
 
 
 def test_a_restore_starts_qemu_ahead_and_it_runs_nothing_before_launch(dom, service, tmp_path,
@@ -77,14 +77,7 @@ def test_a_restore_refused_after_its_qemu_started_leaves_nothing(dom, service, t
     data = bytearray(snap.read_bytes())
     data[len(data) // 2] ^= 1      # inside the memory section: only the MAC can tell
     snap.write_bytes(bytes(data))
-    started = []
-    real_prestart = DomainRuntime.prestart
-
-    def prestart(self, staged, incoming):
-        real_prestart(self, staged, incoming)
-        started.append(self.machine.proc.pid)
-
-    monkeypatch.setattr(DomainRuntime, "prestart", prestart)
+    started = _record_prestarts(monkeypatch)
     platform = dom.platform
     before = in_process_leftovers(), sorted(platform.domains), sorted(platform.domain_names.values())
     with pytest.raises(SnapshotRefused, match="MAC is wrong"):
@@ -103,14 +96,7 @@ def test_a_qemu_started_ahead_that_does_not_fit_the_launch_is_replaced(dom, serv
     launch starts a fresh one and decrypts guest RAM from DRAM; the guest still resumes."""
     snap = tmp_path / "s.kdsnap"
     service.take(dom.keyid, snap)
-    started = []
-    real_prestart = DomainRuntime.prestart
-
-    def prestart(self, staged, incoming):
-        real_prestart(self, staged, False)
-        started.append(self.machine.proc.pid)
-
-    monkeypatch.setattr(DomainRuntime, "prestart", prestart)
+    started = _record_prestarts(monkeypatch, incoming=False)
     platform = dom.platform
     restored = service.restore(snap)
     try:
