@@ -37,6 +37,14 @@ def test_valid_and_invalid_names():
             check_name(bad)
 
 
+def test_free_default_is_the_name_claim_default_would_take_without_taking_it(tmp_path):
+    a = NameClaims(tmp_path, owner="platform-a")
+    assert a.claim_default(1) == "kd1"
+    assert a.free_default(1) == "kd2" and a.holder("kd2") is None
+    assert a.claim_default(1) == "kd2"
+    assert a.free_default(1, limit=2) is None
+
+
 def test_claims_are_unique_across_owners_and_default_to_the_next_free_kdn(tmp_path):
     a = NameClaims(tmp_path, owner="platform-a")
     b = NameClaims(tmp_path, owner="platform-b")

@@ -103,6 +103,14 @@ class NameClaims:
                 continue
         raise AssertionError("unreachable")
 
+    def free_default(self, keyid: int, limit: int = 64) -> str | None:
+        """The name :meth:`claim_default` would claim now (the first free ``kdN`` from
+        ``kd<keyid>``, at most ``limit`` names on), without claiming it; None if none is free."""
+        for n in range(keyid, keyid + limit):
+            if self.holder(default_name(n)) is None:
+                return default_name(n)
+        return None
+
     def release(self, name: str) -> None:
         """Give ``name`` back (only if this platform holds it)."""
         held = self.holder(name)

@@ -37,7 +37,7 @@ from qemu_kd.platform.domain import (
     SecretPageError,
 )
 from qemu_kd.common.errors import KdError
-from qemu_kd.hostport.names import NameClaims, check_name, default_name
+from qemu_kd.hostport.names import NameClaims, check_name
 from qemu_kd.hostport.protocol import PlatformInfo
 from qemu_kd.formats.addresses import KEYID_BITS, MAX_KEYID, PAGE_SIZE
 from qemu_kd.common.rundirs import make_private_dir
@@ -348,12 +348,11 @@ class Platform:
         after its checks, uses it only if the domain is launched under that name, and stops it
         otherwise (as destroy-kd and a failed measurement do)."""
         self._take_ahead(keyid, None, None)
-        runtime = None
-        for n in range(keyid, keyid + 64):       # the name claim_default would pick now
-            if self.name_claims.holder(default_name(n)) is None:
-                runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, default_name(n))
-                break
-        if runtime is None or not hasattr(runtime, "prestart"):
+        name = self.name_claims.free_default(keyid)
+        if name is None:
+            return
+        runtime = self._runtime_factory(domain, self.identity, self.qemu_accel, name)
+        if not hasattr(runtime, "prestart"):
             return
         self._ahead[keyid] = (runtime.name, runtime, self._launcher.submit(runtime.prestart, staged, False))
 
