@@ -73,14 +73,21 @@ class HostVmmProcess:
         api_socket = self.api_socket
         deadline = time.monotonic() + timeout
         line = ""
+        ended = False
         while time.monotonic() < deadline:
             r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
             if r:
                 line = self.proc.stdout.readline()
+                ended = line == ""      # its stdout closed: the process is ending
                 break
             if self.proc.poll() is not None:
                 break
         if line.strip() != "ready":
+            if ended:
+                try:    # let it end, so that its error line is read
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
             err = self._stderr()
             self.stop()
             raise HostVmmError(f"the host VMM process did not start: {err or 'no output'}")
