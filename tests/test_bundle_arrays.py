@@ -64,7 +64,7 @@ def sealed():
 
 def records_region(bundle: Bundle, raw: bytes) -> bytes:
     start = 0x40 + len(bundle.manifest.pack()) + WRAPPED_KEY_SIZE
-    return raw[start:-48]
+    return raw[start:-32]
 
 
 def test_a_seal_writes_the_records_the_record_by_record_seal_wrote(sealed):
@@ -73,7 +73,7 @@ def test_a_seal_writes_the_records_the_record_by_record_seal_wrote(sealed):
     assert hashlib.sha384(region).hexdigest() == PINNED_RECORDS_SHA384
     one_by_one = b"".join(p.pack() for p in sealed.pages) + b"".join(z.pack() for z in sealed.zero_pages)
     assert region == one_by_one
-    assert raw[-48:] == hashlib.sha384(raw[:-48]).digest()
+    assert raw[-32:] == hashlib.sha256(raw[:-32]).digest()
 
 
 def test_a_bundle_read_back_is_the_bundle_written(sealed, tmp_path):
@@ -90,9 +90,9 @@ def test_a_bundle_read_back_is_the_bundle_written(sealed, tmp_path):
 def _damage(raw: bytes, bundle: Bundle, record: int, offset: int, value: bytes) -> bytes:
     """``raw`` with page record ``record`` changed at ``offset`` and the checksum fixed."""
     start = 0x40 + len(bundle.manifest.pack()) + WRAPPED_KEY_SIZE + record * PAGE_RECORD_SIZE
-    body = bytearray(raw[:-48])
+    body = bytearray(raw[:-32])
     body[start + offset:start + offset + len(value)] = value
-    return bytes(body) + hashlib.sha384(body).digest()
+    return bytes(body) + hashlib.sha256(body).digest()
 
 
 @pytest.mark.parametrize("record, offset, value, error", [

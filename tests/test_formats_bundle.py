@@ -66,7 +66,7 @@ def test_manifest_is_readable_json():
     doc = json.loads(raw[0x40:0x40 + length])
     assert doc["format"] == "qemu-kd bundle manifest"
     assert doc["measurement"] == "11" * 48 and doc["debug"] is False
-    assert raw[-48:] == hashlib.sha384(raw[:-48]).digest()
+    assert raw[-32:] == hashlib.sha256(raw[:-32]).digest()
 
 
 @settings(max_examples=30, deadline=None)
@@ -109,19 +109,59 @@ def test_foreign_and_truncated_files(tmp_path):
 
 
 def _with_checksum(body: bytes) -> bytes:
-    return body + hashlib.sha384(body).digest()
+    return body + hashlib.sha256(body).digest()
 
 
 def test_header_checks():
     raw = sample_bundle().pack()
-    body = bytearray(raw[:-48])
-    bad = bytearray(body); bad[8] = 2
+    body = bytearray(raw[:-32])
+    assert struct.unpack_from("<H", raw, 8) == (2,)
+    bad = bytearray(body); bad[8] = 3
     with pytest.raises(VersionError):
         Bundle.unpack(_with_checksum(bytes(bad)))
     bad = bytearray(body); bad[0x30] = 1
     with pytest.raises(ReservedBitsError):
         Bundle.unpack(_with_checksum(bytes(bad)))
     bad = bytearray(raw); bad[len(raw) // 2] ^= 1
+    with pytest.raises(CorruptError):
+        Bundle.unpack(bytes(bad))
+
+
+def test_a_version_1_bundle_is_refused_in_one_line(tmp_path):
+    """Version 1 ended in a SHA-384 checksum; such a file is refused by its version, not
+    misread as damaged."""
+    body = bytearray(sample_bundle().pack()[:-32]); body[8] = 1
+    path = tmp_path / "old.kd"
+    path.write_bytes(bytes(body) + hashlib.sha384(body).digest())
+    with pytest.raises(VersionError) as caught:
+        Bundle.read(path)
+    assert "old.kd" in str(caught.value) and "bundle version 1 is not supported (expected 2)" in str(caught.value)
+    assert "\n" not in str(caught.value) and "seal the guest again" in caught.value.hint
+
+
+def test_the_file_write_writes_is_the_bytes_pack_gives(tmp_path):
+    b = sample_bundle()
+    path = tmp_path / "guest.kd"
+    for durable in (True, False):
+        b.write(path, durable=durable)
+        raw = path.read_bytes()
+        assert raw == b.pack()
+        assert raw[-32:] == hashlib.sha256(raw[:-32]).digest()
+
+
+def test_a_damaged_file_is_reported_as_damaged_whatever_else_the_damage_broke():
+    """The checksum is hashed while the records are checked: a record the damage made
+    invalid still gives the checksum's error, and a checksum that matches the damage the
+    record's own error."""
+    raw = sample_bundle().pack()
+    (length,) = struct.unpack_from("<I", raw, 0x0C)
+    first_record = 0x40 + length + 248
+    bad = bytearray(raw); bad[first_record + 0x14] = 1          # a reserved byte of page record 0
+    with pytest.raises(CorruptError, match="checksum does not match"):
+        Bundle.unpack(bytes(bad))
+    with pytest.raises(ReservedBitsError):
+        Bundle.unpack(_with_checksum(bytes(bad[:-32])))
+    bad = bytearray(raw); bad[0x40] = ord("[")                   # the manifest is no JSON object
     with pytest.raises(CorruptError):
         Bundle.unpack(bytes(bad))
 

@@ -228,7 +228,7 @@ def test_a_tampered_file_with_a_fixed_checksum_fails_the_measurement(host, root,
     offset, stride = bundle.ciphertext_in_file(len(raw))
     assert stride == PAGE_RECORD_SIZE
     raw[offset + index * stride + 100] ^= 1
-    raw[-48:] = hashlib.sha384(raw[:-48]).digest()
+    raw[-32:] = hashlib.sha256(raw[:-32]).digest()
     path.write_bytes(bytes(raw))
     host.load_file(path)
     assert {c.name for c in host.verify() if not c.ok} == {"measurement"}

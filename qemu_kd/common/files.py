@@ -8,12 +8,17 @@ import secrets
 import socket
 import stat
 from pathlib import Path
+from typing import Iterable
 
 from qemu_kd.common.errors import KdError
 
 
-def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+def write_file_atomic(path: Path | str, data: bytes | Iterable[bytes | memoryview], mode: int = 0o644, *,
+                      durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    ``data`` is the file's bytes, or its parts in order (bytes-like objects written one
+    after the other, never joined into one copy).
 
     The temporary file beside ``path`` has an unpredictable name and is created
     with ``O_EXCL | O_NOFOLLOW`` (a planted file or symlink is never written
@@ -26,7 +31,8 @@ def write_file_atomic(path: Path | str, data: bytes, mode: int = 0o644, *, durab
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(part)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
