@@ -165,3 +165,88 @@ def test_importable_without_keys_mee_or_platform():
     assert not any(m.startswith("cryptography") for m in loaded), loaded
     assert all(m == "qemu_kd" or m.split(".")[1] in ("common", "formats") for m in loaded if m.startswith("qemu_kd")), loaded
     assert "qemu_kd.formats.keywrap" not in loaded
+
+
+# -- hpa checks: every entry, the first offender named ------------------------------------
+
+def first_offender(hpas):
+    """What a check of one entry after the other reports first: ("bad", hpa), ("twice", hpa)
+    or None (written here independently of the module)."""
+    seen = set()
+    for hpa in hpas:
+        if type(hpa) is not int or not (0 <= hpa < 1 << 40) or hpa % 4096:
+            return "bad", hpa
+        if hpa in seen:
+            return "twice", hpa
+        seen.add(hpa)
+    return None
+
+
+def layout_error(hpas):
+    try:
+        HostLayout(3, 4096, hpas, b"", CHAIN)
+    except LayoutError as exc:
+        return exc.message
+    return None
+
+
+def expected_error(hpas):
+    found = first_offender(hpas)
+    if found is None:
+        return None
+    kind, hpa = found
+    if kind == "twice":
+        return f"layout lists hpa 0x{hpa:x} twice"
+    return f"layout hpa {hpa!r} is not a page-aligned host-physical address below 1 TiB"
+
+
+ODD_ENTRIES = [4097, -4096, 1 << 40, (1 << 40) + 4096, 1 << 64, 8192.0, True, False, "4096", None]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40).map(lambda i: i * 4096), st.sampled_from(ODD_ENTRIES)),
+                max_size=40),
+       st.booleans())
+def test_the_first_bad_or_repeated_hpa_is_reported(hpas, ascending):
+    if ascending and all(type(h) is int for h in hpas):
+        hpas = sorted(hpas)
+    assert layout_error(hpas) == expected_error(hpas)
+
+
+def test_a_repeat_before_a_bad_hpa_is_reported_first_and_the_reverse():
+    assert layout_error([8192, 4096, 8192, 4097]) == "layout lists hpa 0x2000 twice"
+    assert layout_error([8192, 4097, 4096, 8192]) == expected_error([8192, 4097, 4096, 8192])
+    assert "4097" in layout_error([8192, 4097, 4096, 8192])
+    # Of two repeated hpas, the one whose second entry comes first.
+    assert layout_error([0x5000, 0x3000, 0x1000, 0x3000, 0x5000]) == "layout lists hpa 0x3000 twice"
+    assert layout_error([0x5000, 0x3000, 0x1000, 0x5000, 0x3000]) == "layout lists hpa 0x5000 twice"
+
+
+def test_a_large_layout_with_one_bad_entry_names_it():
+    n = pages_needed(256 * MiB)
+    hpas = [0x100000 + 4096 * i for i in range(n)]
+    assert layout_error(hpas) is None
+    for where, value, message in [(n - 1, hpas[n // 2], f"layout lists hpa 0x{hpas[n // 2]:x} twice"),
+                                  (n // 3, 0x100001, "layout hpa 1048577 is not a page-aligned"),
+                                  (n // 3, True, "layout hpa True is not a page-aligned")]:
+        changed = list(hpas)
+        changed[where] = value
+        assert layout_error(changed).startswith(message)
+        assert layout_error(changed[::-1]).startswith(message)
+
+
+def test_hpas_may_be_an_array_and_stay_a_list_of_ints():
+    hpas = np.arange(pages_needed(64 * MiB), dtype=np.uint64) * 4096 + 0x100000
+    layout = HostLayout(3, 64 * MiB, hpas, b"", CHAIN)
+    assert type(layout.hpas) is list and all(type(h) is int for h in layout.hpas[:3])
+    assert layout == make_layout(first=0x100000, host_data=b"")
+    assert HostLayout.unpack(layout.pack()) == layout
+    with pytest.raises(LayoutError, match="0x101000 twice"):
+        HostLayout(3, 64 * MiB, np.array([0x100000, 0x101000, 0x101000], dtype=np.uint64), b"", CHAIN)
+
+
+@pytest.mark.parametrize("memory_size", [4096, 2 * MiB, 2 * MiB + 4096, 64 * MiB, 1 << 30,
+                                         (1 << 30) + 4096, 3 * (1 << 30) + 5 * MiB])
+def test_ept_pages_needed_counts_what_the_tables_need(memory_size):
+    assert ept_pages_needed(memory_size) == ept_table_pages_needed(
+        np.arange(0, memory_size, 4096, dtype=np.uint64))

@@ -152,3 +152,32 @@ def test_the_processes_of_a_run_do_not_load_pexpect(modules):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_daemon_keeps_blas_to_one_thread_before_numpy_loads(tmp_path):
+    """numpy's BLAS would start a spinning worker thread per CPU, stealing CPU from the host VMM
+    and the CLI starting beside the daemon; the daemon sets the thread count before numpy loads."""
+    code = ("import os, sys\n"
+            "import qemu_kd.platform.daemon as d\n"
+            "def start(self):\n"
+            "    print(os.environ.get('OPENBLAS_NUM_THREADS'), 'numpy' in sys.modules, flush=True)\n"
+            "    raise SystemExit(0)\n"
+            "d.PlatformDaemon.start = start\n"
+            "d.main(sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env["QEMU_KD_RUNTIME"] = str(tmp_path / "rt")
+    out = subprocess.run([sys.executable, "-c", code, "--socket", str(tmp_path / "p.sock"), "--state",
+                          str(tmp_path / "pstate"), "--accel", "tcg", "--memory", "64M"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.splitlines() == ["1 False"], out.stderr
+
+
+def test_single_threaded_blas_leaves_a_users_choice():
+    from qemu_kd.common.blas import single_threaded_blas
+
+    env: dict[str, str] = {}
+    single_threaded_blas(env)
+    assert env == {"OPENBLAS_NUM_THREADS": "1"}
+    env = {"OPENBLAS_NUM_THREADS": "4"}
+    single_threaded_blas(env)
+    assert env == {"OPENBLAS_NUM_THREADS": "4"}

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from qemu_kd.formats.ept import Eptp, ept_table_pages_needed
+from qemu_kd.formats.ept import LEVEL_SPAN, Eptp
 from qemu_kd.formats.addresses import HPA_LIMIT, PAGE_SIZE
 from qemu_kd.formats.errors import FormatError, MagicError, VersionError
 from qemu_kd.common.files import write_file_atomic
@@ -66,8 +67,13 @@ def guest_page_count(memory_size: int) -> int:
 
 
 def ept_pages_needed(memory_size: int) -> int:
-    """EPT table pages (PML4, PDPTs, PDs, PTs) that map every gpa in [0, memory_size)."""
-    return ept_table_pages_needed(np.arange(0, _check_memory_size(memory_size), PAGE_SIZE, dtype=np.uint64))
+    """EPT table pages (PML4, PDPTs, PDs, PTs) that map every gpa in [0, memory_size).
+
+    What :func:`qemu_kd.formats.ept.ept_table_pages_needed` counts for these gpas: one PML4,
+    and one table per 512 GiB (PDPT), 1 GiB (PD) and 2 MiB (PT) region the range touches:
+    the spans of a PML4, PDPT and PD entry."""
+    size = _check_memory_size(memory_size)
+    return 1 + sum(-(-size // LEVEL_SPAN[level]) for level in (4, 3, 2))
 
 
 def pages_needed(memory_size: int) -> int:
@@ -76,6 +82,58 @@ def pages_needed(memory_size: int) -> int:
     Guest pages + 1 VMCS + 1 protected save area + EPT table pages.
     """
     return guest_page_count(memory_size) + CONTROL_PAGES + ept_pages_needed(memory_size)
+
+
+def _bad_hpa(hpa: object) -> LayoutError:
+    return LayoutError(f"layout hpa {hpa!r} is not a page-aligned host-physical address below 1 TiB",
+                       "list the hpas alloc returned")
+
+
+def _repeated_hpa(hpa: int) -> LayoutError:
+    return LayoutError(f"layout lists hpa 0x{hpa:x} twice", "list every allocated page once")
+
+
+def _checked_hpas(hpas: Iterable[int] | np.ndarray) -> list[int]:
+    """``hpas`` as a list of ints once every one is a page-aligned hpa below 1 TiB and none
+    repeats; else the error for the first entry (in list order) that is bad or a repeat.
+
+    Plain ints are checked as one array (a layout lists some 65,000 of them); anything
+    else (bools, floats, ints past 64 bits) is checked entry by entry, which finds the
+    same first offender."""
+    values = hpas.tolist() if isinstance(hpas, np.ndarray) else list(hpas)
+    if not values:
+        return values
+    try:
+        arr = np.array(values, dtype=np.int64) if set(map(type, values)) == {int} else None
+    except OverflowError:
+        arr = None
+    if arr is None:
+        seen: set[int] = set()
+        for hpa in values:
+            if not isinstance(hpa, int) or isinstance(hpa, bool) or hpa < 0 \
+                    or hpa % PAGE_SIZE or hpa >= HPA_LIMIT:
+                raise _bad_hpa(hpa)
+            if hpa in seen:
+                raise _repeated_hpa(hpa)
+            seen.add(hpa)
+        return values
+    n = len(values)
+    bad = (arr < 0) | (arr >= HPA_LIMIT) | (arr % PAGE_SIZE != 0)
+    first_bad = int(np.argmax(bad)) if bad.any() else n
+    first_repeat = n
+    # alloc hands out hpas in ascending order: no sort is needed to see that none repeats.
+    ascending = bool((arr[1:] > arr[:-1]).all())
+    if not ascending and (np.diff(np.sort(arr)) == 0).any():
+        # A stable sort keeps equal hpas in list order: every one after the first of its run
+        # repeats an earlier entry, and the smallest such index is the first repeat.
+        order = np.argsort(arr, kind="stable")
+        repeats = order[1:][arr[order[1:]] == arr[order[:-1]]]
+        first_repeat = int(repeats.min())
+    if first_bad < n and first_bad <= first_repeat:
+        raise _bad_hpa(values[first_bad])
+    if first_repeat < n:
+        raise _repeated_hpa(values[first_repeat])
+    return values
 
 
 def _describe_size(memory_size: int) -> str:
@@ -115,16 +173,7 @@ class HostLayout:
         if not isinstance(self.platform_chain_pem, (bytes, bytearray)):
             raise LayoutError("layout platform_chain_pem must be PEM bytes")
         object.__setattr__(self, "platform_chain_pem", bytes(self.platform_chain_pem))
-        hpas = list(self.hpas)
-        seen: set[int] = set()
-        for hpa in hpas:
-            if not isinstance(hpa, int) or isinstance(hpa, bool) or hpa < 0 \
-                    or hpa % PAGE_SIZE or hpa >= HPA_LIMIT:
-                raise LayoutError(f"layout hpa {hpa!r} is not a page-aligned host-physical address below 1 TiB",
-                                  "list the hpas alloc returned")
-            if hpa in seen:
-                raise LayoutError(f"layout lists hpa 0x{hpa:x} twice", "list every allocated page once")
-            seen.add(hpa)
+        hpas = _checked_hpas(self.hpas)
         object.__setattr__(self, "hpas", hpas)
         object.__setattr__(self, "_needed", pages_needed(self.memory_size))
 
@@ -175,7 +224,7 @@ class HostLayout:
             if not isinstance(doc[name], int) or isinstance(doc[name], bool):
                 raise LayoutError(f"host layout {name} must be an integer, not {doc[name]!r}")
         hpas = doc["hpas"]
-        if not isinstance(hpas, list) or not all(type(h) is int for h in hpas):
+        if not isinstance(hpas, list) or not set(map(type, hpas)) <= {int}:
             raise LayoutError("host layout hpas must be a list of integers")
         host_data = doc["host_data"]
         try:

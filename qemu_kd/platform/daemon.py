@@ -2,6 +2,8 @@
 
 ``qemu-kd platform serve [--socket PATH] [--state DIR] [--memory SIZE] [--accel A]``
 
+* keeps numpy's BLAS to one thread (:mod:`qemu_kd.common.blas`): its worker threads
+  would only take CPU from the host VMM and the CLI starting beside it;
 * sweeps what dead qemu-kd processes left in the runtime directory (registry
   entries, private directories: :mod:`qemu_kd.common.rundirs`);
 * loads (or creates, on first use) the installation's emulated root CA and the
@@ -51,6 +53,7 @@ import threading
 import time
 from pathlib import Path
 
+from qemu_kd.common.blas import single_threaded_blas
 from qemu_kd.common.errors import ConfigError, KdError
 from qemu_kd.common.lateimports import LateImports
 from qemu_kd.common.log import configure as configure_logging
@@ -215,6 +218,7 @@ def return_large_frees_to_the_kernel(threshold: int = 128 << 10) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    single_threaded_blas()      # before numpy's first import (in start)
     return_large_frees_to_the_kernel()
     configure_logging(logging.INFO)
     daemon = None
