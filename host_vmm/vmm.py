@@ -22,6 +22,7 @@ import numpy as np
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
 from qemu_kd.common.errors import KdError
+from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.hostport.client import HostPortClient
 from qemu_kd.hostport.protocol import FLAG_HOST_VERIFIABLE, PAGE_ENTRY_DTYPE, PAGE_TYPE_ZERO, HostPortError
 from qemu_kd.formats.layout import HostLayout, expected_eptp, pages_needed
@@ -63,6 +64,32 @@ class Check:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+#: The widest allocation (in pages, lowest to highest) :func:`stray_hpas` looks up in a table of
+#: its own (one byte a page); a wider one is searched sorted.  The platform hands out pages
+#: from one DRAM, so an allocation spans little more than its own size.
+_TABLE_PAGES = 1 << 24
+
+
+def stray_hpas(hpas: np.ndarray, allocated: np.ndarray) -> np.ndarray:
+    """The entries of ``hpas`` (uint64, in their order) that ``allocated`` (page-aligned
+    uint64 hpas, as a layout holds them) does not hold."""
+    if allocated.size == 0 or hpas.size == 0:
+        return hpas
+    low, high = int(allocated.min()), int(allocated.max())
+    pages = ((high - low) >> 12) + 1
+    if pages <= _TABLE_PAGES:
+        table = np.zeros(pages, dtype=bool)
+        table[(allocated - np.uint64(low)) >> np.uint64(12)] = True
+        within = (hpas >= np.uint64(low)) & (hpas <= np.uint64(high)) & (hpas % PAGE_SIZE == 0)
+        found = np.zeros(hpas.size, dtype=bool)
+        found[within] = table[(hpas[within] - np.uint64(low)) >> np.uint64(12)]
+    else:
+        ordered = np.sort(allocated)
+        at = np.minimum(np.searchsorted(ordered, hpas), ordered.size - 1)
+        found = ordered[at] == hpas
+    return hpas[~found]
 
 
 def zero_entries(bundle: Bundle) -> np.ndarray:
@@ -149,8 +176,8 @@ class HostVmm:
         if m.host_data != layout.host_data:
             raise BundleLayoutError("bundle carries other host_data than this host's layout",
                                     "seal the guest again for this host's layout")
-        hpas = np.concatenate([bundle.pages.hpas, bundle.zero_pages.hpas])
-        stray = hpas[~np.isin(hpas, np.array(layout.hpas, dtype=np.uint64))]
+        stray = stray_hpas(np.concatenate([bundle.pages.hpas, bundle.zero_pages.hpas]),
+                           np.array(layout.hpas, dtype=np.uint64))
         if stray.size:
             raise BundleLayoutError(
                 f"bundle places {stray.size} page(s) outside this host's allocation "
