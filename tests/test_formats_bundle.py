@@ -1,11 +1,14 @@
 import hashlib
 import json
+import random
 import struct
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings, strategies as st
 
+import qemu_kd.formats.bundle as bundle_module
 from qemu_kd.formats.bundle import (
     BUNDLE_MAGIC,
     Bundle,
@@ -258,3 +261,25 @@ def test_manifest_parsing_is_strict():
                 unpack({**good, name: bad})
     with pytest.raises(ManifestError, match="not JSON"):
         unpack_text(text.replace('"memory_size": 67108864', '"memory_size": NaN'))
+
+
+def _duplicates_cases():
+    rng = random.Random(7)
+    dense = [0x100000 + 0x1000 * i for i in range(2000)]
+    yield dense                                                   # a table, no repeat
+    yield dense + [dense[1234]]                                   # a table, one repeat
+    yield [dense[0], dense[-1], dense[0]]                         # the repeat at either end
+    yield [0, (1 << 64) - 0x1000]                                 # too wide for a table
+    yield [0, (1 << 64) - 0x1000, 0]
+    yield [0x1000, 0x1001, 0x2000]                                # not page-aligned: sorted
+    yield [0x1001, 0x2000, 0x1001]
+    for _ in range(20):
+        values = [rng.randrange(0, 1 << 12) * 0x1000 for _ in range(rng.randrange(2, 300))]
+        yield values
+        yield [rng.choice([v, v + rng.randrange(1, 0x1000)]) for v in values]
+
+
+def test_duplicate_addresses_are_found_whatever_their_spread():
+    for values in _duplicates_cases():
+        array = np.array(values, dtype=np.uint64)
+        assert bundle_module._has_duplicates(array) == (len(set(values)) < len(values)), values

@@ -476,7 +476,22 @@ def _check_checksum(checksum: _Checksum, stored: memoryview) -> None:
                            "copy the bundle again from the tenant")
 
 
+#: The widest range (in pages, lowest to highest address) :func:`_has_duplicates` marks in a
+#: table of its own (one byte a page) for each address it is given: a guest's gpas and the
+#: hpas of one DRAM span little more than their number.  Wider ones are sorted.
+_TABLE_PAGES_PER_ADDRESS = 16
+
+
 def _has_duplicates(values: np.ndarray) -> bool:
+    """Whether an address appears twice in ``values`` (uint64)."""
+    if values.size < 2:
+        return False
+    low, high = int(values.min()), int(values.max())
+    pages = ((high - low) >> 12) + 1
+    if pages <= _TABLE_PAGES_PER_ADDRESS * values.size and not (values % PAGE_SIZE).any():
+        table = np.zeros(pages, dtype=bool)
+        table[(values - np.uint64(low)) >> np.uint64(12)] = True
+        return int(np.count_nonzero(table)) < values.size
     ordered = np.sort(values)
     return bool((ordered[1:] == ordered[:-1]).any())
 
