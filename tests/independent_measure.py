@@ -276,7 +276,7 @@ def guest_state_bytes(vcpu: dict[str, int], policy: bytes, exposed_mask: int = 0
 # §5 / §11.8 launch measurement
 # --------------------------------------------------------------------------
 
-TYPE_IMAGE, TYPE_ZERO, TYPE_VMCS, TYPE_POLICY = 1, 2, 3, 0x10
+TYPE_IMAGE, TYPE_VMCS, TYPE_POLICY, TYPE_ZERO_RUN = 1, 3, 0x10, 0x11
 RECORD_LENGTH = 0x70
 GUEST_PERMS = 7
 
@@ -307,28 +307,56 @@ class Measurement:
     image_page_digests: dict[int, bytes]
     after_image: dict[int, bytes] = field(default_factory=dict)
     guest_state: bytes = b""
+    # (first gpa, page count, chain value after its ZERO_RUN record), in chain order
+    zero_runs: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+
+def zero_runs_of(memory_size: int, image_gpas: set[int]) -> list[tuple[int, int]]:
+    """§5.3: the maximal runs of consecutive ZERO pages (all guest pages have one perms
+    here), as (first gpa, page count), by walking the pages from gpa 0."""
+    runs: list[tuple[int, int]] = []
+    first, count = 0, 0
+    for gpa in range(0, memory_size, PAGE):
+        if gpa in image_gpas:
+            if count:
+                runs.append((first, count))
+            count = 0
+        else:
+            if not count:
+                first = gpa
+            count += 1
+    if count:
+        runs.append((first, count))
+    return runs
 
 
 def measure(image: BootImage) -> Measurement:
     pages = image_pages(image)
-    zero_marker = bytes(48)
     digest = bytes(48)
     digest = sha384(page_info(digest, image.policy + bytes(40), TYPE_POLICY, 0, 0))
     after_policy, count = digest, 1
+    # Records in gpa order: IMAGE pages one each, ZERO pages one per run (keyed by first gpa).
+    records: dict[int, tuple[str, int]] = {gpa: ("image", 0) for gpa in pages}
+    for first, n in zero_runs_of(image.memory_size, set(pages)):
+        records[first] = ("run", n)
     page_digests: dict[int, bytes] = {}
     after_image: dict[int, bytes] = {}
-    for gpa in range(0, image.memory_size, PAGE):
-        if gpa in pages:
+    runs: list[tuple[int, int, bytes]] = []
+    for gpa in sorted(records):
+        kind, n = records[gpa]
+        if kind == "image":
             page_digests[gpa] = sha384(pages[gpa])
             digest = sha384(page_info(digest, page_digests[gpa], TYPE_IMAGE, GUEST_PERMS, gpa))
             after_image[gpa] = digest
         else:
-            digest = sha384(page_info(digest, zero_marker, TYPE_ZERO, GUEST_PERMS, gpa))
+            digest = sha384(page_info(digest, n.to_bytes(8, "little") + bytes(40), TYPE_ZERO_RUN,
+                                      GUEST_PERMS, gpa))
+            runs.append((gpa, n, digest))
         count += 1
     before_vmcs = digest
     state = guest_state_bytes(image.vcpu, image.policy)
     digest = sha384(page_info(digest, sha384(state), TYPE_VMCS, 0, 0))
-    return Measurement(digest, after_policy, before_vmcs, count + 1, page_digests, after_image, state)
+    return Measurement(digest, after_policy, before_vmcs, count + 1, page_digests, after_image, state, runs)
 
 
 def measure_guest(kernel: bytes, initrd: bytes, cmdline: str, memory_size: int,

@@ -103,6 +103,8 @@ def test_chain(case):
     assert m.after_policy.hex() == c["digest_after_policy_record"]
     assert {gpa: d.hex() for gpa, d in m.after_image.items()} == {
         p["after_image_gpa"]: p["digest"] for p in c["checkpoints"]}
+    assert [(gpa, n, d.hex()) for gpa, n, d in m.zero_runs] == [
+        (r["gpa"], r["pages"], r["digest"]) for r in c["zero_runs"]]
     assert m.before_vmcs.hex() == c["digest_before_vmcs_record"]
     assert m.record_count == c["record_count"]
     assert m.measurement.hex() == c["measurement"]

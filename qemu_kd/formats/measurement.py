@@ -1,4 +1,4 @@
-"""The launch measurement: a SHA-384 chain over per-page records.
+"""The launch measurement: a SHA-384 chain over page records.
 
 Modelled on SEV-SNP's PAGE_INFO chain.  Each record is a :class:`PageInfo`
 (112 bytes); the new digest is SHA-384 of the packed record, whose first 48
@@ -6,11 +6,16 @@ bytes are the previous digest.  The chain is, in this order:
 
 1. a POLICY record: previous digest 48 zero bytes, contents = packed policy
    followed by 40 zero bytes, gpa 0, perms 0;
-2. one record per guest page in strictly increasing gpa order: IMAGE pages
-   with contents SHA-384(page), ZERO pages with 48 zero bytes as type marker;
+2. in strictly increasing gpa order, one record per IMAGE page (contents
+   SHA-384(page)) and one ZERO_RUN record per maximal run of ZERO pages
+   (consecutive gpas, one perms value, no IMAGE page between): gpa = the
+   run's first page, contents = u64 little-endian page count followed by
+   40 zero bytes;
 3. a VMCS record last: contents SHA-384(Vmcs.guest_state_bytes()), gpa 0,
    perms 0.
 
+Runs are maximal, so the records are a function of the page list and the
+page list one of the records: every page's gpa, type and perms is bound.
 Neither hpas nor keys enter any record, so the tenant can compute the value
 offline and two hosts with different layouts get the same digest.  EPT and
 SAVE pages are host-chosen and are not measured (verify-ept and the XTS
@@ -42,8 +47,9 @@ from qemu_kd.formats.addresses import PAGE_SIZE
 DIGEST_SIZE = 48
 PAGE_INFO_SIZE = 0x70
 POLICY_RECORD = 0x10  # record type of the initial policy record (not a page type)
-ZERO_MARKER = bytes(DIGEST_SIZE)
+ZERO_RUN_RECORD = 0x11  # record type of a run of ZERO pages (not a page type)
 _PAGE_INFO = struct.Struct("<48s48sHBBIQ")
+_RUN_PADDING = bytes(DIGEST_SIZE - 8)
 _sha384 = hashlib.sha384
 # A PageInfo record without its previous digest (what add_pages builds in bulk).
 _RECORD_TAIL = np.dtype([("contents", "u1", (DIGEST_SIZE,)), ("length", "<u2"), ("type", "u1"),
@@ -61,7 +67,12 @@ class PageType(IntEnum):
     SAVE = 5
 
 
-RECORD_TYPES = {POLICY_RECORD, PageType.IMAGE, PageType.ZERO, PageType.VMCS}
+RECORD_TYPES = {POLICY_RECORD, PageType.IMAGE, ZERO_RUN_RECORD, PageType.VMCS}
+
+
+def zero_run_contents(pages: int) -> bytes:
+    """The contents field of a ZERO_RUN record: u64 little-endian page count, 40 zero bytes."""
+    return pages.to_bytes(8, "little") + _RUN_PADDING
 
 
 class MeasurementError(KdError):
@@ -107,12 +118,19 @@ class PageInfo:
 
 
 class LaunchMeasurement:
-    """Builds the launch digest incrementally (platform) or offline (tenant)."""
+    """Builds the launch digest incrementally (platform) or offline (tenant).
+
+    The run of ZERO pages the last pages added end with stays open until a page that does
+    not extend it, or :meth:`finalize`, closes it and chains its record: adding the same
+    pages one by one, as gpa lists or as arrays, split anywhere, chains the same records.
+    """
 
     def __init__(self, policy: Policy):
         self._policy = policy
         self._digest = bytes(DIGEST_SIZE)
         self._last_gpa: int | None = None
+        # The open zero run: first gpa, page count (0: none open), perms.
+        self._run_gpa = self._run_pages = self._run_perms = 0
         self._vmcs_contents: bytes | None = None
         self._final: bytes | None = None
         self._extend(policy.pack() + bytes(DIGEST_SIZE - 8), 0, POLICY_RECORD, 0)
@@ -123,13 +141,27 @@ class LaunchMeasurement:
 
     @property
     def digest(self) -> bytes:
-        """The current chain value (48 bytes); after finalize, the final one."""
-        return self._final if self._final is not None else self._digest
+        """The chain value (48 bytes) over the records so far, an open zero run's record
+        included as if it ended here; after finalize, the final value."""
+        if self._final is not None:
+            return self._final
+        if not self._run_pages:
+            return self._digest
+        return _chain(self._digest, zero_run_contents(self._run_pages), self._run_gpa, ZERO_RUN_RECORD,
+                      self._run_perms)
 
     def _extend(self, contents: bytes, gpa: int, record_type: int, perms: int) -> None:
-        # Same bytes as PageInfo(...).pack(); the callers have checked every field.
-        self._digest = _sha384(_PAGE_INFO.pack(self._digest, contents, PAGE_INFO_SIZE,
-                                               int(record_type), perms, 0, gpa)).digest()
+        self._digest = _chain(self._digest, contents, gpa, record_type, perms)
+
+    def _close_run(self) -> None:
+        if self._run_pages:
+            self._extend(zero_run_contents(self._run_pages), self._run_gpa, ZERO_RUN_RECORD, self._run_perms)
+            self._run_pages = 0
+
+    def _extends_run(self, gpa: int, perms: int) -> bool:
+        """Whether a ZERO page at ``gpa`` with ``perms`` continues the open run."""
+        return bool(self._run_pages) and perms == self._run_perms \
+            and gpa == self._run_gpa + self._run_pages * PAGE_SIZE
 
     def _check_open(self) -> None:
         if self._final is not None:
@@ -155,12 +187,15 @@ class LaunchMeasurement:
         if page_type == PageType.ZERO:
             if content is not None:
                 raise MeasurementError(f"zero page gpa 0x{gpa:x} must be added without content")
-            contents = ZERO_MARKER
+            if not self._extends_run(gpa, perms):
+                self._close_run()
+                self._run_gpa, self._run_perms = gpa, perms
+            self._run_pages += 1
         else:
             if content is None or len(content) != PAGE_SIZE:
                 raise MeasurementError(f"image page gpa 0x{gpa:x} needs exactly {PAGE_SIZE} bytes of content")
-            contents = hashlib.sha384(content).digest()
-        self._extend(contents, gpa, page_type, perms)
+            self._close_run()
+            self._extend(_sha384(content).digest(), gpa, PageType.IMAGE, perms)
         self._last_gpa = gpa
 
     def add_zero_pages(self, gpas: Iterable[int], perms: int) -> None:
@@ -183,11 +218,9 @@ class LaunchMeasurement:
                 raise MeasurementError(f"page gpa 0x{gpa:x} added after gpa 0x{previous:x}",
                                        "add image and zero pages in strictly increasing gpa order")
             previous = gpa
-        digest, pack, zero_type = self._digest, _PAGE_INFO.pack, int(PageType.ZERO)
-        for gpa in gpas:
-            digest = _sha384(pack(digest, ZERO_MARKER, PAGE_INFO_SIZE, zero_type, perms, 0, gpa)).digest()
-        self._digest = digest
-        self._last_gpa = previous
+        n = len(gpas)
+        self._chain_pages(np.array(gpas, dtype=np.uint64), np.ones(n, dtype=bool),
+                          np.full(n, perms, dtype=np.uint8), np.empty((0, DIGEST_SIZE), dtype=np.uint8))
 
     def add_pages(self, gpas: np.ndarray, types: np.ndarray, perms: np.ndarray,
                   image_pages: np.ndarray | Sequence[bytes]) -> None:
@@ -231,7 +264,8 @@ class LaunchMeasurement:
             raise MeasurementError(f"page gpa 0x{int(gpas[i]):x}: perms {int(perms[i])} must be a "
                                    "non-empty R/W/X set")
         image = types == PageType.IMAGE
-        other = ~image & (types != PageType.ZERO)
+        is_zero = types == PageType.ZERO
+        other = ~image & ~is_zero
         if other.any():
             t = int(types[np.argmax(other)])
             name = PageType(t).name if t in PageType._value2member_map_ else str(t)
@@ -241,11 +275,6 @@ class LaunchMeasurement:
         n_image = int(np.count_nonzero(image))
         if len(image_pages) != n_image:
             raise MeasurementError(f"{n_image} image pages need their content, {len(image_pages)} were given")
-        records = np.zeros(n, dtype=_RECORD_TAIL)
-        records["length"] = PAGE_INFO_SIZE
-        records["type"] = types
-        records["perms"] = perms
-        records["gpa"] = gpas
         whole_pages = (isinstance(image_pages, np.ndarray) and image_pages.dtype == np.uint8
                        and image_pages.ndim == 2 and image_pages.shape[1] == PAGE_SIZE)
         if not whole_pages:
@@ -253,13 +282,48 @@ class LaunchMeasurement:
                 if len(page) != PAGE_SIZE:
                     raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
                                            "bytes of content")
-        records["contents"][image] = page_digests(image_pages)
-        # Each record's last 64 bytes, then the chain: SHA-384(previous digest || tail).
+        self._chain_pages(gpas, is_zero, perms.astype(np.uint8), page_digests(image_pages))
+
+    def _chain_pages(self, gpas: np.ndarray, is_zero: np.ndarray, perms: np.ndarray,
+                     image_digests: np.ndarray) -> None:
+        """Chain checked pages (uint64 gpas strictly increasing and above the last page,
+        ZERO flags, uint8 perms, the IMAGE pages' content digests in order)."""
+        n = gpas.size
+        # extends[i]: page i is a ZERO page in the run of the page before it.
+        extends = np.zeros(n, dtype=bool)
+        extends[1:] = (is_zero[1:] & is_zero[:-1] & (gpas[1:] - gpas[:-1] == PAGE_SIZE)
+                       & (perms[1:] == perms[:-1]))
+        extends[0] = bool(is_zero[0]) and self._extends_run(int(gpas[0]), int(perms[0]))
+        # Every other page starts a record: an IMAGE page's, or a new zero run's.
+        starts = np.flatnonzero(~extends)
+        if extends[0]:
+            self._run_pages += int(starts[0]) if starts.size else n
+        if not starts.size:
+            self._last_gpa = int(gpas[-1])
+            return
+        self._close_run()
+        pages = np.diff(starts, append=n)
+        last = int(starts[-1])
+        open_run = bool(is_zero[last])   # it may go on in the next pages added: chained later
+        if open_run:
+            starts, pages = starts[:-1], pages[:-1]
+        records = np.zeros(starts.size, dtype=_RECORD_TAIL)
+        records["length"] = PAGE_INFO_SIZE
+        records["perms"] = perms[starts]
+        records["gpa"] = gpas[starts]
+        runs = is_zero[starts]
+        records["type"] = np.where(runs, ZERO_RUN_RECORD, int(PageType.IMAGE))
+        contents = records["contents"]
+        contents[~runs] = image_digests
+        contents[runs, :8] = pages[runs].astype("<u8").view(np.uint8).reshape(-1, 8)
+        # Each record is SHA-384(previous digest || its last 64 bytes).
         tails = records.tobytes()
         digest, size = self._digest, _RECORD_TAIL.itemsize
-        for offset in range(0, n * size, size):
+        for offset in range(0, len(tails), size):
             digest = _sha384(digest + tails[offset:offset + size]).digest()
         self._digest = digest
+        if open_run:
+            self._run_gpa, self._run_pages, self._run_perms = int(gpas[last]), n - last, int(perms[last])
         self._last_gpa = int(gpas[-1])
 
     def add_vmcs(self, vmcs_guest_state: bytes) -> None:
@@ -270,13 +334,19 @@ class LaunchMeasurement:
         self._vmcs_contents = hashlib.sha384(bytes(vmcs_guest_state)).digest()
 
     def finalize(self) -> bytes:
-        """Chain the VMCS record and return the final 48-byte launch digest."""
+        """Close the open zero run, chain the VMCS record and return the final 48-byte launch digest."""
         if self._final is None:
             if self._vmcs_contents is None:
                 raise MeasurementError("no VMCS was measured", "add the VMCS before launch")
+            self._close_run()
             self._extend(self._vmcs_contents, 0, PageType.VMCS, 0)
             self._final = self._digest
         return self._final
+
+
+def _chain(digest: bytes, contents: bytes, gpa: int, record_type: int, perms: int) -> bytes:
+    """The chain value after one record (the bytes of PageInfo(...).pack(); fields checked by the caller)."""
+    return _sha384(_PAGE_INFO.pack(digest, contents, PAGE_INFO_SIZE, int(record_type), perms, 0, gpa)).digest()
 
 
 def page_digests(pages: np.ndarray | Sequence[bytes]) -> np.ndarray:
