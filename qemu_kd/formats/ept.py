@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from qemu_kd.common.arrays import count_distinct
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FieldValueError, ReservedBitsError, require_length
 from qemu_kd.formats.addresses import u64_array, PAGE_SIZE, KEYID_SHIFT, HPA_LIMIT
@@ -267,7 +268,7 @@ def build_ept_arrays(gpas, hpas, perms, table_hpas: Sequence[int]) -> tuple[int,
         raise EptError(f"gpa 0x{int(gpa_arr[dup[0]]):x} is mapped twice", "give each gpa exactly one hpa")
 
     pt_prefix = gpa_arr >> np.uint64(21)
-    needed = 1 + sum(int(np.unique(gpa_arr >> np.uint64(shift)).size) for shift in (39, 30, 21))
+    needed = 1 + sum(count_distinct(gpa_arr >> np.uint64(shift)) for shift in (39, 30, 21))
     if len(table_hpas) < needed:
         raise EptError(f"the EPT needs {needed} table pages but only {len(table_hpas)} hpas were given",
                        "allocate more pages for the EPT (see ept_table_pages_needed)")

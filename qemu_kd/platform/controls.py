@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qemu_kd.common.arrays import count_distinct
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.addresses import KEYID_SHIFT, PAGE_SIZE, UNMAPPED
 from qemu_kd.formats.ctlupdate import (
@@ -420,7 +421,7 @@ class ControlPlane:
             if got != expected:
                 raise UpdateIntegrityError("the update's EPT does not do what its operations say "
                                            f"({len(got)} mapping changes, {len(expected)} operations)")
-            if np.unique(hpas).size != hpas.size:
+            if count_distinct(hpas) != hpas.size:
                 raise UpdateIntegrityError("the update's EPT maps one hpa at two gpas (alias)")
             old_gpas, old_hpas = gpas, hpas
         for op in per_page:
@@ -492,7 +493,7 @@ class ControlPlane:
             for j in np.flatnonzero(~ok_state & (owners == domain.keyid)).tolist()[:16]:
                 reasons.append(f"control-page: gpa {int(checked.new_gpas[j]):#x} maps hpa "
                                f"{int(checked.new_hpas[j]):#x}, not a guest page of this domain")
-            if np.unique(checked.new_hpas).size != checked.new_hpas.size:
+            if count_distinct(checked.new_hpas) != checked.new_hpas.size:
                 reasons.append("alias: one hpa is mapped at two gpas")
             return {"verdict_ok": not reasons, "reasons": reasons,
                     "mapping_digest": mapping_digest_arrays(checked.new_gpas, checked.new_hpas,

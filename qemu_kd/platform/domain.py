@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from qemu_kd.common.arrays import smallest_repeated, sorted_unique
 from qemu_kd.formats.ept import EPT_PERMS, EptWalk, mapping_digest_arrays, walk_ept
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FormatError
@@ -437,9 +438,9 @@ class KeyDomain:
         if bad.any():
             raise PageRequestError(f"gpa 0x{int(gpas[np.argmax(bad)]):x}: perms {int(perms[np.argmax(bad)])} "
                                    "is not a non-empty R/W/X combination (1..7)")
-        uniq, counts = np.unique(gpas, return_counts=True)
-        if (counts > 1).any():
-            raise PageRequestError(f"gpa 0x{int(uniq[np.argmax(counts > 1)]):x} appears twice in one request")
+        repeated = smallest_repeated(gpas)
+        if repeated is not None:
+            raise PageRequestError(f"gpa 0x{repeated:x} appears twice in one request")
         clash = self._pages.guest_gpas.intersection(gpas.tolist())
         if clash:
             raise PageRequestError(f"gpa 0x{min(clash):x} was already added to key domain {self.keyid}")
@@ -532,7 +533,7 @@ class KeyDomain:
                                    "add them with add-pages first")
         if not isinstance(host_allocation, np.ndarray):
             host_allocation = list(host_allocation)
-        allocation = np.unique(self._memory.page_indices(host_allocation, what="allocated hpa", unique=False))
+        allocation = sorted_unique(self._memory.page_indices(host_allocation, what="allocated hpa", unique=False))
         eptp = self.read_vmcs().ept_pointer
         walk, stray_tables = self._walk(eptp)
         reasons = self._check_walk(walk, stray_tables, allocation)

@@ -43,6 +43,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from qemu_kd.common.arrays import smallest_repeated, sorted_unique
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.formats.addresses import HPA_MASK, KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
@@ -214,9 +215,9 @@ class PhysicalMemory:
                                    "use platform-info to see the memory size")
         idx = (arr // PAGE_SIZE).astype(np.int64)
         if unique and idx.size > 1:
-            uniq, counts = np.unique(idx, return_counts=True)
-            if (counts > 1).any():
-                bad = int(uniq[np.argmax(counts > 1)]) * PAGE_SIZE
+            repeated = smallest_repeated(idx)
+            if repeated is not None:
+                bad = repeated * PAGE_SIZE
                 raise AddressError(f"{what} 0x{bad:x} appears more than once in one request",
                                    "list every page once")
         return idx
@@ -291,7 +292,7 @@ class PhysicalMemory:
         except PhysicalMemoryError:
             return set()
         guest = (self._state[idx] == PageState.PRIVATE) | (self._state[idx] == PageState.SHARED)
-        return set(np.unique(self._keyid[idx][guest]).tolist())
+        return set(sorted_unique(self._keyid[idx][guest]).tolist())
 
     def count_free(self) -> int:
         return int(np.count_nonzero(self._state == PageState.FREE))
@@ -425,8 +426,8 @@ class PhysicalMemory:
         pending = idx[self._pending_fill[idx]]
         if not pending.size:
             return
-        pending = np.unique(pending)
-        for keyid in np.unique(self._keyid[pending]).tolist():
+        pending = sorted_unique(pending)
+        for keyid in sorted_unique(self._keyid[pending]).tolist():
             mine = pending[self._keyid[pending] == keyid]
             self._fillers[keyid](mine.astype(np.uint64) * np.uint64(PAGE_SIZE))
             self._pending_fill[mine] = False
