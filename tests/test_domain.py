@@ -203,6 +203,15 @@ def test_alloc_reserves_keyids_lowest_first_and_free_returns_them(platform):
     assert platform.alloc(npages=1).keyid == 1
 
 
+def test_alloc_answers_its_hpas_ascending_as_an_array_and_a_list(platform):
+    first = platform.alloc(npages=3)
+    assert first.hpa_array.dtype == np.uint64 and first.hpa_array.tolist() == first.hpas
+    assert first.hpas == sorted(first.hpas) and len(set(first.hpas)) == 3
+    picked = platform.alloc(hpas=[0x803000, 0x801000, 0x802000])
+    assert picked.hpas == [0x801000, 0x802000, 0x803000] == picked.hpa_array.tolist()
+    assert type(picked.hpas[0]) is int
+
+
 def test_keyid_exhaustion_is_a_clear_error(platform):
     for expected in range(1, 64):
         assert platform.alloc(npages=1).keyid == expected

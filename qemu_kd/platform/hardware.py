@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -72,12 +72,18 @@ class DebugRefused(SecretPageError):
     """debug-read of a domain whose measured policy does not have DEBUG."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Allocation:
-    """alloc's answer: the reserved KeyID and the hpas the host now holds for it."""
+    """alloc's answer: the reserved KeyID and the hpas the host now holds for it
+    (``hpa_array``, ascending uint64; :attr:`hpas` as a list)."""
 
     keyid: int
-    hpas: list[int]
+    hpa_array: np.ndarray = field(repr=False)
+
+    @property
+    def hpas(self) -> list[int]:
+        """The hpas, ascending, as a new list of ints."""
+        return self.hpa_array.tolist()
 
 
 class Platform:
@@ -200,7 +206,9 @@ class Platform:
                 if keyid is None:
                     self.keyids.release(new_keyid)
                 raise
-            return Allocation(new_keyid, sorted(claimed.tolist()))
+            # find_free's pages come ascending already; a host-picked list is sorted.
+            ascending = bool((claimed[1:] > claimed[:-1]).all())
+            return Allocation(new_keyid, claimed if ascending else np.sort(claimed))
 
     def _require_extendable(self, keyid: int) -> None:
         if not isinstance(keyid, int) or not self.keyids.is_reserved(keyid):

@@ -566,7 +566,8 @@ class HostPortServer:
             if not hpas.size:
                 raise HostPortBadRequestError("alloc needs npages or a non-empty hpa list")
             allocation = self.platform.alloc(hpas=hpas, keyid=keyid)
-        return {"keyid": allocation.keyid, "count": len(allocation.hpas)}, pack_u64_array(allocation.hpas)
+        return {"keyid": allocation.keyid, "count": int(allocation.hpa_array.size)}, \
+            pack_u64_array(allocation.hpa_array)
 
     def _free(self, args: dict, payload: memoryview) -> tuple[dict, bytes]:
         return {"freed_pages": self.platform.free(arg_int(args, "keyid", minimum=1, maximum=255))}, b""
