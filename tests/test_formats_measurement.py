@@ -368,3 +368,27 @@ def test_pages_added_at_once_from_an_array_chain_as_one_by_one():
     with pytest.raises(MeasurementError, match="exactly 4096"):
         LaunchMeasurement(Policy.make()).add_pages(gpas[:1], np.array([1]), perms[:1],
                                                    np.zeros((1, 100), dtype=np.uint8))
+
+
+def test_pages_added_with_their_digests_chain_as_with_their_content():
+    import numpy as np
+
+    many = [(0x1000 * i, PageType.IMAGE if i % 7 in (0, 1) else PageType.ZERO, 7 if i < 40 else 3,
+             bytes([i]) * 4096 if i % 7 in (0, 1) else None) for i in range(60)]
+    gpas = np.array([p[0] for p in many], dtype=np.uint64)
+    types = np.array([int(p[1]) for p in many])
+    perms = np.array([p[2] for p in many])
+    contents = [p[3] for p in many if p[3] is not None]
+    hashed = LaunchMeasurement(Policy.make())
+    for lo, hi in ((0, 23), (23, 24), (24, 60)):                  # split inside runs too
+        hashed.add_hashed_pages(gpas[lo:hi], types[lo:hi], perms[lo:hi],
+                                page_digests([p[3] for p in many[lo:hi] if p[3] is not None]))
+    hashed.add_vmcs(GUEST_STATE)
+    assert hashed.finalize() == measure_offline(many, GUEST_STATE, Policy.make()) == _bulk(many)
+    m = LaunchMeasurement(Policy.make())
+    for bad in (page_digests(contents)[:-1], page_digests(contents).astype(np.uint16),
+                np.zeros((len(contents), 32), dtype=np.uint8)):
+        with pytest.raises(MeasurementError, match="need their digests"):
+            m.add_hashed_pages(gpas, types, perms, bad)
+    with pytest.raises(MeasurementError, match="perms 0"):
+        m.add_hashed_pages(gpas, types, perms * 0, page_digests(contents))

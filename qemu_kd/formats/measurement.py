@@ -231,6 +231,41 @@ class LaunchMeasurement:
         strictly increasing; ``image_pages`` holds the 4096-byte plaintext of every IMAGE
         page, in the same order (an (n, 4096) uint8 array or a sequence of buffers).
         """
+        checked = self._check_pages(gpas, types, perms)
+        if checked is None:
+            return
+        gpas, is_zero, perms = checked
+        n_image = int(gpas.size - np.count_nonzero(is_zero))
+        if len(image_pages) != n_image:
+            raise MeasurementError(f"{n_image} image pages need their content, {len(image_pages)} were given")
+        whole_pages = (isinstance(image_pages, np.ndarray) and image_pages.dtype == np.uint8
+                       and image_pages.ndim == 2 and image_pages.shape[1] == PAGE_SIZE)
+        if not whole_pages:
+            for i, page in zip(np.flatnonzero(~is_zero).tolist(), image_pages):
+                if len(page) != PAGE_SIZE:
+                    raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
+                                           "bytes of content")
+        self._chain_pages(gpas, is_zero, perms, page_digests(image_pages))
+
+    def add_hashed_pages(self, gpas: np.ndarray, types: np.ndarray, perms: np.ndarray,
+                         image_digests: np.ndarray) -> None:
+        """:meth:`add_pages` with the IMAGE pages' SHA-384 digests (:func:`page_digests`, an
+        (n, 48) uint8 array) instead of their content, for a caller that hashed them elsewhere."""
+        checked = self._check_pages(gpas, types, perms)
+        if checked is None:
+            return
+        gpas, is_zero, perms = checked
+        n_image = int(gpas.size - np.count_nonzero(is_zero))
+        if not (isinstance(image_digests, np.ndarray) and image_digests.dtype == np.uint8
+                and image_digests.shape == (n_image, DIGEST_SIZE)):
+            raise MeasurementError(f"{n_image} image pages need their digests as an ({n_image}, "
+                                   f"{DIGEST_SIZE}) uint8 array")
+        self._chain_pages(gpas, is_zero, perms, image_digests)
+
+    def _check_pages(self, gpas: np.ndarray, types: np.ndarray,
+                     perms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The checks add_page makes, on arrays: (uint64 gpas, ZERO flags, uint8 perms), None
+        for no pages."""
         self._check_open()
         gpas = np.asarray(gpas)
         types = np.asarray(types)
@@ -239,7 +274,7 @@ class LaunchMeasurement:
         if types.shape != (n,) or perms.shape != (n,) or gpas.shape != (n,):
             raise MeasurementError("add_pages needs one gpa, type and perms entry per page")
         if not n:
-            return
+            return None
         if gpas.dtype.kind not in "ui" or types.dtype.kind not in "ui" or perms.dtype.kind not in "ui":
             raise MeasurementError("add_pages takes integer arrays")
         if gpas.dtype.kind == "i" and (gpas < 0).any():
@@ -263,26 +298,15 @@ class LaunchMeasurement:
             i = int(np.argmax(bad))
             raise MeasurementError(f"page gpa 0x{int(gpas[i]):x}: perms {int(perms[i])} must be a "
                                    "non-empty R/W/X set")
-        image = types == PageType.IMAGE
         is_zero = types == PageType.ZERO
-        other = ~image & ~is_zero
+        other = (types != PageType.IMAGE) & ~is_zero
         if other.any():
             t = int(types[np.argmax(other)])
             name = PageType(t).name if t in PageType._value2member_map_ else str(t)
             raise MeasurementError(f"{name} pages are not measured page by page",
                                    "measure the VMCS with add_vmcs; EPT and SAVE pages are host-chosen "
                                    "and not measured")
-        n_image = int(np.count_nonzero(image))
-        if len(image_pages) != n_image:
-            raise MeasurementError(f"{n_image} image pages need their content, {len(image_pages)} were given")
-        whole_pages = (isinstance(image_pages, np.ndarray) and image_pages.dtype == np.uint8
-                       and image_pages.ndim == 2 and image_pages.shape[1] == PAGE_SIZE)
-        if not whole_pages:
-            for i, page in zip(np.flatnonzero(image).tolist(), image_pages):
-                if len(page) != PAGE_SIZE:
-                    raise MeasurementError(f"image page gpa 0x{int(gpas[i]):x} needs exactly {PAGE_SIZE} "
-                                           "bytes of content")
-        self._chain_pages(gpas, is_zero, perms.astype(np.uint8), page_digests(image_pages))
+        return gpas, is_zero, perms.astype(np.uint8)
 
     def _chain_pages(self, gpas: np.ndarray, is_zero: np.ndarray, perms: np.ndarray,
                      image_digests: np.ndarray) -> None:

@@ -28,6 +28,7 @@ launch does not decrypt it again.
 from __future__ import annotations
 
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -38,7 +39,7 @@ from qemu_kd.formats.ept import EPT_PERMS, EptWalk, mapping_digest_arrays, walk_
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FormatError
 from qemu_kd.formats.keywrap import DOMAIN_KEY_SIZE, WrappedKey, normalize_host_data, unwrap_key
-from qemu_kd.formats.measurement import LaunchMeasurement, PageType, host_verifiable_digest
+from qemu_kd.formats.measurement import LaunchMeasurement, PageType, host_verifiable_digest, page_digests
 from qemu_kd.crypto.authority import tenant_authority_key
 from qemu_kd.crypto.mee import MemoryEncryptionEngine
 from qemu_kd.formats.addresses import KEYID_SHIFT, MAX_KEYID, PAGE_SIZE
@@ -717,26 +718,36 @@ class KeyDomain:
         try:
             if ram_ready is not None:
                 ram_ready(staged)
-            for start in range(0, hpas.size, BATCH_PAGES):
-                sl = slice(start, start + BATCH_PAGES)
-                need = ~is_zero[sl] | tampered[sl]
-                plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
-                         else np.empty((0, PAGE_SIZE), dtype=np.uint8))
-                zero_rows = is_zero[sl][need]
-                written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
-                if written.size:
-                    j = int(np.flatnonzero(need)[written[0]])
-                    raise DomainVerifyError(
-                        f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key domain "
-                        f"{self.keyid} was overwritten after add-zero-pages",
-                        "destroy the domain and build it again")
-                # Without tampered zero pages among them, the decrypted rows are the image pages.
-                image = plain[~zero_rows] if zero_rows.any() else plain
-                measurement.add_pages(gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
-                                      perms[sl], image)
-                if image.size:
-                    image_sl = ~is_zero[sl]
-                    staged.fill(gpas[sl][image_sl] // PAGE_SIZE, hpas[sl][image_sl], image)
+            # A batch's image pages are hashed on a worker thread (hashlib lets go of the
+            # interpreter lock on page-sized buffers) while this one fills guest RAM with them
+            # and decrypts the next batch; the batch's records are chained after that.
+            with ThreadPoolExecutor(1, thread_name_prefix=f"kd{self.keyid}-measure") as hasher:
+                hashing = None
+                for start in range(0, hpas.size, BATCH_PAGES):
+                    sl = slice(start, start + BATCH_PAGES)
+                    need = ~is_zero[sl] | tampered[sl]
+                    plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
+                             else np.empty((0, PAGE_SIZE), dtype=np.uint8))
+                    zero_rows = is_zero[sl][need]
+                    written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
+                    if written.size:
+                        j = int(np.flatnonzero(need)[written[0]])
+                        raise DomainVerifyError(
+                            f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key "
+                            f"domain {self.keyid} was overwritten after add-zero-pages",
+                            "destroy the domain and build it again")
+                    # Without tampered zero pages among them, the decrypted rows are the image pages.
+                    image = plain[~zero_rows] if zero_rows.any() else plain
+                    digests = hasher.submit(page_digests, image)
+                    if image.size:
+                        image_sl = ~is_zero[sl]
+                        staged.fill(gpas[sl][image_sl] // PAGE_SIZE, hpas[sl][image_sl], image)
+                    if hashing is not None:
+                        measurement.add_hashed_pages(*hashing[:3], hashing[3].result())
+                    hashing = (gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
+                               perms[sl], digests)
+                if hashing is not None:
+                    measurement.add_hashed_pages(*hashing[:3], hashing[3].result())
             measurement.add_vmcs(self.read_vmcs().guest_state_bytes())
             measurement.finalize()
         except BaseException:
