@@ -31,3 +31,10 @@ def test_edges():
     assert smallest_repeated(np.array([1, 2, 3, 3])) == 3          # ascending but not strictly
     assert smallest_repeated(np.array([9, 4, 9, 4])) == 4
     assert sorted_unique(np.array([[3, 1], [3, 2]])).tolist() == [1, 2, 3]
+
+
+def test_the_distinct_values_are_a_new_array():
+    for values in (np.array([1, 2, 5]), np.array([4]), np.array([3, 1, 3])):
+        before = values.copy()
+        sorted_unique(values)[:] = 99
+        assert (values == before).all()

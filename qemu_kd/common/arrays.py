@@ -10,11 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def _ordered(values: np.ndarray) -> np.ndarray:
+    """``values`` flattened and in ascending order (not sorted again if they already are)."""
+    flat = np.asarray(values).reshape(-1)
+    return flat if (flat[1:] >= flat[:-1]).all() else np.sort(flat)
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """The distinct values of ``values`` (any shape, flattened), in ascending order."""
-    ordered = np.sort(np.asarray(values).reshape(-1))
+    ordered = _ordered(values)
     if ordered.size < 2:
-        return ordered
+        return ordered.copy()
     first = np.empty(ordered.size, dtype=bool)
     first[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
@@ -23,7 +29,7 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
 
 def count_distinct(values: np.ndarray) -> int:
     """How many distinct values ``values`` holds."""
-    ordered = np.sort(np.asarray(values).reshape(-1))
+    ordered = _ordered(values)
     if not ordered.size:
         return 0
     return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
