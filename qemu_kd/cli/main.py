@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     from qemu_kd.cli.outcome import CommandLineError, report_failure
 
     whole_process = argv is None
+    if whole_process:
+        # numpy's BLAS would spin a worker thread on the other CPU while the platform daemon and
+        # the host VMM start beside this process; a command line needs no linear algebra.
+        from qemu_kd.common.blas import single_threaded_blas
+
+        single_threaded_blas()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     try:
