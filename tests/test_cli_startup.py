@@ -40,3 +40,60 @@ def test_the_command_keeps_blas_to_one_thread_before_numpy_loads():
 def test_the_command_leaves_a_users_blas_setting():
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "4"}
     assert _fresh_cli(env) == ["4 False"]
+
+
+#: What a fresh ``qemu-kd run`` process does up to where its launch starts measuring the guest:
+#: its modules, the sweep of dead processes' leftovers, then Platform._launch_protected, stopped
+#: where it hands measure_guest to its thread.  Prints which of sealing's and verification's
+#: modules had loaded by then.
+UP_TO_MEASURING = """
+import sys
+from pathlib import Path
+import qemu_kd.api as api
+import qemu_kd.cli.main, qemu_kd.cli.run
+from qemu_kd.cli.clean import sweep_leftovers
+
+class Measuring(Exception):
+    pass
+
+def in_thread(fn, *args):
+    late = ("qemu_kd.tenant.seal", "qemu_kd.tenant.verify", "qemu_kd.tenant.session", "cryptography.x509")
+    print(fn.__name__, sorted(m for m in late if m in sys.modules), flush=True)
+    raise Measuring
+
+sweep_leftovers()
+api._in_thread = in_thread
+image = api.GuestImage(b"kernel", b"initrd", Path("/nonexistent/kernel"))
+try:
+    api.Platform()._launch_protected(None, image, "console=ttyS0", 64 << 20, False, 30.0)
+except Measuring:
+    pass
+"""
+
+
+def test_a_launch_starts_measuring_before_sealing_and_verification_load(tmp_path):
+    """The measuring needs numpy, not X.509: sealing's and attesting's modules (some 0.05 CPU-s)
+    load beside it, while the platform daemon starts, not ahead of it."""
+    env = {**os.environ, "QEMU_KD_RUNTIME": str(tmp_path / "rt"), "QEMU_KD_STATE": str(tmp_path / "st")}
+    out = subprocess.run([sys.executable, "-c", UP_TO_MEASURING], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["measure_guest []"]
+
+
+def test_the_tenant_package_names_are_its_functions_once_their_modules_load():
+    """The package's names load with their submodules; ``seal`` and ``measure`` name the
+    functions, as they did when the package imported them eagerly."""
+    code = ("import importlib, sys\n"
+            "import qemu_kd.tenant.measure\n"
+            "print('qemu_kd.tenant.seal' in sys.modules)\n"
+            "import qemu_kd.tenant.seal\n"
+            "from qemu_kd import tenant\n"
+            "from qemu_kd.tenant import seal\n"
+            "print(callable(tenant.seal), callable(tenant.measure), seal is tenant.seal,\n"
+            "      tenant.seal is importlib.import_module('qemu_kd.tenant.seal').seal,\n"
+            "      tenant.TenantSecret.__module__, tenant.check_report.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["False",
+                                       "True True True True qemu_kd.tenant.seal qemu_kd.tenant.verify"]
