@@ -308,6 +308,27 @@ def test_add_pages_rejects_bad_requests(platform, identity):
     assert platform.memory.owner(spare1).page_type == PageType.IMAGE
 
 
+def test_gpas_already_added_are_found_across_many_batches():
+    # The domain keeps the gpas added so far as a few sorted arrays (merged as batches come);
+    # any gpa of any earlier batch must still be found, and the smallest one is reported.
+    from qemu_kd.platform.domain import _GpaSet
+
+    rng = np.random.default_rng(3)
+    pool = rng.permutation(np.arange(1, 20_000, dtype=np.uint64) * PAGE)
+    added, seen, start = _GpaSet(), set(), 0
+    for size in [1, 1, 5, 300, 2, 2, 2, 4000, 7, 1, 900, 3, 3, 3, 3, 60, 1]:
+        batch = pool[start:start + size]
+        start += size
+        assert added.smallest_of(batch) is None
+        added.add(batch)
+        seen.update(batch.tolist())
+        probe = np.concatenate([rng.choice(pool[:start], 3), pool[start:start + 20]])
+        clash = seen.intersection(probe.tolist())
+        assert added.smallest_of(probe) == (min(clash) if clash else None)
+        assert added.smallest_of(pool[start:]) is None
+        assert len(added._parts) <= 2 * max(1, int(np.log2(start)) + 1)
+
+
 # ------------------------------------------------------------- measurement
 
 
@@ -366,6 +387,33 @@ def test_measurement_fills_guest_ram_with_the_image_for_launch(built):
         assert not staged.matches(staged.size, gpns, hpas[::-1])
         assert not staged.matches(staged.size, gpns[:-1], hpas[:-1])
         assert not staged.matches(staged.size + 2 * 1024 * 1024, gpns, hpas)
+    finally:
+        staged.close()
+
+
+@pytest.mark.parametrize("piece, batch", [(2, 2048), (3, 4), (1, 1)])
+def test_measurement_decrypts_each_piece_of_a_run_from_its_own_pages(platform, identity, monkeypatch,
+                                                                     piece, batch):
+    # measure-kd decrypts runs of image pages straight into guest RAM in pieces (and the guest's
+    # pages in batches): every piece must come from its own pages, and be hashed in order.
+    import qemu_kd.platform.domain as domain_module
+    import qemu_kd.platform.guestram as guestram_module
+
+    monkeypatch.setattr(guestram_module, "FILL_PIECE_PAGES", piece)
+    monkeypatch.setattr(domain_module, "BATCH_PAGES", batch)
+    alloc = platform.alloc(npages=guest_page_count(n_image=7, n_zero=3))
+    guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public, n_image=7, n_zero=3)
+    load_guest(platform, guest, shuffle_seed=5)
+    assert platform.verify_ept(guest.keyid, alloc.hpas).ok
+    domain = platform.domain(guest.keyid)
+    assert domain.finalize_measurement() == guest.expected_measurement()
+    staged = domain.take_staged_ram()
+    try:
+        for gpa, plain in guest.image.items():
+            assert staged.ram.map[gpa:gpa + PAGE] == plain
+            assert staged.baseline[gpa // PAGE].tobytes() == plain
+        for gpa in guest.zero_gpas:
+            assert staged.ram.map[gpa:gpa + PAGE] == bytes(PAGE) and not staged.baseline[gpa // PAGE].any()
     finally:
         staged.close()
 

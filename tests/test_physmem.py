@@ -256,3 +256,25 @@ def test_refused_page_write_stores_nothing(mem):
     with pytest.raises(OwnershipError, match="hpa 0x3000 refused: the page is FREE"):
         mem.host_write_pages([0x1000, 0x2000, 0x3000, 0x4000], b"\x77" * (4 * PAGE))
     assert not mem.read_pages([0x1000, 0x2000, 0x3000, 0x4000]).any()
+
+
+def test_view_pages_shows_dram_without_a_copy_for_consecutive_pages(mem):
+    # measure-kd decrypts straight from DRAM: consecutive pages are a read-only view of it,
+    # other lists a copy; pending pages are produced first either way.
+    rng = np.random.default_rng(5)
+    hpas = [p * PAGE for p in range(0x20, 0x28)]
+    data = rng.integers(0, 256, (len(hpas), PAGE), dtype=np.uint8)
+    mem.write_pages(hpas, data)
+    view = mem.view_pages(hpas)
+    assert np.array_equal(view, data) and not view.flags.writeable
+    mem.write_pages(hpas[:1], bytes(PAGE))
+    assert not view[0].any()                             # DRAM itself, not a copy
+    scattered = [hpas[5], hpas[1], hpas[6]]
+    assert np.array_equal(mem.view_pages(scattered), data[[5, 1, 6]])
+    with pytest.raises(ValueError):
+        mem.view_pages(hpas)[0, 0] = 1
+    mem.claim_for_host([0x1000, 0x2000], 2)
+    mem.assign_private([0x1000, 0x2000], 2, PageType.ZERO)
+    mem.defer_fill([0x1000, 0x2000], 2, lambda h: mem.write_pages(h, b"\x33" * (PAGE * h.size)))
+    assert mem.view_pages([0x1000, 0x2000]).tobytes() == b"\x33" * (2 * PAGE)
+    assert mem.pending_fill_count() == 0

@@ -28,7 +28,7 @@ launch does not decrypt it again.
 from __future__ import annotations
 
 import enum
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -204,12 +204,48 @@ class EptVerdict:
     table_pages: int = 0
 
 
+class _GpaSet:
+    """A set of gpas kept as a few sorted arrays: adding a batch sorts only the batch, and
+    merges it with the last arrays while they are not much larger (so there are never more
+    than about log2 of the pages, and every gpa is merged about that often)."""
+
+    def __init__(self, gpas: np.ndarray | None = None):
+        self._parts: list[np.ndarray] = []
+        if gpas is not None:
+            self.add(gpas)
+
+    @staticmethod
+    def _sorted(gpas: np.ndarray) -> np.ndarray:
+        gpas = np.asarray(gpas, dtype=np.uint64).reshape(-1)
+        return gpas if (gpas[1:] > gpas[:-1]).all() else np.sort(gpas)
+
+    def add(self, gpas: np.ndarray) -> None:
+        """Record ``gpas`` (none of them recorded yet)."""
+        part = self._sorted(gpas)
+        while self._parts and self._parts[-1].size <= 2 * part.size:
+            part = np.sort(np.concatenate((self._parts.pop(), part)), kind="stable")   # two runs: merged
+        if part.size:
+            self._parts.append(part)
+
+    def smallest_of(self, gpas: np.ndarray) -> int | None:
+        """The smallest of ``gpas`` already recorded, or None."""
+        gpas = np.asarray(gpas, dtype=np.uint64).reshape(-1)
+        found = None
+        for part in self._parts:
+            at = np.minimum(np.searchsorted(part, gpas), part.size - 1)
+            hit = part[at] == gpas
+            if hit.any():
+                low = int(gpas[hit].min())
+                found = low if found is None else min(found, low)
+        return found
+
+
 @dataclass
 class _PageTable:
     """The domain's pages (hpa, gpa, type, perms, verifiable), grown batch by batch."""
 
     chunks: list[PageBatch] = field(default_factory=list)
-    guest_gpas: set[int] = field(default_factory=set)
+    guest_gpas: _GpaSet = field(default_factory=_GpaSet)
     vmcs_hpa: int | None = None
 
     def add(self, batch: PageBatch) -> None:
@@ -311,6 +347,12 @@ class KeyDomain:
         pages = self._memory.read_pages(hpas)
         self.mee.decrypt_into(pages, pages, self._dpas(hpas))
         return pages
+
+    def decrypt_into(self, out: np.ndarray, hpas: np.ndarray) -> None:
+        """Plaintext of the domain's pages at ``hpas`` into ``out``, an (n, 4096) array, decrypted
+        from DRAM without a copy of the ciphertext first (platform-internal)."""
+        hpas = np.asarray(hpas, dtype=np.uint64)
+        self.mee.decrypt_into(out, self._memory.view_pages(hpas), self._dpas(hpas))
 
     def encrypt_into_dram(self, hpas: np.ndarray, plaintext: bytes | np.ndarray) -> None:
         """Encrypt plaintext pages for their hpas and store them in DRAM (platform-internal)."""
@@ -442,12 +484,12 @@ class KeyDomain:
         repeated = smallest_repeated(gpas)
         if repeated is not None:
             raise PageRequestError(f"gpa 0x{repeated:x} appears twice in one request")
-        clash = self._pages.guest_gpas.intersection(gpas.tolist())
-        if clash:
-            raise PageRequestError(f"gpa 0x{min(clash):x} was already added to key domain {self.keyid}")
+        clash = self._pages.guest_gpas.smallest_of(gpas)
+        if clash is not None:
+            raise PageRequestError(f"gpa 0x{clash:x} was already added to key domain {self.keyid}")
 
     def _record(self, batch: PageBatch, guest: np.ndarray) -> None:
-        self._pages.guest_gpas.update(batch.gpas[guest].tolist())
+        self._pages.guest_gpas.add(batch.gpas[guest])
         self._pages.add(batch)
 
     def pages(self) -> PageBatch:
@@ -587,7 +629,7 @@ class KeyDomain:
         perms = np.where(known, pages.perms[guest][src] if old_gpas.size else 0, EPT_PERMS)
         verifiable = known & (pages.verifiable[guest][src] if old_gpas.size else known)
         self._pages.chunks = [control, PageBatch(hpas, gpas, types, perms, verifiable)]
-        self._pages.guest_gpas = set(gpas.tolist())
+        self._pages.guest_gpas = _GpaSet(gpas)
         self._mapping = (gpas, hpas)
 
     def _walk(self, eptp: int) -> tuple[EptWalk, list[int]]:
@@ -718,30 +760,26 @@ class KeyDomain:
         try:
             if ram_ready is not None:
                 ram_ready(staged)
-            # A batch's image pages are hashed on a worker thread (hashlib lets go of the
-            # interpreter lock on page-sized buffers) while this one fills guest RAM with them
-            # and decrypts the next batch; the batch's records are chained after that.
+            # A batch's image pages are decrypted from DRAM straight into the guest RAM's
+            # baseline, written into guest RAM from there, and hashed there on a worker thread
+            # (hashlib lets go of the interpreter lock on page-sized buffers) while this one goes
+            # on with the next batch; the batch's records are chained after that.
             with ThreadPoolExecutor(1, thread_name_prefix=f"kd{self.keyid}-measure") as hasher:
                 hashing = None
                 for start in range(0, hpas.size, BATCH_PAGES):
                     sl = slice(start, start + BATCH_PAGES)
-                    need = ~is_zero[sl] | tampered[sl]
-                    plain = (self.decrypt_page_array(hpas[sl][need]) if need.any()
-                             else np.empty((0, PAGE_SIZE), dtype=np.uint8))
-                    zero_rows = is_zero[sl][need]
-                    written = np.flatnonzero(zero_rows)[plain[zero_rows].any(axis=1)]
-                    if written.size:
-                        j = int(np.flatnonzero(need)[written[0]])
-                        raise DomainVerifyError(
-                            f"zero page gpa 0x{int(gpas[sl][j]):x} (hpa 0x{int(hpas[sl][j]):x}) of key "
-                            f"domain {self.keyid} was overwritten after add-zero-pages",
-                            "destroy the domain and build it again")
-                    # Without tampered zero pages among them, the decrypted rows are the image pages.
-                    image = plain[~zero_rows] if zero_rows.any() else plain
-                    digests = hasher.submit(page_digests, image)
-                    if image.size:
-                        image_sl = ~is_zero[sl]
-                        staged.fill(gpas[sl][image_sl] // PAGE_SIZE, hpas[sl][image_sl], image)
+                    self._check_zero_pages(hpas[sl][tampered[sl]], gpas[sl][tampered[sl]])
+                    image_sl = ~is_zero[sl]
+                    image_hpas = hpas[sl][image_sl]
+                    pieces: list[Future] = []
+
+                    def produce(rows: np.ndarray, first: int, last: int, image_hpas=image_hpas,
+                                pieces=pieces) -> None:
+                        self.decrypt_into(rows, image_hpas[first:last])
+                        pieces.append(hasher.submit(page_digests, rows))
+
+                    staged.fill_with(gpas[sl][image_sl] // PAGE_SIZE, image_hpas, produce)
+                    digests = _Digests(pieces)
                     if hashing is not None:
                         measurement.add_hashed_pages(*hashing[:3], hashing[3].result())
                     hashing = (gpas[sl], np.where(is_zero[sl], int(PageType.ZERO), int(PageType.IMAGE)),
@@ -757,6 +795,18 @@ class KeyDomain:
             raise
         self.measurement = measurement
         return measurement.digest
+
+    def _check_zero_pages(self, hpas: np.ndarray, gpas: np.ndarray) -> None:
+        """ZERO pages the host wrote after add-zero-pages must still decrypt to zeros."""
+        if not hpas.size:
+            return
+        written = np.flatnonzero(self.decrypt_page_array(hpas).any(axis=1))
+        if written.size:
+            j = int(written[0])
+            raise DomainVerifyError(
+                f"zero page gpa 0x{int(gpas[j]):x} (hpa 0x{int(hpas[j]):x}) of key "
+                f"domain {self.keyid} was overwritten after add-zero-pages",
+                "destroy the domain and build it again")
 
     def launch_measurement(self, ram_ready: Callable[[StagedRam], None] | None = None) -> bytes:
         """measure-kd: the launch digest, computed once the domain is VERIFIED (pages are locked then);
@@ -835,6 +885,19 @@ class _Reasons:
         extra = [f"{check}: ... and {count - MAX_REASONS_PER_CHECK} more"
                  for check, count in self._counts.items() if count > MAX_REASONS_PER_CHECK]
         return self._items + extra
+
+
+@dataclass
+class _Digests:
+    """The page digests of a batch's image pages, hashed piece by piece on a worker thread."""
+
+    pieces: list[Future]
+
+    def result(self) -> np.ndarray:
+        """The (n, 48) digests of every piece, in order."""
+        if not self.pieces:
+            return page_digests(np.empty((0, PAGE_SIZE), dtype=np.uint8))
+        return np.concatenate([piece.result() for piece in self.pieces])
 
 
 def _state_hint(state: DomainState) -> str:

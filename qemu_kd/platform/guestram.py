@@ -19,6 +19,7 @@ with.  Destroying the domain before launch closes both, scrubbing the baseline.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.qemu.machine import GuestRam
 
 MiB = 1 << 20
+# fill_with hands runs of consecutive pages to its producer in pieces of at most this many
+# pages (4 MiB), so the caller can pass a piece on (to be hashed) while it produces the next.
+FILL_PIECE_PAGES = 1024
 
 __all__ = ["StagedRam", "guest_memory_size"]
 
@@ -61,6 +65,35 @@ class StagedRam:
         self._gpns.append(gpns.copy())
         self._hpas.append(np.asarray(hpas, dtype=np.uint64).copy())
 
+    def fill_with(self, gpns: np.ndarray, hpas: np.ndarray,
+                  produce: Callable[[np.ndarray, int, int], None]) -> list[np.ndarray]:
+        """:meth:`fill` with the plaintext written straight into the baseline, no copy between:
+        for each piece of a run of consecutive gpns, ``gpns[first:last]`` (at most
+        FILL_PIECE_PAGES), ``produce(rows, first, last)`` stores the plaintext of those pages into
+        ``rows``, the baseline's (last - first, 4096) view of them, which then goes into the
+        memory file.  Returns the views in order (the caller may read them; nothing else writes
+        them before launch)."""
+        if self.ram is None or self.baseline is None:
+            raise ValueError("staged guest RAM was already taken or closed")
+        gpns = np.asarray(gpns, dtype=np.int64).reshape(-1)
+        if np.asarray(hpas).size != gpns.size:
+            raise ValueError(f"{gpns.size} guest pages given with {np.asarray(hpas).size} hpas")
+        if gpns.size and (int(gpns.min()) < 0 or int(gpns.max()) >= len(self.baseline)):
+            raise ValueError(f"a guest page lies outside the {self.size}-byte guest RAM")
+        filled: list[np.ndarray] = []
+        breaks = (np.flatnonzero(np.diff(gpns) != 1) + 1).tolist()
+        for run_first, run_last in zip([0, *breaks], [*breaks, gpns.size]):
+            for first in range(run_first, run_last, FILL_PIECE_PAGES):
+                last = min(first + FILL_PIECE_PAGES, run_last)
+                gpn = int(gpns[first])
+                rows = self.baseline[gpn:gpn + last - first]
+                produce(rows, first, last)
+                self._write_run(gpn, rows)
+                filled.append(rows)
+        self._gpns.append(gpns.copy())
+        self._hpas.append(np.asarray(hpas, dtype=np.uint64).reshape(-1).copy())
+        return filled
+
     def _write_ram(self, gpns: np.ndarray, plain: np.ndarray) -> None:
         """Write the pages into the memory file, one write per run of consecutive gpns.  The
         kernel allocates the file's pages as it writes; storing through this process's mapping
@@ -68,16 +101,17 @@ class StagedRam:
         if not gpns.size:
             return
         breaks = (np.flatnonzero(np.diff(gpns) != 1) + 1).tolist()
-        rows = memoryview(plain.reshape(-1))
-        fd = self.ram.fd
         for first, last in zip([0, *breaks], [*breaks, gpns.size]):
-            data = rows[first * PAGE_SIZE:last * PAGE_SIZE]
-            offset = int(gpns[first]) * PAGE_SIZE
-            while data:
-                done = os.pwrite(fd, data, offset)
-                if done <= 0:
-                    raise OSError(f"guest RAM: a write at offset 0x{offset:x} stored nothing")
-                data, offset = data[done:], offset + done
+            self._write_run(int(gpns[first]), plain[first:last])
+
+    def _write_run(self, gpn: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (contiguous pages) into the memory file from guest page ``gpn`` on."""
+        data, offset = memoryview(rows.reshape(-1)), gpn * PAGE_SIZE
+        while data:
+            done = os.pwrite(self.ram.fd, data, offset)
+            if done <= 0:
+                raise OSError(f"guest RAM: a write at offset 0x{offset:x} stored nothing")
+            data, offset = data[done:], offset + done
 
     def pages(self) -> tuple[np.ndarray, np.ndarray]:
         """(gpns, hpas) of the filled pages, by gpn."""

@@ -469,6 +469,20 @@ class PhysicalMemory:
         self._materialize(idx)
         return self._pages[idx]
 
+    def view_pages(self, hpas: HpaList) -> np.ndarray:
+        """The DRAM content of whole pages, shape (n, 4096), read-only (platform only).  Pages at
+        consecutive hpas are a view of DRAM itself, no copy (it changes with DRAM: use it before
+        anything else writes them); other lists give a copy, as :meth:`read_pages`."""
+        self._check_open()
+        idx = self.page_indices(hpas, unique=False)
+        self._materialize(idx)
+        if idx.size and int(idx[-1]) - int(idx[0]) == idx.size - 1 and (np.diff(idx) == 1).all():
+            pages = self._pages[int(idx[0]):int(idx[-1]) + 1]
+        else:
+            pages = self._pages[idx]
+        pages.flags.writeable = False
+        return pages
+
     def write_pages(self, hpas: HpaList, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Store whole pages into DRAM (platform only: no ownership rules)."""
         self._check_open()
