@@ -1,0 +1,143 @@
+"""The tenant trusts the platform's certificate chain only once it leads to its root.
+
+A host may hand the tenant a layout, and later an attestation, that come with a chain
+from another root (a platform of its own making): the launch fails with the chain error
+before the host is asked to load anything, and an attestation over such a chain fails
+before the tenant sends a single session frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from synthetic import SYNTH_CMDLINE, SYNTH_INITRD, SYNTH_KERNEL
+
+from guest_agent.session import report_data_for
+from qemu_kd.api import GuestImage, Platform
+from qemu_kd.formats.certs import ChainError
+from qemu_kd.formats.layout import HostLayout, pages_needed
+from qemu_kd.formats.policy import Policy
+from qemu_kd.platform.attestation import sign_report
+from qemu_kd.platform.identity import PlatformIdentity, RootCA
+from qemu_kd.tenant.session import attest
+
+MiB = 1 << 20
+MEM = 64 * MiB
+MEASUREMENT = bytes(range(48))
+POLICY = Policy.make()
+
+
+@pytest.fixture(scope="module")
+def root():
+    return RootCA.create_throwaway()
+
+
+@pytest.fixture(scope="module")
+def foreign():
+    """A platform whose chain leads to another root than the tenant's."""
+    return PlatformIdentity.create_throwaway(RootCA.create_throwaway())
+
+
+def pem(root: RootCA) -> bytes:
+    return root.certificate.public_bytes(serialization.Encoding.PEM)
+
+
+class RecordingHost:
+    """The host side of a launch, as the tenant sees it: it records every request it gets."""
+
+    def __init__(self, layout: HostLayout):
+        self.layout = layout
+        self.requests: list[str] = []
+        self.sock = object()
+
+    def wait_ready(self) -> None:
+        pass
+
+    def call(self, cmd: str, **args) -> dict:
+        self.requests.append(cmd)
+        if cmd == "allocate":
+            return {"layout": self.layout.pack().decode()}
+        if cmd == "destroy":
+            return {}
+        raise AssertionError(f"the tenant asked the host for {cmd}")
+
+    def agent(self, cmd: str, **args) -> dict:
+        self.requests.append(f"agent {cmd}")
+        raise AssertionError(f"the tenant talked to the agent ({cmd})")
+
+    def stop(self) -> None:
+        self.requests.append("stop")
+
+
+class HostedPlatform(Platform):
+    """A Platform whose daemon and host VMM are the test's."""
+
+    def __init__(self, host: RecordingHost, state: Path):
+        super().__init__()
+        self.host, self.state = host, state
+        self.workdir, self.socket = state, state / "p.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state
+
+    def _await_platform(self) -> None:
+        pass
+
+    def _take_host(self) -> RecordingHost:
+        return self.host
+
+
+def test_a_layout_with_a_chain_from_another_root_fails_the_launch_before_anything_is_loaded(
+        tmp_path, root, foreign):
+    (tmp_path / "root-ca.crt").write_bytes(pem(root))
+    hpas = [0x200000 + 4096 * i for i in range(pages_needed(MEM))]
+    host = RecordingHost(HostLayout(5, MEM, hpas, b"", foreign.chain_pem()))
+    platform = HostedPlatform(host, tmp_path)
+    image = GuestImage(SYNTH_KERNEL, SYNTH_INITRD, tmp_path / "kernel")
+    with pytest.raises(ChainError) as err:
+        platform._launch_protected(None, image, SYNTH_CMDLINE, MEM, False, 30.0)
+    assert err.value.exit_code == 4
+    assert host.requests == ["allocate", "destroy", "stop"]
+
+
+def test_an_attestation_over_a_chain_from_another_root_fails_before_any_session_frame(root, foreign):
+    """The foreign platform's report is well signed and made for the tenant's nonce and the
+    agent's key: only the chain gives it away, and the tenant stops there."""
+    nonce = os.urandom(32)
+    agent_public = b"\x04" + os.urandom(96)
+    report = sign_report(foreign, policy=POLICY, measurement=MEASUREMENT,
+                         report_data=report_data_for(nonce, agent_public), host_data=b"", keyid=1)
+    sent: list[str] = []
+
+    def relay(cmd: str, wait: float = 60.0, **args) -> dict:
+        sent.append(cmd)
+        assert cmd == "attest", "the tenant sent a session frame over an unverified report"
+        return {"report": base64.b64encode(report.pack()).decode(), "public_key": agent_public.hex()}
+
+    with pytest.raises(ChainError) as err:
+        attest(relay, root_pem=pem(root), chain_pem=foreign.chain_pem(), measurement=MEASUREMENT,
+               policy=POLICY, host_data=None, nonce=nonce)
+    assert "another root" in err.value.message or "not issued by the trusted root" in err.value.message
+    assert sent == ["attest"]
+
+
+def test_the_same_attestation_over_the_tenants_own_chain_passes(root):
+    """The check above fails on the chain alone: the same report from a platform of the
+    tenant's root passes."""
+    own = PlatformIdentity.create_throwaway(root)
+    nonce = os.urandom(32)
+    agent_public = b"\x04" + os.urandom(96)
+    report = sign_report(own, policy=POLICY, measurement=MEASUREMENT,
+                         report_data=report_data_for(nonce, agent_public), host_data=b"", keyid=1)
+
+    def relay(cmd: str, wait: float = 60.0, **args) -> dict:
+        return {"report": base64.b64encode(report.pack()).decode(), "public_key": agent_public.hex()}
+
+    att = attest(relay, root_pem=pem(root), chain_pem=own.chain_pem(), measurement=MEASUREMENT,
+                 policy=POLICY, host_data=None, nonce=nonce)
+    assert att.report.measurement == MEASUREMENT
