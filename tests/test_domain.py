@@ -554,6 +554,13 @@ def test_verify_ept_reports_a_page_the_host_left_out(platform, identity):
     assert any(r.startswith("unallocated:") for r in verdict.reasons)
 
 
+def test_verify_ept_with_an_empty_allocation_reports_every_mapped_page(platform, identity):
+    verdict, guest = verify_bad_layout(platform, identity, allocation=lambda alloc: [])
+    unallocated = [r for r in verdict.reasons if r.startswith("unallocated:")]
+    assert not verdict.ok and len(unallocated) == len(guest.mappings)
+    assert all(r.endswith("which is not in the host's allocation") for r in unallocated)
+
+
 def test_verify_ept_checks_pages_are_mapped_as_measured(platform, identity):
     alloc = platform.alloc(npages=guest_page_count())
     guest = seal_guest(alloc.keyid, alloc.hpas, identity.kak_public)
