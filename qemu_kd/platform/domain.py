@@ -684,12 +684,7 @@ class KeyDomain:
         idx = (hpas[pos] // np.uint64(PAGE_SIZE)).astype(np.int64)
         state, owner_keyid, page_type = memory.owner_arrays(idx)
 
-        # allocation is sorted and unique: a binary search finds each page's slot.
-        if allocation.size:
-            at = np.minimum(np.searchsorted(allocation, idx), allocation.size - 1)
-            not_listed = allocation[at] != idx
-        else:
-            not_listed = np.ones(idx.size, dtype=bool)
+        not_listed = ~np.isin(idx, allocation)
         for j in np.flatnonzero(not_listed).tolist():
             i = int(pos[j])
             out.add("unallocated", f"gpa 0x{int(gpas[i]):x} maps hpa 0x{int(hpas[i]):x}, which is not in "
