@@ -913,9 +913,12 @@ class Platform:
     def _launch_protected(self, name: str | None, image: GuestImage, cmdline: str, size: int,
                           debug: bool, ready_timeout: float, exposed_register_mask: int = 0,
                           restorable: bool = False) -> ProtectedDomain:
+        from qemu_kd.formats.layout import HostLayout
         from qemu_kd.formats.policy import Policy
         from qemu_kd.qemu.launch import PhaseTimer
         from qemu_kd.tenant.measure import measure_guest
+        from qemu_kd.tenant.seal import seal
+        from qemu_kd.tenant.session import TenantSession, attest
 
         timer = PhaseTimer(progress=self._progress)
         policy = Policy.make(debug=debug, restorable=restorable)
@@ -923,11 +926,6 @@ class Platform:
         # The tenant builds the boot image and computes the expected measurement (no layout
         # enters either) while the platform daemon and the host VMM process start and allocate.
         measuring = _in_thread(measure_guest, image.kernel, image.initrd, cmdline, size, policy, mask)
-        # What only sealing and attesting need loads meanwhile, not before the measuring starts.
-        from qemu_kd.formats.layout import HostLayout
-        from qemu_kd.tenant.seal import seal
-        from qemu_kd.tenant.session import TenantSession, attest
-
         self._await_platform()
         assert self.workdir is not None and self.socket is not None
         host = self._take_host()

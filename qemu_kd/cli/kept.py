@@ -13,17 +13,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qemu_kd.common.errors import KdError
 from qemu_kd.common.files import write_file_atomic
 from qemu_kd.common.process import pid_alive
 from qemu_kd.hostport.registry import platform_state_dir
-
-if TYPE_CHECKING:
-    # Loaded where a record is read: a run sweeps dead records before it measures its guest,
-    # and the tenant's sealing code (with its X.509 and numpy imports) is not needed for that.
-    from qemu_kd.tenant.seal import TenantSecret
+from qemu_kd.tenant.seal import TenantSecret, TenantSecretError
 
 
 class KeptRecordError(KdError):
@@ -57,8 +52,6 @@ class KeptTenant:
 
     @classmethod
     def load(cls, platform_pid: int, keyid: int, name: str) -> "KeptTenant":
-        from qemu_kd.tenant.seal import TenantSecret, TenantSecretError
-
         path = record_path(platform_pid, keyid)
         try:
             doc = json.loads(path.read_text())
