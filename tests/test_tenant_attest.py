@@ -21,6 +21,7 @@ from qemu_kd.api import GuestImage, Platform
 from qemu_kd.formats.certs import ChainError
 from qemu_kd.formats.layout import HostLayout, pages_needed
 from qemu_kd.formats.policy import Policy
+from qemu_kd.formats.report import MeasurementMismatch
 from qemu_kd.platform.attestation import sign_report
 from qemu_kd.platform.identity import PlatformIdentity, RootCA
 from qemu_kd.tenant.session import attest
@@ -47,10 +48,14 @@ def pem(root: RootCA) -> bytes:
 
 
 class RecordingHost:
-    """The host side of a launch, as the tenant sees it: it records every request it gets."""
+    """The host side of a launch, as the tenant sees it: it records every request it gets.
 
-    def __init__(self, layout: HostLayout):
-        self.layout = layout
+    With an ``identity``, it loads, verifies and launches (as far as the tenant can tell)
+    and its agent answers ``attest`` with a report that identity signs over ``measurement``."""
+
+    def __init__(self, layout: HostLayout, identity: PlatformIdentity | None = None,
+                 measurement: bytes = MEASUREMENT):
+        self.layout, self.identity, self.measurement = layout, identity, measurement
         self.requests: list[str] = []
         self.sock = object()
 
@@ -59,15 +64,22 @@ class RecordingHost:
 
     def call(self, cmd: str, **args) -> dict:
         self.requests.append(cmd)
-        if cmd == "allocate":
-            return {"layout": self.layout.pack().decode()}
-        if cmd == "destroy":
-            return {}
-        raise AssertionError(f"the tenant asked the host for {cmd}")
+        answers = {"allocate": {"layout": self.layout.pack().decode()}, "destroy": {}}
+        if self.identity is not None:
+            answers.update({"load": {}, "verify": {"checks": []}, "launch": {"endpoints": {}}})
+        if cmd not in answers:
+            raise AssertionError(f"the tenant asked the host for {cmd}")
+        return answers[cmd]
 
     def agent(self, cmd: str, **args) -> dict:
         self.requests.append(f"agent {cmd}")
-        raise AssertionError(f"the tenant talked to the agent ({cmd})")
+        if self.identity is None or cmd != "attest":
+            raise AssertionError(f"the tenant sent the agent {cmd}")
+        agent_public = b"\x04" + os.urandom(96)
+        report = sign_report(self.identity, policy=POLICY, measurement=self.measurement,
+                             report_data=report_data_for(bytes.fromhex(args["nonce"]), agent_public),
+                             host_data=b"", keyid=self.layout.keyid)
+        return {"report": base64.b64encode(report.pack()).decode(), "public_key": agent_public.hex()}
 
     def stop(self) -> None:
         self.requests.append("stop")
@@ -103,6 +115,20 @@ def test_a_layout_with_a_chain_from_another_root_fails_the_launch_before_anythin
         platform._launch_protected(None, image, SYNTH_CMDLINE, MEM, False, 30.0)
     assert err.value.exit_code == 4
     assert host.requests == ["allocate", "destroy", "stop"]
+
+
+def test_a_launched_guest_whose_report_fails_a_check_gets_no_session_frame(tmp_path, root):
+    """The launch attests the guest and opens no session with it: the report (well signed, by a
+    platform of the tenant's root) is over another measurement than the sealed one."""
+    (tmp_path / "root-ca.crt").write_bytes(pem(root))
+    own = PlatformIdentity.create_throwaway(root)
+    hpas = [0x200000 + 4096 * i for i in range(pages_needed(MEM))]
+    host = RecordingHost(HostLayout(5, MEM, hpas, b"", own.chain_pem()), own, measurement=bytes(48))
+    platform = HostedPlatform(host, tmp_path)
+    image = GuestImage(SYNTH_KERNEL, SYNTH_INITRD, tmp_path / "kernel")
+    with pytest.raises(MeasurementMismatch):
+        platform._launch_protected(None, image, SYNTH_CMDLINE, MEM, False, 30.0)
+    assert host.requests == ["allocate", "load", "verify", "launch", "agent attest", "destroy", "stop"]
 
 
 def test_an_attestation_over_a_chain_from_another_root_fails_before_any_session_frame(root, foreign):
