@@ -21,6 +21,7 @@ import numpy as np
 
 from qemu_kd.channel.agent_client import AgentClient, connect_shared_channel
 from qemu_kd.channel.console import check_initramfs_unpacked, console_summary
+from qemu_kd.common.arrays import page_span, page_table
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.addresses import PAGE_SIZE
 from qemu_kd.hostport.client import HostPortClient
@@ -77,11 +78,10 @@ def stray_hpas(hpas: np.ndarray, allocated: np.ndarray) -> np.ndarray:
     uint64 hpas, as a layout holds them) does not hold."""
     if allocated.size == 0 or hpas.size == 0:
         return hpas
-    low, high = int(allocated.min()), int(allocated.max())
-    pages = ((high - low) >> 12) + 1
+    low, pages = page_span(allocated)
     if pages <= _TABLE_PAGES:
-        table = np.zeros(pages, dtype=bool)
-        table[(allocated - np.uint64(low)) >> np.uint64(12)] = True
+        table = page_table(allocated, low, pages)
+        high = low + (pages - 1) * PAGE_SIZE
         within = (hpas >= np.uint64(low)) & (hpas <= np.uint64(high)) & (hpas % PAGE_SIZE == 0)
         found = np.zeros(hpas.size, dtype=bool)
         found[within] = table[(hpas[within] - np.uint64(low)) >> np.uint64(12)]

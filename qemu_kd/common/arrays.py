@@ -10,15 +10,30 @@ from __future__ import annotations
 import numpy as np
 
 
-def _ordered(values: np.ndarray) -> np.ndarray:
+def in_ascending_order(values: np.ndarray) -> np.ndarray:
     """``values`` flattened and in ascending order (not sorted again if they already are)."""
     flat = np.asarray(values).reshape(-1)
     return flat if (flat[1:] >= flat[:-1]).all() else np.sort(flat)
 
 
+def page_span(addresses: np.ndarray) -> tuple[int, int]:
+    """(lowest address, pages from its page to the highest address's, inclusive) of a
+    non-empty uint64 array of addresses."""
+    low, high = int(addresses.min()), int(addresses.max())
+    return low, ((high - low) >> 12) + 1
+
+
+def page_table(addresses: np.ndarray, low: int, pages: int) -> np.ndarray:
+    """``pages`` booleans, True at the page of each of ``addresses`` (page-aligned uint64,
+    each within the ``pages`` pages from ``low``): a lookup table of one byte a page."""
+    table = np.zeros(pages, dtype=bool)
+    table[(addresses - np.uint64(low)) >> np.uint64(12)] = True
+    return table
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """The distinct values of ``values`` (any shape, flattened), in ascending order."""
-    ordered = _ordered(values)
+    ordered = in_ascending_order(values)
     if ordered.size < 2:
         return ordered.copy()
     first = np.empty(ordered.size, dtype=bool)
@@ -29,7 +44,7 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
 
 def count_distinct(values: np.ndarray) -> int:
     """How many distinct values ``values`` holds."""
-    ordered = _ordered(values)
+    ordered = in_ascending_order(values)
     if not ordered.size:
         return 0
     return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))

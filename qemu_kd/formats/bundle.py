@@ -53,6 +53,7 @@ from qemu_kd.formats.keywrap import WRAPPED_KEY_SIZE, WrappedKey
 from qemu_kd.formats.measurement import PageType
 from qemu_kd.formats.policy import Policy
 from qemu_kd.formats.addresses import PAGE_SIZE, MAX_KEYID, HPA_LIMIT
+from qemu_kd.common.arrays import page_span, page_table
 from qemu_kd.common.files import write_file_atomic
 
 BUNDLE_MAGIC = b"\x89QKD\r\n\x1a\n"
@@ -486,12 +487,9 @@ def _has_duplicates(values: np.ndarray) -> bool:
     """Whether an address appears twice in ``values`` (uint64)."""
     if values.size < 2:
         return False
-    low, high = int(values.min()), int(values.max())
-    pages = ((high - low) >> 12) + 1
+    low, pages = page_span(values)
     if pages <= _TABLE_PAGES_PER_ADDRESS * values.size and not (values % PAGE_SIZE).any():
-        table = np.zeros(pages, dtype=bool)
-        table[(values - np.uint64(low)) >> np.uint64(12)] = True
-        return int(np.count_nonzero(table)) < values.size
+        return int(np.count_nonzero(page_table(values, low, pages))) < values.size
     ordered = np.sort(values)
     return bool((ordered[1:] == ordered[:-1]).any())
 

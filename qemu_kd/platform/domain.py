@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from qemu_kd.common.arrays import smallest_repeated, sorted_unique
+from qemu_kd.common.arrays import in_ascending_order, smallest_repeated, sorted_unique
 from qemu_kd.formats.ept import EPT_PERMS, EptWalk, mapping_digest_arrays, walk_ept
 from qemu_kd.common.errors import KdError
 from qemu_kd.formats.errors import FormatError
@@ -214,14 +214,9 @@ class _GpaSet:
         if gpas is not None:
             self.add(gpas)
 
-    @staticmethod
-    def _sorted(gpas: np.ndarray) -> np.ndarray:
-        gpas = np.asarray(gpas, dtype=np.uint64).reshape(-1)
-        return gpas if (gpas[1:] > gpas[:-1]).all() else np.sort(gpas)
-
     def add(self, gpas: np.ndarray) -> None:
         """Record ``gpas`` (none of them recorded yet)."""
-        part = self._sorted(gpas)
+        part = in_ascending_order(np.asarray(gpas, dtype=np.uint64))
         while self._parts and self._parts[-1].size <= 2 * part.size:
             part = np.sort(np.concatenate((self._parts.pop(), part)), kind="stable")   # two runs: merged
         if part.size:

@@ -36,6 +36,7 @@ from qemu_kd.platform.domain import (
     PageBatch,
     SecretPageError,
 )
+from qemu_kd.common.arrays import in_ascending_order
 from qemu_kd.common.errors import KdError
 from qemu_kd.hostport.names import NameClaims, check_name
 from qemu_kd.hostport.protocol import PlatformInfo
@@ -207,8 +208,7 @@ class Platform:
                     self.keyids.release(new_keyid)
                 raise
             # find_free's pages come ascending already; a host-picked list is sorted.
-            ascending = bool((claimed[1:] > claimed[:-1]).all())
-            return Allocation(new_keyid, claimed if ascending else np.sort(claimed))
+            return Allocation(new_keyid, in_ascending_order(claimed))
 
     def _require_extendable(self, keyid: int) -> None:
         if not isinstance(keyid, int) or not self.keyids.is_reserved(keyid):
